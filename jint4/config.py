@@ -1,0 +1,111 @@
+"""The training recipe of one INT4 linear layer.
+
+`Int4Config` is a frozen, keyword-only dataclass: it decides *what* is computed
+(which forward and backward quantizers, their ranges, the Hadamard block and the
+leverage-score budget) and which engine computes the integer work. It holds no
+arrays and no state, so it can be a static argument of `jax.jit` and of
+`jax.custom_vjp`.
+
+Defaults follow the paper (Xi, Li, Chen, Zhu, "Training Transformers with 4-bit
+Integers", NeurIPS 2023): Hadamard quantizer with LSQ step sizes in the forward
+pass (range [-7, 7], block 32), bit splitting plus leverage score sampling in the
+backward pass with a budget of N of the 2N bit-split rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Union
+
+ForwardMode = Literal["hq", "lsq", "none"]
+BackwardMode = Literal["lss", "nonzero", "exact", "luq", "minmax"]
+Engine = Literal["auto", "reference"]
+
+FORWARD_MODES = ("hq", "lsq", "none")
+BACKWARD_MODES = ("lss", "nonzero", "exact", "luq", "minmax")
+ENGINES = ("auto", "reference")
+MAX_HADAMARD_BLOCK = 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Int4Config:
+  """How one linear layer is quantized.
+
+  Attributes:
+    forward: forward quantizer. ``"hq"``: Hadamard transform along the
+      contraction dim, then LSQ on both operands (paper Sec. 4). ``"lsq"``:
+      LSQ without the Hadamard transform (the paper's LSQ+LUQ baseline).
+      ``"none"``: no quantization (float matmul).
+    backward: gradient quantizer. ``"lss"``: bit splitting + leverage score
+      sampling with a fixed budget (paper Sec. 5, default). ``"nonzero"``: bit
+      splitting, every row with a non-zero score kept (the reference code's
+      behaviour; an INT8-accurate gradient from two INT4 GEMMs). ``"exact"``:
+      no gradient quantization (float products with the quantized forward
+      operands). ``"luq"``: the LUQ baseline (Chmiel et al. 2021). ``"minmax"``:
+      uniform min/max bins with stochastic rounding (the PTQ baseline).
+    qn, qp: LSQ integer range [-qn, qp]. Paper: 7, 7. Reference code: 8, 7.
+    hadamard_block: block size 2^k of the block-diagonal Hadamard transform, or
+      ``"auto"`` for the paper's per-layer search at initialization (the chosen
+      size is stored in the layer's ``quant_state``).
+    lss_budget: fraction of the N token rows kept by leverage score sampling;
+      the kept-row count is ``ceil(lss_budget * N)`` out of the 2N bit-split rows
+      (paper: 1.0, i.e. N rows). Must be in (0, 2].
+    warmup_steps: pre-training warm-up: for this many training steps the step
+      sizes follow the init rule ``2 mean|T| / sqrt(qp)`` of the current batch
+      instead of being learned (needs the ``quant_state`` collection mutable).
+    engine: which engine runs the integer work: ``"auto"`` (the fastest one
+      available) or ``"reference"`` (pure JAX, exact, runs anywhere).
+  """
+
+  forward: ForwardMode = "hq"
+  backward: BackwardMode = "lss"
+  qn: int = 7
+  qp: int = 7
+  hadamard_block: Union[int, Literal["auto"]] = 32
+  lss_budget: float = 1.0
+  warmup_steps: int = 0
+  engine: Engine = "auto"
+
+  def __post_init__(self):
+    _check_choice("forward", self.forward, FORWARD_MODES)
+    _check_choice("backward", self.backward, BACKWARD_MODES)
+    _check_choice("engine", self.engine, ENGINES)
+    for name in ("qn", "qp"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or not 1 <= value <= 8:
+        raise ValueError(
+            f"Int4Config.{name} must be an int in [1, 8] so that [-qn, qp] fits"
+            f" in 4 bits; got {value!r}. Use qn=7, qp=7 (paper) or qn=8, qp=7"
+            " (reference code).")
+    if self.qn + self.qp > 15:
+      raise ValueError(
+          f"Int4Config range [-{self.qn}, {self.qp}] has more than 16 levels and"
+          " does not fit in 4 bits; use qn=7, qp=7 or qn=8, qp=7.")
+    block = self.hadamard_block
+    if block != "auto":
+      if (not isinstance(block, int) or block < 1 or block & (block - 1)
+          or block > MAX_HADAMARD_BLOCK):
+        raise ValueError(
+            "Int4Config.hadamard_block must be a power of two in [1,"
+            f" {MAX_HADAMARD_BLOCK}] or 'auto'; got {block!r}.")
+    if not 0.0 < float(self.lss_budget) <= 2.0:
+      raise ValueError(
+          "Int4Config.lss_budget is the kept fraction of the N token rows and"
+          f" must be in (0, 2]; got {self.lss_budget!r}.")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(
+          f"Int4Config.warmup_steps must be an int >= 0; got {self.warmup_steps!r}.")
+
+  @property
+  def quantizes_forward(self) -> bool:
+    return self.forward != "none"
+
+  @property
+  def uses_hadamard(self) -> bool:
+    return self.forward == "hq"
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(
+        f"Int4Config.{name} must be one of {choices}; got {value!r}.")

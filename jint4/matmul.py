@@ -1,0 +1,352 @@
+"""The INT4 linear-layer op: HQ forward, BS/LSS backward, as one custom_vjp.
+
+For x[..., D] and a Flax-layout kernel[D, C] (so W = kernel^T), with the
+block-diagonal Hadamard transform Hb on D (`jint4.quant.hadamard`) and LSQ step
+sizes s_x, s_w (`jint4.quant.lsq`):
+
+Forward (HQ-MM, paper Sec. 4):
+    q_x = int_{s_x}(X Hb),  q_w = int_{s_w}(W Hb)           (INT4 values)
+    Y   = s_x s_w (q_x q_w^T)                    (int32 accumulation)
+
+Backward (paper Sec. 5), G = dL/dY:
+    G ~= s_hi hi + s_lo lo                       (bit splitting; 2N INT4 rows)
+    dX_hat_h = G W_hat_h,   dW_hat_h = G^T X_hat_h  (leverage score sampling:
+                                                  fixed budget, 1/p rescaling)
+    dX = (1[in range] * dX_hat_h) Hb^T,   dW = (1[in range] * dW_hat_h) Hb^T
+    ds = g * sum(dT_hat_h * delta)               (LSQ step-size gradients)
+
+Backward modes (`Int4Config.backward`):
+  "lss":     dX: keep B of the 2N bit-split rows (scores ||G2_i||), one INT4
+             GEMM over the B kept rows with the 1/p_i and half scales applied
+             per output row in the epilogue, scatter-added to their token.
+             dW: keep B rows (scores ||G2_i|| ||X_i||); the reduction runs over
+             the kept rows, so the per-row factors s_half / p_i cannot go to an
+             epilogue: the weighted kept rows are bit-split again (unbiased) and
+             reduced by two INT4 GEMMs over the B kept rows (hi and lo halves).
+             B = ceil(lss_budget * N).
+  "nonzero": bit splitting, every row kept: two INT4 GEMMs per gradient.
+  "exact":   float G against the dequantized forward operands.
+  "luq", "minmax": the paper's gradient-quantizer baselines, in float.
+
+Every integer GEMM and quantize step goes through the engine returned by
+`jint4.kernels.get_engine`; this module only decides what to compute.
+
+Saved for the backward, per element of X: its 4-bit code and one stochastic
+bit that encodes LSQ's delta without bias (`jint4.quant.lsq`): 0.625 bytes for
+the default range [-7, 7] (0.75 bytes for [-8, 7]), against 2 bytes of a
+bfloat16 activation. The kernel itself is a parameter and is kept by reference;
+the backward recomputes its quantization.
+
+Non-finite values stay visible: a NaN/Inf in a row of X makes that row of Y
+NaN, in a column of W that column, as a float matmul would; a NaN/Inf in G
+makes the gradients NaN. An all-zero G gives zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jint4 import kernels
+from jint4.config import Int4Config
+from jint4.quant import lsq
+from jint4.quant import lss
+from jint4.quant.luq import luq_quantize
+from jint4.quant.minmax import minmax_quantize
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def int4_matmul(x: jax.Array, kernel: jax.Array, step_x: jax.Array,
+                step_w: jax.Array, key: jax.Array, *,
+                config: Int4Config = Int4Config(),
+                bias: Optional[jax.Array] = None,
+                hadamard_log2_block: Optional[jax.Array] = None) -> jax.Array:
+  """y = x @ kernel (+ bias) with INT4 forward and backward matmuls.
+
+  Args:
+    x: activations [..., D], float32 / bfloat16 / float16; any leading dims.
+    kernel: [D, C], as `flax.linen.Dense`'s kernel.
+    step_x, step_w: scalar LSQ step sizes of x and of the kernel.
+    key: a JAX PRNG key for the stochastic rounding and sampling; the same key
+      gives bit-identical results.
+    config: the quantization recipe.
+    bias: optional [C], added in float (its gradient is the float row sum of G).
+    hadamard_log2_block: log2 of the Hadamard block as an int32 scalar (may be
+      traced); required when ``config.hadamard_block == "auto"``, else unused.
+  Returns:
+    [..., C] in the promoted dtype of x and kernel.
+  """
+  _check_inputs(x, kernel, step_x, step_w, key, config, hadamard_log2_block)
+  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
+  d, c = kernel.shape
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, d)
+  if config.uses_hadamard and config.hadamard_block == "auto":
+    block, log2 = None, jnp.asarray(hadamard_log2_block, jnp.int32)
+  else:
+    block = config.hadamard_block if config.uses_hadamard else 1
+    log2 = jnp.zeros((), jnp.int32)
+  static = _Static(config=config, block=block, x_dtype=np.dtype(x.dtype),
+                   out_dtype=np.dtype(out_dtype))
+  y = _int4_matmul_2d(x2, kernel, jnp.asarray(step_x), jnp.asarray(step_w),
+                      key, log2, static)
+  y = y.reshape(*lead, c)
+  if bias is not None:
+    if bias.shape != (c,):
+      raise ValueError(f"bias must have shape ({c},); got {bias.shape}.")
+    y = y + bias.astype(out_dtype)
+  return y
+
+
+def int4_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
+                     step_lhs: jax.Array, step_rhs: jax.Array, key: jax.Array,
+                     *, config: Int4Config = Int4Config(),
+                     precision=None, preferred_element_type=None) -> jax.Array:
+  """`lax.dot_general`-shaped `int4_matmul` (no batch dims).
+
+  Contracting dims may be any dims of lhs and rhs; the result has lhs's free
+  dims then rhs's free dims, as `lax.dot_general`. ``precision`` is accepted for
+  signature compatibility and ignored (the products are exact integers).
+  """
+  del precision
+  (lc, rc), (lb, rb) = dimension_numbers
+  if lb or rb:
+    raise ValueError("int4_dot_general does not support batch dimensions;"
+                     " vmap int4_matmul over them instead.")
+  lc = tuple(a % lhs.ndim for a in lc)
+  rc = tuple(a % rhs.ndim for a in rc)
+  lfree = [a for a in range(lhs.ndim) if a not in lc]
+  rfree = [a for a in range(rhs.ndim) if a not in rc]
+  k = int(np.prod([lhs.shape[a] for a in lc]))
+  if k != int(np.prod([rhs.shape[a] for a in rc])):
+    raise ValueError(f"contracting sizes differ: lhs {lhs.shape} dims {lc},"
+                     f" rhs {rhs.shape} dims {rc}.")
+  x = jnp.transpose(lhs, lfree + list(lc)).reshape(
+      *[lhs.shape[a] for a in lfree], k)
+  w = jnp.transpose(rhs, list(rc) + rfree).reshape(k, -1)
+  y = int4_matmul(x, w, step_lhs, step_rhs, key, config=config)
+  y = y.reshape(*[lhs.shape[a] for a in lfree], *[rhs.shape[a] for a in rfree])
+  if preferred_element_type is not None:
+    y = y.astype(preferred_element_type)
+  return y
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  config: Int4Config
+  block: Optional[int]  # None: the traced log2 block is used
+  x_dtype: np.dtype
+  out_dtype: np.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _int4_matmul_2d(x2, kernel, sx, sw, key, log2, static):
+  return _forward(x2, kernel, sx, sw, key, log2, static)[0]
+
+
+def _block(static, log2):
+  return static.block if static.block is not None else log2
+
+
+def _forward(x2, kernel, sx, sw, key, log2, static):
+  cfg = static.config
+  if not cfg.quantizes_forward:
+    y = jnp.matmul(x2, kernel, precision=_HIGHEST,
+                   preferred_element_type=jnp.float32)
+    return y.astype(static.out_dtype), (x2, kernel, sx, sw, key, log2)
+  eng = kernels.get_engine(cfg.engine)
+  seeds = eng.seeds_from_key(key, _NUM_SEEDS)
+  block = _block(static, log2)
+  sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
+  qx, res_x = eng.hadamard_quantize(x2, sx32, block=block, qn=cfg.qn,
+                                    qp=cfg.qp, seed=seeds[_SEED_RESIDUAL])
+  qw, _ = eng.hadamard_quantize(kernel.T, sw32, block=block, qn=cfg.qn,
+                                qp=cfg.qp)
+  y = eng.int_gemm(qx, qw, scale=sx32 * sw32, out_dtype=jnp.float32)
+  y = y + _poison(x2)[:, None] + _poison(kernel.T)[None, :]
+  return y.astype(static.out_dtype), (res_x, kernel, sx, sw, key, log2)
+
+
+_NUM_SEEDS = 6
+_SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE = range(5)
+
+
+def _poison(t):
+  """0 for rows of t that are all finite, NaN for rows holding NaN or Inf."""
+  return jnp.where(jnp.all(jnp.isfinite(t), axis=-1), 0.0, jnp.nan)
+
+
+def _backward(static, res, g):
+  cfg = static.config
+  if not cfg.quantizes_forward:
+    x2, kernel, sx, sw, _, _ = res
+    g32 = g.astype(jnp.float32)
+    dx = jnp.matmul(g32, kernel.astype(jnp.float32).T, precision=_HIGHEST)
+    dk = jnp.matmul(x2.astype(jnp.float32).T, g32, precision=_HIGHEST)
+    return (dx.astype(x2.dtype), dk.astype(kernel.dtype), jnp.zeros_like(sx),
+            jnp.zeros_like(sw), None, None)
+
+  res_x, kernel, sx, sw, key, log2 = res
+  eng = kernels.get_engine(cfg.engine)
+  seeds = eng.seeds_from_key(key, _NUM_SEEDS)
+  block = _block(static, log2)
+  qn, qp = cfg.qn, cfg.qp
+  g = g.astype(jnp.float32)
+  n, c = g.shape
+  d = kernel.shape[0]
+  sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
+
+  qw, _ = eng.hadamard_quantize(kernel.T, sw32, block=block, qn=qn, qp=qp)
+  qx = eng.residual_values(res_x, (n, d), qn=qn, qp=qp)
+  dxh_hat, dwh_hat = _GRADIENT_PRODUCTS[cfg.backward](
+      eng, cfg, seeds, g, qx, qw, sx32, sw32)
+
+  # Activation side: STE mask and step gradient from the residual, then Hb^T.
+  dxh, delta_sum_x = eng.lsq_backward(dxh_hat, res_x, qn=qn, qp=qp)
+  dsx = lsq.grad_scale(n * d, qp=qp) * delta_sum_x
+  dx = eng.apply_hadamard(dxh, block, axis=-1)
+  # Weight side: the kernel is kept, so its mask and delta are exact.
+  vw = eng.apply_hadamard(kernel, block, axis=0) / sw32
+  dwh = jnp.where(lsq.in_range(vw, qn=qn, qp=qp), dwh_hat, 0.0)
+  dsw = lsq.grad_scale(d * c, qp=qp) * jnp.sum(dwh_hat * lsq.delta(vw, qn=qn, qp=qp))
+  dk = eng.apply_hadamard(dwh, block, axis=0)
+  return (dx.astype(static.x_dtype), dk.astype(kernel.dtype),
+          dsx.astype(sx.dtype).reshape(sx.shape),
+          dsw.astype(sw.dtype).reshape(sw.shape), None, None)
+
+
+def _products_float(gq, qx, qw, sx, sw):
+  dxh_hat = jnp.matmul(gq, qw.astype(jnp.float32) * sw, precision=_HIGHEST)
+  dwh_hat = jnp.matmul((qx.astype(jnp.float32) * sx).T, gq, precision=_HIGHEST)
+  return dxh_hat, dwh_hat
+
+
+def _products_exact(eng, cfg, seeds, g, qx, qw, sx, sw):
+  return _products_float(g, qx, qw, sx, sw)
+
+
+def _products_luq(eng, cfg, seeds, g, qx, qw, sx, sw):
+  gq = luq_quantize(g, eng.uniform(seeds[_SEED_BASELINE], g.shape))
+  return _products_float(gq, qx, qw, sx, sw)
+
+
+def _products_minmax(eng, cfg, seeds, g, qx, qw, sx, sw):
+  gq = minmax_quantize(g, eng.uniform(seeds[_SEED_BASELINE], g.shape))
+  return _products_float(gq, qx, qw, sx, sw)
+
+
+def _products_nonzero(eng, cfg, seeds, g, qx, qw, sx, sw):
+  """Bit splitting, every row kept: dX and dW each as two INT4 GEMMs."""
+  hi, lo, s_hi, s_lo, _, _ = eng.bit_split(g, seeds[_SEED_SPLIT])
+  qwt = qw.T  # [D, C]: K-major for the dX GEMM, which reduces over C
+  dxh_hat = (eng.int_gemm(hi, qwt, scale=s_hi * sw)
+             + eng.int_gemm(lo, qwt, scale=s_lo * sw))
+  rows = jnp.arange(g.shape[0], dtype=jnp.int32)
+  dwh_hat_t = (eng.int_gemm_gather_rows(hi, qx, rows, scale=s_hi * sx)
+               + eng.int_gemm_gather_rows(lo, qx, rows, scale=s_lo * sx))
+  return dxh_hat, dwh_hat_t.T
+
+
+def _products_lss(eng, cfg, seeds, g, qx, qw, sx, sw):
+  """Bit splitting + leverage score sampling with a static budget."""
+  n = g.shape[0]
+  budget = lss.budget_rows(n, cfg.lss_budget)
+  hi, lo, s_hi, s_lo, hi_norm, lo_norm = eng.bit_split(g, seeds[_SEED_SPLIT])
+  u = eng.uniform(seeds[_SEED_SAMPLE], (2,))
+  g2_norm = jnp.concatenate([hi_norm, lo_norm])
+
+  def kept(scores, u0):
+    index, weight = lss.sample_rows(scores, budget, u0)
+    token = index % n
+    is_lo = index >= n
+    rows = jnp.where(is_lo[:, None], lo[token], hi[token])
+    return token, rows, weight * jnp.where(is_lo, s_lo, s_hi)
+
+  # dX: rows of G2 W_hat; the factor s_half / p_i of a kept row scales its
+  # output row, so it rides in the GEMM epilogue.
+  token, rows, row_scale = kept(g2_norm, u[0])
+  part = eng.int_gemm(rows, qw.T, scale=sw, row_scale=row_scale)
+  dxh_hat = jnp.zeros((n, qx.shape[1]), jnp.float32).at[token].add(part)
+
+  # dW: sum over kept rows of G2_i^T X_i / p_i. The per-row factors sit inside
+  # the reduction, so the weighted rows are bit-split again (unbiased) and
+  # reduced by two INT4 GEMMs over the kept rows.
+  x_norm = eng.row_norms(qx)
+  token, rows, row_scale = kept(g2_norm * jnp.concatenate([x_norm, x_norm]), u[1])
+  weighted = rows.astype(jnp.float32) * row_scale[:, None]
+  hi2, lo2, s_hi2, s_lo2, _, _ = eng.bit_split(weighted, seeds[_SEED_RESPLIT])
+  dwh_hat_t = (eng.int_gemm_gather_rows(hi2, qx, token, scale=s_hi2 * sx)
+               + eng.int_gemm_gather_rows(lo2, qx, token, scale=s_lo2 * sx))
+  return dxh_hat, dwh_hat_t.T
+
+
+_GRADIENT_PRODUCTS = {
+    "exact": _products_exact,
+    "luq": _products_luq,
+    "minmax": _products_minmax,
+    "nonzero": _products_nonzero,
+    "lss": _products_lss,
+}
+
+_int4_matmul_2d.defvjp(
+    lambda x2, kernel, sx, sw, key, log2, static: _forward(
+        x2, kernel, sx, sw, key, log2, static),
+    _backward)
+
+
+def _check_inputs(x, kernel, step_x, step_w, key, config, log2):
+  if not isinstance(config, Int4Config):
+    raise TypeError(f"config must be a jint4.Int4Config; got {type(config)}.")
+  for name, t in (("x", x), ("kernel", kernel)):
+    dtype = jnp.asarray(t).dtype if not hasattr(t, "dtype") else t.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      hint = (" Complex values are not supported." if
+              jnp.issubdtype(dtype, jnp.complexfloating) else
+              f" Cast it first, e.g. {name}.astype(jnp.float32).")
+      raise TypeError(
+          f"int4_matmul takes float32/bfloat16/float16 {name}; got {dtype}."
+          + hint)
+  if kernel.ndim != 2:
+    raise ValueError(f"kernel must be 2-D [in_features, out_features]; got"
+                     f" shape {kernel.shape}.")
+  if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(
+        f"x's last dim ({x.shape[-1] if x.ndim else 'scalar'}) must equal the"
+        f" kernel's first dim ({kernel.shape[0]}); got x {x.shape}, kernel"
+        f" {kernel.shape}.")
+  for name, s in (("step_x", step_x), ("step_w", step_w)):
+    s = jnp.asarray(s)
+    if s.size != 1 or not jnp.issubdtype(s.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a float scalar step size; got"
+                       f" {s.dtype} of shape {s.shape}.")
+  if key is None:
+    raise ValueError("int4_matmul needs a PRNG key (jax.random.key(seed)) for"
+                     " its stochastic rounding and sampling.")
+  d = kernel.shape[0]
+  if config.uses_hadamard:
+    if config.hadamard_block == "auto":
+      if log2 is None:
+        raise ValueError(
+            "Int4Config(hadamard_block='auto') needs hadamard_log2_block (from"
+            " jint4.quant.hadamard.search_hadamard_block); Int4Dense stores it"
+            " in its quant_state.")
+    elif d % config.hadamard_block:
+      raise ValueError(
+          f"The contraction dim D={d} is not a multiple of the Hadamard block"
+          f" {config.hadamard_block}. Pick a block that divides D (e.g."
+          f" Int4Config(hadamard_block={_largest_pow2_divisor(d)})), use"
+          " hadamard_block='auto', or pad the features to a multiple of"
+          f" {config.hadamard_block}.")
+
+
+def _largest_pow2_divisor(d):
+  b = 1
+  while d % (2 * b) == 0 and 2 * b <= 1024:
+    b *= 2
+  return b

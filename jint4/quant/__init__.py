@@ -1,0 +1,1 @@
+"""Pure quantizer math: no Flax, no engines. One quantizer per module."""

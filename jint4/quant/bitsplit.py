@@ -1,0 +1,52 @@
+"""Bit splitting of the output gradient (paper Sec. 5.2).
+
+With M = max|G| (one scale per tensor) and t = 98 G / M, so t in [-98, 98]:
+
+    hi = clamp(round(t / 14), -7, 7)              (round to nearest)
+    lo = clamp(stochastic_round(t - 14 hi), -7, 7)  (|t - 14 hi| <= 7 always)
+    G ~= s_hi hi + s_lo lo,   s_lo = M / 98,  s_hi = 14 s_lo = M / 7.
+
+Both halves are INT4 values and E[s_hi hi + s_lo lo] = G exactly (the
+stochastic rounding of the low half is unbiased, and neither clamp ever binds
+since 98 = 7 * 14). Stacked, G2 = [s_hi hi ; s_lo lo] is a 2N x C matrix whose
+rows leverage score sampling (`jint4.quant.lss`) draws from. (ALGORITHM.md
+writes the clamps as +-6; with +-6 values above 90/98 of the max would be
+clipped, a bias, so the clamps here are the no-op +-7.)
+
+Special values: an all-zero G gives zero halves and zero scales (no 0/0); a
+NaN or Inf anywhere in G makes M, hence both scales, NaN or Inf, so every
+product computed from the halves is non-finite too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HI_STEP = 14.0
+RANGE = 98.0  # = 7 * 14
+
+
+def bit_split(g: jax.Array, u: jax.Array):
+  """Splits G into two INT4 halves.
+
+  Args:
+    g: the gradient (any shape, any float dtype).
+    u: uniform noise in [0, 1), g's shape, for the stochastic rounding.
+  Returns:
+    (hi, lo, scale_hi, scale_lo) with hi, lo int8 in [-7, 7] and float32 scalar
+    scales such that G ~= scale_hi * hi + scale_lo * lo.
+  """
+  g = g.astype(jnp.float32)
+  m = jnp.max(jnp.abs(g))
+  safe_m = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+  t = g * (RANGE / safe_m)
+  hi = jnp.clip(jnp.round(t / HI_STEP), -7, 7)
+  lo = jnp.clip(jnp.floor(t - HI_STEP * hi + u), -7, 7)
+  scale_lo = m / RANGE
+  return (_to_int8(hi), _to_int8(lo), HI_STEP * scale_lo, scale_lo)
+
+
+def _to_int8(v):
+  # NaN would cast to an unspecified integer; the scales already carry it.
+  return jnp.where(jnp.isfinite(v), v, 0).astype(jnp.int8)

@@ -1,0 +1,144 @@
+"""Block-diagonal Hadamard transform (paper Sec. 4.2, the "H" of HQ).
+
+Sylvester's construction, orthonormal:
+
+    H_0 = [1],   H_k = 1/sqrt(2) [[H_{k-1},  H_{k-1}],
+                                  [H_{k-1}, -H_{k-1}]],
+
+so H_k is symmetric and its own inverse, and H_k[i, j] = (-1)^popcount(i & j) /
+sqrt(2^k). The block-diagonal Hb = BlockDiag(H_k, ..., H_k) acts on the
+contraction dimension D of both operands of a linear layer:
+
+    Y = X W^T = (X Hb) (W Hb)^T,
+
+and spreads an outlier entry evenly over its block of 2^k entries before the
+4-bit quantizer sees it. Both implementations below are exact up to float
+rounding: a (b x b) matmul per block (``method="matmul"``) or log2(b) butterfly
+stages, O(n log b) (``method="butterfly"``). `hadamard_transform_dynamic` takes
+the block size as a traced value, which the per-layer block search (the
+reference code's rule: minimise ||X_bar - X||_F ||W_bar - W||_F on the first
+batch) needs under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jint4.quant import lsq
+
+MAX_LOG2_BLOCK = 10  # blocks up to 1024, the reference code's search range
+
+
+def hadamard_matrix(block: int, dtype=jnp.float32) -> jax.Array:
+  """The orthonormal Sylvester Hadamard matrix H_k of size block = 2^k."""
+  _check_block(block)
+  idx = np.arange(block)
+  parity = (np.bitwise_count(idx[:, None] & idx[None, :]) & 1).astype(np.int64)
+  return jnp.asarray((1 - 2 * parity) / math.sqrt(block), dtype=dtype)
+
+
+def hadamard_transform(x: jax.Array, block: int, *, axis: int = -1,
+                       method: str = "matmul") -> jax.Array:
+  """Applies Hb (block size ``block``) along ``axis``; returns float32.
+
+  Hb is symmetric and orthogonal, so the same call also applies Hb^T and the
+  inverse transform.
+  """
+  _check_block(block)
+  axis = axis % x.ndim
+  size = x.shape[axis]
+  if size % block:
+    raise ValueError(
+        f"Hadamard block {block} does not divide the contraction dim {size}."
+        " Use a block that divides it (Int4Config(hadamard_block=...)), or pad"
+        " the features to a multiple of the block.")
+  x = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
+  lead = x.shape[:-1]
+  if block == 1:
+    y = x
+  elif method == "matmul":
+    xb = x.reshape(*lead, size // block, block)
+    y = jnp.matmul(xb, hadamard_matrix(block),
+                   precision=jax.lax.Precision.HIGHEST).reshape(x.shape)
+  elif method == "butterfly":
+    y = x
+    for stage in range(int(math.log2(block))):
+      y = _butterfly_stage(y, stage)
+  else:
+    raise ValueError(f"method must be 'matmul' or 'butterfly'; got {method!r}.")
+  return jnp.moveaxis(y, -1, axis)
+
+
+def max_log2_block(size: int) -> int:
+  """Largest k <= 10 with 2^k dividing ``size``: the usable blocks of a dim."""
+  k = 0
+  while k < MAX_LOG2_BLOCK and size % (2 ** (k + 1)) == 0:
+    k += 1
+  return k
+
+
+def hadamard_transform_dynamic(x: jax.Array, log2_block: jax.Array, *,
+                               axis: int = -1) -> jax.Array:
+  """Like `hadamard_transform` with a traced block size 2^log2_block.
+
+  Applies butterfly stage j only where j < log2_block; stages commute (H_k is
+  the k-fold Kronecker power of H_1), so this is exactly H_k per block. Blocks
+  larger than the largest power of two dividing the dim are not reachable.
+  """
+  axis = axis % x.ndim
+  x = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
+  log2_block = jnp.asarray(log2_block, jnp.int32)
+  y = x
+  for stage in range(max_log2_block(x.shape[-1])):
+    y = jnp.where(stage < log2_block, _butterfly_stage(y, stage), y)
+  return jnp.moveaxis(y, -1, axis)
+
+
+def _butterfly_stage(x: jax.Array, stage: int) -> jax.Array:
+  """(a, b) -> ((a + b), (a - b)) / sqrt(2) on pairs at distance 2^stage."""
+  half = 2 ** stage
+  lead, size = x.shape[:-1], x.shape[-1]
+  x = x.reshape(*lead, size // (2 * half), 2, half)
+  a, b = x[..., 0, :], x[..., 1, :]
+  r = np.float32(1.0 / math.sqrt(2.0))
+  return jnp.stack([(a + b) * r, (a - b) * r], axis=-2).reshape(*lead, size)
+
+
+def search_hadamard_block(x: jax.Array, w: jax.Array, *, qn: int = 7,
+                          qp: int = 7, max_log2: int = MAX_LOG2_BLOCK
+                          ) -> jax.Array:
+  """The reference code's per-layer block search; returns log2 of the block.
+
+  For every candidate block 2^k (k = 0 .. max_log2, limited to blocks dividing
+  D) quantizes T Hb with the LSQ init step s = 2 mean|T Hb| / sqrt(qp) and
+  measures T_bar = s int_s(T Hb) Hb^T; picks the k minimising
+  ||X_bar - X||_F * ||W_bar - W||_F. ``x`` is (..., D), ``w`` is (D, C) as a
+  Flax kernel. Traceable: returns an int32 scalar.
+  """
+  d = x.shape[-1]
+  if w.shape[0] != d:
+    raise ValueError(f"x has {d} features but the kernel has {w.shape[0]} rows.")
+  x = x.reshape(-1, d).astype(jnp.float32)
+  w = w.astype(jnp.float32)
+  errors = []
+  for k in range(min(max_log2, max_log2_block(d)) + 1):
+    errors.append(_roundtrip_error(x, 2 ** k, -1, qn, qp)
+                  * _roundtrip_error(w, 2 ** k, 0, qn, qp))
+  return jnp.argmin(jnp.stack(errors)).astype(jnp.int32)
+
+
+def _roundtrip_error(t, block, axis, qn, qp):
+  th = hadamard_transform(t, block, axis=axis)
+  s = lsq.init_step_size(th, qp=qp)
+  t_bar = hadamard_transform(lsq.fake_quantize_value(th, s, qn=qn, qp=qp),
+                             block, axis=axis)
+  return jnp.sqrt(jnp.sum(jnp.square(t_bar - t)))
+
+
+def _check_block(block):
+  if not isinstance(block, (int, np.integer)) or block < 1 or block & (block - 1):
+    raise ValueError(f"Hadamard block must be a power of two; got {block!r}.")

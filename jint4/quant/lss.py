@@ -1,0 +1,103 @@
+"""Leverage score sampling (LSS; paper Sec. 5.3) with a fixed kept-row budget.
+
+A product A^T B = sum_i A_i^T B_i over rows i is estimated without bias by
+keeping row i with probability p_i and scaling it by 1 / p_i (Horvitz-Thompson).
+The variance is smallest for p_i proportional to the leverage score
+
+    weight gradient      dW = G^T X = G2^T X2:   c_i = ||G2_i|| * ||X2_i||
+    activation gradient  dX = G W   = [I I] G2 W: c_i = ||G2_i||   (||W|| is common)
+
+where G2 (2N rows) stacks the bit-split halves of G (`jint4.quant.bitsplit`)
+and X2 = [X; X]. With a budget of B rows, p_i = min(1, lam * c_i) with lam set
+so that sum_i p_i = B (`inclusion_probabilities`: clamp to 1 and re-scale the
+rest until max p <= 1).
+
+Under `jax.jit` the kept-row count must be static, so rows are drawn by
+systematic probability-proportional-to-size sampling (`systematic_sample`):
+with one u ~ U[0, 1), the points u, u + 1, ..., u + B - 1 fall into the
+intervals [P_{i-1}, P_i) of the cumulative sums P of p; an interval of length
+p_i <= 1 holds at most one point and holds one with probability exactly p_i.
+So every row is kept with probability p_i and the kept list has B slots (slots
+beyond sum p, when fewer than B rows have non-zero score, get weight 0). The
+cumulative sums are kept as (integer, fraction) pairs so that rows with p = 1
+are kept with certainty however long the sum.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def budget_rows(num_tokens: int, fraction: float) -> int:
+  """Kept-row count for N tokens (2N bit-split rows): ceil(fraction * N)."""
+  rows = -(-int(round(fraction * num_tokens * 1e6)) // 1000000)
+  return max(1, min(2 * num_tokens, rows))
+
+
+def inclusion_probabilities(scores: jax.Array, budget: int, *,
+                            max_iters: int = 64) -> jax.Array:
+  """p_i = min(1, lam c_i) with sum p = min(budget, #{c_i > 0}).
+
+  Rows with score 0 get p = 0 and are never kept (their contribution is 0).
+  """
+  c = jnp.where(jnp.isfinite(scores), scores, 0.0).astype(jnp.float32)
+  c = jnp.maximum(c, 0.0)
+
+  def step(state):
+    p, _, it = state
+    fixed = p >= 1.0
+    rest = jnp.sum(jnp.where(fixed, 0.0, c))
+    free_budget = budget - jnp.sum(fixed)
+    lam = jnp.where(rest > 0, free_budget / jnp.where(rest > 0, rest, 1.0), 0.0)
+    new_p = jnp.where(fixed, 1.0, c * lam)
+    return new_p, jnp.any(new_p > 1.0), it + 1
+
+  def cond(state):
+    _, overflow, it = state
+    return overflow & (it < max_iters)
+
+  total = jnp.sum(c)
+  p0 = c * jnp.where(total > 0, budget / jnp.where(total > 0, total, 1.0), 0.0)
+  p, _, _ = jax.lax.while_loop(cond, step, (p0, jnp.any(p0 > 1.0), 0))
+  return jnp.minimum(p, 1.0)
+
+
+def systematic_sample(p: jax.Array, budget: int, u0: jax.Array):
+  """Draws ``budget`` row slots, row i kept with probability exactly p_i.
+
+  Args:
+    p: inclusion probabilities in [0, 1], shape (R,).
+    budget: static number of slots B.
+    u0: one uniform number in [0, 1).
+  Returns:
+    (index, weight): int32 (B,) row indices (sorted) and float32 (B,) weights
+    1 / p_index, or 0 for an empty slot (then index is a valid row too).
+  """
+  p = p.astype(jnp.float32)
+  whole = jnp.floor(p).astype(jnp.int32)
+  frac = p - whole
+
+  def combine(a, b):
+    ia, fa = a
+    ib, fb = b
+    f = fa + fb
+    carry = (f >= 1.0).astype(jnp.int32)
+    return ia + ib + carry, f - carry
+
+  ints, fracs = jax.lax.associative_scan(combine, (whole, frac))
+  # Number of points u0 + j below the cumulative sum P_i = ints + fracs.
+  below = ints + (fracs > u0).astype(jnp.int32)
+  slots = jnp.arange(budget, dtype=jnp.int32)
+  index = jnp.searchsorted(below, slots, side="right").astype(jnp.int32)
+  valid = slots < below[-1]
+  index = jnp.minimum(index, p.shape[0] - 1)
+  p_kept = p[index]
+  weight = jnp.where(valid & (p_kept > 0), 1.0 / jnp.where(p_kept > 0, p_kept, 1.0),
+                     0.0)
+  return index, weight
+
+
+def sample_rows(scores: jax.Array, budget: int, u0: jax.Array):
+  """`inclusion_probabilities` then `systematic_sample`: (index, weight)."""
+  return systematic_sample(inclusion_probabilities(scores, budget), budget, u0)
