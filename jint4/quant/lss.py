@@ -25,13 +25,15 @@ are kept with certainty however long the sum.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 
 def budget_rows(num_tokens: int, fraction: float) -> int:
   """Kept-row count for N tokens (2N bit-split rows): ceil(fraction * N)."""
-  rows = -(-int(round(fraction * num_tokens * 1e6)) // 1000000)
+  rows = math.ceil(fraction * num_tokens - 1e-9)
   return max(1, min(2 * num_tokens, rows))
 
 

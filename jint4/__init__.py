@@ -1,0 +1,30 @@
+"""jint4: train Transformers with 4-bit integer matmuls in JAX / Flax.
+
+Implements Xi, Li, Chen, Zhu, "Training Transformers with 4-bit Integers"
+(NeurIPS 2023): a Hadamard quantizer with learned step sizes in the forward
+pass, bit splitting and leverage score sampling in the backward pass.
+"""
+
+from jint4.config import Int4Config
+from jint4.kernels import engine_info
+from jint4.matmul import int4_dot_general
+from jint4.matmul import int4_matmul
+from jint4.nn.int4ify import Int4Model
+from jint4.nn.int4ify import int4ify
+from jint4.nn.linen import Int4Dense
+from jint4.nn.nnx import Int4Linear
+from jint4.nn.nnx import QuantState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Int4Config",
+    "Int4Dense",
+    "Int4Linear",
+    "Int4Model",
+    "QuantState",
+    "engine_info",
+    "int4_dot_general",
+    "int4_matmul",
+    "int4ify",
+]

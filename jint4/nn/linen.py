@@ -1,0 +1,171 @@
+"""`Int4Dense`: a drop-in `flax.linen.Dense` whose matmuls run in INT4.
+
+Same constructor arguments and parameter names as `nn.Dense` (``kernel`` of
+shape (in, out), ``bias``), plus the quantizer state:
+
+  params/step_size_x, params/step_size_w   learned LSQ step sizes (scalars),
+      initialised by s0 = 2 mean|T Hb| / sqrt(Qp) on the first batch and on the
+      initial kernel (paper Sec. 4.1).
+  quant_state/hadamard_log2_block          only with hadamard_block="auto": the
+      block chosen by the per-layer search at init.
+  quant_state/step, step_ratio_x, step_ratio_w   only with warmup_steps > 0.
+
+Randomness: the stochastic rounding and sampling draw from the ``'quant'`` rng
+stream when the caller passes one (``rngs={'quant': key}``). Without it, the
+key is derived from the bits of the layer's input and kernel sums and from the
+layer's path, so it changes every step as data and weights change, and the
+same inputs give the same result.
+
+Warm-up (paper, pre-training): with ``config.warmup_steps = K > 0`` the step
+sizes follow the init rule of the current batch for the first K calls made
+with the ``quant_state`` collection mutable (``model.apply(variables, x,
+mutable=['quant_state'])``, as for BatchNorm's statistics); learning then
+continues from the last warm-up value.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jint4.config import Int4Config
+from jint4.matmul import int4_matmul
+from jint4.quant import hadamard
+from jint4.quant import lsq
+
+QUANT_STATE = "quant_state"
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class Int4Dense(nn.Module):
+  """A linear transformation applied over the last dimension, in INT4.
+
+  Attributes:
+    features: the number of output features.
+    use_bias: whether to add a bias to the output.
+    dtype: the dtype of the computation (default: inferred from input and
+      params).
+    param_dtype: the dtype passed to parameter initializers.
+    precision: accepted for `nn.Dense` compatibility; unused (the products are
+      exact integer GEMMs).
+    kernel_init: initializer for the kernel.
+    bias_init: initializer for the bias.
+    config: the quantization recipe (`jint4.Int4Config`).
+    rng_collection: the rng stream for stochastic rounding and sampling.
+  """
+  features: int
+  use_bias: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = default_kernel_init
+  bias_init: Callable = nn.initializers.zeros_init()
+  config: Int4Config = Int4Config()
+  rng_collection: str = "quant"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return int4_dense(
+        self, inputs, features=self.features, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init, bias_init=self.bias_init,
+        config=self.config, rng_collection=self.rng_collection)
+
+
+def int4_dense(module: nn.Module, inputs: jax.Array, *, features: int,
+               use_bias: bool, dtype, param_dtype, kernel_init, bias_init,
+               config: Int4Config, rng_collection: str = "quant") -> jax.Array:
+  """The body of `Int4Dense.__call__`, run in ``module``'s scope.
+
+  `jint4.int4ify` runs it inside intercepted `nn.Dense` calls, so an int4ified
+  model and a hand-written one with `Int4Dense` have the same variables.
+  """
+  if not isinstance(config, Int4Config):
+    raise TypeError(f"config must be a jint4.Int4Config; got {type(config)}.")
+  inputs = jnp.asarray(inputs)
+  kernel = module.param("kernel", kernel_init,
+                        (jnp.shape(inputs)[-1], features), param_dtype)
+  bias = (module.param("bias", bias_init, (features,), param_dtype)
+          if use_bias else None)
+  inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias,
+                                                 dtype=dtype)
+  key = _quant_key(module, inputs, kernel, rng_collection)
+  if not config.quantizes_forward:
+    return int4_matmul(inputs, kernel, jnp.float32(1), jnp.float32(1), key,
+                       config=config, bias=bias)
+
+  log2 = None
+  block = config.hadamard_block if config.uses_hadamard else 1
+  if config.uses_hadamard and block == "auto":
+    log2 = module.variable(
+        QUANT_STATE, "hadamard_log2_block",
+        lambda: hadamard.search_hadamard_block(
+            inputs, kernel, qn=config.qn, qp=config.qp)).value
+    block = log2
+
+  def rule_x():
+    return lsq.init_step_size(_transform(inputs, block, -1), qp=config.qp)
+
+  def rule_w():
+    return lsq.init_step_size(_transform(kernel, block, 0), qp=config.qp)
+
+  step_x = module.param("step_size_x", lambda _: rule_x())
+  step_w = module.param("step_size_w", lambda _: rule_w())
+  if config.warmup_steps:
+    step_x, step_w = _warmup(module, config.warmup_steps, step_x, step_w,
+                             rule_x, rule_w)
+  return int4_matmul(inputs, kernel, step_x, step_w, key, config=config,
+                     bias=bias, hadamard_log2_block=log2)
+
+
+def _transform(t, block, axis):
+  if isinstance(block, int):
+    return hadamard.hadamard_transform(t, block, axis=axis)
+  return hadamard.hadamard_transform_dynamic(t, block, axis=axis)
+
+
+def _warmup(module, steps, step_x, step_w, rule_x, rule_w):
+  """Step sizes during and after the paper's pre-training warm-up."""
+  counter = module.variable(QUANT_STATE, "step", lambda: jnp.zeros((), jnp.int32))
+  ratio_x = module.variable(QUANT_STATE, "step_ratio_x",
+                            lambda: jnp.ones((), jnp.float32))
+  ratio_w = module.variable(QUANT_STATE, "step_ratio_w",
+                            lambda: jnp.ones((), jnp.float32))
+  warm = counter.value < steps
+  out = []
+  for param, ratio, rule in ((step_x, ratio_x, rule_x), (step_w, ratio_w, rule_w)):
+    rule_value = jax.lax.stop_gradient(rule())
+    # During warm-up s follows the rule and is not learned; afterwards it is
+    # the learned parameter rescaled to continue from the last warm-up value.
+    out.append(jnp.where(warm, rule_value, param * ratio.value))
+    if module.is_mutable_collection(QUANT_STATE) and not module.is_initializing():
+      ratio.value = jnp.where(
+          warm, rule_value / jax.lax.stop_gradient(param), ratio.value)
+  if module.is_mutable_collection(QUANT_STATE) and not module.is_initializing():
+    counter.value = counter.value + 1
+  return out
+
+
+def _quant_key(module, inputs, kernel, rng_collection):
+  if module.has_rng(rng_collection):
+    return module.make_rng(rng_collection)
+  return data_key(inputs, kernel, "/".join(map(str, module.path)))
+
+
+def data_key(inputs: jax.Array, kernel: jax.Array, name: str) -> jax.Array:
+  """A PRNG key from the bits of sum(inputs), sum(kernel) and a layer name.
+
+  Used when no rng stream is given: it changes whenever the data or the
+  weights change (every training step) and is a pure function of them.
+  """
+  def bits(t):
+    total = jnp.sum(jax.lax.stop_gradient(t).astype(jnp.float32))
+    return jax.lax.bitcast_convert_type(total, jnp.uint32)
+
+  key = jax.random.key(zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  key = jax.random.fold_in(key, bits(inputs))
+  return jax.random.fold_in(key, bits(kernel))

@@ -1,0 +1,292 @@
+"""int4_matmul: forward numerics, gradients, unbiasedness, composition, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from jint4 import Int4Config, int4_dot_general, int4_matmul
+from jint4.quant import hadamard, lsq
+
+KEY = jax.random.key(0)
+
+
+def _data(n=32, d=64, c=16, seed=0, dtype=jnp.float32):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (n, d), jnp.float32)
+  w = jax.random.normal(kw, (d, c), jnp.float32) / np.sqrt(d)
+  sx = lsq.init_step_size(hadamard.hadamard_transform(x, 32), qp=7)
+  sw = lsq.init_step_size(hadamard.hadamard_transform(w, 32, axis=0), qp=7)
+  return x.astype(dtype), w.astype(dtype), sx, sw
+
+
+def _fake_quant_reference(x, w, sx, sw, block=32, qn=7, qp=7):
+  """Autodiff-able float twin of the forward with LSQ's gradients."""
+  xh = hadamard.hadamard_transform(x, block)
+  wh = hadamard.hadamard_transform(w, block, axis=0)
+  return lsq.fake_quantize(xh, sx, qn=qn, qp=qp) @ lsq.fake_quantize(wh, sw, qn=qn, qp=qp)
+
+
+@pytest.mark.parametrize("qn,qp", [(7, 7), (8, 7)])
+@pytest.mark.parametrize("forward,block", [("hq", 32), ("hq", 8), ("lsq", 1)])
+def test_forward_is_the_integer_product(forward, block, qn, qp):
+  x, w, sx, sw = _data()
+  cfg = Int4Config(forward=forward, hadamard_block=block if forward == "hq" else 32,
+                   qn=qn, qp=qp)
+  y = int4_matmul(x, w, sx, sw, KEY, config=cfg)
+  xh = np.asarray(hadamard.hadamard_transform(x, block))
+  wh = np.asarray(hadamard.hadamard_transform(w, block, axis=0))
+  qx = np.clip(np.round(xh / float(sx)), -qn, qp).astype(np.int64)
+  qw = np.clip(np.round(wh / float(sw)), -qn, qp).astype(np.int64)
+  expected = float(sx) * float(sw) * (qx @ qw)
+  np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_float_mode_has_true_gradients():
+  x, w, sx, sw = _data(n=8, d=32, c=8)
+  cfg = Int4Config(forward="none", backward="exact")
+  f = lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg)
+  check_grads(f, (x, w), order=1, modes=["rev"])
+  np.testing.assert_allclose(f(x, w), x @ w, rtol=1e-6)
+
+
+def test_exact_backward_matches_autodiff_of_fake_quant_twin():
+  x, w, sx, sw = _data()
+  cfg = Int4Config(backward="exact")
+  ct = jax.random.normal(jax.random.key(5), (32, 16))
+  loss = lambda f: (lambda x, w, sx, sw: jnp.sum(f(x, w, sx, sw) * ct))
+  ours = jax.grad(loss(lambda *a: int4_matmul(*a, KEY, config=cfg)), argnums=(0, 1, 2, 3))
+  ref = jax.grad(loss(_fake_quant_reference), argnums=(0, 1, 2, 3))
+  g, r = ours(x, w, sx, sw), ref(x, w, sx, sw)
+  np.testing.assert_allclose(g[0], r[0], rtol=1e-4, atol=1e-5)   # dX
+  np.testing.assert_allclose(g[1], r[1], rtol=1e-4, atol=1e-5)   # dW
+  np.testing.assert_allclose(g[3], r[3], rtol=1e-4, atol=1e-6)   # ds_w (exact delta)
+  # ds_x uses the one-bit unbiased delta encoding: equal in expectation.
+  keys = jax.random.split(jax.random.key(9), 2000)
+  dsx = jax.jit(jax.vmap(lambda k: jax.grad(
+      lambda s: jnp.sum(int4_matmul(x, w, s, sw, k, config=cfg) * ct))(sx)))(keys)
+  sem = float(jnp.std(dsx)) / np.sqrt(len(keys))
+  assert abs(float(jnp.mean(dsx)) - float(r[2])) < 5 * sem + 1e-6
+
+
+@pytest.mark.parametrize("backward", ["lss", "nonzero"])
+def test_quantized_gradients_are_unbiased(backward):
+  """Mean over keys -> the exact-mode gradient, at the 1/sqrt(n) rate."""
+  x, w, sx, sw = _data(n=32, d=32, c=16, seed=1)
+  # Structured gradient: a few large token rows, most small (paper Sec. 5).
+  ct = jax.random.normal(jax.random.key(2), (32, 16))
+  ct = ct * jnp.where(jnp.arange(32) < 4, 10.0, 0.3)[:, None]
+  grads = lambda cfg, k: jax.grad(
+      lambda x, w, sw: jnp.sum(int4_matmul(x, w, sx, sw, k, config=cfg) * ct),
+      argnums=(0, 1, 2))(x, w, sw)
+  exact = grads(Int4Config(backward="exact"), KEY)
+  cfg = Int4Config(backward=backward, lss_budget=0.5)
+  keys = jax.random.split(jax.random.key(3), 4000)
+  samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
+  for est, ref, name in zip(samples, exact, ("dx", "dw", "dsw")):
+    est, ref = np.asarray(est), np.asarray(ref)
+    errors = []
+    for m in (250, 1000, 4000):
+      err = np.linalg.norm(est[:m].mean(0) - ref)
+      sem = np.sqrt(est[:m].var(0).sum() / m)
+      assert err <= 5 * sem + 1e-5 * np.linalg.norm(ref), (name, m, err, sem)
+      errors.append(err)
+    if sem > 1e-6 * np.linalg.norm(ref):
+      assert errors[-1] < errors[0], name
+
+
+def test_lss_variance_shrinks_with_budget():
+  """Sampling error shrinks as the kept-row budget grows."""
+  x, w, sx, sw = _data(n=32, d=32, c=16, seed=4)
+  ct = jax.random.normal(jax.random.key(2), (32, 16))
+  def dw(cfg, k):
+    return jax.grad(lambda w: jnp.sum(int4_matmul(x, w, sx, sw, k, config=cfg) * ct))(w)
+  keys = jax.random.split(jax.random.key(4), 150)
+  var = {}
+  for budget in (0.25, 1.0, 2.0):
+    s = jax.jit(jax.vmap(lambda k: dw(Int4Config(lss_budget=budget), k)))(keys)
+    var[budget] = float(jnp.var(s, axis=0).sum())
+  assert var[0.25] > var[1.0] > var[2.0]
+
+
+def test_hq_lowers_forward_error_on_outlier_activations():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(128, 256)).astype(np.float32)
+  x[:, [3, 77, 200]] *= 60.0                       # outlier channels
+  w = (rng.normal(size=(256, 64)) / 16).astype(np.float32)
+  exact = x @ w
+  errs = {}
+  for forward in ("lsq", "hq"):
+    block = 32 if forward == "hq" else 1
+    sx = lsq.init_step_size(hadamard.hadamard_transform(x, block), qp=7)
+    sw = lsq.init_step_size(hadamard.hadamard_transform(w, block, axis=0), qp=7)
+    y = int4_matmul(x, w, sx, sw, KEY, config=Int4Config(forward=forward))
+    errs[forward] = float(np.linalg.norm(np.asarray(y) - exact))
+  assert errs["hq"] < 0.7 * errs["lsq"], errs
+
+
+def test_leading_batch_dims_bias_and_dtypes():
+  x, w, sx, sw = _data()
+  x3 = x.reshape(4, 8, 64)
+  b = jnp.arange(16, dtype=jnp.float32)
+  y = int4_matmul(x3, w, sx, sw, KEY, bias=b)
+  assert y.shape == (4, 8, 16)
+  y2 = int4_matmul(x, w, sx, sw, KEY) + b
+  np.testing.assert_allclose(y.reshape(32, 16), y2, rtol=1e-6)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    xd, wd = x3.astype(dtype), w.astype(dtype)
+    y = int4_matmul(xd, wd, sx, sw, KEY)
+    assert y.dtype == dtype
+    gx, gw = jax.grad(lambda a, b: jnp.sum(int4_matmul(a, b, sx, sw, KEY).astype(jnp.float32)),
+                      argnums=(0, 1))(xd, wd)
+    assert gx.dtype == dtype and gw.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(gx)))
+
+
+def test_bias_gradient_is_float_row_sum():
+  x, w, sx, sw = _data()
+  ct = jax.random.normal(jax.random.key(1), (32, 16))
+  gb = jax.grad(lambda b: jnp.sum(int4_matmul(x, w, sx, sw, KEY, bias=b) * ct))(jnp.zeros(16))
+  np.testing.assert_allclose(gb, ct.sum(0), rtol=1e-6)
+
+
+def test_saved_residuals_are_compact():
+  n, d, c = 256, 128, 64
+  x, w, sx, sw = _data(n=n, d=d, c=c)
+  for qn, per_elem in ((7, 0.625), (8, 0.75)):
+    cfg = Int4Config(qn=qn)
+    _, vjp_fn = jax.vjp(lambda x: int4_matmul(x, w, sx, sw, KEY, config=cfg), x)
+    leaves = [l for l in jax.tree.leaves(vjp_fn) if hasattr(l, "nbytes")]
+    kernel_bytes = w.nbytes
+    saved = sum(l.nbytes for l in leaves if l.nbytes != kernel_bytes and l.size > 4)
+    assert saved <= per_elem * n * d, (saved, per_elem * n * d)
+    if qn == 7:
+      assert saved < (2 * n * d) / 3        # < 1/3 of a bf16 activation
+
+
+def test_same_key_same_result_different_key_different_noise():
+  x, w, sx, sw = _data()
+  f = jax.jit(lambda k: jax.grad(lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, k) ** 2),
+                                 argnums=(0, 1))(x, w))
+  a, b, c = f(KEY), f(KEY), f(jax.random.key(1))
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u, v)
+  assert not np.array_equal(a[1], c[1])
+
+
+def test_raw_uint32_keys_work():
+  x, w, sx, sw = _data()
+  y = int4_matmul(x, w, sx, sw, jax.random.PRNGKey(0))
+  assert y.shape == (32, 16)
+
+
+def test_composes_with_vmap_checkpoint_and_scan():
+  x, w, sx, sw = _data(n=16, d=32, c=32)
+  xs = jnp.stack([x, 2 * x])
+  keys = jax.random.split(KEY, 2)
+  f = lambda x, k: int4_matmul(x, w, sx, sw, k)
+  yv = jax.vmap(f)(xs, keys)
+  np.testing.assert_allclose(yv[1], f(xs[1], keys[1]), rtol=1e-6)
+  gv = jax.vmap(jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2)))(xs, keys)
+  assert gv.shape == xs.shape and bool(jnp.all(jnp.isfinite(gv)))
+
+  # Scan over a stack of layers, with and without rematerialization.
+  ws = jnp.stack([w, w * 0.5, w * 2.0])
+  sws = jnp.stack([sw, sw * 0.5, sw * 2.0])
+  def net(ws, sws, x, remat):
+    def layer(h, params):
+      w_i, sw_i, k = params
+      body = lambda h: jnp.tanh(int4_matmul(h, w_i, sx, sw_i, k))
+      return (jax.checkpoint(body) if remat else body)(h), None
+    h, _ = jax.lax.scan(layer, x, (ws, sws, jax.random.split(KEY, 3)))
+    return jnp.sum(h ** 2)
+  g_plain = jax.jit(jax.grad(functools.partial(net, remat=False)))(ws, sws, x)
+  g_remat = jax.jit(jax.grad(functools.partial(net, remat=True)))(ws, sws, x)
+  np.testing.assert_allclose(g_plain, g_remat, rtol=1e-5, atol=1e-6)
+  assert float(jnp.linalg.norm(g_plain)) > 0
+
+
+def test_auto_block_matches_static_block():
+  x, w, sx, sw = _data()
+  log2 = hadamard.search_hadamard_block(x, w)
+  b = 2 ** int(log2)
+  y_auto = jax.jit(lambda l: int4_matmul(x, w, sx, sw, KEY, config=Int4Config(
+      hadamard_block="auto"), hadamard_log2_block=l))(log2)
+  y_static = int4_matmul(x, w, sx, sw, KEY, config=Int4Config(hadamard_block=b))
+  np.testing.assert_allclose(y_auto, y_static, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_general_variant():
+  x, w, sx, sw = _data()
+  y = int4_dot_general(x, w, (((1,), (0,)), ((), ())), sx, sw, KEY)
+  np.testing.assert_allclose(y, int4_matmul(x, w, sx, sw, KEY), rtol=1e-6)
+  y_t = int4_dot_general(x, w.T, (((1,), (1,)), ((), ())), sx, sw, KEY)
+  np.testing.assert_allclose(y_t, y, rtol=1e-6)
+  with pytest.raises(ValueError, match="batch"):
+    int4_dot_general(x[None], w[None], (((2,), (1,)), ((0,), (0,))), sx, sw, KEY)
+
+
+def test_nonfinite_values_stay_visible():
+  x, w, sx, sw = _data()
+  y = int4_matmul(x.at[3, 5].set(jnp.nan), w, sx, sw, KEY)
+  assert bool(jnp.all(jnp.isnan(y[3]))) and bool(jnp.all(jnp.isfinite(jnp.delete(y, 3, 0))))
+  y = int4_matmul(x, w.at[2, 7].set(jnp.inf), sx, sw, KEY)
+  assert bool(jnp.all(jnp.isnan(y[:, 7])))
+  for backward in ("lss", "nonzero", "exact"):
+    cfg = Int4Config(backward=backward)
+    ct = jnp.zeros((32, 16)).at[0, 0].set(jnp.nan)
+    _, vjp = jax.vjp(lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg), x, w)
+    gx, gw = vjp(ct)
+    assert bool(jnp.any(jnp.isnan(gx))) and bool(jnp.any(jnp.isnan(gw))), backward
+
+
+@pytest.mark.parametrize("backward", ["lss", "nonzero", "exact", "luq", "minmax"])
+def test_zero_gradient_gives_zero_gradients(backward):
+  x, w, sx, sw = _data()
+  cfg = Int4Config(backward=backward)
+  _, vjp = jax.vjp(lambda x, w, sx, sw: int4_matmul(x, w, sx, sw, KEY, config=cfg),
+                   x, w, sx, sw)
+  for g in vjp(jnp.zeros((32, 16))):
+    assert bool(jnp.all(g == 0)), backward
+
+
+def test_bad_inputs_raise_clear_errors():
+  x, w, sx, sw = _data()
+  with pytest.raises(TypeError, match="float32/bfloat16/float16 x"):
+    int4_matmul(x.astype(jnp.int32), w, sx, sw, KEY)
+  with pytest.raises(TypeError, match="Complex"):
+    int4_matmul(x.astype(jnp.complex64), w, sx, sw, KEY)
+  with pytest.raises(ValueError, match="must equal the kernel's first dim"):
+    int4_matmul(x[:, :32], w, sx, sw, KEY)
+  with pytest.raises(ValueError, match="2-D"):
+    int4_matmul(x, w[None], sx, sw, KEY)
+  with pytest.raises(ValueError, match="not a multiple of the Hadamard block"):
+    int4_matmul(x[:, :48], w[:48], sx, sw, KEY)
+  with pytest.raises(ValueError, match="step_x"):
+    int4_matmul(x, w, jnp.ones(3), sw, KEY)
+  with pytest.raises(ValueError, match="PRNG key"):
+    int4_matmul(x, w, sx, sw, None)
+  with pytest.raises(ValueError, match="hadamard_log2_block"):
+    int4_matmul(x, w, sx, sw, KEY, config=Int4Config(hadamard_block="auto"))
+  with pytest.raises(ValueError, match="bias"):
+    int4_matmul(x, w, sx, sw, KEY, bias=jnp.zeros(3))
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="backward"):
+    Int4Config(backward="sampled")
+  with pytest.raises(ValueError, match="power of two"):
+    Int4Config(hadamard_block=48)
+  with pytest.raises(ValueError, match="4 bits"):
+    Int4Config(qn=8, qp=8)
+  with pytest.raises(ValueError, match="lss_budget"):
+    Int4Config(lss_budget=0.0)
+  with pytest.raises(TypeError):
+    Int4Config("hq")  # keyword-only
+  cfg = Int4Config()
+  with pytest.raises(Exception):
+    cfg.backward = "exact"  # frozen
+  assert hash(cfg) == hash(Int4Config())
