@@ -1,0 +1,151 @@
+"""int4ify: a Transformer written with nn.Dense trains in INT4 unchanged."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jint4
+
+VOCAB, SEQ, DIM = 32, 16, 64
+
+
+class Block(nn.Module):
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, h):
+    b, t, d = h.shape
+    x = nn.LayerNorm()(h)
+    q, k, v = (nn.Dense(d, name=n)(x).reshape(b, t, self.heads, d // self.heads)
+               for n in ("query", "key", "value"))
+    att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // self.heads)
+    att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e9)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(att, -1), v).reshape(b, t, d)
+    h = h + nn.Dense(d, name="out")(out)
+    x = nn.LayerNorm()(h)
+    return h + nn.Dense(d, name="mlp_out")(nn.gelu(nn.Dense(2 * d, name="mlp_in")(x)))
+
+
+class TinyLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(VOCAB, DIM)(tokens) + self.param(
+        "pos", nn.initializers.normal(0.02), (SEQ, DIM))
+    for _ in range(2):
+      h = Block()(h)
+    return nn.Dense(VOCAB, name="lm_head")(nn.LayerNorm()(h))
+
+
+def _batch(key, n=16):
+  # A learnable task: each sequence counts up from a random start (mod VOCAB).
+  start = jax.random.randint(key, (n, 1), 0, VOCAB)
+  seq = (start + jnp.arange(SEQ + 1)) % VOCAB
+  return seq[:, :-1], seq[:, 1:]
+
+
+def _train(model, params, steps=60, lr=3e-3):
+  tx = optax.adamw(lr)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, opt, key):
+    tokens, targets = _batch(key)
+    def loss_fn(p):
+      logits = model.apply({"params": p}, tokens, rngs={"quant": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  losses = []
+  for i in range(steps):
+    params, opt, loss = step(params, opt, jax.random.key(100 + i))
+    losses.append(float(loss))
+  return losses
+
+
+def _flat_names(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_param_tree_is_the_float_tree_plus_quant_state():
+  tokens, _ = _batch(jax.random.key(0))
+  float_params = TinyLM().init(jax.random.key(1), tokens)["params"]
+  model = jint4.int4ify(TinyLM(), keep=r"lm_head")
+  params = model.init(jax.random.key(1), tokens)["params"]
+  float_names, names = _flat_names(float_params), _flat_names(params)
+  added = names - float_names
+  assert float_names <= names
+  assert added and all(n.rsplit("/", 1)[-1] in ("step_size_x", "step_size_w") for n in added)
+  # Six Dense layers per block, two blocks; the LM head stays float.
+  assert len(added) == 2 * 6 * 2
+  assert not any(n.startswith("lm_head/step") for n in added)
+  # Same initial weights as the float model.
+  for path in float_names:
+    a = _get(float_params, path)
+    np.testing.assert_array_equal(a, _get(params, path))
+
+
+def _get(tree, path):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+@pytest.mark.parametrize("backward", ["lss", "nonzero"])
+def test_int4ified_transformer_trains_under_jit_and_optax(backward):
+  tokens, _ = _batch(jax.random.key(0))
+  model = jint4.int4ify(TinyLM(), jint4.Int4Config(backward=backward), keep="lm_head")
+  params = model.init(jax.random.key(1), tokens)["params"]
+  losses = _train(model, params)
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert np.all(np.isfinite(losses))
+  assert last < 0.5 * first, (first, last)
+
+
+def test_keep_predicate_and_everything_converted():
+  tokens, _ = _batch(jax.random.key(0))
+  all_int4 = jint4.int4ify(TinyLM()).init(jax.random.key(1), tokens)["params"]
+  assert "step_size_x" in all_int4["lm_head"]
+  none = jint4.int4ify(TinyLM(), keep=lambda path: True).init(
+      jax.random.key(1), tokens)["params"]
+  assert not any("step_size" in n for n in _flat_names(none))
+
+
+def test_int4ify_rejects_non_modules():
+  with pytest.raises(TypeError, match="flax"):
+    jint4.int4ify(lambda x: x)
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(DIM, 2 * DIM, rngs=rngs)
+    self.blocks = getattr(nnx, "List", list)([nnx.Linear(2 * DIM, 2 * DIM, rngs=rngs)])
+    self.head = nnx.Linear(2 * DIM, VOCAB, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.gelu(self.hidden(x))
+    for layer in self.blocks:
+      x = jax.nn.gelu(layer(x))
+    return self.head(x)
+
+
+def test_nnx_int4ify_swaps_linears_in_place():
+  model = NnxMLP(nnx.Rngs(0))
+  kernel = model.hidden.kernel[...]
+  x = jax.random.normal(jax.random.key(0), (8, DIM))
+  y_float = model(x)
+  out = jint4.int4ify(model, keep=r"head")
+  assert out is model
+  assert isinstance(model.hidden, jint4.Int4Linear)
+  assert isinstance(model.blocks[0], jint4.Int4Linear)
+  assert type(model.head) is nnx.Linear
+  np.testing.assert_array_equal(model.hidden.kernel[...], kernel)
+  y = model(x)
+  rel = float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
+  assert 0 < rel < 0.5

@@ -1,0 +1,73 @@
+"""Int4Linear (flax.nnx): parameters, lazy step-size init, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jint4 import Int4Config, Int4Linear
+from jint4.quant import hadamard, lsq
+
+X = jax.random.normal(jax.random.key(0), (4, 16, 64))
+
+
+def _optimizer(model, tx):
+  try:
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+  except TypeError:  # older flax
+    return nnx.Optimizer(model, tx)
+
+
+def _update(opt, model, grads):
+  try:
+    opt.update(model, grads)
+  except TypeError:  # older flax
+    opt.update(grads)
+
+
+def test_params_match_nnx_linear_plus_step_sizes():
+  ours = Int4Linear(64, 32, rngs=nnx.Rngs(0))
+  ref = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(ours.kernel[...], ref.kernel[...])
+  np.testing.assert_array_equal(ours.bias[...], ref.bias[...])
+  params = nnx.state(ours, nnx.Param)
+  names = {str(path[-1]) for path, _ in nnx.to_flat_state(params)} if hasattr(
+      nnx, "to_flat_state") else set(params.to_pure_dict())
+  assert {"kernel", "bias", "step_size_x", "step_size_w"} <= names
+
+
+def test_first_call_sets_step_size_from_batch():
+  m = Int4Linear(64, 32, rngs=nnx.Rngs(0))
+  assert float(m.step_size_x[...]) == 0.0
+  y = m(X)
+  assert y.shape == (4, 16, 32)
+  expected = lsq.init_step_size(hadamard.hadamard_transform(X, 32), qp=7)
+  np.testing.assert_allclose(m.step_size_x[...], expected, rtol=1e-6)
+  ref = X @ m.kernel[...] + m.bias[...]
+  assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.35
+
+
+@pytest.mark.parametrize("block", [32, "auto"])
+def test_trains_under_nnx_jit(block):
+  m = Int4Linear(64, 8, rngs=nnx.Rngs(0, quant=1), config=Int4Config(hadamard_block=block))
+  m.calibrate(X)
+  if block == "auto":
+    assert int(m.hadamard_log2_block[...]) >= 0
+  target = jnp.tanh(X[..., :8])
+  opt = _optimizer(m, optax.adam(3e-2))
+
+  @nnx.jit
+  def step(m, opt):
+    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(m)
+    _update(opt, m, g)
+    return loss
+
+  losses = [float(step(m, opt)) for _ in range(30)]
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_rejects_warmup():
+  with pytest.raises(ValueError, match="warmup"):
+    Int4Linear(8, 8, rngs=nnx.Rngs(0), config=Int4Config(warmup_steps=3))
