@@ -70,17 +70,14 @@ class Int4Config:
     _check_choice("forward", self.forward, FORWARD_MODES)
     _check_choice("backward", self.backward, BACKWARD_MODES)
     _check_choice("engine", self.engine, ENGINES)
-    for name in ("qn", "qp"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or not 1 <= value <= 8:
-        raise ValueError(
-            f"Int4Config.{name} must be an int in [1, 8] so that [-qn, qp] fits"
-            f" in 4 bits; got {value!r}. Use qn=7, qp=7 (paper) or qn=8, qp=7"
-            " (reference code).")
-    if self.qn + self.qp > 15:
+    if not isinstance(self.qn, int) or not 1 <= self.qn <= 8:
       raise ValueError(
-          f"Int4Config range [-{self.qn}, {self.qp}] has more than 16 levels and"
-          " does not fit in 4 bits; use qn=7, qp=7 or qn=8, qp=7.")
+          f"Int4Config.qn must be an int in [1, 8]; got {self.qn!r}. Use qn=7"
+          " (paper) or qn=8 (reference code).")
+    if not isinstance(self.qp, int) or not 1 <= self.qp <= 7:
+      raise ValueError(
+          f"Int4Config.qp must be an int in [1, 7] (4-bit two's complement"
+          f" tops out at 7); got {self.qp!r}.")
     block = self.hadamard_block
     if block != "auto":
       if (not isinstance(block, int) or block < 1 or block & (block - 1)

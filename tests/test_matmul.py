@@ -280,8 +280,10 @@ def test_config_validation():
     Int4Config(backward="sampled")
   with pytest.raises(ValueError, match="power of two"):
     Int4Config(hadamard_block=48)
-  with pytest.raises(ValueError, match="4 bits"):
-    Int4Config(qn=8, qp=8)
+  with pytest.raises(ValueError, match="qp"):
+    Int4Config(qn=7, qp=8)
+  with pytest.raises(ValueError, match="qn"):
+    Int4Config(qn=9, qp=7)
   with pytest.raises(ValueError, match="lss_budget"):
     Int4Config(lss_budget=0.0)
   with pytest.raises(TypeError):

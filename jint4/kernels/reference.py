@@ -99,7 +99,7 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
 def pack_residual(code: jax.Array, flags: jax.Array, *, qn: int) -> Residual:
   """Packs int8 codes in [-8, 7] two per byte and flag bits eight per byte."""
   flat = code.reshape(-1).astype(jnp.uint8) & np.uint8(0xF)
-  flat = _pad_to(flat, 8)
+  flat = _pad_to(flat, 2)
   nibbles = flat[0::2] | (flat[1::2] << 4)
   planes = 1 if qn <= 7 else 2
   f = _pad_to(flags.reshape(-1), 8)

@@ -34,9 +34,12 @@ CLIP_CODE = -8  # the 4-bit code [-7, 7] never uses
 
 
 def init_step_size(t: jax.Array, *, qp: int) -> jax.Array:
-  """s0 = 2 mean|T| / sqrt(Qp) in float32; 1.0 for an all-zero tensor."""
+  """s0 = 2 mean|T| / sqrt(Qp) in float32; 1.0 for an all-zero tensor.
+
+  A NaN or Inf in T gives a NaN / Inf step, so it stays visible.
+  """
   s = 2.0 * jnp.mean(jnp.abs(t.astype(jnp.float32))) / jnp.sqrt(jnp.float32(qp))
-  return jnp.where(s > 0, s, jnp.ones_like(s))
+  return jnp.where(s == 0, jnp.ones_like(s), s)
 
 
 def grad_scale(numel: int, *, qp: int) -> float:

@@ -1,0 +1,389 @@
+"""Tests for the pure-JAX reference engine (jint4.kernels.reference).
+
+Oracles: numpy int64 / float64 arithmetic and the jint4.quant building blocks
+the engine is specified by.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jint4.kernels import reference as ref
+from jint4.quant import bitsplit
+from jint4.quant import hadamard
+from jint4.quant import lsq
+
+DELTA = 1e-6   # allowed probability that a statistical check fails by chance
+
+
+def f64(a):
+  return np.asarray(a, np.float64)
+
+
+def seed(a, b):
+  return jnp.asarray([a, b], jnp.uint32)
+
+
+# ------------------------------------------------------------------ uniform --
+
+uniform = jax.jit(ref.uniform, static_argnums=1)
+SHAPE = (400, 250)    # 10^5 draws
+
+
+def test_uniform_range_dtype_and_resolution():
+  u = uniform(seed(1, 2), SHAPE)
+  assert u.shape == SHAPE and u.dtype == jnp.float32
+  u = f64(u)
+  assert u.min() >= 0.0 and u.max() < 1.0
+  k = u * 2 ** 24                 # 24 random bits: multiples of 2^-24
+  np.testing.assert_array_equal(k, np.round(k))
+  assert len(np.unique(u)) > 0.99 * u.size
+  # ... and every one of the 24 bits is a fair coin (Hoeffding, union bound).
+  bits = (k.astype(np.int64).ravel()[:, None] >> np.arange(24)) & 1
+  t = math.sqrt(math.log(2 * 24 / DELTA) / (2 * u.size))
+  assert np.all(np.abs(bits.mean(axis=0) - 0.5) <= t)
+
+
+def test_uniform_deterministic_and_seed_dependent():
+  a = np.asarray(uniform(seed(1, 2), SHAPE))
+  np.testing.assert_array_equal(a, np.asarray(uniform(seed(1, 2), SHAPE)))
+  # Eager and jit agree (a pure function of seed and index).
+  np.testing.assert_array_equal(a[:3], np.asarray(ref.uniform(seed(1, 2),
+                                                              (3, 250))))
+  # Changing either seed word changes (nearly) every element.
+  for other in (seed(2, 2), seed(1, 3), seed(2, 1)):
+    b = np.asarray(uniform(other, SHAPE))
+    assert np.mean(a == b) < 1e-3
+
+
+def test_uniform_is_counter_based():
+  # Element i depends on (seed, i) only: a prefix of a bigger draw (row-major
+  # flat index) and any reshape give the same values.
+  big = np.asarray(uniform(seed(5, 6), (64,)))
+  np.testing.assert_array_equal(np.asarray(uniform(seed(5, 6), (8, 8))),
+                                big.reshape(8, 8))
+  np.testing.assert_array_equal(np.asarray(uniform(seed(5, 6), (10,))),
+                                big[:10])
+
+
+def test_uniform_moments():
+  u = f64(uniform(seed(3, 4), SHAPE)).ravel()
+  n = u.size
+  # Hoeffding: u in [0, 1], (u - 1/2)^2 in [0, 1/4], decile indicators in
+  # [0, 1]; a union bound over the 12 checks.
+  t = math.sqrt(math.log(2 * 12 / DELTA) / (2 * n))
+  assert abs(u.mean() - 0.5) <= t
+  assert abs(np.mean((u - 0.5) ** 2) - 1 / 12) <= 0.25 * t
+  # Each decile holds ~10%.
+  counts = np.histogram(u, bins=10, range=(0, 1))[0] / n
+  assert np.all(np.abs(counts - 0.1) <= t)
+
+
+def test_uniform_neighbours_uncorrelated():
+  u = f64(uniform(seed(7, 8), SHAPE))
+  z = (u - 0.5) * math.sqrt(12)           # mean 0, variance 1
+  flat = z.ravel()
+  # Under independence a lag correlation is ~N(0, 1/n): 6 sigma bound.
+  for lag in (1, 2, SHAPE[1]):            # next element, next-but-one, row
+    c = np.mean(flat[:-lag] * flat[lag:])
+    assert abs(c) <= 6 / math.sqrt(flat.size - lag), (lag, c)
+  # Consecutive seeds are not correlated either.
+  z2 = (f64(uniform(seed(7, 9), SHAPE)) - 0.5) * math.sqrt(12)
+  assert abs(np.mean(z * z2)) <= 6 / math.sqrt(z.size)
+
+
+def test_seeds_from_key():
+  s = ref.seeds_from_key(jax.random.PRNGKey(0), 3)
+  assert s.shape == (3, 2) and s.dtype == jnp.uint32
+  assert len({tuple(r) for r in np.asarray(s).tolist()}) == 3
+  s2 = ref.seeds_from_key(jax.random.key(0), 3)     # typed key
+  assert s2.shape == (3, 2) and s2.dtype == jnp.uint32
+
+
+# ---------------------------------------------------------- pack / unpack --
+
+def planes(qn):
+  return 1 if qn <= 7 else 2
+
+
+@functools.partial(jax.jit, static_argnames=("qn", "shape"))
+def _roundtrip(code, flags, qn, shape):
+  res = ref.pack_residual(code, flags, qn=qn)
+  return res, ref.unpack_residual(res, shape, qn=qn)
+
+
+def random_codes(rng, shape, qn):
+  code = rng.integers(-8, 8, shape).astype(np.int8)
+  flags = rng.integers(0, 2 ** planes(qn), shape).astype(np.uint8)
+  return code, flags
+
+
+SIZES = [(1,), (13,), (3, 5), (4, 250)]   # 1000 = 4 * 250: a multiple of 8
+
+
+@pytest.mark.parametrize("qn", [7, 8])
+@pytest.mark.parametrize("shape", SIZES, ids=str)
+def test_pack_unpack_roundtrip(qn, shape):
+  rng = np.random.default_rng(sum(shape) + qn)
+  code, flags = random_codes(rng, shape, qn)
+  if code.size >= 64:   # both extreme codes and every flag value occur
+    assert code.min() == -8 and code.max() == 7
+    assert len(np.unique(flags)) == 2 ** planes(qn)
+  res, (code2, flags2) = _roundtrip(jnp.asarray(code), jnp.asarray(flags),
+                                    qn=qn, shape=shape)
+  assert res.nibbles.dtype == res.flags.dtype == jnp.uint8
+  assert code2.dtype == jnp.int8 and flags2.dtype == jnp.uint8
+  assert code2.shape == flags2.shape == shape
+  np.testing.assert_array_equal(np.asarray(code2), code)
+  np.testing.assert_array_equal(np.asarray(flags2), flags)
+  n = code.size
+  # One flag plane per flag bit, ceil(n / 8) bytes each.
+  assert res.flags.shape == (planes(qn), -(-n // 8))
+  if n % 8 == 0:   # 4 + 1 (or 2) bits per element, nothing wasted
+    assert res.nibbles.shape == (n // 2,)
+    assert (res.nibbles.size + res.flags.size) / n == {7: 0.625, 8: 0.75}[qn]
+
+
+@pytest.mark.parametrize("qn", [7, 8])
+@pytest.mark.parametrize("shape", SIZES + [(7,)], ids=str)
+def test_packed_nibble_bytes_are_ceil_half(shape, qn):
+  n = int(np.prod(shape))
+  code, flags = random_codes(np.random.default_rng(0), shape, qn)
+  res, (code2, _) = _roundtrip(jnp.asarray(code), jnp.asarray(flags), qn=qn,
+                               shape=shape)
+  np.testing.assert_array_equal(np.asarray(code2), code)
+  assert res.nibbles.shape == (-(-n // 2),)
+
+
+def test_packed_layout():
+  # nibbles: low nibble first; flags: bit j of byte i is element 8 i + j.
+  code = np.array([1, -1, 7, -8, 0, 3, -2, 5], np.int8)
+  flags = np.array([1, 0, 3, 2, 0, 1, 1, 2], np.uint8)
+  res = ref.pack_residual(jnp.asarray(code), jnp.asarray(flags), qn=8)
+  nib = np.asarray(res.nibbles)
+  np.testing.assert_array_equal(nib & 0xF, code[0::2].astype(np.uint8) & 0xF)
+  np.testing.assert_array_equal(nib >> 4, code[1::2].astype(np.uint8) & 0xF)
+  fl = np.asarray(res.flags)
+  for plane in range(2):
+    np.testing.assert_array_equal((fl[plane, 0] >> np.arange(8)) & 1,
+                                  (flags >> plane) & 1)
+
+
+# ---------------------------------------- hadamard_quantize, lsq_backward --
+
+M, K = 16, 64
+
+
+def make_x(seed_):
+  rng = np.random.default_rng(seed_)
+  x = rng.normal(0, 1, (M, K))
+  x[:, 9] += 30.0                                # one outlier column
+  return jnp.asarray(x, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "qn", "qp"))
+def engine_run(x, grad, s, block, qn, qp):
+  """The engine ops and their specification, in one compile per config."""
+  out = {}
+  xh = hadamard.hadamard_transform(x, block)
+  # A step half the init value, so that the clamp binds somewhere.
+  step = 0.5 * lsq.init_step_size(xh, qp=qp)
+  v = xh / step
+  out["v"] = v
+  out["want_q"] = lsq.quantize(xh, step, qn=qn, qp=qp)
+  out["q"], res = ref.hadamard_quantize(x, step, block=block, qn=qn, qp=qp,
+                                        seed=s)
+  out["res"] = res
+  out["q_res"] = ref.residual_values(res, x.shape, qn=qn, qp=qp)
+  # The block size traced (log2, as the block search gives it).
+  log2 = jnp.int32(int(math.log2(block))) + 0 * s[0].astype(jnp.int32)
+  out["q_dyn"], res_dyn = ref.hadamard_quantize(x, step, block=log2, qn=qn,
+                                                qp=qp, seed=s)
+  out["q_res_dyn"] = ref.residual_values(res_dyn, x.shape, qn=qn, qp=qp)
+  out["q_noseed"], out["none"] = ref.hadamard_quantize(x, step, block=block,
+                                                       qn=qn, qp=qp)
+  # Backward: lsq_backward and what decode_backward_state implies.
+  out["dt"], out["dsum"] = ref.lsq_backward(grad, res, qn=qn, qp=qp)
+  code, flags = ref.unpack_residual(res, x.shape, qn=qn)
+  _, out["mask"], out["dhat"] = lsq.decode_backward_state(code, flags, qn=qn,
+                                                          qp=qp)
+  out["in_range"] = lsq.in_range(v, qn=qn, qp=qp)
+  out["code"], out["flags"] = code, flags
+  out["code_spec"], out["flags_spec"] = lsq.encode_backward_state(
+      v, ref.uniform(s, v.shape), qn=qn, qp=qp)
+  return out
+
+
+CONFIGS = [(32, 7, 7), (8, 8, 7), (1, 7, 7)]
+
+
+@functools.lru_cache(maxsize=None)
+def run_config(block, qn, qp):
+  x = make_x(block)
+  grad = jnp.asarray(np.random.default_rng(block).normal(0, 1, (M, K)),
+                     jnp.float32)
+  return x, grad, engine_run(x, grad, seed(block, 1), block=block, qn=qn,
+                             qp=qp)
+
+
+@pytest.mark.parametrize("block, qn, qp", CONFIGS)
+def test_hadamard_quantize(block, qn, qp):
+  x, _, out = run_config(block, qn, qp)
+  v = f64(out["v"])
+  assert ((v < -qn) | (v > qp)).any() and ((v >= -qn) & (v <= qp)).any()
+  want = f64(out["want_q"])
+  np.testing.assert_array_equal(want, np.clip(np.round(want), -qn, qp))
+  assert out["q"].dtype == jnp.int8 and out["q"].shape == x.shape
+  for key in ("q", "q_res", "q_dyn", "q_res_dyn", "q_noseed"):
+    np.testing.assert_array_equal(f64(out[key]), want, err_msg=key)
+  assert out["none"] is None
+  # The residual is 4 bits + 1 (or 2) flag planes.
+  n = x.size
+  assert out["res"].nibbles.shape == (n // 2,)
+  assert out["res"].flags.shape == (1 if qn <= 7 else 2, n // 8)
+
+
+@pytest.mark.parametrize("block, qn, qp", CONFIGS)
+def test_lsq_backward_matches_decoded_state(block, qn, qp):
+  _, grad, out = run_config(block, qn, qp)
+  mask, dhat = np.asarray(out["mask"]), f64(out["dhat"])
+  np.testing.assert_array_equal(np.asarray(out["dt"]),
+                                np.where(mask, np.asarray(grad), 0.0))
+  np.testing.assert_allclose(float(out["dsum"]), np.sum(f64(grad) * dhat),
+                             rtol=1e-5, atol=1e-5)
+  # The decoded state is the STE mask of v = (x Hb) / step and the
+  # encoding of the engine's own noise uniform(seed).
+  np.testing.assert_array_equal(mask, np.asarray(out["in_range"]))
+  assert not mask.all() and mask.any()
+  np.testing.assert_array_equal(np.asarray(out["code"]),
+                                np.asarray(out["code_spec"]))
+  np.testing.assert_array_equal(np.asarray(out["flags"]),
+                                np.asarray(out["flags_spec"]))
+  # Where clipped, delta_hat is LSQ's delta exactly; inside it is +-1/2.
+  v = f64(out["v"])
+  np.testing.assert_array_equal(dhat[~mask], np.where(v < 0, -qn, qp)[~mask])
+  assert np.isin(dhat[mask], [-0.5, 0.5]).all()
+
+
+# ------------------------------------------------------------------- GEMMs --
+
+gemm_i32 = jax.jit(ref.int_gemm_i32)
+
+
+def rand_int8(rng, shape, lo=-8, hi=7):
+  return rng.integers(lo, hi + 1, shape).astype(np.int8)
+
+
+def test_int_gemm_i32_exact():
+  rng = np.random.default_rng(5)
+  a, b = rand_int8(rng, (33, 96)), rand_int8(rng, (17, 96))
+  out = gemm_i32(jnp.asarray(a), jnp.asarray(b))
+  assert out.dtype == jnp.int32 and out.shape == (33, 17)
+  np.testing.assert_array_equal(np.asarray(out),
+                                a.astype(np.int64) @ b.astype(np.int64).T)
+
+
+def test_int_gemm_i32_accumulates_in_int32():
+  # K = 4096 full-range products: sums up to 4096 * 64 = 2^18, far past
+  # int8 / int16 accumulators.
+  rng = np.random.default_rng(6)
+  k = 4096
+  a = rand_int8(rng, (4, k), -128, 127)
+  b = rand_int8(rng, (3, k), -128, 127)
+  a[0], b[0] = -8, -8                      # 64 * 4096 = 262144
+  a[1], b[1] = 127, -128                   # -16256 * 4096
+  out = np.asarray(gemm_i32(jnp.asarray(a), jnp.asarray(b)))
+  want = a.astype(np.int64) @ b.astype(np.int64).T
+  assert want[0, 0] == 64 * k and want[1, 1] == -127 * 128 * k
+  assert np.abs(want).max() > 2 ** 15
+  np.testing.assert_array_equal(out, want)
+
+
+def test_int_gemm_scales():
+  rng = np.random.default_rng(7)
+  a, b = rand_int8(rng, (12, 64)), rand_int8(rng, (9, 64))
+  acc = a.astype(np.int64) @ b.astype(np.int64).T
+  scale = jnp.float32(0.0123)
+  row_scale = jnp.asarray(rng.uniform(0.5, 2.0, 12), jnp.float32)
+  out = ref.int_gemm(jnp.asarray(a), jnp.asarray(b), scale=scale,
+                     row_scale=row_scale)
+  assert out.dtype == jnp.float32 and out.shape == (12, 9)
+  want = float(scale) * f64(row_scale)[:, None] * acc
+  np.testing.assert_allclose(f64(out), want, rtol=1e-6, atol=1e-6)
+  out = ref.int_gemm(jnp.asarray(a), jnp.asarray(b), scale=scale)
+  np.testing.assert_allclose(f64(out), float(scale) * acc, rtol=1e-6,
+                             atol=1e-6)
+  out = ref.int_gemm(jnp.asarray(a), jnp.asarray(b), scale=scale,
+                     row_scale=row_scale, out_dtype=jnp.bfloat16)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(f64(out), want, rtol=2 ** -8, atol=1e-6)
+  # Large K, full int8 range: an int32 accumulator (|sums| up to 2^18 here,
+  # exact in the float32 epilogue below 2^24).
+  a = rand_int8(rng, (4, 4096), -128, 127)
+  b = rand_int8(rng, (3, 4096), -128, 127)
+  a[0], b[0] = -8, -8
+  out = ref.int_gemm(jnp.asarray(a), jnp.asarray(b), scale=jnp.float32(1.0))
+  want = a.astype(np.int64) @ b.astype(np.int64).T
+  assert np.abs(want).max() > 2 ** 15
+  np.testing.assert_array_equal(f64(out), want)
+
+
+def test_int_gemm_gather_rows():
+  rng = np.random.default_rng(8)
+  r, m, t, n = 10, 6, 7, 5
+  a = rand_int8(rng, (r, m))
+  b = rand_int8(rng, (t, n))
+  rows = np.array([6, 0, 3, 3, 6, 1, 0, 5, 3, 2], np.int32)  # unsorted, repeats
+  scale = jnp.float32(0.37)
+  out = ref.int_gemm_gather_rows(jnp.asarray(a), jnp.asarray(b),
+                                 jnp.asarray(rows), scale=scale)
+  assert out.shape == (m, n) and out.dtype == jnp.float32
+  want = float(scale) * (a.astype(np.int64).T @ b.astype(np.int64)[rows])
+  np.testing.assert_allclose(f64(out), want, rtol=1e-6, atol=1e-6)
+  # Explicit sum over the kept rows, as the docstring states it.
+  want2 = sum(np.outer(a[i].astype(np.int64), b[rows[i]].astype(np.int64))
+              for i in range(r)) * float(scale)
+  np.testing.assert_allclose(f64(out), want2, rtol=1e-6, atol=1e-6)
+  # A long reduction (R = 4096 kept rows) accumulates in int32.
+  a = rand_int8(rng, (4096, 2), -8, 7)
+  b = rand_int8(rng, (5, 3), -8, 7)
+  a[:, 0] = -8
+  b[:, 0] = -8
+  rows = rng.integers(0, 5, 4096).astype(np.int32)
+  out = ref.int_gemm_gather_rows(jnp.asarray(a), jnp.asarray(b),
+                                 jnp.asarray(rows), scale=jnp.float32(1.0))
+  want = a.astype(np.int64).T @ b.astype(np.int64)[rows]
+  assert want[0, 0] == 64 * 4096
+  np.testing.assert_array_equal(f64(out), want)
+
+
+# ------------------------------------------------------------- bit_split --
+
+def test_bit_split_row_norms():
+  rng = np.random.default_rng(9)
+  g = rng.normal(0, 1e-3, (24, 40))
+  g[[2, 17]] *= 40.0
+  g[5] = 0.0                                     # a zero row has norm 0
+  g = jnp.asarray(g, jnp.float32)
+  s = seed(13, 14)
+  (hi, lo, s_hi, s_lo, hi_norm, lo_norm), want, hi_rows = jax.jit(
+      lambda g, s: (ref.bit_split(g, s),
+                    bitsplit.bit_split(g, ref.uniform(s, g.shape)),
+                    ref.row_norms(ref.bit_split(g, s)[0])))(g, s)
+  # The halves are bitsplit.bit_split with the engine's counter-based noise.
+  for got, w in zip((hi, lo, s_hi, s_lo), want):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+  assert hi_norm.shape == lo_norm.shape == (24,)
+  assert hi_norm.dtype == lo_norm.dtype == jnp.float32
+  np.testing.assert_allclose(
+      f64(hi_norm), np.linalg.norm(float(s_hi) * f64(hi), axis=1), rtol=1e-6)
+  np.testing.assert_allclose(
+      f64(lo_norm), np.linalg.norm(float(s_lo) * f64(lo), axis=1), rtol=1e-6)
+  assert float(hi_norm[5]) == 0.0 and float(lo_norm[5]) == 0.0
+  assert f64(hi_norm)[[2, 17]].min() > 10 * np.median(f64(hi_norm))
+  np.testing.assert_allclose(f64(hi_rows), np.linalg.norm(f64(hi), axis=1),
+                             rtol=1e-6)

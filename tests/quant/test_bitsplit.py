@@ -1,0 +1,157 @@
+"""Tests for bit splitting of the output gradient (jint4.quant.bitsplit)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jint4.quant import bitsplit
+
+N_DRAWS = 6000       # noise draws for the unbiasedness test
+DELTA = 1e-6         # allowed probability that a correct quantizer fails
+
+split = jax.jit(bitsplit.bit_split)
+
+
+def f64(a):
+  return np.asarray(a, np.float64)
+
+
+def make_grad(seed, shape=(32, 24), dtype=jnp.float32):
+  """A gradient with a few large rows (the structure bit splitting targets)."""
+  rng = np.random.default_rng(seed)
+  g = rng.normal(0, 1e-3, shape).reshape(-1, shape[-1])
+  g[rng.choice(g.shape[0], 3, replace=False)] *= 50.0
+  return jnp.asarray(g.reshape(shape), dtype)
+
+
+def noise(seed, shape):
+  """Uniform [0, 1) float32 noise (numpy: no PRNG compile on the CPU)."""
+  return jnp.asarray(np.random.default_rng(seed).random(shape, np.float32))
+
+
+def hoeffding_tol(gap, n_draws, n_elems, delta=DELTA):
+  """Per-element bound on |mean of n draws in an interval of width gap - E|
+  holding for all n_elems elements with probability >= 1 - delta (Hoeffding
+  plus a union bound): the 1/sqrt(n) rate."""
+  return gap * math.sqrt(math.log(2 * n_elems / delta) / (2 * n_draws))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_halves_scales_and_error_bound(dtype):
+  g = make_grad(0, dtype=dtype)
+  hi, lo, s_hi, s_lo = split(g, noise(1, g.shape))
+  assert hi.dtype == lo.dtype == jnp.int8
+  assert hi.shape == lo.shape == g.shape
+  assert s_hi.dtype == s_lo.dtype == jnp.float32
+  assert s_hi.shape == s_lo.shape == ()
+  hi, lo, s_hi, s_lo = f64(hi), f64(lo), float(s_hi), float(s_lo)
+  assert np.abs(hi).max() <= 7 and np.abs(lo).max() <= 7
+  assert np.abs(hi).max() == 7            # the max element uses the top code
+  g64 = f64(g)                            # bf16 -> f32 is exact
+  m = np.max(np.abs(g64))
+  np.testing.assert_allclose(s_hi, m / 7, rtol=1e-6)
+  np.testing.assert_allclose(s_hi, 14 * s_lo, rtol=1e-6)
+  np.testing.assert_allclose(s_lo, m / 98, rtol=1e-6)
+  # Within one low step of G, elementwise.
+  err = np.abs(s_hi * hi + s_lo * lo - g64)
+  assert (err <= s_lo * (1 + 1e-5)).all(), err.max() / s_lo
+
+
+def test_hi_rounds_to_nearest_and_lo_rounds_the_remainder():
+  g = make_grad(2)
+  u = noise(3, g.shape)
+  hi, lo, s_hi, s_lo = map(f64, split(g, u))
+  t = 98 * f64(g) / np.max(np.abs(f64(g)))
+  # hi = round(t / 14): |t - 14 hi| <= 7, and hi is the nearest integer to
+  # t / 14 (exact comparison except within float noise of a .5 tie).
+  assert (np.abs(t - 14 * hi) <= 7 + 1e-4).all()
+  frac = np.abs(t / 14 - np.round(t / 14))
+  clear = np.abs(frac - 0.5) > 1e-5
+  np.testing.assert_array_equal(hi[clear], np.round(t / 14)[clear])
+  # lo is floor or ceil of the remainder r = t - 14 hi, picked by the noise:
+  # lo = floor(r + u).
+  r = t - 14 * hi
+  assert ((lo == np.floor(r)) | (lo == np.ceil(r))
+          | (np.abs(r - np.round(r)) < 1e-4)).all()
+  exp = np.floor(r + f64(u))
+  clear = np.abs((r + f64(u)) - np.round(r + f64(u))) > 1e-4
+  np.testing.assert_array_equal(lo[clear], exp[clear])
+  # Both roundings of the low half occur.
+  assert (lo == np.floor(r)).any() and (lo == np.ceil(r)).any()
+
+
+def test_extreme_noise_gives_floor_and_ceil():
+  g = make_grad(4)
+  t = 98 * f64(g) / np.max(np.abs(f64(g)))
+  hi = np.round(t / 14)
+  r = t - 14 * hi
+  clear = np.abs(r - np.round(r)) > 1e-4
+  _, lo0, _, _ = map(f64, split(g, jnp.zeros(g.shape)))
+  _, lo1, _, _ = map(f64, split(g, jnp.full(g.shape, 0.9999999)))
+  np.testing.assert_array_equal(lo0[clear], np.floor(r)[clear])
+  np.testing.assert_array_equal(lo1[clear], np.ceil(r)[clear])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unbiased(dtype):
+  g = make_grad(5, shape=(16, 16), dtype=dtype)
+
+  @jax.jit
+  def mean_recon(g, u):
+    hi, lo, s_hi, s_lo = jax.vmap(lambda u: bitsplit.bit_split(g, u))(u)
+    rec = (s_hi[:, None, None] * hi.astype(jnp.float32)
+           + s_lo[:, None, None] * lo.astype(jnp.float32))
+    return jnp.mean(rec, axis=0), s_lo[0]
+
+  m, s_lo = mean_recon(g, noise(6, (N_DRAWS,) + g.shape))
+  g64 = f64(g)
+  # Each draw is one of two adjacent levels, s_lo apart.
+  tol = hoeffding_tol(float(s_lo), N_DRAWS, g.size) + 1e-5 * float(s_lo)
+  assert tol < 0.05 * float(s_lo)   # any bias above 5% of a step shows
+  err = np.abs(f64(m) - g64)
+  assert (err <= tol).all(), np.max(err) / tol
+
+
+def test_unbiasedness_check_detects_bias():
+  # Rounding the low half to nearest (u = 1/2) is biased by up to s_lo / 2:
+  # the same tolerance rejects it for most elements.
+  g = make_grad(5, shape=(16, 16))
+  hi, lo, s_hi, s_lo = map(f64, split(g, jnp.full(g.shape, 0.5)))
+  err = np.abs(s_hi * hi + s_lo * lo - f64(g))
+  tol = hoeffding_tol(s_lo, N_DRAWS, g.size)
+  assert np.mean(err > tol) > 0.8
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_all_zero_gradient(dtype):
+  g = jnp.zeros((8, 4), dtype)
+  hi, lo, s_hi, s_lo = split(g, noise(7, g.shape))
+  assert not np.asarray(hi).any() and not np.asarray(lo).any()
+  assert float(s_hi) == 0.0 and float(s_lo) == 0.0   # finite, no 0/0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_non_finite_gradient_gives_non_finite_scales(bad, dtype):
+  g = make_grad(8, shape=(8, 4), dtype=dtype).at[3, 2].set(bad)
+  hi, lo, s_hi, s_lo = split(g, noise(9, g.shape))
+  assert not np.isfinite(float(s_hi)) and not np.isfinite(float(s_lo))
+  assert hi.dtype == lo.dtype == jnp.int8
+  assert (np.abs(f64(hi)) <= 7).all() and (np.abs(f64(lo)) <= 7).all()
+  # Every dequantized value is non-finite too (0 * inf and nan propagate).
+  with np.errstate(invalid="ignore"):
+    rec = float(s_hi) * f64(hi) + float(s_lo) * f64(lo)
+  assert not np.isfinite(rec).any()
+
+
+def test_eager_matches_jit_and_any_shape():
+  g = make_grad(10, shape=(2, 3, 16))
+  u = noise(11, g.shape)
+  eager = bitsplit.bit_split(g, u)
+  jitted = split(g, u)
+  for a, b in zip(eager, jitted):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert eager[0].shape == g.shape
