@@ -61,9 +61,15 @@ def seeds_from_key(key: jax.Array, count: int) -> jax.Array:
 
 
 def apply_hadamard(t: jax.Array, block: Block, *, axis: int) -> jax.Array:
-  """Hb along ``axis`` in float32 (static block size or traced log2)."""
+  """Hb along ``axis`` in float32 (static block size or traced log2).
+
+  Butterfly stages in a fixed order (stage 0 first, (a + b) * r and
+  (a - b) * r with r = float32(1 / sqrt(2))): this fixes the float rounding,
+  so the native engine's quantized integers match these bit for bit.
+  """
   if isinstance(block, (int, np.integer)):
-    return hadamard.hadamard_transform(t, int(block), axis=axis)
+    return hadamard.hadamard_transform(t, int(block), axis=axis,
+                                       method="butterfly")
   return hadamard.hadamard_transform_dynamic(t, block, axis=axis)
 
 

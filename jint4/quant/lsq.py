@@ -116,7 +116,7 @@ def encode_backward_state(v: jax.Array, u: jax.Array, *, qn: int, qp: int):
     code = jnp.where(inside, q, CLIP_CODE)
     flags = bit0.astype(jnp.uint8)
   else:
-    code = q
+    code = jnp.where(inside, q, jnp.where(side_bit, qp, -qn))  # NaN -> -qn
     flags = bit0.astype(jnp.uint8) | ((~inside).astype(jnp.uint8) << 1)
   return code.astype(jnp.int8), flags
 

@@ -1,0 +1,147 @@
+// Scalar math shared by jint4's CPU and CUDA handlers.
+//
+// Each function mirrors one step of the pure-JAX reference engine
+// (jint4/kernels/reference.py and jint4/quant/*.py) operation for operation, so
+// that the integer outputs (quantized codes, bit-split halves, packed
+// residuals) are bit-identical to the reference. Rules that keep it so:
+//   * float32 throughout, IEEE division and rounding (no fast-math);
+//   * the same operation order as the reference (comments give its line);
+//   * NaN handled explicitly (fmin/fmax would silently drop it).
+#ifndef JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
+#define JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define JINT4_HD __host__ __device__ __forceinline__
+#else
+#define JINT4_HD inline
+#endif
+
+namespace jint4 {
+
+// float32(1 / sqrt(2)): the factor of every butterfly stage.
+constexpr float kInvSqrt2 = 0.70710678118654752440f;
+// Bit splitting: t = G * (98 / max|G|), hi = round(t / 14), lo = t - 14 hi.
+constexpr float kSplitRange = 98.0f;
+constexpr float kSplitStep = 14.0f;
+// The 4-bit code a [-7, 7] quantizer never uses; marks a clipped element.
+constexpr int kClipCode = -8;
+
+// lowbias32 (C. Wellons): reference.py `_mix32`.
+JINT4_HD uint32_t Mix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  h ^= h >> 16;
+  return h;
+}
+
+// Counter-based uniform in [0, 1): reference.py `uniform`, element `index`
+// (the row-major flat index, mod 2^32) of a tensor drawn with `seed`.
+JINT4_HD float Uniform(uint32_t seed0, uint32_t seed1, uint32_t index) {
+  uint32_t h = Mix32(Mix32(index * 0x9E3779B9u + seed0) ^ seed1);
+  return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+// One butterfly pair of a Hadamard stage: hadamard.py `_butterfly_stage`.
+JINT4_HD void Butterfly(float& a, float& b) {
+  float s = (a + b) * kInvSqrt2;
+  float d = (a - b) * kInvSqrt2;
+  a = s;
+  b = d;
+}
+
+// In-place block-diagonal Hadamard transform of `n` contiguous floats with
+// blocks of 2^log2_block; stage 0 (pairs at distance 1) first.
+JINT4_HD void HadamardInPlace(float* v, int64_t n, int log2_block) {
+  for (int stage = 0; stage < log2_block; ++stage) {
+    const int64_t half = int64_t{1} << stage;
+    for (int64_t base = 0; base < n; base += 2 * half) {
+      for (int64_t j = 0; j < half; ++j) Butterfly(v[base + j], v[base + half + j]);
+    }
+  }
+}
+
+// round-half-to-even, as jnp.round.
+JINT4_HD float RoundEven(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return std::nearbyint(v);
+#endif
+}
+
+JINT4_HD float Clamp(float v, float lo, float hi) {
+  return v < lo ? lo : (v > hi ? hi : v);  // NaN passes through
+}
+
+// LSQ code of v = T / s: clamp(round(v), -qn, qp), NaN -> 0
+// (reference.py `hadamard_quantize`: where(isfinite(q), q, 0)).
+JINT4_HD int8_t QuantizeCode(float v, int qn, int qp) {
+  float q = Clamp(RoundEven(v), -static_cast<float>(qn), static_cast<float>(qp));
+  return q == q ? static_cast<int8_t>(q) : int8_t{0};
+}
+
+// lsq.py `encode_backward_state` for one element: the 4-bit code and the
+// flag bits (bit 0: stochastic delta bit or clip side; bit 1, only for
+// qn == 8: clipped).
+JINT4_HD void EncodeBackwardState(float v, float u, int qn, int qp,
+                                  int8_t* code, uint8_t* flags) {
+  const float q = Clamp(RoundEven(v), -static_cast<float>(qn), static_cast<float>(qp));
+  const bool inside = (v >= -qn) && (v <= qp);
+  const bool frac_bit = u < ((q - v) + 0.5f);
+  const bool side_bit = v > 0.0f;
+  const bool bit0 = inside ? frac_bit : side_bit;
+  if (qn <= 7) {
+    *code = inside ? static_cast<int8_t>(q) : static_cast<int8_t>(kClipCode);
+    *flags = static_cast<uint8_t>(bit0);
+  } else {
+    *code = inside ? static_cast<int8_t>(q)
+                   : static_cast<int8_t>(side_bit ? qp : -qn);
+    *flags = static_cast<uint8_t>(bit0) | static_cast<uint8_t>((!inside) << 1);
+  }
+}
+
+// lsq.py `decode_backward_state`: the GEMM operand q, the STE mask and
+// the unbiased delta estimate.
+JINT4_HD void DecodeBackwardState(int8_t code, uint8_t flags, int qn, int qp,
+                                  int8_t* q, bool* inside, float* delta_hat) {
+  const bool bit0 = flags & 1;
+  bool clipped;
+  if (qn <= 7) {
+    clipped = code == kClipCode;
+    *q = clipped ? static_cast<int8_t>(bit0 ? qp : -qn) : code;
+  } else {
+    clipped = (flags >> 1) & 1;
+    *q = code;
+  }
+  *inside = !clipped;
+  *delta_hat = clipped ? static_cast<float>(*q) : static_cast<float>(bit0) - 0.5f;
+}
+
+// 4-bit two's complement nibble -> int8.
+JINT4_HD int8_t NibbleToInt(uint8_t nibble) {
+  int v = nibble & 0xF;
+  return static_cast<int8_t>(v > 7 ? v - 16 : v);
+}
+
+// bitsplit.py `bit_split` for one element, given f = 98 / safe_max.
+JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
+  const float t = g * f;
+  const float h = Clamp(RoundEven(t / kSplitStep), -7.0f, 7.0f);
+  const float l = Clamp(floorf((t - kSplitStep * h) + u), -7.0f, 7.0f);
+  *hi = (h == h && h - h == 0.0f) ? static_cast<int8_t>(h) : int8_t{0};
+  *lo = (l == l && l - l == 0.0f) ? static_cast<int8_t>(l) : int8_t{0};
+}
+
+// bitsplit.py: the divisor guard for max|G| (0, NaN or Inf -> 1).
+JINT4_HD float SafeMax(float m) {
+  return (m > 0.0f && m - m == 0.0f) ? m : 1.0f;
+}
+
+}  // namespace jint4
+
+#endif  // JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
