@@ -14,7 +14,8 @@ cases of a shape so that load changes on a shared machine hit all alike.
 Cases: float32 nn.Dense, and Int4Dense (HQ forward) with the backward modes
 ``lss`` (bit splitting + leverage score sampling, the paper's default),
 ``nonzero`` (bit splitting, every row kept) and ``exact`` (float gradient
-products, for reference). Shapes: ``--tokens`` x (1024 -> 1024) and
+products, for reference), all on the pure-JAX reference engine unless
+``--engine`` says otherwise. Shapes: ``--tokens`` x (1024 -> 1024) and
 ``--tokens`` x (1024 -> 4096).
 
     PYTHONPATH=. python benchmarks/bench_layer.py
@@ -91,10 +92,10 @@ def time_cases(steps: dict, repeats: int, warmup: int = 2) -> dict:
   return out
 
 
-def cases(backward_modes):
+def cases(backward_modes, engine):
   yield "float32 nn.Dense", None, lambda d_out: nn.Dense(d_out)
   for mode in backward_modes:
-    config = jint4.Int4Config(backward=mode)
+    config = jint4.Int4Config(backward=mode, engine=engine)
     yield (f"int4 {mode}", mode,
            lambda d_out, config=config: jint4.Int4Dense(d_out, config=config))
 
@@ -110,18 +111,23 @@ def parse_args(argv=None):
   p.add_argument("--backward", nargs="+", default=list(BACKWARD_MODES),
                  choices=jint4.config.BACKWARD_MODES,
                  help="Int4Dense backward modes to time")
+  p.add_argument("--engine", default="reference",
+                 choices=jint4.config.ENGINES,
+                 help="Int4Config.engine of the Int4Dense cases (reference:"
+                      " the pure-JAX engine)")
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
       os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
   return p.parse_args(argv)
 
 
-def environment() -> dict:
+def environment(engine: str) -> dict:
   return {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "jax": jax.__version__, "jaxlib": jaxlib.__version__,
       "flax": flax.__version__, "jint4": jint4.__version__,
-      "jint4_engine": jint4.engine_info()["engine"],
+      "jint4_engine": engine,
+      "jint4_engine_info": _engine_info(engine),
       "python": platform.python_version(),
       "platform": platform.platform(), "machine": platform.machine(),
       "processor": platform.processor() or _cpu_model(),
@@ -130,6 +136,13 @@ def environment() -> dict:
       "jax_devices": [str(d) for d in jax.devices()],
       "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
   }
+
+
+def _engine_info(engine):
+  try:
+    return jint4.engine_info(engine)
+  except Exception as e:  # informational only
+    return {"error": repr(e)}
 
 
 def _cpu_model():
@@ -175,16 +188,17 @@ def plot(results, path):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  env = environment()
+  env = environment(args.engine)
   print(f"jax {env['jax']} / jaxlib {env['jaxlib']} / flax {env['flax']},"
         f" backend {env['jax_backend']}, {env['cpu_count']} CPUs"
-        f" ({env['processor']}), load avg {env['load_average_1m']}")
+        f" ({env['processor']}), load avg {env['load_average_1m']:.2f};"
+        f" Int4Dense engine {args.engine!r}")
   results = []
   for d_in, d_out in SHAPES:
     shape = (args.tokens, d_in, d_out)
-    modes = {name: mode for name, mode, _ in cases(args.backward)}
+    modes = {name: mode for name, mode, _ in cases(args.backward, args.engine)}
     steps = {name: make_case(make_layer(d_out), *shape)
-             for name, _, make_layer in cases(args.backward)}
+             for name, _, make_layer in cases(args.backward, args.engine)}
     timed = time_cases(steps, args.repeats)
     base = timed["float32 nn.Dense"]["median_ms"]
     for name, r in timed.items():
@@ -218,11 +232,12 @@ def main(argv=None) -> int:
                    "warmup": 2, "statistic": "median",
                    "order": "round robin over the cases of a shape",
                    "shapes": [list(s) for s in SHAPES],
-                   "int4_config": {"forward": "hq", "hadamard_block": 32}},
+                   "int4_config": {"forward": "hq", "hadamard_block": 32,
+                                   "engine": args.engine}},
       "results": [dict(r, shape=list(r["shape"])) for r in results],
   }
   with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=2)
+    json.dump(report, f, indent=2, default=str)
   plot(results, stem + ".png")
   print(f"\nwrote {stem}.json and {stem}.png")
   return 0

@@ -267,7 +267,7 @@ def main(argv=None) -> int:
   print(f"corpus: {len(data):,} characters of Python stdlib source; model:"
         f" {n_params:,} parameters; {args.steps} steps of {args.batch} x"
         f" {args.seq_len} tokens")
-  print(f"jint4 config: {config}; engine: {jint4.engine_info(config.engine)['engine']}")
+  print(f"jint4 config: {config}")
   print(f"{'step':>6} | {'float32 train':>13} {'eval':>7} | {'int4 train':>10}"
         f" {'eval':>7} | {'time':>6}")
   print("-" * 62)

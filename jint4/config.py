@@ -19,11 +19,11 @@ from typing import Literal, Union
 
 ForwardMode = Literal["hq", "lsq", "none"]
 BackwardMode = Literal["lss", "nonzero", "exact", "luq", "minmax"]
-Engine = Literal["auto", "reference"]
+Engine = Literal["auto", "native", "reference"]
 
 FORWARD_MODES = ("hq", "lsq", "none")
 BACKWARD_MODES = ("lss", "nonzero", "exact", "luq", "minmax")
-ENGINES = ("auto", "reference")
+ENGINES = ("auto", "native", "reference")
 MAX_HADAMARD_BLOCK = 1024
 
 
@@ -53,8 +53,11 @@ class Int4Config:
     warmup_steps: pre-training warm-up: for this many training steps the step
       sizes follow the init rule ``2 mean|T| / sqrt(qp)`` of the current batch
       instead of being learned (needs the ``quant_state`` collection mutable).
-    engine: which engine runs the integer work: ``"auto"`` (the fastest one
-      available) or ``"reference"`` (pure JAX, exact, runs anywhere).
+    engine: which engine runs the integer work: ``"auto"`` (per op, the
+      faster of native and pure JAX on this backend; pure JAX with one warning
+      when the native extension is missing), ``"native"`` (the XLA FFI
+      handlers; an error when unusable) or ``"reference"`` (pure JAX, exact,
+      runs anywhere).
   """
 
   forward: ForwardMode = "hq"

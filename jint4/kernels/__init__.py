@@ -1,38 +1,110 @@
 """Engines behind jint4's fixed integer-op boundary.
 
-An engine is a module exposing the ops of `jint4.kernels.reference`
-(`hadamard_quantize`, `lsq_backward`, `bit_split`, `int_gemm`,
-`int_gemm_gather_rows`, `residual_values`, `uniform`, ...) with identical
-semantics. The algorithm (`jint4.matmul`) asks `get_engine` for one and never
-knows which it got. Today the pure-JAX reference engine is the only one; the
-native XLA FFI engine plugs in here.
+An engine exposes the ops of `jint4.kernels.reference` (`hadamard_quantize`,
+`residual_values`, `lsq_backward`, `bit_split`, `int_gemm`,
+`int_gemm_gather_rows`, plus the shared helpers `uniform`, `seeds_from_key`,
+`apply_hadamard`, `row_norms`) with identical semantics. The algorithm
+(`jint4.matmul`) asks `get_engine` for one and never knows which it got.
+
+Engines: ``"reference"`` (pure JAX, runs anywhere), ``"native"`` (the XLA FFI
+handlers of xla_ffi/: CPU, and CUDA when built with nvcc) and ``"auto"``,
+which picks per op and per backend from `AUTO_POLICY`. When the native
+extension is missing or unusable, ``"auto"`` uses the reference engine and
+warns once; ``"native"`` raises.
 """
 
 from __future__ import annotations
 
+import types
+import warnings
+
+import jax
+
+from jint4.kernels import native
 from jint4.kernels import reference
 
-_ENGINES = {"reference": reference}
+OPS = ("hadamard_quantize", "residual_values", "lsq_backward", "bit_split",
+       "int_gemm", "int_gemm_gather_rows")
+HELPERS = ("uniform", "seeds_from_key", "apply_hadamard", "row_norms",
+           "int_gemm_i32")
+
+# Which engine "auto" runs each op with, per backend. CPU: XLA's own
+# multi-threaded int8 dot beats the single-threaded C++ GEMM, while the fused
+# native quantize / bit-split passes beat XLA's unfused ones (see
+# benchmarks/). GPU: the fused CUDA handlers throughout.
+AUTO_POLICY = {
+    "cpu": {"hadamard_quantize": "native", "residual_values": "native",
+            "lsq_backward": "native", "bit_split": "native",
+            "int_gemm": "reference", "int_gemm_gather_rows": "reference"},
+    "gpu": {op: "native" for op in OPS},
+}
+
+_warned = []
+
+
+def _namespace(name, choice):
+  ns = types.SimpleNamespace(name=name, choice=dict(choice))
+  for op in HELPERS:
+    setattr(ns, op, getattr(reference, op))
+  for op in OPS:
+    setattr(ns, op, getattr(native if choice[op] == "native" else reference, op))
+  return ns
+
+
+def _backend() -> str:
+  backend = jax.default_backend()
+  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def _native_usable(backend: str) -> tuple:
+  if not native.available():
+    return False, native.reason()
+  if backend == "gpu" and not native.has_cuda():
+    return False, "the native extension was built without CUDA (no nvcc at build time)"
+  if backend not in ("cpu", "gpu"):
+    return False, f"no native handlers for the {backend!r} backend"
+  return True, ""
 
 
 def get_engine(name: str = "auto"):
-  """The engine module for an `Int4Config.engine` value."""
-  if name == "auto":
-    return reference
-  try:
-    return _ENGINES[name]
-  except KeyError:
-    raise ValueError(
-        f"Unknown jint4 engine {name!r}; available: {sorted(_ENGINES)} or"
-        " 'auto'.") from None
+  """The engine for an `Int4Config.engine` value, on the default backend."""
+  if name == "reference":
+    return _namespace("reference", {op: "reference" for op in OPS})
+  backend = _backend()
+  usable, why = _native_usable(backend)
+  if name == "native":
+    if not usable:
+      raise RuntimeError(
+          f"Int4Config(engine='native') but the native engine is unusable:"
+          f" {why}. Build it (pip install . with a C++ compiler; nvcc for"
+          " CUDA) or use engine='auto' / 'reference'.")
+    return _namespace("native", {op: "native" for op in OPS})
+  if name != "auto":
+    raise ValueError(f"Unknown jint4 engine {name!r}; use 'auto', 'native' or"
+                     " 'reference'.")
+  if not usable:
+    if not _warned:
+      _warned.append(True)
+      warnings.warn(f"jint4: native engine unavailable ({why}); using the"
+                    " pure-JAX reference engine.", RuntimeWarning, stacklevel=3)
+    return _namespace("reference", {op: "reference" for op in OPS})
+  policy = AUTO_POLICY.get(backend, {op: "reference" for op in OPS})
+  return _namespace("auto", policy)
 
 
 def engine_info(name: str = "auto") -> dict:
-  """Which engine a config's ``engine`` value selects, and why."""
-  if name in ("auto", "reference"):
-    why = ("requested" if name == "reference" else
-           "the native engine is not built in this version; pure JAX runs"
-           " everywhere")
-    return {"engine": "reference", "reason": why}
-  get_engine(name)
-  return {"engine": name, "reason": "requested"}
+  """Which implementation each op runs with for ``name``, and why."""
+  backend = _backend()
+  usable, why = _native_usable(backend)
+  info = {"backend": backend, "requested": name, "native_build": native.build_info(),
+          "native_usable": usable}
+  if not usable:
+    info["native_reason"] = why
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      engine = get_engine(name)
+    info["ops"] = engine.choice
+  except RuntimeError as e:
+    info["error"] = str(e)
+  return info

@@ -17,10 +17,11 @@ systematic probability-proportional-to-size sampling (`systematic_sample`):
 with one u ~ U[0, 1), the points u, u + 1, ..., u + B - 1 fall into the
 intervals [P_{i-1}, P_i) of the cumulative sums P of p; an interval of length
 p_i <= 1 holds at most one point and holds one with probability exactly p_i.
-So every row is kept with probability p_i and the kept list has B slots (slots
-beyond sum p, when fewer than B rows have non-zero score, get weight 0). The
-cumulative sums are kept as (integer, fraction) pairs so that rows with p = 1
-are kept with certainty however long the sum.
+So every row is kept with probability p_i and the kept list has a static
+number of slots (B, plus one for fixed-point rounding; slots beyond sum p,
+when fewer than B rows have non-zero score, get weight 0). The cumulative
+sums are exact int32 in units of 2^-S, so rows with p = 1 are kept with
+certainty however long the sum.
 """
 
 from __future__ import annotations
@@ -65,38 +66,63 @@ def inclusion_probabilities(scores: jax.Array, budget: int, *,
   return jnp.minimum(p, 1.0)
 
 
+def probability_unit(budget: int, rows: int) -> int:
+  """Fixed-point resolution 2^S of the cumulative probabilities.
+
+  The largest S <= 24 with (budget + 1) 2^S + rows < 2^31, so the int32
+  cumulative sum of the probabilities in units of 2^-S cannot overflow.
+  """
+  shift = 0
+  while shift < 24 and ((budget + 1) << (shift + 1)) + rows < 2 ** 31:
+    shift += 1
+  return 1 << shift
+
+
+def num_slots(budget: int, rows: int) -> int:
+  """Static length of `systematic_sample`'s output for R = ``rows``.
+
+  ``budget`` plus room for the rounding up of tiny probabilities to one unit
+  (at most rows / unit extra points; one slot in practice).
+  """
+  unit = probability_unit(budget, rows)
+  return budget + -(-rows // unit)
+
+
 def systematic_sample(p: jax.Array, budget: int, u0: jax.Array):
-  """Draws ``budget`` row slots, row i kept with probability exactly p_i.
+  """Draws row slots, row i kept with probability exactly p_i (fixed point).
+
+  The probabilities are taken in units of 2^-S (`probability_unit`): q_i =
+  floor(p_i 2^S), raised to one unit when p_i > 0; the cumulative sums are
+  exact int32, and row i holds a point u + j 2^S (u uniform on the integers
+  [0, 2^S)) with probability exactly q_i 2^-S, which is also the probability
+  its 1 / p weight uses. So the estimator is exactly unbiased; rows with
+  p = 1 are always kept.
 
   Args:
     p: inclusion probabilities in [0, 1], shape (R,).
-    budget: static number of slots B.
+    budget: the kept-row budget B (sum p <= B).
     u0: one uniform number in [0, 1).
   Returns:
-    (index, weight): int32 (B,) row indices (sorted) and float32 (B,) weights
-    1 / p_index, or 0 for an empty slot (then index is a valid row too).
+    (index, weight): int32 (`num_slots(B, R)`,) sorted row indices and float32
+    weights 1 / p_index, or 0 for an empty slot (then index is a valid row).
   """
-  p = p.astype(jnp.float32)
-  whole = jnp.floor(p).astype(jnp.int32)
-  frac = p - whole
-
-  def combine(a, b):
-    ia, fa = a
-    ib, fb = b
-    f = fa + fb
-    carry = (f >= 1.0).astype(jnp.int32)
-    return ia + ib + carry, f - carry
-
-  ints, fracs = jax.lax.associative_scan(combine, (whole, frac))
-  # Number of points u0 + j below the cumulative sum P_i = ints + fracs.
-  below = ints + (fracs > u0).astype(jnp.int32)
-  slots = jnp.arange(budget, dtype=jnp.int32)
-  index = jnp.searchsorted(below, slots, side="right").astype(jnp.int32)
-  valid = slots < below[-1]
-  index = jnp.minimum(index, p.shape[0] - 1)
-  p_kept = p[index]
-  weight = jnp.where(valid & (p_kept > 0), 1.0 / jnp.where(p_kept > 0, p_kept, 1.0),
-                     0.0)
+  rows = p.shape[0]
+  unit = probability_unit(budget, rows)
+  slots = num_slots(budget, rows)
+  p = jnp.clip(p.astype(jnp.float32), 0.0, 1.0)
+  units = jnp.floor(p * unit).astype(jnp.int32)
+  units = jnp.where(p > 0, jnp.maximum(units, 1), 0)
+  cum = jnp.cumsum(units)
+  offset = jnp.minimum(jnp.floor(u0 * unit).astype(jnp.int32), unit - 1)
+  # Points offset + j * unit strictly below cum_i: ceil((cum_i - offset) / unit).
+  below = jnp.maximum(cum - offset + (unit - 1), 0) // unit
+  slot = jnp.arange(slots, dtype=jnp.int32)
+  index = jnp.searchsorted(below, slot, side="right").astype(jnp.int32)
+  index = jnp.minimum(index, rows - 1)
+  valid = slot < below[-1]
+  kept_units = units[index]
+  weight = jnp.where(valid & (kept_units > 0),
+                     unit / jnp.maximum(kept_units, 1).astype(jnp.float32), 0.0)
   return index, weight
 
 

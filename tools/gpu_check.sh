@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device call: build jint4 with its CUDA handlers, run the CPU and GPU
+# suites, compute-sanitizer on a small case, and the GPU benchmarks.
+# Usage (device machine, repo root, .whl/ carrying the nvidia-cutlass wheel):
+#   bash tools/gpu_check.sh            # results under $OUT (or ./gpu_check_out)
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' | tee -a "$OUT/gpu.txt"
+
+# nvidia-cutlass headers (carried wheel), then the build (no index, no isolation).
+python3 -m pip install -q --no-index --no-deps .whl/nvidia_cutlass-*.whl || { summary "FAIL cutlass wheel"; exit 1; }
+start=$(date +%s)
+CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -v --no-build-isolation --no-deps -e . \
+  > "$OUT/build.log" 2>&1
+rc=$?
+summary "build rc=$rc in $(( $(date +%s) - start ))s"
+grep -n "C7510\|warning\|error" "$OUT/build.log" | grep -v "^.*-Wno" | head -40 > "$OUT/build_warnings.txt"
+summary "build warnings/errors lines: $(wc -l < "$OUT/build_warnings.txt") (C7510: $(grep -c C7510 "$OUT/build.log"))"
+[ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit 1; }
+python3 -c 'import jint4, json; print(json.dumps(jint4.engine_info(), default=str))' | tee "$OUT/engine_info.json"
+
+# Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
+JINT4_REQUIRE_NATIVE=1 python3 -m pytest -q -x tests/kernels tests/test_matmul.py \
+  -p no:cacheprovider > "$OUT/tests.log" 2>&1
+summary "tests: $(tail -1 "$OUT/tests.log")"
+grep -E "FAILED|Error" "$OUT/tests.log" | head -20
+
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
+    tests/kernels/test_native_gpu.py -k sanitizer -p no:cacheprovider > "$OUT/sanitizer.log" 2>&1
+  summary "compute-sanitizer memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer.log") clean summaries)"
+else
+  summary "compute-sanitizer not found"
+fi
+
+# Benchmarks (each writes JSON + PNG under benchmarks/results/).
+for b in benchmarks/bench_gemm.py benchmarks/bench_ops.py benchmarks/bench_layer.py benchmarks/bench_train.py; do
+  [ -f "$b" ] || continue
+  timeout 300 python3 "$b" --out-dir "$OUT" > "$OUT/$(basename "$b" .py).log" 2>&1
+  summary "$b rc=$?"
+done
+cat "$OUT/summary.txt"
+# At most 8 files come back from the device: pack the logs into one.
+(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt ./*.json 2>/dev/null && rm -f ./*.log gpu.txt build_warnings.txt)
+ls "$OUT"
