@@ -6,6 +6,9 @@ With M = max|G| (one scale per tensor) and t = 98 G / M, so t in [-98, 98]:
     lo = clamp(stochastic_round(t - 14 hi), -7, 7)  (|t - 14 hi| <= 7 always)
     G ~= s_hi hi + s_lo lo,   s_lo = M / 98,  s_hi = 14 s_lo = M / 7.
 
+(Computed as t * fl(1/14), M * fl(1/98) and M * fl(1/7) in float32: the
+native handlers reproduce these roundings exactly.)
+
 Both halves are INT4 values and E[s_hi hi + s_lo lo] = G exactly (the
 stochastic rounding of the low half is unbiased, and neither clamp ever binds
 since 98 = 7 * 14). Stacked, G2 = [s_hi hi ; s_lo lo] is a 2N x C matrix whose
@@ -22,9 +25,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HI_STEP = 14.0
 RANGE = 98.0  # = 7 * 14
+INV_HI_STEP = np.float32(1.0 / 14.0)
+INV_RANGE = np.float32(1.0 / 98.0)   # s_lo = M / 98
+INV_SEVEN = np.float32(1.0 / 7.0)    # s_hi = 14 s_lo = M / 7
 
 
 def bit_split(g: jax.Array, u: jax.Array):
@@ -38,13 +45,17 @@ def bit_split(g: jax.Array, u: jax.Array):
     scales such that G ~= scale_hi * hi + scale_lo * lo.
   """
   g = g.astype(jnp.float32)
-  m = jnp.max(jnp.abs(g))
+  # max|G|, NaN if any element is NaN (spelled out: some XLA CPU reductions
+  # drop NaN from max).
+  m = jnp.where(jnp.any(jnp.isnan(g)), jnp.nan, jnp.max(jnp.abs(g), initial=0.0))
   safe_m = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
   t = g * (RANGE / safe_m)
-  hi = jnp.clip(jnp.round(t / HI_STEP), -7, 7)
+  # Divisions by constants are written as products with the float32
+  # reciprocals (XLA would rewrite them so anyway, and the native handlers
+  # must round identically).
+  hi = jnp.clip(jnp.round(t * INV_HI_STEP), -7, 7)
   lo = jnp.clip(jnp.floor(t - HI_STEP * hi + u), -7, 7)
-  scale_lo = m / RANGE
-  return (_to_int8(hi), _to_int8(lo), HI_STEP * scale_lo, scale_lo)
+  return (_to_int8(hi), _to_int8(lo), m * INV_SEVEN, m * INV_RANGE)
 
 
 def _to_int8(v):

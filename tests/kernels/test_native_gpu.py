@@ -61,7 +61,7 @@ def test_residual_and_lsq_backward(shape):
   x = activations(shape, seed=1)
   _, res = _run(jax.devices("cpu")[0], reference.hadamard_quantize, x, jnp.float32(0.3),
                 block=1, qn=7, qp=7, seed=seed(1))
-  g, c = both(native.residual_values, res, shape, qn=7, qp=7)
+  g, c = both(native.residual_values, res, shape=shape, qn=7, qp=7)
   assert_same_ints(g, c)
   grad = activations(shape, seed=2)
   (dt_g, ds_g), (dt_c, ds_c) = both(native.lsq_backward, grad, res, qn=7, qp=7)
@@ -88,7 +88,12 @@ def test_int_gemm(mnk, out_dtype):
   rs = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2, m), jnp.float32)
   g, c = both(native.int_gemm, a, b, scale=jnp.float32(0.01), row_scale=rs, out_dtype=out_dtype)
   assert g.dtype == out_dtype
-  np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(c, np.float32))
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(c, np.float32),
+                             rtol=1e-6 if out_dtype == jnp.float32 else 2 ** -7)
+  exact = jax.jit(lambda a, b: native.int_gemm(a, b, scale=jnp.float32(1.0)))(
+      *jax.device_put((a, b), _gpus()[0]))
+  np.testing.assert_array_equal(np.asarray(exact, np.int64),
+                                np.asarray(reference.int_gemm_i32(a, b), np.int64))
 
 
 @pytest.mark.parametrize("mnk", GEMM_SHAPES + [(1024, 512, 2048)], ids=str)

@@ -26,6 +26,11 @@ constexpr float kInvSqrt2 = 0.70710678118654752440f;
 // Bit splitting: t = G * (98 / max|G|), hi = round(t / 14), lo = t - 14 hi.
 constexpr float kSplitRange = 98.0f;
 constexpr float kSplitStep = 14.0f;
+// float32 reciprocals, as bitsplit.py: t * fl(1/14), s_lo = M * fl(1/98),
+// s_hi = M * fl(1/7).
+constexpr float kInvSplitStep = static_cast<float>(1.0 / 14.0);
+constexpr float kInvSplitRange = static_cast<float>(1.0 / 98.0);
+constexpr float kInvSeven = static_cast<float>(1.0 / 7.0);
 // The 4-bit code a [-7, 7] quantizer never uses; marks a clipped element.
 constexpr int kClipCode = -8;
 
@@ -131,7 +136,7 @@ JINT4_HD int8_t NibbleToInt(uint8_t nibble) {
 // bitsplit.py `bit_split` for one element, given f = 98 / safe_max.
 JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
   const float t = g * f;
-  const float h = Clamp(RoundEven(t / kSplitStep), -7.0f, 7.0f);
+  const float h = Clamp(RoundEven(t * kInvSplitStep), -7.0f, 7.0f);
   const float l = Clamp(floorf((t - kSplitStep * h) + u), -7.0f, 7.0f);
   *hi = (h == h && h - h == 0.0f) ? static_cast<int8_t>(h) : int8_t{0};
   *lo = (l == l && l - l == 0.0f) ? static_cast<int8_t>(l) : int8_t{0};

@@ -1,0 +1,176 @@
+// Small helpers shared by jint4's CPU and CUDA FFI handlers: shape / dtype /
+// attribute validation that returns a clear `ffi::Error`, and the sizes of the
+// packed residual of the op contract (xla_ffi/README.md).
+//
+// Host-only C++17 on top of XLA's FFI header; no CUDA, so both cpu/ and cuda/
+// (nvcc host code) can include it.
+#ifndef JINT4_XLA_FFI_COMMON_FFI_UTIL_H_
+#define JINT4_XLA_FFI_COMMON_FFI_UTIL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jint4 {
+namespace ffi_util {
+
+namespace ffi = ::xla::ffi;
+
+// Largest Hadamard block handled: 2^10 = 1024, as jint4.quant.hadamard's
+// MAX_LOG2_BLOCK and jint4.config's MAX_HADAMARD_BLOCK.
+constexpr int kMaxLog2Block = 10;
+
+// Returns `expr` (an ffi::Error) from the enclosing function if it failed.
+#define JINT4_RETURN_IF_ERROR(expr)                        \
+  do {                                                     \
+    ::xla::ffi::Error jint4_error_ = (expr);               \
+    if (jint4_error_.failure()) return jint4_error_;       \
+  } while (0)
+
+// Returns ffi::Error::InvalidArgument(StrCat(...)) unless `cond` holds.
+#define JINT4_CHECK_ARG(cond, ...)                                          \
+  do {                                                                      \
+    if (!(cond)) {                                                          \
+      return ::xla::ffi::Error::InvalidArgument(                            \
+          ::jint4::ffi_util::StrCat(__VA_ARGS__));                          \
+    }                                                                       \
+  } while (0)
+
+// Concatenates anything streamable.
+template <typename... Args>
+std::string StrCat(const Args&... args) {
+  std::ostringstream os;
+  (void)std::initializer_list<int>{((os << args), 0)...};
+  return os.str();
+}
+
+inline ffi::Error InvalidArgument(const std::string& message) {
+  return ffi::Error::InvalidArgument(message);
+}
+
+// Dimension helpers (dims as returned by Buffer/AnyBuffer::dimensions()).
+template <typename Dims>
+int64_t NumElements(const Dims& dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) n *= d;
+  return n;
+}
+
+template <typename Dims>
+std::string ShapeString(const Dims& dims) {
+  std::ostringstream os;
+  os << '[';
+  bool first = true;
+  for (int64_t d : dims) {
+    if (!first) os << ',';
+    os << d;
+    first = false;
+  }
+  os << ']';
+  return os.str();
+}
+
+inline const char* DataTypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::PRED: return "pred";
+    case ffi::DataType::S8: return "s8";
+    case ffi::DataType::S16: return "s16";
+    case ffi::DataType::S32: return "s32";
+    case ffi::DataType::S64: return "s64";
+    case ffi::DataType::U8: return "u8";
+    case ffi::DataType::U16: return "u16";
+    case ffi::DataType::U32: return "u32";
+    case ffi::DataType::U64: return "u64";
+    case ffi::DataType::F16: return "f16";
+    case ffi::DataType::F32: return "f32";
+    case ffi::DataType::F64: return "f64";
+    case ffi::DataType::BF16: return "bf16";
+    default: return "(other dtype)";
+  }
+}
+
+constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Packed residual sizes for n = M*K elements (README: P, F, Q).
+constexpr int64_t NibbleBytes(int64_t n) { return CeilDiv(n, 2); }
+constexpr int64_t FlagBytes(int64_t n) { return CeilDiv(n, 8); }
+constexpr int FlagPlanes(int qn) { return qn <= 7 ? 1 : 2; }
+
+// `buf` has exactly `rank` dimensions.
+template <typename Buf>
+ffi::Error CheckRank(const Buf& buf, size_t rank, const char* op,
+                     const char* name) {
+  const auto dims = buf.dimensions();
+  JINT4_CHECK_ARG(dims.size() == rank, op, ": operand/result '", name,
+                  "' must have rank ", rank, "; got shape ",
+                  ShapeString(dims));
+  return ffi::Error::Success();
+}
+
+// `buf` has exactly the shape `expected`.
+template <typename Buf>
+ffi::Error CheckShape(const Buf& buf, std::initializer_list<int64_t> expected,
+                      const char* op, const char* name) {
+  const auto dims = buf.dimensions();
+  bool same = dims.size() == expected.size();
+  if (same) {
+    size_t i = 0;
+    for (int64_t d : expected) same = same && dims[i++] == d;
+  }
+  JINT4_CHECK_ARG(same, op, ": operand/result '", name, "' must have shape ",
+                  ShapeString(expected), "; got ", ShapeString(dims));
+  return ffi::Error::Success();
+}
+
+// `buf` holds exactly `count` elements, any rank (scalars: count 1; seeds: 2).
+template <typename Buf>
+ffi::Error CheckElementCount(const Buf& buf, int64_t count, const char* op,
+                             const char* name) {
+  const auto dims = buf.dimensions();
+  JINT4_CHECK_ARG(NumElements(dims) == count, op, ": operand '", name,
+                  "' must hold ", count, " element(s); got shape ",
+                  ShapeString(dims));
+  return ffi::Error::Success();
+}
+
+// LSQ range attributes: 1 <= qn <= 8, 1 <= qp <= 7 (4-bit codes).
+inline ffi::Error CheckQuantRange(int32_t qn, int32_t qp, const char* op) {
+  JINT4_CHECK_ARG(qn >= 1 && qn <= 8 && qp >= 1 && qp <= 7, op,
+                  ": attributes need 1 <= qn <= 8 and 1 <= qp <= 7; got qn=",
+                  qn, ", qp=", qp);
+  return ffi::Error::Success();
+}
+
+// 0 <= log2_block <= kMaxLog2Block and 2^log2_block divides k.
+inline ffi::Error CheckLog2Block(int32_t log2_block, int64_t k,
+                                 const char* op) {
+  JINT4_CHECK_ARG(log2_block >= 0 && log2_block <= kMaxLog2Block, op,
+                  ": log2_block must be in [0, ", kMaxLog2Block, "]; got ",
+                  log2_block);
+  JINT4_CHECK_ARG(k % (int64_t{1} << log2_block) == 0, op,
+                  ": Hadamard block 2^", log2_block, " = ",
+                  (int64_t{1} << log2_block),
+                  " does not divide the contraction dim K = ", k);
+  return ffi::Error::Success();
+}
+
+// The packed residual (nibbles u8[P], flags u8[F, Q]) of n elements quantized
+// with `qn` has the sizes of the op contract.
+template <typename NibBuf, typename FlagBuf>
+ffi::Error CheckResidual(const NibBuf& nibbles, const FlagBuf& flags,
+                         int64_t n, int32_t qn, const char* op) {
+  JINT4_RETURN_IF_ERROR(CheckShape(nibbles, {NibbleBytes(n)}, op, "nibbles"));
+  JINT4_RETURN_IF_ERROR(
+      CheckShape(flags, {FlagPlanes(qn), FlagBytes(n)}, op, "flags"));
+  return ffi::Error::Success();
+}
+
+}  // namespace ffi_util
+}  // namespace jint4
+
+#endif  // JINT4_XLA_FFI_COMMON_FFI_UTIL_H_
