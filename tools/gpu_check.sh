@@ -15,7 +15,12 @@ python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib._
 # nvidia-cutlass headers (carried wheel), then the build (no index, no isolation).
 python3 -m pip install -q --no-index --no-deps .whl/nvidia_cutlass-*.whl || { summary "FAIL cutlass wheel"; exit 1; }
 start=$(date +%s)
-CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -v --no-build-isolation --no-deps -e . \
+# Build against the FFI headers of the oldest supported jaxlib (0.10.2, API
+# 0.3) when they are carried in .whl/jaxlib_include, so this run also checks
+# that such a build loads under the device's newer jaxlib.
+FFI_INC=()
+[ -d .whl/jaxlib_include ] && FFI_INC=(--config-settings=cmake.define.JINT4_FFI_INCLUDE_DIR="$PWD/.whl/jaxlib_include")
+CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install -v --no-build-isolation --no-deps "${FFI_INC[@]}" -e . \
   > "$OUT/build.log" 2>&1
 rc=$?
 summary "build rc=$rc in $(( $(date +%s) - start ))s"
