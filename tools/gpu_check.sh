@@ -30,8 +30,9 @@ summary "build warnings/errors lines: $(wc -l < "$OUT/build_warnings.txt") (C751
 python3 -c 'import jint4, json; print(json.dumps(jint4.engine_info(), default=str))' | tee "$OUT/engine_info.json"
 
 # Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
-JINT4_REQUIRE_NATIVE=1 python3 -m pytest -q -x tests/kernels tests/test_matmul.py \
-  -p no:cacheprovider > "$OUT/tests.log" 2>&1
+# (test_matmul's many-key statistical tests vmap sequential FFI calls: CPU CI runs them.)
+JINT4_REQUIRE_NATIVE=1 timeout 400 python3 -m pytest -q tests/kernels tests/test_matmul.py \
+  -k "not unbiased and not variance" -p no:cacheprovider > "$OUT/tests.log" 2>&1
 summary "tests: $(tail -1 "$OUT/tests.log")"
 grep -E "FAILED|Error" "$OUT/tests.log" | head -20
 
@@ -44,11 +45,11 @@ else
 fi
 
 # Benchmarks (each writes JSON + PNG under benchmarks/results/).
-for b in benchmarks/bench_gemm.py benchmarks/bench_ops.py benchmarks/bench_layer.py benchmarks/bench_train.py; do
-  [ -f "$b" ] || continue
-  timeout 300 python3 "$b" --out-dir "$OUT" > "$OUT/$(basename "$b" .py).log" 2>&1
-  summary "$b rc=$?"
-done
+bench() { local b=$1; shift; [ -f "$b" ] || return 0
+  timeout 240 python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
+  summary "$b rc=$?"; tail -12 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
+bench benchmarks/bench_gemm.py --engine auto
+bench benchmarks/bench_layer.py --engine auto --tokens 8192 --repeats 10
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
 (cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt ./*.json 2>/dev/null && rm -f ./*.log gpu.txt build_warnings.txt)
