@@ -114,31 +114,31 @@ def test_int_gemm_gather_rows(mnk):
 
 
 def test_every_output_element_is_written():
-  """Outputs aliased to poisoned buffers must come back fully overwritten."""
+  """Outputs are exact even when their memory held poison just before.
+
+  The handlers' signatures take no output operand, so the poison is planted
+  through XLA's allocator: a freed NaN / 0xAA buffer of the output's size is
+  what the next allocation of that size reuses. Any element a kernel skips
+  keeps the poison and fails the comparison.
+  """
   dev = _gpus()[0]
   m, n, k = 77, 45, 96
   a, b = int_operand((m, k), 5), int_operand((n, k), 6)
-  poison = jnp.full((m, n), jnp.nan, jnp.float32)
-  call = jax.ffi.ffi_call("jint4_int_gemm", jax.ShapeDtypeStruct((m, n), jnp.float32),
-                          input_output_aliases={4: 0})
-  out = jax.jit(call)(*jax.device_put((a, b, jnp.float32(1), jnp.ones(m), poison), dev))
-  assert bool(jnp.all(jnp.isfinite(out)))
   x = activations((9, 40))
-  q_call = jax.ffi.ffi_call(
-      "jint4_hadamard_quantize",
-      (jax.ShapeDtypeStruct((9, 40), jnp.int8), jax.ShapeDtypeStruct((180,), jnp.uint8),
-       jax.ShapeDtypeStruct((1, 45), jnp.uint8)),
-      input_output_aliases={4: 0, 5: 1, 6: 2})
-  poisoned = (jnp.full((9, 40), 99, jnp.int8), jnp.full((180,), 0xAA, jnp.uint8),
-              jnp.full((1, 45), 0xAA, jnp.uint8))
-  args = (x, jnp.float32(0.3), seed(), jnp.int32(3)) + poisoned
-  got = jax.jit(lambda *a: q_call(*a, qn=np.int32(7), qp=np.int32(7),
-                                  with_residual=np.int32(1)))(*jax.device_put(args, dev))
-  want = _run(jax.devices("cpu")[0], native.hadamard_quantize, x, jnp.float32(0.3),
-              block=8, qn=7, qp=7, seed=seed())
-  assert_same_ints(got[0], want[0])
-  assert_same_ints(got[1], want[1].nibbles)
-  assert_same_ints(got[2], want[1].flags)
+  for _ in range(3):
+    poison = [jax.device_put(jnp.full((m, n), jnp.nan, jnp.float32), dev),
+              jax.device_put(jnp.full((9, 40), 99, jnp.int8), dev),
+              jax.device_put(jnp.full((180,), 0xAA, jnp.uint8), dev)]
+    jax.block_until_ready(poison)
+    del poison
+    out, cpu = both(native.int_gemm, a, b, scale=jnp.float32(1.0))
+    assert bool(np.all(np.isfinite(out)))
+    np.testing.assert_array_equal(out, cpu)
+    (q, r), (q_c, r_c) = both(native.hadamard_quantize, x, jnp.float32(0.3), block=8,
+                              qn=7, qp=7, seed=seed())
+    assert_same_ints(q, q_c)
+    assert_same_ints(r.nibbles, r_c.nibbles)
+    assert_same_ints(r.flags, r_c.flags)
 
 
 def test_int4dense_trains_on_gpu_with_native_engine():
