@@ -54,6 +54,7 @@ import numpy as np
 
 from jint4 import kernels
 from jint4.config import Int4Config
+from jint4.quant import hadamard
 from jint4.quant import lsq
 from jint4.quant import lss
 from jint4.quant.luq import luq_quantize
@@ -340,13 +341,7 @@ def _check_inputs(x, kernel, step_x, step_w, key, config, log2):
       raise ValueError(
           f"The contraction dim D={d} is not a multiple of the Hadamard block"
           f" {config.hadamard_block}. Pick a block that divides D (e.g."
-          f" Int4Config(hadamard_block={_largest_pow2_divisor(d)})), use"
+          f" Int4Config(hadamard_block={2 ** hadamard.max_log2_block(d)})), use"
           " hadamard_block='auto', or pad the features to a multiple of"
           f" {config.hadamard_block}.")
 
-
-def _largest_pow2_divisor(d):
-  b = 1
-  while d % (2 * b) == 0 and 2 * b <= 1024:
-    b *= 2
-  return b

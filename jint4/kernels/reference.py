@@ -67,10 +67,7 @@ def apply_hadamard(t: jax.Array, block: Block, *, axis: int) -> jax.Array:
   (a - b) * r with r = float32(1 / sqrt(2))): this fixes the float rounding,
   so the native engine's quantized integers match these bit for bit.
   """
-  if isinstance(block, (int, np.integer)):
-    return hadamard.hadamard_transform(t, int(block), axis=axis,
-                                       method="butterfly")
-  return hadamard.hadamard_transform_dynamic(t, block, axis=axis)
+  return hadamard.apply_block_hadamard(t, block, axis=axis, method="butterfly")
 
 
 class Residual(NamedTuple):

@@ -108,10 +108,10 @@ def int4_dense(module: nn.Module, inputs: jax.Array, *, features: int,
     block = log2
 
   def rule_x():
-    return lsq.init_step_size(_transform(inputs, block, -1), qp=config.qp)
+    return lsq.init_step_size(hadamard.apply_block_hadamard(inputs, block, axis=-1), qp=config.qp)
 
   def rule_w():
-    return lsq.init_step_size(_transform(kernel, block, 0), qp=config.qp)
+    return lsq.init_step_size(hadamard.apply_block_hadamard(kernel, block, axis=0), qp=config.qp)
 
   step_x = module.param("step_size_x", lambda _: rule_x())
   step_w = module.param("step_size_w", lambda _: rule_w())
@@ -120,12 +120,6 @@ def int4_dense(module: nn.Module, inputs: jax.Array, *, features: int,
                              rule_x, rule_w)
   return int4_matmul(inputs, kernel, step_x, step_w, key, config=config,
                      bias=bias, hadamard_log2_block=log2)
-
-
-def _transform(t, block, axis):
-  if isinstance(block, int):
-    return hadamard.hadamard_transform(t, block, axis=axis)
-  return hadamard.hadamard_transform_dynamic(t, block, axis=axis)
 
 
 def _warmup(module, steps, step_x, step_w, rule_x, rule_w):

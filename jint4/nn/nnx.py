@@ -125,11 +125,10 @@ class Int4Linear(nnx.Module):
       step_x, ready = self.step_size_x[...], True
     if ready is not True:
       block = self._static_block()
+      if block is None:
+        block = jnp.maximum(self.hadamard_log2_block[...], 0)
       fallback = lsq.init_step_size(
-          hadamard.hadamard_transform(inputs, block, axis=-1) if block else
-          hadamard.hadamard_transform_dynamic(
-              inputs, jnp.maximum(self.hadamard_log2_block[...], 0), axis=-1),
-          qp=cfg.qp)
+          hadamard.apply_block_hadamard(inputs, block, axis=-1), qp=cfg.qp)
       step_x = jnp.where(ready, step_x, jax.lax.stop_gradient(fallback))
     log2 = self.hadamard_log2_block[...] if self._static_block() is None else None
     if log2 is not None:

@@ -98,6 +98,18 @@ def hadamard_transform_dynamic(x: jax.Array, log2_block: jax.Array, *,
   return jnp.moveaxis(y, -1, axis)
 
 
+def apply_block_hadamard(t: jax.Array, block, *, axis: int = -1,
+                         method: str = "matmul") -> jax.Array:
+  """Hb along ``axis`` for a static block size (int) or a traced log2 block.
+
+  Dispatches to `hadamard_transform` (``method`` applies) or to
+  `hadamard_transform_dynamic`; returns float32.
+  """
+  if isinstance(block, (int, np.integer)):
+    return hadamard_transform(t, int(block), axis=axis, method=method)
+  return hadamard_transform_dynamic(t, block, axis=axis)
+
+
 def _butterfly_stage(x: jax.Array, stage: int) -> jax.Array:
   """(a, b) -> ((a + b), (a - b)) / sqrt(2) on pairs at distance 2^stage."""
   half = 2 ** stage

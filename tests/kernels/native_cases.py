@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jint4.kernels import reference
+from jint4.quant import hadamard
 
 # (M, K) shapes for the quantize ops: ragged sizes included (M*K odd, not a
 # multiple of 8, K not a multiple of 16).
@@ -37,10 +38,7 @@ def seed(i=0):
 
 
 def largest_log2(k):
-  b = 0
-  while b < 10 and k % (2 ** (b + 1)) == 0:
-    b += 1
-  return b
+  return hadamard.max_log2_block(k)
 
 
 def assert_same_ints(a, b):
