@@ -1,74 +1,147 @@
-"""Benchmark one linear layer: jint4.Int4Dense vs flax.linen.Dense (float32).
+"""Benchmark one linear layer: jint4.Int4Dense vs flax.linen.Dense, in bfloat16.
 
-Times a full training step of the layer alone: the forward pass and the
-backward pass, as ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))`` with
+What is measured: a full training step of the layer alone, the forward pass
+and the backward pass, as ``jax.jit(jax.value_and_grad(f, argnums=(0, 1)))``
+with
 
     f(params, x, cotangent) = sum(layer.apply(params, x) * cotangent),
 
 so the gradients w.r.t. the parameters (kernel, bias and, for Int4Dense, the
-step sizes) and w.r.t. the input are all computed. Each case is compiled and
-warmed up first; the reported time is the median of ``--repeats`` timed runs,
-each synchronised with ``jax.block_until_ready``, taken round robin over the
-cases of a shape so that load changes on a shared machine hit all alike.
+step sizes) and w.r.t. the input are all computed. The cotangent is a fixed
+random array passed as an argument (a closed-over constant would let XLA fold
+the gradient quantization at compile time).
 
-Cases: float32 nn.Dense, and Int4Dense (HQ forward) with the backward modes
-``lss`` (bit splitting + leverage score sampling, the paper's default),
-``nonzero`` (bit splitting, every row kept) and ``exact`` (float gradient
-products, for reference), all on the pure-JAX reference engine unless
-``--engine`` says otherwise. Shapes: ``--tokens`` x (1024 -> 1024) and
-``--tokens`` x (1024 -> 4096).
+Baseline: ``nn.Dense(dtype=bfloat16, param_dtype=bfloat16)`` on bfloat16
+inputs. Int4Dense gets the same bfloat16 inputs and bfloat16 parameters
+(``Int4Dense(dtype=bfloat16, param_dtype=bfloat16)``), HQ forward, with the
+backward modes of ``--backward`` (``lss``: bit splitting + leverage score
+sampling, the paper's default; ``nonzero``: bit splitting, all rows kept;
+``exact``: float gradient products, only when listed).
+
+How: for each shape, every case is compiled and warmed up first; then the
+timed runs go round robin over the cases of that shape (so load changes on a
+shared machine hit all alike), each synchronised with
+``jax.block_until_ready``; the median of ``--repeats`` runs is reported.
+Speed-up = bf16 median / case median (> 1: INT4 faster).
+
+Shapes: ``--tokens`` x (D -> D) and ``--tokens`` x (D -> 4D) for each D of
+``--hidden``. Defaults: 16384 tokens and D in 1024, 2048, 4096, 8192 on a
+GPU; 2048 tokens and D = 1024 on a CPU (so that a CPU run ends in minutes).
+``--budget-s``: after that many seconds no new shape is started; the rest are
+recorded as skipped. Also recorded per shape and case: the bytes each layer
+keeps for the backward per element of its input (from ``jax.vjp``'s residuals,
+tracing only).
 
     PYTHONPATH=. python benchmarks/bench_layer.py
-    PYTHONPATH=. python benchmarks/bench_layer.py --tokens 512 --repeats 5
+    PYTHONPATH=. python benchmarks/bench_layer.py --hidden 1024 --tokens 512 --repeats 5
 
-Writes ``<out-dir>/bench_layer_<platform>.json`` and ``.png``. The numbers
-depend on the machine and are never asserted by the tests.
+Writes ``<out-dir>/bench_layer_<platform>.json`` (rewritten after every shape,
+so an interrupted run keeps what it measured) and ``.png`` (speed-up per shape
+and backward mode); prints a table. The numbers depend on the machine and are
+never asserted by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import math
 import os
-import platform
 import statistics
 import sys
 import time
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import jaxlib
-import numpy as np
 
-import jint4
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import jint4  # noqa: E402
 
-SHAPES = ((1024, 1024), (1024, 4096))  # (in_features, out_features)
-BACKWARD_MODES = ("lss", "nonzero", "exact")
+BF16 = "bf16 nn.Dense"
+DEFAULTS = {  # backend -> (tokens, hidden sizes)
+    "gpu": (16384, [1024, 2048, 4096, 8192]),
+    "cpu": (2048, [1024]),
+}
 
 
-def make_case(layer: nn.Module, tokens: int, d_in: int, d_out: int, seed=0):
-  """(jitted fwd+bwd step, its arguments) for one layer and shape."""
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--tokens", type=int, default=None,
+                 help="rows of the input (batch x sequence); default 16384 on"
+                      " a GPU, 2048 on a CPU")
+  p.add_argument("--hidden", type=common.comma_list(int), default=None,
+                 help="comma-separated widths D, each timed as D -> D and"
+                      " D -> 4D; default 1024,2048,4096,8192 on a GPU, 1024 on"
+                      " a CPU")
+  p.add_argument("--repeats", type=int, default=15,
+                 help="timed runs per case (the median is reported)")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed runs per case after the compiling call")
+  p.add_argument("--backward", type=common.comma_list(str),
+                 default=["lss", "nonzero"],
+                 help="comma-separated Int4Dense backward modes, of"
+                      f" {','.join(jint4.config.BACKWARD_MODES)}")
+  p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
+                 help="Int4Config.engine of the Int4Dense cases")
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="soft wall-clock budget: no shape is started after it"
+                      " (the rest are recorded as skipped)")
+  p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
+      os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
+  args = p.parse_args(argv)
+  bad = [m for m in args.backward if m not in jint4.config.BACKWARD_MODES]
+  if bad or not args.backward:
+    p.error(f"--backward: unknown mode(s) {bad}; choose from"
+            f" {','.join(jint4.config.BACKWARD_MODES)}")
+  tokens, hidden = DEFAULTS.get(jax.default_backend(), DEFAULTS["cpu"])
+  args.tokens = args.tokens or tokens
+  args.hidden = args.hidden or hidden
+  if args.tokens < 1 or args.repeats < 1 or min(args.hidden) < 1:
+    p.error("--tokens, --repeats and --hidden must be positive")
+  return args
+
+
+def layers(backward_modes, engine, d_out):
+  """{case name: (module, backward mode or None)} for one output width."""
+  bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  out = {BF16: (nn.Dense(d_out, **bf16), None)}
+  for mode in backward_modes:
+    config = jint4.Int4Config(backward=mode, engine=engine)
+    out[f"int4 {mode}"] = (jint4.Int4Dense(d_out, config=config, **bf16), mode)
+  return out
+
+
+def make_step(layer: nn.Module, tokens: int, d_in: int, d_out: int, seed=0):
+  """(jitted fwd+bwd step, its arguments, residual bytes per input element)."""
   kx, kg, kp, kq = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.normal(kx, (tokens, d_in), jnp.float32)
-  cot = jax.random.normal(kg, (tokens, d_out), jnp.float32)
-  params = layer.init(kp, x)
+  x = jax.random.normal(kx, (tokens, d_in), jnp.bfloat16)
+  cot = jax.random.normal(kg, (tokens, d_out), jnp.bfloat16)
+  params = jax.jit(layer.init)(kp, x)
 
   def f(params, x, cot, key):
     # 'quant' drives Int4Dense's stochastic rounding / sampling; nn.Dense
     # ignores it.
     y = layer.apply(params, x, rngs={"quant": key})
-    return jnp.sum(y * cot)
+    return jnp.sum(y * cot, dtype=jnp.float32)
 
-  # The cotangent is an argument, not a closed-over constant: XLA would
-  # otherwise constant-fold the gradient quantization at compile time.
   step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
-  return step, (params, x, cot, kq)
+  return step, (params, x, cot, kq), residual_bytes_per_element(
+      layer, params, d_in, kq)
 
 
-def time_cases(steps: dict, repeats: int, warmup: int = 2) -> dict:
+def residual_bytes_per_element(layer, params, d_in, key, rows=64):
+  """Bytes kept for the backward per input element: the growth of the vjp's
+  residuals from ``rows`` to ``2 * rows`` input rows, per added element."""
+  apply = lambda p, x: layer.apply(p, x, rngs={"quant": key})
+  size = [common.residual_bytes(apply, params, jax.ShapeDtypeStruct(
+      (n, d_in), jnp.bfloat16)) for n in (rows, 2 * rows)]
+  return (size[1] - size[0]) / (rows * d_in)
+
+
+def time_cases(steps: dict, repeats: int, warmup: int) -> dict:
   """Median / min / max wall time of each jitted step, in ms.
 
   Every case is compiled and warmed up first; the timed runs then go round
@@ -92,154 +165,104 @@ def time_cases(steps: dict, repeats: int, warmup: int = 2) -> dict:
   return out
 
 
-def cases(backward_modes, engine):
-  yield "float32 nn.Dense", None, lambda d_out: nn.Dense(d_out)
-  for mode in backward_modes:
-    config = jint4.Int4Config(backward=mode, engine=engine)
-    yield (f"int4 {mode}", mode,
-           lambda d_out, config=config: jint4.Int4Dense(d_out, config=config))
+def run_shape(args, d_in, d_out) -> list:
+  """Result rows (one per case) of one shape."""
+  cases = layers(args.backward, args.engine, d_out)
+  steps, residual = {}, {}
+  for name, (layer, _) in cases.items():
+    step, step_args, residual[name] = make_step(layer, args.tokens, d_in, d_out)
+    steps[name] = (step, step_args)
+  timed = time_cases(steps, args.repeats, args.warmup)
+  base = timed[BF16]["median_ms"]
+  flops = 3 * 2 * args.tokens * d_in * d_out  # forward, dX and dW GEMMs
+  rows = []
+  for name, r in timed.items():
+    r.update(shape=[args.tokens, d_in, d_out], case=name,
+             backward=cases[name][1], speedup_vs_bf16=base / r["median_ms"],
+             tflops_equivalent=flops / (r["median_ms"] * 1e-3) / 1e12,
+             residual_bytes_per_input_element=residual[name])
+    rows.append(r)
+  return rows
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--tokens", type=int, default=2048,
-                 help="rows of the input (batch x sequence)")
-  p.add_argument("--repeats", type=int, default=15,
-                 help="timed runs per case (the median is reported)")
-  p.add_argument("--backward", nargs="+", default=list(BACKWARD_MODES),
-                 choices=jint4.config.BACKWARD_MODES,
-                 help="Int4Dense backward modes to time")
-  p.add_argument("--engine", default="reference",
-                 choices=jint4.config.ENGINES,
-                 help="Int4Config.engine of the Int4Dense cases (reference:"
-                      " the pure-JAX engine)")
-  p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
-      os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
-  return p.parse_args(argv)
+def shape_label(shape) -> str:
+  n, d_in, d_out = shape
+  return f"{n} x ({d_in} -> {d_out})"
 
 
-def environment(engine: str) -> dict:
-  return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-      "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-      "flax": flax.__version__, "jint4": jint4.__version__,
-      "jint4_engine": engine,
-      "jint4_engine_info": _engine_info(engine),
-      "python": platform.python_version(),
-      "platform": platform.platform(), "machine": platform.machine(),
-      "processor": platform.processor() or _cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "jax_backend": jax.default_backend(),
-      "jax_devices": [str(d) for d in jax.devices()],
-      "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-  }
+def print_table(rows):
+  header = (f"{'shape':>24} | {'case':16} | {'median ms':>10} | {'min ms':>10} |"
+            f" {'vs bf16':>7} | {'TFLOP/s':>7} | {'res B/el':>8} | {'compile s':>9}")
+  print("\n" + header + "\n" + "-" * len(header))
+  for r in rows:
+    if "skipped" in r:
+      print(f"{shape_label(r['shape']):>24} | skipped: {r['skipped']}")
+      continue
+    print(f"{shape_label(r['shape']):>24} | {r['case']:16} |"
+          f" {r['median_ms']:10.3f} | {r['min_ms']:10.3f} |"
+          f" {r['speedup_vs_bf16']:6.2f}x | {r['tflops_equivalent']:7.2f} |"
+          f" {r['residual_bytes_per_input_element']:8.3f} |"
+          f" {r['first_call_s']:9.1f}")
 
 
-def _engine_info(engine):
-  try:
-    return jint4.engine_info(engine)
-  except Exception as e:  # informational only
-    return {"error": repr(e)}
-
-
-def _cpu_model():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
-def plot(results, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  shapes = sorted({r["shape"] for r in results}, key=lambda s: s[::-1])
-  names = list(dict.fromkeys(r["case"] for r in results))
-  width = 0.8 / len(names)
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  for i, name in enumerate(names):
-    ms = [next(r["median_ms"] for r in results
-               if r["case"] == name and r["shape"] == s) for s in shapes]
-    xs = np.arange(len(shapes)) + (i - (len(names) - 1) / 2) * width
-    bars = ax.bar(xs, ms, width, label=name)
-    for bar, r in zip(bars, [next(r for r in results if r["case"] == name
-                                  and r["shape"] == s) for s in shapes]):
-      ax.annotate(f"{r['ratio_vs_float32']:.1f}x",
-                  (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                  ha="center", va="bottom", fontsize=8)
-  ax.set_xticks(np.arange(len(shapes)))
-  ax.set_xticklabels([f"{s[0]} x ({s[1]} -> {s[2]})" for s in shapes])
-  ax.set_ylabel("forward + backward, median ms")
-  ax.set_title(f"Int4Dense vs nn.Dense, {jax.default_backend()}"
-               f" ({os.cpu_count()} cores); labels: ratio vs float32")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+def plot(args, rows, name, env):
+  shapes = [r["shape"] for r in rows if r.get("case") == BF16]
+  series = {}
+  for mode in args.backward:
+    by_shape = {tuple(r["shape"]): r["speedup_vs_bf16"] for r in rows
+                if r.get("backward") == mode}
+    series[f"int4 {mode}"] = [by_shape.get(tuple(s), math.nan) for s in shapes]
+  return common.bar_plot(
+      args.out_dir, name, [shape_label(s) for s in shapes], series,
+      "speed-up vs bf16 nn.Dense (fwd + bwd)",
+      f"Int4Dense vs bf16 nn.Dense, {env['device']}, engine {args.engine}"
+      "\n(> 1: INT4 faster)", hline=1.0)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  env = environment(args.engine)
-  print(f"jax {env['jax']} / jaxlib {env['jaxlib']} / flax {env['flax']},"
-        f" backend {env['jax_backend']}, {env['cpu_count']} CPUs"
-        f" ({env['processor']}), load avg {env['load_average_1m']:.2f};"
-        f" Int4Dense engine {args.engine!r}")
-  results = []
-  for d_in, d_out in SHAPES:
-    shape = (args.tokens, d_in, d_out)
-    modes = {name: mode for name, mode, _ in cases(args.backward, args.engine)}
-    steps = {name: make_case(make_layer(d_out), *shape)
-             for name, _, make_layer in cases(args.backward, args.engine)}
-    timed = time_cases(steps, args.repeats)
-    base = timed["float32 nn.Dense"]["median_ms"]
-    for name, r in timed.items():
-      r.update(case=name, backward=modes[name], shape=shape,
-               ratio_vs_float32=r["median_ms"] / base)
-      results.append(r)
-      print(f"  {shape[0]} x ({d_in} -> {d_out}) {name:18s}"
-            f" {r['median_ms']:9.2f} ms (min {r['min_ms']:.2f})", flush=True)
-
-  header = (f"{'shape':>22} | {'case':18} | {'median ms':>9} | {'min ms':>9} |"
-            f" {'vs f32':>6} | {'first call s':>12}")
-  env["load_average_1m_end"] = os.getloadavg()[0] if hasattr(
-      os, "getloadavg") else None
-  print()
-  print(header)
-  print("-" * len(header))
-  for r in results:
-    n, d_in, d_out = r["shape"]
-    print(f"{f'{n} x ({d_in} -> {d_out})':>22} | {r['case']:18} |"
-          f" {r['median_ms']:9.2f} | {r['min_ms']:9.2f} |"
-          f" {r['ratio_vs_float32']:5.2f}x |"
-          f" {r['first_call_s']:12.1f}")
-
-  os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.join(args.out_dir, f"bench_layer_{jax.default_backend()}")
+  start = time.perf_counter()
+  env = common.environment(args.engine)
+  name = f"bench_layer_{jax.default_backend()}"
+  print(f"jax {env['jax']}, {env['device']} ({env['backend']}), load avg"
+        f" {env['load_average_1m']}; {args.tokens} tokens, D in {args.hidden},"
+        f" backward {args.backward}, engine {args.engine!r}", flush=True)
   report = {
-      "benchmark": "Int4Dense vs nn.Dense, jit(value_and_grad) of"
+      "benchmark": "Int4Dense vs bf16 nn.Dense: jit(value_and_grad) of"
                    " sum(layer(x) * cotangent) w.r.t. params and x",
       "environment": env,
-      "settings": {"tokens": args.tokens, "repeats": args.repeats,
-                   "warmup": 2, "statistic": "median",
-                   "order": "round robin over the cases of a shape",
-                   "shapes": [list(s) for s in SHAPES],
-                   "int4_config": {"forward": "hq", "hadamard_block": 32,
-                                   "engine": args.engine}},
-      "results": [dict(r, shape=list(r["shape"])) for r in results],
+      "settings": {
+          "tokens": args.tokens, "hidden": args.hidden, "repeats": args.repeats,
+          "warmup": args.warmup, "statistic": "median",
+          "order": "round robin over the cases of a shape",
+          "dtype": "bfloat16 inputs, params and outputs (both layers)",
+          "backward": args.backward, "budget_s": args.budget_s,
+          "int4_config": {"forward": "hq", "hadamard_block": 32,
+                          "engine": args.engine},
+          "speedup": "bf16 median ms / case median ms (> 1: INT4 faster)"},
+      "results": [],
   }
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=2, default=str)
-  plot(results, stem + ".png")
-  print(f"\nwrote {stem}.json and {stem}.png")
+  shapes = [(d, e) for d in args.hidden for e in (d, 4 * d)]
+  for d_in, d_out in shapes:
+    shape = [args.tokens, d_in, d_out]
+    elapsed = time.perf_counter() - start
+    if args.budget_s is not None and elapsed > args.budget_s:
+      report["results"].append({"shape": shape, "skipped":
+                                f"budget of {args.budget_s:g} s spent"})
+      print(f"  {shape_label(shape)}: skipped (budget)", flush=True)
+      continue
+    for r in run_shape(args, d_in, d_out):
+      report["results"].append(r)
+      print(f"  {shape_label(shape)} {r['case']:16} {r['median_ms']:10.3f} ms"
+            f" ({r['speedup_vs_bf16']:.2f}x vs bf16)", flush=True)
+    common.write(args.out_dir, name, report)
+
+  env["load_average_1m_end"] = common.load_average()
+  report["total_s"] = time.perf_counter() - start
+  json_path = common.write(args.out_dir, name, report)
+  print_table(report["results"])
+  png_path = plot(args, report["results"], name, env)
+  print(f"\nwrote {json_path} and {png_path}")
   return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -13,7 +14,9 @@ import jax
 import jaxlib
 
 
-def environment() -> dict:
+def environment(engine: str = "auto") -> dict:
+  """Versions, date, device and machine load; ``engine``: the jint4 engine
+  whose per-op choice is recorded (``jint4_engine``)."""
   import jint4
   dev = jax.devices()[0]
   return {
@@ -21,8 +24,68 @@ def environment() -> dict:
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "jint4": jint4.__version__,
       "device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
       "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "jint4_engine": jint4.engine_info(),
+      "jint4_engine": _engine_info(engine),
+      "flax": _version("flax"), "optax": _version("optax"),
+      "platform": platform.platform(), "processor": _cpu_model(),
+      "device_count": jax.device_count(), "load_average_1m": load_average(),
   }
+
+
+def _engine_info(engine: str):
+  import jint4
+  try:
+    return jint4.engine_info(engine)
+  except Exception as e:  # informational only: the benchmark reports the error
+    return {"requested": engine, "error": repr(e)}
+
+
+def _version(module: str):
+  try:
+    return __import__(module).__version__
+  except Exception:
+    return None
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def load_average():
+  """1-minute load average of the machine, or None where unknown."""
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def comma_list(kind=str):
+  """argparse ``type`` for comma-separated lists: "1024,2048" -> [1024, 2048]."""
+  def parse(text: str):
+    try:
+      return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected a comma-separated list of {kind.__name__}; got {text!r}")
+  return parse
+
+
+def residual_bytes(fn, *args) -> int:
+  """Bytes that ``jax.vjp(fn, *args)`` keeps for the backward pass.
+
+  The sum over the residual arrays of the vjp function, found by
+  ``jax.eval_shape`` (tracing only, nothing runs). It is what JAX saves before
+  XLA's optimisations; parameters and constants that the backward needs are
+  included, so compare two sizes of the batch to isolate the activations.
+  """
+  vjp_fn = jax.eval_shape(lambda *a: jax.vjp(fn, *a)[1], *args)
+  return int(sum(leaf.size * leaf.dtype.itemsize
+                 for leaf in jax.tree_util.tree_leaves(vjp_fn)
+                 if hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(
+                     leaf.dtype, jax.dtypes.prng_key)))
 
 
 def time_fn(fn, args, *, repeats: int = 20, warmup: int = 3) -> dict:
@@ -45,8 +108,10 @@ def write(out_dir: str, name: str, payload: dict) -> str:
   return path
 
 
-def bar_plot(out_dir: str, name: str, labels, series: dict, ylabel: str, title: str):
-  """One PNG with grouped bars: series name -> values per label."""
+def bar_plot(out_dir: str, name: str, labels, series: dict, ylabel: str, title: str,
+             hline=None):
+  """One PNG with grouped bars: series name -> values per label (NaN: no bar);
+  ``hline``: a dashed horizontal reference line at that value."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -57,10 +122,13 @@ def bar_plot(out_dir: str, name: str, labels, series: dict, ylabel: str, title: 
   for i, (s, values) in enumerate(series.items()):
     ax.bar(x + i * width, values, width, label=s)
   ax.set_xticks(x + 0.4 - width / 2, labels, rotation=30, ha="right", fontsize=8)
+  if hline is not None:
+    ax.axhline(hline, color="black", linestyle="--", linewidth=0.8)
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
   fig.tight_layout()
   path = os.path.join(out_dir, f"{name}.png")
   fig.savefig(path, dpi=110)
+  plt.close(fig)
   return path

@@ -21,10 +21,16 @@ Backward modes (`Int4Config.backward`):
              per output row in the epilogue, scatter-added to their token.
              dW: keep B rows (scores ||G2_i|| ||X_i||); the reduction runs over
              the kept rows, so the per-row factors s_half / p_i cannot go to an
-             epilogue: the weighted kept rows are bit-split again (unbiased) and
-             reduced by two INT4 GEMMs over the B kept rows (hi and lo halves).
+             epilogue: the weighted kept rows are bit-split again (unbiased),
+             and the hi/lo GEMM pair over the B kept rows runs joined (below).
              B = ceil(lss_budget * N).
-  "nonzero": bit splitting, every row kept: two INT4 GEMMs per gradient.
+  "nonzero": bit splitting, every row kept: the hi/lo GEMM pair of each
+             gradient runs joined, one GEMM per gradient.
+  Joined pairs: s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A), since
+  s_hi = 14 s_lo, and 14 hi + lo is an exact integer in [-98, 98]: one GEMM on
+  the joined digits gives the same int32 accumulator as the two INT4 GEMMs
+  added. Hopper runs INT4 values on INT8 tensor cores anyway, so the pair costs
+  one GEMM there (an INT4-only engine would run the two halves).
   "exact":   float G against the dequantized forward operands.
   "luq", "minmax": the paper's gradient-quantizer baselines, in float.
 
@@ -34,7 +40,8 @@ Every integer GEMM and quantize step goes through the engine returned by
 Saved for the backward, per element of X: its 4-bit code and one stochastic
 bit that encodes LSQ's delta without bias (`jint4.quant.lsq`): 0.625 bytes for
 the default range [-7, 7] (0.75 bytes for [-8, 7]), against 2 bytes of a
-bfloat16 activation. The kernel itself is a parameter and is kept by reference;
+bfloat16 activation; plus one float32 per token row (the row norm of q_x, the
+weight gradient's leverage scores and the row's non-finite flag). The kernel itself is a parameter and is kept by reference;
 the backward recomputes its quantization.
 
 Non-finite values stay visible: a NaN/Inf in a row of X makes that row of Y
@@ -167,10 +174,14 @@ def _forward(x2, kernel, sx, sw, key, log2, static):
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
   qx, res_x = eng.hadamard_quantize(x2, sx32, block=block, qn=cfg.qn,
                                     qp=cfg.qp, seed=seeds[_SEED_RESIDUAL])
-  qw, _ = eng.hadamard_quantize(kernel.T, sw32, block=block, qn=cfg.qn,
-                                qp=cfg.qp)
-  y = eng.int_gemm(qx, qw, scale=sx32 * sw32, out_dtype=jnp.float32)
-  y = y + _poison(x2)[:, None] + _poison(kernel.T)[None, :]
+  # kernel[D, C] -> q_w[C, D]: Hb along D, written K-major for the GEMM.
+  qw, _ = eng.hadamard_quantize(kernel, sw32, block=block, qn=cfg.qn,
+                                qp=cfg.qp, axis=0, transpose=True)
+  # Rows of x (columns of the kernel) holding NaN/Inf give NaN rows (columns)
+  # of y, through the epilogue: row scale 1 or NaN (the residual's row norms
+  # carry the flag), column bias 0 or NaN.
+  y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=1.0 + res_x.norms * 0.0,
+                   col_bias=_column_poison(kernel), out_dtype=static.out_dtype)
   return y.astype(static.out_dtype), (res_x, kernel, sx, sw, key, log2)
 
 
@@ -178,9 +189,9 @@ _NUM_SEEDS = 6
 _SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE = range(5)
 
 
-def _poison(t):
-  """0 for rows of t that are all finite, NaN for rows holding NaN or Inf."""
-  return jnp.where(jnp.all(jnp.isfinite(t), axis=-1), 0.0, jnp.nan)
+def _column_poison(t):
+  """0 for columns of t that are all finite, NaN for columns with NaN or Inf."""
+  return jnp.where(jnp.all(jnp.isfinite(t), axis=0), 0.0, jnp.nan)
 
 
 def _backward(static, res, g):
@@ -198,93 +209,137 @@ def _backward(static, res, g):
   seeds = eng.seeds_from_key(key, _NUM_SEEDS)
   block = _block(static, log2)
   qn, qp = cfg.qn, cfg.qp
-  g = g.astype(jnp.float32)
   n, c = g.shape
   d = kernel.shape[0]
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
+  ctx = _Context(eng=eng, cfg=cfg, seeds=seeds, res_x=res_x, shape_x=(n, d),
+                 sx=sx32, sw=sw32)
 
-  qw, _ = eng.hadamard_quantize(kernel.T, sw32, block=block, qn=qn, qp=qp)
-  qx = eng.residual_values(res_x, (n, d), qn=qn, qp=qp)
-  dxh_hat, dwh_hat = _GRADIENT_PRODUCTS[cfg.backward](
-      eng, cfg, seeds, g, qx, qw, sx32, sw32)
+  # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C.
+  qwt, _ = eng.hadamard_quantize(kernel, sw32, block=block, qn=qn, qp=qp, axis=0)
+  # Each mode gives dX_hat (as rows + optional token slots) and dW_hat[D, C],
+  # both in the Hadamard domain.
+  dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[cfg.backward](ctx, g, qwt)
 
-  # Activation side: STE mask and step gradient from the residual, then Hb^T.
-  dxh, delta_sum_x = eng.lsq_backward(dxh_hat, res_x, qn=qn, qp=qp)
+  # Activation side, one fused pass: gather the kept rows to their token, STE
+  # mask and step gradient from the residual, then Hb^T.
+  dx, delta_sum_x = eng.lsq_backward(dx_rows, res_x, qn=qn, qp=qp, slots=slots,
+                                     block=block, out_dtype=static.x_dtype)
   dsx = lsq.grad_scale(n * d, qp=qp) * delta_sum_x
-  dx = eng.apply_hadamard(dxh, block, axis=-1)
-  # Weight side: the kernel is kept, so its mask and delta are exact.
-  vw = eng.apply_hadamard(kernel, block, axis=0) / sw32
-  dwh = jnp.where(lsq.in_range(vw, qn=qn, qp=qp), dwh_hat, 0.0)
-  dsw = lsq.grad_scale(d * c, qp=qp) * jnp.sum(dwh_hat * lsq.delta(vw, qn=qn, qp=qp))
-  dk = eng.apply_hadamard(dwh, block, axis=0)
-  return (dx.astype(static.x_dtype), dk.astype(kernel.dtype),
+  dk, dsw = weight_side_backward(eng, kernel, sw32, dwh_hat, block=block, qn=qn, qp=qp)
+  return (dx, dk,
           dsx.astype(sx.dtype).reshape(sx.shape),
           dsw.astype(sw.dtype).reshape(sw.shape), None, None)
 
 
-def _products_float(gq, qx, qw, sx, sw):
-  dxh_hat = jnp.matmul(gq, qw.astype(jnp.float32) * sw, precision=_HIGHEST)
-  dwh_hat = jnp.matmul((qx.astype(jnp.float32) * sx).T, gq, precision=_HIGHEST)
-  return dxh_hat, dwh_hat
+def weight_side_backward(eng, kernel, sw, dwh_hat, *, block, qn, qp):
+  """LSQ backward of the kernel from dW_hat[D, C] (Hadamard domain).
+
+  The kernel is kept, so its STE mask and delta are exact: returns
+  (dK in the kernel's dtype, the step-size gradient of s_w).
+  """
+  d, c = kernel.shape
+  vw = eng.apply_hadamard(kernel, block, axis=0) / sw
+  dwh = jnp.where(lsq.in_range(vw, qn=qn, qp=qp), dwh_hat, 0.0)
+  dsw = lsq.grad_scale(d * c, qp=qp) * jnp.sum(dwh_hat * lsq.delta(vw, qn=qn, qp=qp))
+  dk = eng.apply_hadamard(dwh, block, axis=0)
+  return dk.astype(kernel.dtype), dsw
 
 
-def _products_exact(eng, cfg, seeds, g, qx, qw, sx, sw):
-  return _products_float(g, qx, qw, sx, sw)
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What every gradient-product mode may use."""
+  eng: object
+  cfg: Int4Config
+  seeds: jax.Array
+  res_x: object          # the activation residual (q_x, mask, delta, norms)
+  shape_x: Tuple[int, int]
+  sx: jax.Array
+  sw: jax.Array
+
+  def qx(self, **kw):
+    return self.eng.residual_values(self.res_x, self.shape_x, qn=self.cfg.qn,
+                                    qp=self.cfg.qp, **kw)
 
 
-def _products_luq(eng, cfg, seeds, g, qx, qw, sx, sw):
-  gq = luq_quantize(g, eng.uniform(seeds[_SEED_BASELINE], g.shape))
-  return _products_float(gq, qx, qw, sx, sw)
+def _products_float(ctx, gq, qwt):
+  """Float G against the dequantized forward operands (baselines)."""
+  w_hat = qwt.astype(jnp.float32) * ctx.sw                     # [D, C]
+  x_hat = ctx.qx().astype(jnp.float32) * ctx.sx                # [N, D]
+  dxh_hat = jnp.matmul(gq, w_hat.T, precision=_HIGHEST)
+  dwh_hat = jnp.matmul(x_hat.T, gq, precision=_HIGHEST)
+  return dxh_hat, None, dwh_hat
 
 
-def _products_minmax(eng, cfg, seeds, g, qx, qw, sx, sw):
-  gq = minmax_quantize(g, eng.uniform(seeds[_SEED_BASELINE], g.shape))
-  return _products_float(gq, qx, qw, sx, sw)
+def _products_exact(ctx, g, qwt):
+  return _products_float(ctx, g.astype(jnp.float32), qwt)
 
 
-def _products_nonzero(eng, cfg, seeds, g, qx, qw, sx, sw):
-  """Bit splitting, every row kept: dX and dW each as two INT4 GEMMs."""
-  hi, lo, s_hi, s_lo, _, _ = eng.bit_split(g, seeds[_SEED_SPLIT])
-  qwt = qw.T  # [D, C]: K-major for the dX GEMM, which reduces over C
-  dxh_hat = (eng.int_gemm(hi, qwt, scale=s_hi * sw)
-             + eng.int_gemm(lo, qwt, scale=s_lo * sw))
-  rows = jnp.arange(g.shape[0], dtype=jnp.int32)
-  dwh_hat_t = (eng.int_gemm_gather_rows(hi, qx, rows, scale=s_hi * sx)
-               + eng.int_gemm_gather_rows(lo, qx, rows, scale=s_lo * sx))
-  return dxh_hat, dwh_hat_t.T
+def _products_luq(ctx, g, qwt):
+  u = ctx.eng.uniform(ctx.seeds[_SEED_BASELINE], g.shape)
+  return _products_float(ctx, luq_quantize(g.astype(jnp.float32), u), qwt)
 
 
-def _products_lss(eng, cfg, seeds, g, qx, qw, sx, sw):
+def _products_minmax(ctx, g, qwt):
+  u = ctx.eng.uniform(ctx.seeds[_SEED_BASELINE], g.shape)
+  return _products_float(ctx, minmax_quantize(g.astype(jnp.float32), u), qwt)
+
+
+def _products_nonzero(ctx, g, qwt):
+  """Bit splitting, every row kept: one GEMM per gradient on joined digits.
+
+  s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A): the two INT4 GEMMs of
+  the hi and lo halves share A, so they run as one GEMM on v = 14 hi + lo
+  (exact int32; `reference.bit_split_joined`).
+  """
+  eng = ctx.eng
+  v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT])
+  dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False)      # [N, D]
+  qxt = ctx.qx(transpose=True)                                          # [D, N]
+  dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo * ctx.sx, int4=False)     # [D, C]
+  return dxh_hat, None, dwh_hat
+
+
+def _products_lss(ctx, g, qwt):
   """Bit splitting + leverage score sampling with a static budget."""
+  eng, cfg, seeds = ctx.eng, ctx.cfg, ctx.seeds
   n = g.shape[0]
   budget = lss.budget_rows(n, cfg.lss_budget)
-  hi, lo, s_hi, s_lo, hi_norm, lo_norm = eng.bit_split(g, seeds[_SEED_SPLIT])
+  g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT])     # [2N, C]
   u = eng.uniform(seeds[_SEED_SAMPLE], (2,))
-  g2_norm = jnp.concatenate([hi_norm, lo_norm])
+  finite = jnp.isfinite(s_hi)
 
-  def kept(scores, u0):
-    index, weight = lss.sample_rows(scores, budget, u0)
-    token = index % n
-    is_lo = index >= n
-    rows = jnp.where(is_lo[:, None], lo[token], hi[token])
-    return token, rows, weight * jnp.where(is_lo, s_lo, s_hi)
+  def half_scale(index):
+    return jnp.where(index >= n, s_lo, s_hi)
 
-  # dX: rows of G2 W_hat; the factor s_half / p_i of a kept row scales its
-  # output row, so it rides in the GEMM epilogue.
-  token, rows, row_scale = kept(g2_norm, u[0])
-  part = eng.int_gemm(rows, qw.T, scale=sw, row_scale=row_scale)
-  dxh_hat = jnp.zeros((n, qx.shape[1]), jnp.float32).at[token].add(part)
+  # dX: kept rows of G2 times W_hat; the factor s_half / p_i of a kept row
+  # scales its output row, so it rides in the GEMM epilogue. The rows go back
+  # to their token inside lsq_backward (slots: where token t's hi and lo rows
+  # landed, -1 if not kept).
+  index, weight = lss.sample_rows(g2_norm, budget, u[0])
+  part = eng.int_gemm(jnp.take(g2, index, axis=0), qwt, scale=ctx.sw,
+                      row_scale=weight * half_scale(index))
+  # Empty slots (weight 0) point nowhere, unless G is non-finite: then every
+  # row is NaN and must reach dX.
+  target = jnp.where((weight > 0) | ~finite, index, 2 * n)
+  slots = jnp.full((2 * n,), -1, jnp.int32).at[target].set(
+      jnp.arange(index.shape[0], dtype=jnp.int32), mode="drop").reshape(2, n)
 
   # dW: sum over kept rows of G2_i^T X_i / p_i. The per-row factors sit inside
-  # the reduction, so the weighted rows are bit-split again (unbiased) and
-  # reduced by two INT4 GEMMs over the kept rows.
-  x_norm = eng.row_norms(qx)
-  token, rows, row_scale = kept(g2_norm * jnp.concatenate([x_norm, x_norm]), u[1])
-  weighted = rows.astype(jnp.float32) * row_scale[:, None]
-  hi2, lo2, s_hi2, s_lo2, _, _ = eng.bit_split(weighted, seeds[_SEED_RESPLIT])
-  dwh_hat_t = (eng.int_gemm_gather_rows(hi2, qx, token, scale=s_hi2 * sx)
-               + eng.int_gemm_gather_rows(lo2, qx, token, scale=s_lo2 * sx))
-  return dxh_hat, dwh_hat_t.T
+  # the reduction, so the weighted kept rows are bit-split again (unbiased,
+  # joined into one GEMM operand) and reduced in one GEMM over the kept rows.
+  x_norm = ctx.res_x.norms
+  index, weight = lss.sample_rows(g2_norm * jnp.concatenate([x_norm, x_norm]),
+                                  budget, u[1])
+  # The kept rows are this GEMM's reduction dim: pad it to a multiple of 16
+  # (empty slots: weight 0) so the GEMM needs no padded operand copies.
+  pad = (-index.shape[0]) % 16
+  index, weight = jnp.pad(index, (0, pad)), jnp.pad(weight, (0, pad))
+  vt, _, s_lo2 = eng.resplit_rows(g2, index, weight * half_scale(index),
+                                  seeds[_SEED_RESPLIT])                 # [C, S]
+  qxt = ctx.qx(rows=index % n, transpose=True)                          # [D, S]
+  dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo2 * ctx.sx, int4=False)    # [D, C]
+  return part, slots, dwh_hat
 
 
 _GRADIENT_PRODUCTS = {

@@ -162,7 +162,8 @@ def test_saved_residuals_are_compact():
     leaves = [l for l in jax.tree.leaves(vjp_fn) if hasattr(l, "nbytes")]
     kernel_bytes = w.nbytes
     saved = sum(l.nbytes for l in leaves if l.nbytes != kernel_bytes and l.size > 4)
-    assert saved <= per_elem * n * d, (saved, per_elem * n * d)
+    # 5 (6) bits per element, plus one float32 row norm per token.
+    assert saved <= per_elem * n * d + 4 * n, (saved, per_elem * n * d)
     if qn == 7:
       assert saved < (2 * n * d) / 3        # < 1/3 of a bf16 activation
 

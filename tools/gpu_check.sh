@@ -2,8 +2,11 @@
 # One device call: build jint4 with its CUDA handlers, run the CPU and GPU
 # suites, compute-sanitizer on a small case, and the GPU benchmarks.
 # Usage (device machine, repo root, .whl/ carrying the nvidia-cutlass wheel):
-#   bash tools/gpu_check.sh            # results under $OUT (or ./gpu_check_out)
+#   bash tools/gpu_check.sh [all|tests|bench]   # results under $OUT (or ./gpu_check_out)
+# "tests": build, suites, sanitizer, GEMM and operator benchmarks;
+# "bench": build, layer and train-step benchmarks; "all": both (over 10 min).
 set -uo pipefail
+PHASE="${1:-all}"
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,12 +32,26 @@ summary "build warnings/errors lines: $(wc -l < "$OUT/build_warnings.txt") (C751
 [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit 1; }
 python3 -c 'import jint4, json; print(json.dumps(jint4.engine_info(), default=str))' | tee "$OUT/engine_info.json"
 
+if [ "$PHASE" != bench ]; then
 # Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
 # (test_matmul's many-key statistical tests vmap sequential FFI calls: CPU CI runs them.)
 JINT4_REQUIRE_NATIVE=1 timeout 400 python3 -m pytest -q tests/kernels tests/test_matmul.py \
   -k "not unbiased and not variance" -p no:cacheprovider > "$OUT/tests.log" 2>&1
 summary "tests: $(tail -1 "$OUT/tests.log")"
 grep -E "FAILED|Error" "$OUT/tests.log" | head -20
+
+# jaxlib 0.11.2 FFI error path (issue 3): a bare always-failing CPU handler,
+# called with the GPU backend present and with JAX_PLATFORMS=cpu (.probe/ is
+# carried when present; see its README).
+if [ -d .probe ]; then
+  bash .probe/build.sh "$(python3 -c 'import jax; print(jax.ffi.include_dir())')" /tmp/probe.so \
+    && for envs in "" "JAX_PLATFORMS=cpu"; do
+      for mode in jit eager; do
+        r=$(env $envs timeout 60 python3 -X faulthandler .probe/drive.py /tmp/probe.so probe_fail_noattr $mode 2>&1 | grep -E "RESULT|Fatal|Segmentation" | head -2 | tr '\n' ' ')
+        summary "ffi error probe [$envs $mode]: rc=${PIPESTATUS[0]} $r"
+      done
+    done
+fi
 
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
@@ -44,12 +61,17 @@ else
   summary "compute-sanitizer not found"
 fi
 
-# Benchmarks (each writes JSON + PNG under benchmarks/results/).
-bench() { local b=$1; shift; [ -f "$b" ] || return 0
-  timeout 240 python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
-  summary "$b rc=$?"; tail -12 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
-bench benchmarks/bench_gemm.py --engine auto
-bench benchmarks/bench_layer.py --engine auto --tokens 8192 --repeats 10
+# Benchmarks (each writes JSON + PNG under $OUT).
+bench() { local b=$1 t=$2; shift 2; [ -f "$b" ] || return 0
+  timeout "$t" python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
+  summary "$b rc=$?"; tail -25 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
+bench benchmarks/bench_gemm.py 120 --engine auto
+bench benchmarks/bench_ops.py 150 --engine auto --repeats 20
+fi
+if [ "$PHASE" != tests ]; then
+bench benchmarks/bench_layer.py 260 --engine auto --hidden 1024,2048,4096 --repeats 10 --budget-s 200
+bench benchmarks/bench_train.py 240 --engine auto --hidden 2048,4096 --repeats 5 --budget-s 200
+fi
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
 (cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt ./*.json 2>/dev/null && rm -f ./*.log gpu.txt build_warnings.txt)

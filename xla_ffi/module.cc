@@ -24,7 +24,8 @@ py::dict CpuTargets() {
   d["jint4_lsq_backward"] = Capsule(jint4_cpu_lsq_backward);
   d["jint4_bit_split"] = Capsule(jint4_cpu_bit_split);
   d["jint4_int_gemm"] = Capsule(jint4_cpu_int_gemm);
-  d["jint4_int_gemm_gather_rows"] = Capsule(jint4_cpu_int_gemm_gather_rows);
+  d["jint4_bit_split_joined"] = Capsule(jint4_cpu_bit_split_joined);
+  d["jint4_resplit_rows"] = Capsule(jint4_cpu_resplit_rows);
   return d;
 }
 
@@ -36,7 +37,8 @@ py::dict CudaTargets() {
   d["jint4_lsq_backward"] = Capsule(jint4_cuda_lsq_backward);
   d["jint4_bit_split"] = Capsule(jint4_cuda_bit_split);
   d["jint4_int_gemm"] = Capsule(jint4_cuda_int_gemm);
-  d["jint4_int_gemm_gather_rows"] = Capsule(jint4_cuda_int_gemm_gather_rows);
+  d["jint4_bit_split_joined"] = Capsule(jint4_cuda_bit_split_joined);
+  d["jint4_resplit_rows"] = Capsule(jint4_cuda_resplit_rows);
 #endif
   return d;
 }

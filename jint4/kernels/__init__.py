@@ -1,9 +1,9 @@
 """Engines behind jint4's fixed integer-op boundary.
 
 An engine exposes the ops of `jint4.kernels.reference` (`hadamard_quantize`,
-`residual_values`, `lsq_backward`, `bit_split`, `int_gemm`,
-`int_gemm_gather_rows`, plus the shared helpers `uniform`, `seeds_from_key`,
-`apply_hadamard`, `row_norms`) with identical semantics. The algorithm
+`residual_values`, `lsq_backward`, `bit_split`, `bit_split_joined`,
+`resplit_rows`, `int_gemm`, plus the shared helpers `uniform`,
+`seeds_from_key`, `apply_hadamard`, `row_norms`) with identical semantics. The algorithm
 (`jint4.matmul`) asks `get_engine` for one and never knows which it got.
 
 Engines: ``"reference"`` (pure JAX, runs anywhere), ``"native"`` (the XLA FFI
@@ -24,7 +24,7 @@ from jint4.kernels import native
 from jint4.kernels import reference
 
 OPS = ("hadamard_quantize", "residual_values", "lsq_backward", "bit_split",
-       "int_gemm", "int_gemm_gather_rows")
+       "bit_split_joined", "resplit_rows", "int_gemm")
 HELPERS = ("uniform", "seeds_from_key", "apply_hadamard", "row_norms",
            "int_gemm_i32")
 

@@ -122,71 +122,123 @@ pack_residual = reference.pack_residual
 unpack_residual = reference.unpack_residual
 
 
-def hadamard_quantize(x, step, *, block, qn: int, qp: int, seed=None):
+def _float_operand(x):
+  """float32 / bfloat16 / float16 pass as they are (the handlers convert)."""
+  if x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return x
+  return x.astype(jnp.float32)
+
+
+def _no_rows():
+  return jnp.zeros((0,), jnp.int32)
+
+
+def hadamard_quantize(x, step, *, block, qn: int, qp: int, seed=None,
+                      axis: int = 1, transpose: bool = False):
   """Native `reference.hadamard_quantize` (one fused pass)."""
-  m, k = x.shape
-  if isinstance(block, (int, np.integer)) and k % int(block):
-    raise ValueError(f"Hadamard block {block} does not divide K={k}.")
+  axis = axis % 2
+  r, s = x.shape
+  if isinstance(block, (int, np.integer)) and x.shape[axis] % int(block):
+    raise ValueError(f"Hadamard block {block} does not divide dim {axis} of"
+                     f" {x.shape}.")
   with_residual = seed is not None
-  nib, flg = _residual_shapes(m * k, qn) if with_residual else ((0,), (1, 0))
+  if with_residual and (axis != 1 or transpose):
+    raise ValueError("hadamard_quantize keeps a residual only for axis=1"
+                     " without transpose (activations).")
+  nib, flg = _residual_shapes(r * s, qn) if with_residual else ((0,), (1, 0))
   if not with_residual:
     seed = jnp.zeros((2,), jnp.uint32)
-  q, nibbles, flags = _call(
+  q, nibbles, flags, norms = _call(
       "jint4_hadamard_quantize",
-      (jax.ShapeDtypeStruct((m, k), jnp.int8),
+      (jax.ShapeDtypeStruct((s, r) if transpose else (r, s), jnp.int8),
        jax.ShapeDtypeStruct(nib, jnp.uint8),
-       jax.ShapeDtypeStruct(flg, jnp.uint8)),
-      x.astype(jnp.float32), jnp.asarray(step, jnp.float32).reshape(()),
+       jax.ShapeDtypeStruct(flg, jnp.uint8),
+       jax.ShapeDtypeStruct((r if with_residual else 0,), jnp.float32)),
+      _float_operand(x), jnp.asarray(step, jnp.float32).reshape(()),
       jnp.asarray(seed, jnp.uint32), _log2(block),
-      qn=_i32(qn), qp=_i32(qp), with_residual=_i32(with_residual))
-  return q, (Residual(nibbles, flags) if with_residual else None)
+      qn=_i32(qn), qp=_i32(qp), with_residual=_i32(with_residual),
+      axis=_i32(axis), transpose=_i32(transpose))
+  return q, (Residual(nibbles, flags, norms) if with_residual else None)
 
 
-def residual_values(res: Residual, shape, *, qn: int, qp: int):
+def residual_values(res: Residual, shape, *, qn: int, qp: int, rows=None,
+                    transpose: bool = False):
+  m, k = shape
+  t = m if rows is None else rows.shape[0]
   return _call("jint4_residual_values",
-               jax.ShapeDtypeStruct(tuple(shape), jnp.int8),
-               res.nibbles, res.flags, qn=_i32(qn), qp=_i32(qp))
+               jax.ShapeDtypeStruct((k, t) if transpose else (t, k), jnp.int8),
+               res.nibbles, res.flags,
+               _no_rows() if rows is None else jnp.asarray(rows, jnp.int32),
+               qn=_i32(qn), qp=_i32(qp), m=_i32(m), gather=_i32(rows is not None),
+               transpose=_i32(transpose))
 
 
-def lsq_backward(grad, res: Residual, *, qn: int, qp: int):
+def lsq_backward(grad, res: Residual, *, qn: int, qp: int, slots=None, block=1,
+                 out_dtype=jnp.float32):
+  m = grad.shape[0] if slots is None else slots.shape[1]
+  k = grad.shape[1]
+  if isinstance(block, (int, np.integer)) and k % int(block):
+    raise ValueError(f"Hadamard block {block} does not divide K={k}.")
+  native_dtype = out_dtype if jnp.dtype(out_dtype) in (
+      jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
+  ) else jnp.float32
   dt, delta_sum = _call(
       "jint4_lsq_backward",
-      (jax.ShapeDtypeStruct(grad.shape, jnp.float32),
+      (jax.ShapeDtypeStruct((m, k), native_dtype),
        jax.ShapeDtypeStruct((), jnp.float32)),
-      grad.astype(jnp.float32), res.nibbles, res.flags, qn=_i32(qn), qp=_i32(qp))
-  return dt, delta_sum
+      grad.astype(jnp.float32), res.nibbles, res.flags,
+      (jnp.zeros((2, 0), jnp.int32) if slots is None
+       else jnp.asarray(slots, jnp.int32)),
+      _log2(block), qn=_i32(qn), qp=_i32(qp), gather=_i32(slots is not None))
+  return dt.astype(out_dtype), delta_sum
 
 
 def bit_split(g, seed):
   r, c = g.shape
-  hi, lo, scales, hi_norm, lo_norm = _call(
+  g2, scales, norms = _call(
       "jint4_bit_split",
-      (jax.ShapeDtypeStruct((r, c), jnp.int8),
-       jax.ShapeDtypeStruct((r, c), jnp.int8),
+      (jax.ShapeDtypeStruct((2 * r, c), jnp.int8),
        jax.ShapeDtypeStruct((2,), jnp.float32),
-       jax.ShapeDtypeStruct((r,), jnp.float32),
-       jax.ShapeDtypeStruct((r,), jnp.float32)),
-      g.astype(jnp.float32), jnp.asarray(seed, jnp.uint32))
-  return hi, lo, scales[0], scales[1], hi_norm, lo_norm
+       jax.ShapeDtypeStruct((2 * r,), jnp.float32)),
+      _float_operand(g), jnp.asarray(seed, jnp.uint32))
+  return g2, scales[0], scales[1], norms
 
 
-def int_gemm(a, b, *, scale, row_scale=None, out_dtype=jnp.float32):
+def bit_split_joined(g, seed):
+  r, c = g.shape
+  v, vt, scales = _call(
+      "jint4_bit_split_joined",
+      (jax.ShapeDtypeStruct((r, c), jnp.int8),
+       jax.ShapeDtypeStruct((c, r), jnp.int8),
+       jax.ShapeDtypeStruct((2,), jnp.float32)),
+      _float_operand(g), jnp.asarray(seed, jnp.uint32))
+  return v, vt, scales[0], scales[1]
+
+
+def resplit_rows(g2, rows, row_scale, seed):
+  c = g2.shape[1]
+  j = rows.shape[0]
+  vt, scales = _call(
+      "jint4_resplit_rows",
+      (jax.ShapeDtypeStruct((c, j), jnp.int8),
+       jax.ShapeDtypeStruct((2,), jnp.float32)),
+      g2.astype(jnp.int8), jnp.asarray(rows, jnp.int32),
+      jnp.asarray(row_scale, jnp.float32), jnp.asarray(seed, jnp.uint32))
+  return vt, scales[0], scales[1]
+
+
+def int_gemm(a, b, *, scale, row_scale=None, col_bias=None,
+             out_dtype=jnp.float32, int4: bool = True):
   m, n = a.shape[0], b.shape[0]
   if row_scale is None:
     row_scale = jnp.ones((m,), jnp.float32)
+  if col_bias is None:
+    col_bias = jnp.zeros((n,), jnp.float32)
   native_dtype = out_dtype if jnp.dtype(out_dtype) in (
       jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) else jnp.float32
   out = _call("jint4_int_gemm", jax.ShapeDtypeStruct((m, n), native_dtype),
               a.astype(jnp.int8), b.astype(jnp.int8),
               jnp.asarray(scale, jnp.float32).reshape(()),
-              jnp.asarray(row_scale, jnp.float32))
-  return out.astype(out_dtype)
-
-
-def int_gemm_gather_rows(a, b, b_rows, *, scale, out_dtype=jnp.float32):
-  out = _call("jint4_int_gemm_gather_rows",
-              jax.ShapeDtypeStruct((a.shape[1], b.shape[1]), jnp.float32),
-              a.astype(jnp.int8), b.astype(jnp.int8),
-              jnp.asarray(b_rows, jnp.int32),
-              jnp.asarray(scale, jnp.float32).reshape(()))
+              jnp.asarray(row_scale, jnp.float32), jnp.asarray(col_bias, jnp.float32),
+              int4=_i32(int4))
   return out.astype(out_dtype)

@@ -71,35 +71,54 @@ def apply_hadamard(t: jax.Array, block: Block, *, axis: int) -> jax.Array:
 
 
 class Residual(NamedTuple):
-  """What the backward keeps of a quantized activation: 5 or 6 bits/element.
+  """What the backward keeps of a quantized activation x[M, K].
 
   nibbles: uint8, two 4-bit codes per byte (low nibble first).
   flags:   uint8, one bit per element per flag plane (bit j of byte i is
            element 8 i + j); one plane for qn <= 7, two for qn == 8.
+  norms:   float32 [M], the Euclidean norm of each row of the integer q
+           (leverage scores of the weight gradient), NaN for a row of x that
+           holds a NaN or Inf (so such rows stay visible in the output).
+  Together 5 (or 6) bits per element plus 4 bytes per row.
   """
   nibbles: jax.Array
   flags: jax.Array
+  norms: jax.Array
 
 
 def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
-                      qp: int, seed: jax.Array | None = None):
-  """Fused Hb + LSQ quantize along the last (contraction) axis of x[M, K].
+                      qp: int, seed: jax.Array | None = None, axis: int = 1,
+                      transpose: bool = False):
+  """Fused Hb + LSQ quantize of x[R, S] (float32 / bfloat16 / float16).
 
-  Returns ``(q, residual)``: q int8 [M, K] = clamp(round((x Hb) / step), -qn,
-  qp), K-major for the GEMM, and, when ``seed`` is given, the packed
-  `Residual` for the backward (else None).
+  Hb runs along ``axis`` (1: the rows, as for activations x[M, K]; 0: the
+  columns, as for a Flax kernel[D, C] whose contraction dim comes first), then
+  q = clamp(round((x Hb) / step), -qn, qp) as int8, written as [R, S] or, with
+  ``transpose``, as [S, R]. So a kernel[D, C] gives the forward GEMM operand
+  [C, D] (axis=0, transpose) and the dX GEMM operand [D, C] (axis=0), both
+  K-major, without a transpose kernel.
+
+  Returns ``(q, residual)``: with ``seed`` (only for axis=1, no transpose) the
+  packed `Residual` the backward needs, else None.
   """
-  xh = apply_hadamard(x, block, axis=-1)
+  axis = axis % 2
+  if seed is not None and (axis != 1 or transpose):
+    raise ValueError("hadamard_quantize keeps a residual only for axis=1"
+                     " without transpose (activations).")
+  xh = apply_hadamard(x.astype(jnp.float32), block, axis=axis)
   v = xh / step.astype(jnp.float32)
   q = lsq.quantize(v, 1.0, qn=qn, qp=qp)
   q8 = jnp.where(jnp.isfinite(q), q, 0).astype(jnp.int8)
   if seed is None:
-    return q8, None
+    return (q8.T if transpose else q8), None
   code, flags = lsq.encode_backward_state(v, uniform(seed, v.shape), qn=qn, qp=qp)
-  return q8, pack_residual(code, flags, qn=qn)
+  finite = jnp.all(jnp.isfinite(x), axis=1)
+  norms = jnp.where(finite, _row_norm(q8), jnp.nan)
+  return q8, pack_residual(code, flags, norms, qn=qn)
 
 
-def pack_residual(code: jax.Array, flags: jax.Array, *, qn: int) -> Residual:
+def pack_residual(code: jax.Array, flags: jax.Array, norms: jax.Array, *,
+                  qn: int) -> Residual:
   """Packs int8 codes in [-8, 7] two per byte and flag bits eight per byte."""
   flat = code.reshape(-1).astype(jnp.uint8) & np.uint8(0xF)
   flat = _pad_to(flat, 2)
@@ -111,7 +130,7 @@ def pack_residual(code: jax.Array, flags: jax.Array, *, qn: int) -> Residual:
     bits = ((f >> plane) & 1).reshape(-1, 8)
     packed.append(jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=1,
                           dtype=jnp.uint8))
-  return Residual(nibbles, jnp.stack(packed))
+  return Residual(nibbles, jnp.stack(packed), norms.astype(jnp.float32))
 
 
 def unpack_residual(res: Residual, shape, *, qn: int):
@@ -128,36 +147,100 @@ def unpack_residual(res: Residual, shape, *, qn: int):
   return code.reshape(shape), flags[:size].reshape(shape)
 
 
-def residual_values(res: Residual, shape, *, qn: int, qp: int) -> jax.Array:
-  """The int8 GEMM operand (the quantized activation) held by a residual."""
+def residual_values(res: Residual, shape, *, qn: int, qp: int,
+                    rows: jax.Array | None = None,
+                    transpose: bool = False) -> jax.Array:
+  """The quantized activation q[M, K] (int8) held by a residual.
+
+  With ``rows`` (int32 [T], each in [0, M)) only those rows, in that order:
+  [T, K]; with ``transpose`` written K-major for a GEMM that reduces over the
+  rows: [K, T] (the dW GEMM over the kept tokens of leverage score sampling).
+  """
   code, flags = unpack_residual(res, shape, qn=qn)
   q, _, _ = lsq.decode_backward_state(code, flags, qn=qn, qp=qp)
-  return q
+  if rows is not None:
+    q = jnp.take(q, rows, axis=0)
+  return q.T if transpose else q
 
 
-def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int):
-  """LSQ's elementwise backward from a residual.
+def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int,
+                 slots: jax.Array | None = None, block: Block = 1,
+                 out_dtype=jnp.float32):
+  """LSQ's elementwise backward from a residual, then Hb^T.
 
   Args:
-    grad: dL/dT_hat in the Hadamard domain, float32 [M, K].
+    grad: dL/dT_hat in the Hadamard domain, float32: [M, K], or with
+      ``slots`` the rows of a sampled product, [S, K].
+    res: the residual of T[M, K].
+    slots: optional int32 [2, M]: row t of dT_hat is grad[slots[0, t]] +
+      grad[slots[1, t]] (in that order), a negative slot adding nothing (the
+      hi and lo bit-split rows of token t kept by leverage score sampling).
+    block: the Hadamard block (static size or traced log2); Hb^T = Hb.
   Returns:
-    (dT, delta_sum): dT = 1[in range] * grad and delta_sum = sum(grad *
-    delta_hat), the un-scaled step-size gradient.
+    (dT, delta_sum): dT = (1[in range] * dT_hat) Hb^T in ``out_dtype`` and
+    delta_sum = sum(dT_hat * delta_hat), the un-scaled step-size gradient.
   """
+  if slots is not None:
+    grad = _slot_sum(grad, slots)
   code, flags = unpack_residual(res, grad.shape, qn=qn)
   _, inside, delta_hat = lsq.decode_backward_state(code, flags, qn=qn, qp=qp)
-  return jnp.where(inside, grad, 0.0), jnp.sum(grad * delta_hat)
+  grad = grad.astype(jnp.float32)
+  dt = apply_hadamard(jnp.where(inside, grad, 0.0), block, axis=-1)
+  return dt.astype(out_dtype), jnp.sum(grad * delta_hat)
+
+
+def _slot_sum(rows: jax.Array, slots: jax.Array) -> jax.Array:
+  def pick(s):
+    return jnp.where((s >= 0)[:, None],
+                     jnp.take(rows, jnp.maximum(s, 0), axis=0), 0.0)
+  return pick(slots[0]) + pick(slots[1])
 
 
 def bit_split(g: jax.Array, seed: jax.Array):
-  """`jint4.quant.bitsplit.bit_split` with counter-based noise, plus row norms.
+  """Bit splitting (`jint4.quant.bitsplit`) with counter noise, rows stacked.
 
-  Returns (hi, lo, scale_hi, scale_lo, hi_norm, lo_norm): the halves (int8,
-  g's shape [R, C]), their float32 scales, and the float32 [R] Euclidean norms
-  of the dequantized rows scale_hi * hi_i and scale_lo * lo_i.
+  Returns (g2, scale_hi, scale_lo, norms): g2 int8 [2R, C] holds hi (rows
+  0..R-1) over lo (rows R..2R-1) of g[R, C] (any float dtype, computed in
+  float32); norms float32 [2R] are the Euclidean norms of the dequantized
+  rows (scale_hi * hi_i, then scale_lo * lo_i): leverage scores.
   """
-  hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(g, uniform(seed, g.shape))
-  return hi, lo, s_hi, s_lo, s_hi * _row_norm(hi), s_lo * _row_norm(lo)
+  hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(
+      g.astype(jnp.float32), uniform(seed, g.shape))
+  norms = jnp.concatenate([s_hi * _row_norm(hi), s_lo * _row_norm(lo)])
+  return jnp.concatenate([hi, lo]), s_hi, s_lo, norms
+
+
+def bit_split_joined(g: jax.Array, seed: jax.Array):
+  """Bit splitting with the halves joined for one GEMM: v = 14 hi + lo.
+
+  s_hi (hi A) + s_lo (lo A) = s_lo (v A) up to float rounding, with v in
+  [-98, 98] the exact integer sum of the two INT4 digits (14 hi + lo is the
+  stochastic rounding of 98 g / max|g|): a GEMM on v computes the pair of
+  INT4 GEMMs of bit splitting in one pass, bit-identical in its int32
+  accumulator. Returns (v [R, C], v^T [C, R], scale_hi, scale_lo), int8:
+  v^T is the K-major operand of the GEMM that reduces over the rows.
+  """
+  hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(
+      g.astype(jnp.float32), uniform(seed, g.shape))
+  v = _join(hi, lo)
+  return v, v.T, s_hi, s_lo
+
+
+def resplit_rows(g2: jax.Array, rows: jax.Array, row_scale: jax.Array,
+                 seed: jax.Array):
+  """Joined bit splitting of weighted gathered rows, transposed.
+
+  T[j, :] = float32(g2[rows[j], :]) * row_scale[j] (the kept rows of
+  leverage score sampling times s_half / p), then `bit_split_joined(T)`.
+  Returns (v^T int8 [C, J], scale_hi, scale_lo).
+  """
+  t = jnp.take(g2, rows, axis=0).astype(jnp.float32) * row_scale[:, None]
+  _, vt, s_hi, s_lo = bit_split_joined(t, seed)
+  return vt, s_hi, s_lo
+
+
+def _join(hi, lo):
+  return (hi.astype(jnp.int32) * 14 + lo.astype(jnp.int32)).astype(jnp.int8)
 
 
 def row_norms(q: jax.Array) -> jax.Array:
@@ -167,17 +250,23 @@ def row_norms(q: jax.Array) -> jax.Array:
 
 def int_gemm(a: jax.Array, b: jax.Array, *, scale: jax.Array,
              row_scale: jax.Array | None = None,
-             out_dtype=jnp.float32) -> jax.Array:
-  """out[M, N] = scale * row_scale[:, None] * (a[M, K] . b[N, K]^T).
+             col_bias: jax.Array | None = None, out_dtype=jnp.float32,
+             int4: bool = True) -> jax.Array:
+  """out[M, N] = scale * row_scale[:, None] * (a[M, K] . b[N, K]^T) + col_bias.
 
-  a and b hold integer values (int8); the product accumulates exactly in
-  int32; the dequantize epilogue runs in float32 and casts to ``out_dtype``.
+  a and b hold integer values in int8 (INT4 values in [-8, 7] when ``int4``,
+  else any int8, e.g. joined bit-split digits); the product accumulates
+  exactly in int32; the dequantize epilogue runs in float32 (times scale,
+  then times row_scale[m], then plus col_bias[n]) and casts to ``out_dtype``.
   """
+  del int4  # tells native engines which tensor cores may run it
   acc = lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.int32)
   out = acc.astype(jnp.float32) * scale.astype(jnp.float32)
   if row_scale is not None:
     out = out * row_scale.astype(jnp.float32)[:, None]
+  if col_bias is not None:
+    out = out + col_bias.astype(jnp.float32)[None, :]
   return out.astype(out_dtype)
 
 
@@ -185,19 +274,6 @@ def int_gemm_i32(a: jax.Array, b: jax.Array) -> jax.Array:
   """The raw int32 product a[M, K] . b[N, K]^T (for tests and engines)."""
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                          preferred_element_type=jnp.int32)
-
-
-def int_gemm_gather_rows(a: jax.Array, b: jax.Array, b_rows: jax.Array, *,
-                         scale: jax.Array, out_dtype=jnp.float32) -> jax.Array:
-  """out[M, N] = scale * sum_r a[r, :]^T b[b_rows[r], :], a[R, M], b[T, N].
-
-  The reduction runs over the R kept rows (leverage score sampling): the
-  gather of b's rows and both transposes belong to the op, not the caller.
-  """
-  bg = jnp.take(b, b_rows, axis=0)
-  acc = lax.dot_general(a, bg, (((0,), (0,)), ((), ())),
-                        preferred_element_type=jnp.int32)
-  return (acc.astype(jnp.float32) * scale.astype(jnp.float32)).astype(out_dtype)
 
 
 def _row_norm(q):

@@ -50,3 +50,41 @@ def assert_same_ints(a, b):
 
 def reference_ops():
   return reference
+
+
+# Dtypes of the "float" operands (converted to float32 on load, exactly).
+FLOAT_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def dtype_id(dtype):
+  return jnp.dtype(dtype).name
+
+
+def random_rows(n, limit, seed=0):
+  """n row indices in [0, limit), unsorted, with repeats when n allows."""
+  rng = np.random.default_rng(seed)
+  rows = rng.integers(0, limit, n)
+  if n >= 3:
+    rows[1] = rows[0]            # a repeated row
+    rows[2] = limit - 1          # the last row
+  return jnp.asarray(rows, jnp.int32)
+
+
+def random_slots(m, s, seed=0):
+  """int32 [2, m] slots into s rows: -1 (none) in either, both or neither."""
+  rng = np.random.default_rng(seed)
+  slots = rng.integers(0, s, (2, m))
+  none = rng.random((2, m)) < 0.3
+  slots[none] = -1
+  if m >= 2:
+    slots[:, 0] = -1             # a row with no slot at all (dt row = 0)
+    slots[0, 1] = slots[1, 1] = s - 1  # both slots on one row
+  return jnp.asarray(slots, jnp.int32)
+
+
+def assert_same_floats(a, b):
+  """Bit-equal floats up to NaN payloads (NaN positions must agree)."""
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+  np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+  np.testing.assert_array_equal(np.where(np.isnan(a), 0, a), np.where(np.isnan(b), 0, b))

@@ -17,9 +17,10 @@ import pytest
 import jint4
 from jint4 import kernels
 from jint4.kernels import native, reference
-from tests.kernels.native_cases import (GEMM_SHAPES, QUANT_SHAPES, activations,
-                                        assert_same_ints, int_operand, largest_log2,
-                                        seed)
+from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
+                                        activations, assert_same_floats,
+                                        assert_same_ints, dtype_id, int_operand,
+                                        largest_log2, random_rows, random_slots, seed)
 
 if not native.available():
   if os.environ.get("JINT4_REQUIRE_NATIVE") == "1":
@@ -34,69 +35,254 @@ def on_cpu(fn, *args, **kwargs):
     return jax.jit(lambda *a: fn(*a, **kwargs))(*args)
 
 
-@pytest.mark.parametrize("qn,qp", [(7, 7), (8, 7), (3, 4)])
+def log2_blocks(size):
+  """Block exponents to try on a dim: none, the smallest and the largest."""
+  return sorted({0, min(1, largest_log2(size)), largest_log2(size)})
+
+
+@pytest.mark.parametrize("qn,qp,dtype", [(7, 7, jnp.float32), (8, 7, jnp.float32),
+                                         (3, 4, jnp.float32), (7, 7, jnp.bfloat16),
+                                         (8, 7, jnp.float16)],
+                         ids=lambda v: dtype_id(v) if isinstance(v, type) else str(v))
 @pytest.mark.parametrize("shape", QUANT_SHAPES, ids=str)
-def test_hadamard_quantize_bit_exact(shape, qn, qp):
-  x = activations(shape, specials=True)
+def test_hadamard_quantize_bit_exact(shape, qn, qp, dtype):
+  x = activations(shape, specials=True).astype(dtype)
   step = jnp.float32(0.37)
-  for log2 in sorted({0, min(1, largest_log2(shape[1])), largest_log2(shape[1])}):
+  for log2 in log2_blocks(shape[1]):
     args = dict(block=2 ** log2, qn=qn, qp=qp, seed=seed(log2))
     q_ref, r_ref = on_cpu(reference.hadamard_quantize, x, step, **args)
     q_nat, r_nat = on_cpu(native.hadamard_quantize, x, step, **args)
     assert_same_ints(q_nat, q_ref)
     assert_same_ints(r_nat.nibbles, r_ref.nibbles)
     assert_same_ints(r_nat.flags, r_ref.flags)
+    assert r_nat.norms.shape == (shape[0],)
+    assert_same_floats(r_nat.norms, r_ref.norms)
     q_only, none = on_cpu(native.hadamard_quantize, x, step, block=2 ** log2, qn=qn, qp=qp)
     assert none is None
     assert_same_ints(q_only, q_ref)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", QUANT_SHAPES + [(24, 7), (1024, 3)], ids=str)
+def test_hadamard_quantize_axis_and_transpose(shape, dtype):
+  x = activations(shape, seed=11, specials=True).astype(dtype)
+  step = jnp.float32(0.29)
+  for axis in (0, 1):
+    for log2 in log2_blocks(shape[axis]):
+      for transpose in (False, True):
+        args = dict(block=2 ** log2, qn=8, qp=7, axis=axis, transpose=transpose)
+        q_ref, _ = on_cpu(reference.hadamard_quantize, x, step, **args)
+        q_nat, none = on_cpu(native.hadamard_quantize, x, step, **args)
+        assert none is None
+        assert q_nat.shape == (shape[::-1] if transpose else shape)
+        assert_same_ints(q_nat, q_ref)
+
+
 def test_hadamard_quantize_traced_block():
+  """A traced log2 block: along the rows (with a residual) and down the columns."""
   x = activations((16, 64))
-  for log2 in range(7):
-    ref = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.5),
-                 block=jnp.int32(log2), qn=7, qp=7)[0]
-    nat = on_cpu(lambda x, l: native.hadamard_quantize(x, jnp.float32(0.5), block=l,
-                                                       qn=7, qp=7)[0], x, jnp.int32(log2))
-    assert_same_ints(nat, ref)
+  w = activations((64, 24), seed=2).astype(jnp.bfloat16)
+  def jitted(mod):
+    def f(x, w, l, s):
+      q, res = mod.hadamard_quantize(x, jnp.float32(0.5), block=l, qn=8, qp=7, seed=s)
+      q_only = mod.hadamard_quantize(x, jnp.float32(0.5), block=l, qn=7, qp=7)[0]
+      # A Flax kernel[D, C]: Hb down the columns, written [C, D].
+      wq = mod.hadamard_quantize(w, jnp.float32(0.4), block=l, qn=7, qp=7, axis=0,
+                                 transpose=True)[0]
+      return q, res, q_only, wq
+    return jax.jit(f)
+  f_ref, f_nat = jitted(reference), jitted(native)   # one compile each
+  with jax.default_device(CPU):
+    for log2 in range(7):
+      out_r = f_ref(x, w, jnp.int32(log2), seed(log2))
+      out_n = f_nat(x, w, jnp.int32(log2), seed(log2))
+      for a, b in zip(jax.tree.leaves(out_n), jax.tree.leaves(out_r)):
+        assert_same_floats(a, b) if a.dtype == jnp.float32 else assert_same_ints(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+def test_hadamard_quantize_nonfinite_rows_have_nan_norms(dtype):
+  x = np.array(activations((6, 32), seed=5), np.float32)
+  x[1, 3] = np.nan
+  x[3, 31] = np.inf
+  x[4, 0] = -np.inf
+  x = jnp.asarray(x).astype(dtype)
+  args = dict(block=8, qn=7, qp=7, seed=seed(3))
+  q, res = on_cpu(native.hadamard_quantize, x, jnp.float32(0.6), **args)
+  _, res_ref = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.6), **args)
+  norms = np.asarray(res.norms)
+  np.testing.assert_array_equal(np.isnan(norms), [False, True, False, True, True, False])
+  want = np.sqrt(np.sum(np.asarray(q, np.int64) ** 2, axis=1)).astype(np.float32)
+  finite = ~np.isnan(norms)
+  np.testing.assert_array_equal(norms[finite], want[finite])
+  assert_same_floats(res.norms, res_ref.norms)
 
 
 @pytest.mark.parametrize("qn", [7, 8])
 @pytest.mark.parametrize("shape", QUANT_SHAPES, ids=str)
-def test_residual_decode_and_lsq_backward(shape, qn):
+def test_residual_values(shape, qn):
+  x = activations(shape, seed=1, specials=True)
+  _, res = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.3), block=1, qn=qn,
+                  qp=7, seed=seed(2))
+  m = shape[0]
+  for rows in (None, random_rows(2 * m + 1, m, seed=m), random_rows(1, m)):
+    for transpose in (False, True):
+      kw = dict(shape=shape, qn=qn, qp=7, rows=rows, transpose=transpose)
+      got = on_cpu(lambda r: native.residual_values(r, **kw), res)
+      assert_same_ints(got, on_cpu(lambda r: reference.residual_values(r, **kw), res))
+
+
+@pytest.mark.parametrize("qn,out_dtype", [(7, jnp.float32), (8, jnp.float32),
+                                          (7, jnp.bfloat16), (8, jnp.float16)],
+                         ids=lambda v: dtype_id(v) if isinstance(v, type) else str(v))
+@pytest.mark.parametrize("shape", QUANT_SHAPES, ids=str)
+def test_lsq_backward(shape, qn, out_dtype):
   x = activations(shape, seed=1)
   _, res = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.3), block=1, qn=qn,
                   qp=7, seed=seed(2))
-  assert_same_ints(on_cpu(native.residual_values, res, shape=shape, qn=qn, qp=7),
-                   on_cpu(reference.residual_values, res, shape=shape, qn=qn, qp=7))
   grad = activations(shape, seed=3)
-  dt_ref, ds_ref = on_cpu(reference.lsq_backward, grad, res, qn=qn, qp=7)
-  dt_nat, ds_nat = on_cpu(native.lsq_backward, grad, res, qn=qn, qp=7)
-  np.testing.assert_array_equal(dt_nat, dt_ref)
-  np.testing.assert_allclose(ds_nat, ds_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(grad).sum()))
+  for log2 in log2_blocks(shape[1]):
+    kw = dict(qn=qn, qp=7, block=2 ** log2, out_dtype=out_dtype)
+    dt_ref, ds_ref = on_cpu(reference.lsq_backward, grad, res, **kw)
+    dt_nat, ds_nat = on_cpu(native.lsq_backward, grad, res, **kw)
+    _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad)
 
 
+def _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad):
+  assert dt_nat.dtype == dt_ref.dtype and dt_nat.shape == dt_ref.shape
+  scale = float(jnp.abs(grad).max()) + 1e-30
+  if dt_ref.dtype == jnp.float32:
+    rtol = 1e-5
+  else:  # one rounding of the float32 values to 8 / 11 significant bits
+    rtol = 2.0 ** -7 if dt_ref.dtype == jnp.bfloat16 else 2.0 ** -10
+  np.testing.assert_allclose(np.asarray(dt_nat, np.float32), np.asarray(dt_ref, np.float32),
+                             rtol=rtol, atol=1e-6 * scale)
+  np.testing.assert_allclose(ds_nat, ds_ref, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(grad).sum()))
+
+
+@pytest.mark.parametrize("qn,out_dtype", [(7, jnp.float32), (8, jnp.float32),
+                                          (7, jnp.bfloat16), (8, jnp.float16)],
+                         ids=lambda v: dtype_id(v) if isinstance(v, type) else str(v))
+@pytest.mark.parametrize("shape", [(1, 4), (5, 24), (33, 96), (64, 1024)], ids=str)
+def test_lsq_backward_slots(shape, qn, out_dtype):
+  """The sampled backward: rows of dT_hat are sums of two slot rows of grad."""
+  m, k = shape
+  x = activations(shape, seed=6)
+  _, res = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.3), block=1, qn=qn,
+                  qp=7, seed=seed(4))
+  s = 2 * m + 3
+  grad = activations((s, k), seed=7)
+  slots = random_slots(m, s, seed=m)
+  for log2 in log2_blocks(k):
+    kw = dict(qn=qn, qp=7, block=2 ** log2, out_dtype=out_dtype)
+    dt_ref, ds_ref = on_cpu(lambda g, sl: reference.lsq_backward(g, res, slots=sl, **kw),
+                            grad, slots)
+    dt_nat, ds_nat = on_cpu(lambda g, sl: native.lsq_backward(g, res, slots=sl, **kw),
+                            grad, slots)
+    _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad)
+    if m >= 2:   # the row with no slot is zero
+      assert not np.asarray(dt_nat[0], np.float32).any()
+
+
+@pytest.mark.parametrize("qn", [7, 8])
+def test_lsq_backward_traced_block(qn):
+  m, k = 48, 1024
+  x = activations((m, k), seed=6)
+  _, res = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.3), block=1, qn=qn,
+                  qp=7, seed=seed(4))
+  grad = activations((m + 5, k), seed=7)
+  slots = random_slots(m, m + 5, seed=1)
+  def jitted(mod):
+    return jax.jit(lambda g, sl, l: mod.lsq_backward(g, res, qn=qn, qp=7, slots=sl, block=l,
+                                                     out_dtype=jnp.bfloat16))
+  f_ref, f_nat = jitted(reference), jitted(native)   # one compile each
+  with jax.default_device(CPU):
+    for log2 in range(largest_log2(k) + 1):
+      dt_ref, ds_ref = f_ref(grad, slots, jnp.int32(log2))
+      dt_nat, ds_nat = f_nat(grad, slots, jnp.int32(log2))
+      _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", QUANT_SHAPES + [(0, 4)], ids=str)
-def test_bit_split_bit_exact(shape):
-  g = activations(shape, seed=4) * 1e-3
+def test_bit_split_bit_exact(shape, dtype):
+  g = (activations(shape, seed=4) * 1e-3).astype(dtype)
+  g2, s_hi, s_lo, norms = on_cpu(native.bit_split, g, seed(5))
   out_ref = on_cpu(reference.bit_split, g, seed(5))
-  out_nat = on_cpu(native.bit_split, g, seed(5))
-  assert_same_ints(out_nat[0], out_ref[0])
-  assert_same_ints(out_nat[1], out_ref[1])
-  for a, b in zip(out_nat[2:], out_ref[2:]):
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert g2.shape == (2 * shape[0], shape[1]) and norms.shape == (2 * shape[0],)
+  assert_same_ints(g2, out_ref[0])
+  for a, b in zip((s_hi, s_lo, norms), out_ref[1:]):
+    assert_same_floats(a, b)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("special", [0.0, np.nan, np.inf])
-def test_bit_split_special_values(special):
+def test_bit_split_special_values(special, dtype):
   g = jnp.zeros((4, 8)) if special == 0.0 else activations((4, 8)).at[1, 2].set(special)
-  out_ref = on_cpu(reference.bit_split, g, seed())
-  out_nat = on_cpu(native.bit_split, g, seed())
+  g = g.astype(dtype)
+  for fn in ("bit_split", "bit_split_joined"):
+    out_ref = on_cpu(getattr(reference, fn), g, seed())
+    out_nat = on_cpu(getattr(native, fn), g, seed())
+    for a, b in zip(out_nat, out_ref):
+      if a.dtype == jnp.int8:
+        assert_same_ints(a, b)
+      else:
+        assert_same_floats(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", QUANT_SHAPES + [(0, 4)], ids=str)
+def test_bit_split_joined(shape, dtype):
+  g = (activations(shape, seed=8) * 1e-2).astype(dtype)
+  v, vt, s_hi, s_lo = on_cpu(native.bit_split_joined, g, seed(6))
+  out_ref = on_cpu(reference.bit_split_joined, g, seed(6))
+  assert_same_ints(v, out_ref[0])
+  assert_same_ints(vt, out_ref[1])
+  assert_same_floats(s_hi, out_ref[2])
+  assert_same_floats(s_lo, out_ref[3])
+  # v = 14 hi + lo of the stacked split with the same seed; vt = v^T.
+  g2 = np.asarray(on_cpu(native.bit_split, g, seed(6))[0], np.int32)
+  r = shape[0]
+  np.testing.assert_array_equal(np.asarray(v, np.int32), 14 * g2[:r] + g2[r:])
+  np.testing.assert_array_equal(np.asarray(vt), np.asarray(v).T)
+  assert np.abs(np.asarray(v, np.int32)).max(initial=0) <= 98
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 24), (33, 96), (64, 1024)], ids=str)
+def test_resplit_rows(shape):
+  r2, c = 2 * shape[0], shape[1]
+  g = activations(shape, seed=9) * 1e-3
+  g2 = on_cpu(reference.bit_split, g, seed(7))[0]
+  rng = np.random.default_rng(r2)
+  for j in (1, r2, 2 * r2 + 5):
+    rows = random_rows(j, r2, seed=j)
+    row_scale = jnp.asarray(rng.uniform(0.01, 3.0, j), jnp.float32)
+    vt, s_hi, s_lo = on_cpu(native.resplit_rows, g2, rows, row_scale, seed(8))
+    out_ref = on_cpu(reference.resplit_rows, g2, rows, row_scale, seed(8))
+    assert vt.shape == (c, j)
+    assert_same_ints(vt, out_ref[0])
+    assert_same_floats(s_hi, out_ref[1])
+    assert_same_floats(s_lo, out_ref[2])
+    # = the joined split of the explicitly gathered, weighted rows.
+    t = np.asarray(g2, np.float32)[np.asarray(rows)] * np.asarray(row_scale)[:, None]
+    _, vt_t, _, s_lo_t = on_cpu(native.bit_split_joined, jnp.asarray(t), seed(8))
+    assert_same_ints(vt, vt_t)
+    assert_same_floats(s_lo, s_lo_t)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, 0.0])
+def test_resplit_rows_special_row_scale(special):
+  g2 = int_operand((6, 16), 3, -7, 7)
+  rows = jnp.asarray([4, 1, 1, 5], jnp.int32)
+  row_scale = jnp.asarray([0.5, special, 2.0, 1.0], jnp.float32)
+  if special == 0.0:
+    row_scale = jnp.zeros((4,), jnp.float32)
+  out_nat = on_cpu(native.resplit_rows, g2, rows, row_scale, seed(2))
+  out_ref = on_cpu(reference.resplit_rows, g2, rows, row_scale, seed(2))
   assert_same_ints(out_nat[0], out_ref[0])
-  assert_same_ints(out_nat[1], out_ref[1])
-  for a, b in zip(out_nat[2:], out_ref[2:]):
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
-    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(out_nat[1:], out_ref[1:]):
+    assert_same_floats(a, b)
 
 
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
@@ -105,18 +291,22 @@ def test_int_gemm(mnk, out_dtype):
   m, n, k = mnk
   a, b = int_operand((m, k), 1), int_operand((n, k), 2)
   scale = jnp.float32(0.013)
-  row_scale = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2, m), jnp.float32)
-  for rs in (None, row_scale):
-    ref = on_cpu(reference.int_gemm, a, b, scale=scale, row_scale=rs, out_dtype=out_dtype)
-    nat = on_cpu(native.int_gemm, a, b, scale=scale, row_scale=rs, out_dtype=out_dtype)
+  rng = np.random.default_rng(0)
+  row_scale = jnp.asarray(rng.uniform(0.5, 2, m), jnp.float32)
+  col_bias = jnp.asarray(rng.normal(0, 0.1, n), jnp.float32)
+  for rs, cb in ((None, None), (row_scale, None), (None, col_bias), (row_scale, col_bias)):
+    kw = dict(scale=scale, row_scale=rs, col_bias=cb, out_dtype=out_dtype)
+    ref = on_cpu(reference.int_gemm, a, b, **kw)
+    nat = on_cpu(native.int_gemm, a, b, **kw)
     assert nat.dtype == out_dtype
     # Dequantized floats agree to rounding (XLA may reassociate the epilogue);
     # the integer products themselves are checked exactly below.
     np.testing.assert_allclose(np.asarray(nat, np.float32), np.asarray(ref, np.float32),
-                               rtol=1e-6 if out_dtype == jnp.float32 else 2 ** -7)
+                               rtol=1e-6 if out_dtype == jnp.float32 else 2 ** -7,
+                               atol=1e-6 if out_dtype == jnp.float32 else 1e-3)
   # Exact int32 accumulation at full int8 range and a long K.
   a8, b8 = int_operand((4, 4096), 3, -128, 127), int_operand((3, 4096), 4, -128, 127)
-  got = on_cpu(native.int_gemm, a8, b8, scale=jnp.float32(1.0))
+  got = on_cpu(native.int_gemm, a8, b8, scale=jnp.float32(1.0), int4=False)
   want = np.asarray(a8, np.int64) @ np.asarray(b8, np.int64).T
   np.testing.assert_array_equal(np.asarray(got, np.float64), want.astype(np.float32))
   exact = on_cpu(native.int_gemm, a, b, scale=jnp.float32(1.0))
@@ -125,14 +315,18 @@ def test_int_gemm(mnk, out_dtype):
 
 
 @pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=str)
-def test_int_gemm_gather_rows(mnk):
-  m, n, r = mnk
-  t = r + 5
-  a, b = int_operand((r, m), 5), int_operand((t, n), 6)
-  rows = jnp.asarray(np.random.default_rng(1).integers(0, t, r), jnp.int32)
-  ref = on_cpu(reference.int_gemm_gather_rows, a, b, rows, scale=jnp.float32(0.5))
-  nat = on_cpu(native.int_gemm_gather_rows, a, b, rows, scale=jnp.float32(0.5))
-  np.testing.assert_array_equal(nat, ref)
+def test_int_gemm_joined_digits(mnk):
+  """int4=False: joined bit-split digits (|v| <= 98) times INT4 values, exact."""
+  m, n, k = mnk
+  a, b = int_operand((m, k), 7, -98, 98), int_operand((n, k), 8)
+  row_scale = jnp.asarray(np.random.default_rng(1).uniform(0.5, 2, m), jnp.float32)
+  exact = on_cpu(native.int_gemm, a, b, scale=jnp.float32(1.0), int4=False)
+  np.testing.assert_array_equal(np.asarray(exact, np.int64),
+                                np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
+  col_bias = jnp.asarray(np.random.default_rng(2).normal(0, 1, n), jnp.float32)
+  kw = dict(scale=jnp.float32(0.021), row_scale=row_scale, col_bias=col_bias, int4=False)
+  np.testing.assert_allclose(on_cpu(native.int_gemm, a, b, **kw),
+                             on_cpu(reference.int_gemm, a, b, **kw), rtol=1e-6, atol=1e-6)
 
 
 def test_native_ops_vmap_and_grad_through_int4_matmul():
@@ -161,12 +355,47 @@ _BAD_INPUT_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jint4.kernels import native
 cpu = jax.devices("cpu")[0]
+i32 = np.int32
+S = jax.ShapeDtypeStruct
+seed = jnp.zeros((2,), jnp.uint32)
+x = jnp.ones((4, 16))
+q, res = native.hadamard_quantize(x, jnp.float32(1), block=4, qn=7, qp=7, seed=seed)
+
+def raw_quantize(x, axis, transpose, with_residual=1):
+  r, s = x.shape
+  n = r * s if with_residual else 0
+  return native._call(
+      "jint4_hadamard_quantize",
+      (S((s, r) if transpose else (r, s), jnp.int8), S((-(-n // 2),), jnp.uint8),
+       S((1, -(-n // 8)), jnp.uint8), S((r if with_residual else 0,), jnp.float32)),
+      x, jnp.float32(1), seed, jnp.int32(0), qn=i32(7), qp=i32(7),
+      with_residual=i32(with_residual), axis=i32(axis), transpose=i32(transpose))
+
 cases = {
   "log2_block": lambda: native.hadamard_quantize(
       jnp.ones((4, 12)), jnp.float32(1), block=jnp.int32(3), qn=7, qp=7)[0],
-  "rows": lambda: native.int_gemm_gather_rows(
-      jnp.ones((2, 3), jnp.int8), jnp.ones((4, 5), jnp.int8),
-      jnp.asarray([0, 9], jnp.int32), scale=jnp.float32(1)),
+  "log2_block_axis0": lambda: native.hadamard_quantize(
+      jnp.ones((12, 4)), jnp.float32(1), block=jnp.int32(3), qn=7, qp=7, axis=0)[0],
+  "residual_axis0": lambda: raw_quantize(x, axis=0, transpose=0),
+  "residual_transpose": lambda: raw_quantize(x, axis=1, transpose=1),
+  "axis": lambda: raw_quantize(x, axis=2, transpose=0, with_residual=0),
+  "x_dtype": lambda: raw_quantize(x.astype(jnp.int32), axis=1, transpose=0),
+  "residual_rows": lambda: native.residual_values(
+      res, (4, 16), qn=7, qp=7, rows=jnp.asarray([0, 9], jnp.int32)),
+  "residual_size": lambda: native.residual_values(res, (5, 16), qn=7, qp=7),
+  "slots": lambda: native.lsq_backward(
+      jnp.ones((3, 16)), res, qn=7, qp=7,
+      slots=jnp.asarray([[0, 1, 2, 3], [-1, -1, 0, 0]], jnp.int32))[0],
+  "resplit_rows": lambda: native.resplit_rows(
+      jnp.ones((4, 5), jnp.int8), jnp.asarray([0, -1], jnp.int32),
+      jnp.ones((2,), jnp.float32), seed)[0],
+  "int4_attr": lambda: native._call(
+      "jint4_int_gemm", S((2, 3), jnp.float32), jnp.ones((2, 4), jnp.int8),
+      jnp.ones((3, 4), jnp.int8), jnp.float32(1), jnp.ones((2,), jnp.float32),
+      jnp.zeros((3,), jnp.float32), int4=i32(2)),
+  "col_bias": lambda: native.int_gemm(
+      jnp.ones((2, 4), jnp.int8), jnp.ones((3, 4), jnp.int8), scale=jnp.float32(1),
+      col_bias=jnp.zeros((2,), jnp.float32)),
 }
 with jax.default_device(cpu):
   for name, fn in cases.items():
@@ -174,7 +403,7 @@ with jax.default_device(cpu):
       jax.block_until_ready(jax.jit(fn)())
       print(name, "NO ERROR")
     except Exception as e:
-      print(name, "ERROR", str(e).replace(chr(10), " ")[:300])
+      print(name, "ERROR", str(e).replace(chr(10), " ")[:400])
 """
 
 
@@ -213,8 +442,25 @@ def test_bad_native_input_raises_clear_errors():
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-  assert lines["log2_block"].startswith("ERROR") and "divide" in lines["log2_block"], lines
-  assert lines["rows"].startswith("ERROR") and "out of range" in lines["rows"], lines
+  expect = {
+      "log2_block": ["jint4_hadamard_quantize", "does not divide"],
+      "log2_block_axis0": ["does not divide", "dim 0"],
+      "residual_axis0": ["residual", "axis=1"],
+      "residual_transpose": ["residual", "transpose=1"],
+      "axis": ["'axis'", "got 2"],
+      "x_dtype": ["'x'", "f32, bf16 or f16", "s32"],
+      "residual_rows": ["jint4_residual_values", "rows[1] = 9", "out of range"],
+      "residual_size": ["jint4_residual_values", "[5, 16]", "u8[40]"],
+      "slots": ["jint4_lsq_backward", "slots[0][3] = 3", "out of range"],
+      "resplit_rows": ["jint4_resplit_rows", "rows[1] = -1", "out of range"],
+      "int4_attr": ["'int4'", "0 or 1"],
+      "col_bias": ["jint4_int_gemm", "'col_bias'", "[3]", "got [2]"],
+  }
+  for name, parts in expect.items():
+    line = lines.get(name, "(missing)")
+    assert line.startswith("ERROR"), (name, line)
+    for part in parts:
+      assert part in line, (name, part, line)
 
 
 def test_engine_info_and_auto_policy():

@@ -112,7 +112,8 @@ def planes(qn):
 
 @functools.partial(jax.jit, static_argnames=("qn", "shape"))
 def _roundtrip(code, flags, qn, shape):
-  res = ref.pack_residual(code, flags, qn=qn)
+  norms = jnp.arange(shape[0], dtype=jnp.int32)   # carried through, as float32
+  res = ref.pack_residual(code, flags, norms, qn=qn)
   return res, ref.unpack_residual(res, shape, qn=qn)
 
 
@@ -138,6 +139,8 @@ def test_pack_unpack_roundtrip(qn, shape):
   assert res.nibbles.dtype == res.flags.dtype == jnp.uint8
   assert code2.dtype == jnp.int8 and flags2.dtype == jnp.uint8
   assert code2.shape == flags2.shape == shape
+  assert res.norms.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(res.norms), np.arange(shape[0]))
   np.testing.assert_array_equal(np.asarray(code2), code)
   np.testing.assert_array_equal(np.asarray(flags2), flags)
   n = code.size
@@ -163,7 +166,8 @@ def test_packed_layout():
   # nibbles: low nibble first; flags: bit j of byte i is element 8 i + j.
   code = np.array([1, -1, 7, -8, 0, 3, -2, 5], np.int8)
   flags = np.array([1, 0, 3, 2, 0, 1, 1, 2], np.uint8)
-  res = ref.pack_residual(jnp.asarray(code), jnp.asarray(flags), qn=8)
+  res = ref.pack_residual(jnp.asarray(code), jnp.asarray(flags), jnp.zeros((1,)),
+                          qn=8)
   nib = np.asarray(res.nibbles)
   np.testing.assert_array_equal(nib & 0xF, code[0::2].astype(np.uint8) & 0xF)
   np.testing.assert_array_equal(nib >> 4, code[1::2].astype(np.uint8) & 0xF)
@@ -269,6 +273,134 @@ def test_lsq_backward_matches_decoded_state(block, qn, qp):
   assert np.isin(dhat[mask], [-0.5, 0.5]).all()
 
 
+@pytest.mark.parametrize("block, qn, qp", CONFIGS)
+def test_hadamard_quantize_row_norms(block, qn, qp):
+  x, _, out = run_config(block, qn, qp)
+  norms = np.asarray(out["res"].norms)
+  assert norms.shape == (M,) and norms.dtype == np.float32
+  q = np.asarray(out["q"], np.int64)
+  np.testing.assert_allclose(norms, np.sqrt(np.sum(q * q, axis=1)), rtol=1e-7)
+
+
+def test_hadamard_quantize_nonfinite_row_has_nan_norm():
+  x = np.array(make_x(3))
+  x[2, 5] = np.nan
+  x[7, 0] = -np.inf
+  q, res = jax.jit(functools.partial(ref.hadamard_quantize, block=16, qn=7, qp=7))(
+      jnp.asarray(x), jnp.float32(0.5), seed=seed(1, 2))
+  norms = np.asarray(res.norms)
+  bad = np.zeros(M, bool)
+  bad[[2, 7]] = True
+  np.testing.assert_array_equal(np.isnan(norms), bad)
+  q = np.asarray(q, np.int64)
+  np.testing.assert_allclose(norms[~bad], np.sqrt(np.sum(q * q, axis=1))[~bad])
+  # The NaN spreads through its Hadamard block, whose codes become 0.
+  assert (q[2, :16] == 0).all()
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_hadamard_quantize_axis0_and_transpose(block):
+  """axis=0 is the axis=1 transform of the transpose; transpose writes q^T."""
+  w = jnp.asarray(np.random.default_rng(block).normal(0, 1, (64, 48)), jnp.float32)
+  step = jnp.float32(0.3)
+  f = jax.jit(ref.hadamard_quantize, static_argnames=("block", "qn", "qp", "axis",
+                                                       "transpose"))
+  kw = dict(block=block, qn=7, qp=7)
+  q_rows, _ = f(w.T, step, **kw)                              # [48, 64]
+  q0, none = f(w, step, axis=0, **kw)
+  q0t, _ = f(w, step, axis=0, transpose=True, **kw)
+  assert none is None and q0.shape == (64, 48) and q0t.shape == (48, 64)
+  np.testing.assert_array_equal(np.asarray(q0), np.asarray(q_rows).T)
+  np.testing.assert_array_equal(np.asarray(q0t), np.asarray(q_rows))
+  q1, _ = f(w, step, axis=1, **kw)
+  q1t, _ = f(w, step, axis=1, transpose=True, **kw)
+  np.testing.assert_array_equal(np.asarray(q1t), np.asarray(q1).T)
+  # ... and is LSQ of the column transform (matmul form, up to float ties).
+  want = lsq.quantize(hadamard.hadamard_transform(w, block, axis=0), step, qn=7, qp=7)
+  assert np.mean(np.asarray(q0) == np.asarray(want)) > 0.99
+  # A traced block gives the same.
+  q_dyn = jax.jit(lambda w, l: ref.hadamard_quantize(w, step, block=l, qn=7, qp=7,
+                                                     axis=0, transpose=True)[0])(
+      w, jnp.int32(int(math.log2(block))))
+  np.testing.assert_array_equal(np.asarray(q_dyn), np.asarray(q0t))
+
+
+def test_hadamard_quantize_residual_only_for_rows():
+  x = make_x(0)
+  for kw in (dict(axis=0), dict(transpose=True), dict(axis=0, transpose=True)):
+    with pytest.raises(ValueError, match="residual only for axis=1"):
+      ref.hadamard_quantize(x, jnp.float32(1.0), block=1, qn=7, qp=7,
+                            seed=seed(1, 1), **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_hadamard_quantize_half_inputs_are_exact_float32(dtype):
+  x = make_x(4).astype(dtype)
+  f = jax.jit(functools.partial(ref.hadamard_quantize, block=8, qn=8, qp=7))
+  q, res = f(x, jnp.float32(0.4), seed=seed(3, 4))
+  q32, res32 = f(x.astype(jnp.float32), jnp.float32(0.4), seed=seed(3, 4))
+  for a, b in zip((q, *res), (q32, *res32)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _residual_of(shape, qn, seed_=0):
+  x = jnp.asarray(np.random.default_rng(seed_).normal(0, 2, shape), jnp.float32)
+  return ref.hadamard_quantize(x, jnp.float32(0.5), block=1, qn=qn, qp=7,
+                               seed=seed(seed_, 9))
+
+
+@pytest.mark.parametrize("qn", [7, 8])
+def test_residual_values_rows_and_transpose(qn):
+  shape = (9, 12)
+  q, res = _residual_of(shape, qn)
+  full = np.asarray(ref.residual_values(res, shape, qn=qn, qp=7))
+  np.testing.assert_array_equal(full, np.asarray(q))     # the GEMM operand
+  rows = np.array([8, 0, 3, 3, 5, 8, 1], np.int32)       # unsorted, repeats
+  got = ref.residual_values(res, shape, qn=qn, qp=7, rows=jnp.asarray(rows))
+  np.testing.assert_array_equal(np.asarray(got), full[rows])
+  got_t = ref.residual_values(res, shape, qn=qn, qp=7, rows=jnp.asarray(rows),
+                              transpose=True)
+  assert got_t.shape == (12, 7)
+  np.testing.assert_array_equal(np.asarray(got_t), full[rows].T)
+  np.testing.assert_array_equal(
+      np.asarray(ref.residual_values(res, shape, qn=qn, qp=7, transpose=True)), full.T)
+
+
+@pytest.mark.parametrize("block", [1, 4, 32])
+def test_lsq_backward_block_and_dtype(block):
+  _, grad, out = run_config(32, 7, 7)
+  res, mask = out["res"], np.asarray(out["mask"])
+  f = jax.jit(ref.lsq_backward, static_argnames=("qn", "qp", "block", "out_dtype"))
+  dt, dsum = f(grad, res, qn=7, qp=7, block=block)
+  want = hadamard.hadamard_transform(jnp.where(mask, grad, 0.0), block)   # Hb^T = Hb
+  np.testing.assert_allclose(np.asarray(dt), np.asarray(want), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(dsum), float(out["dsum"]), rtol=1e-6)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    dt_h, _ = f(grad, res, qn=7, qp=7, block=block, out_dtype=dtype)
+    assert dt_h.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(dt_h), np.asarray(dt.astype(dtype)))
+
+
+def test_lsq_backward_slots():
+  """Row t of dT_hat is grad[slots[0, t]] + grad[slots[1, t]], -1 adding nothing."""
+  _, res = _residual_of((6, 16), 8, seed_=2)
+  grad = np.random.default_rng(3).normal(0, 1, (5, 16)).astype(np.float32)
+  slots = np.array([[0, -1, 4, -1, 2, 2],
+                    [3, 1, -1, -1, 2, 0]], np.int32)
+  summed = np.zeros((6, 16), np.float32)
+  for t in range(6):
+    for p in range(2):
+      if slots[p, t] >= 0:
+        summed[t] += grad[slots[p, t]]
+  f = jax.jit(ref.lsq_backward, static_argnames=("qn", "qp", "block"))
+  dt, dsum = f(jnp.asarray(grad), res, qn=8, qp=7, slots=jnp.asarray(slots), block=4)
+  dt2, dsum2 = f(jnp.asarray(summed), res, qn=8, qp=7, block=4)
+  np.testing.assert_array_equal(np.asarray(dt), np.asarray(dt2))
+  np.testing.assert_array_equal(np.asarray(dsum), np.asarray(dsum2))
+  assert not np.asarray(dt)[3].any()                  # no slot: a zero row
+
+
+
 # ------------------------------------------------------------------- GEMMs --
 
 gemm_i32 = jax.jit(ref.int_gemm_i32)
@@ -332,33 +464,21 @@ def test_int_gemm_scales():
   np.testing.assert_array_equal(f64(out), want)
 
 
-def test_int_gemm_gather_rows():
+def test_int_gemm_col_bias_and_joined_digits():
+  """int4=False: any int8 operand (joined digits up to +-98), plus col_bias."""
   rng = np.random.default_rng(8)
-  r, m, t, n = 10, 6, 7, 5
-  a = rand_int8(rng, (r, m))
-  b = rand_int8(rng, (t, n))
-  rows = np.array([6, 0, 3, 3, 6, 1, 0, 5, 3, 2], np.int32)  # unsorted, repeats
-  scale = jnp.float32(0.37)
-  out = ref.int_gemm_gather_rows(jnp.asarray(a), jnp.asarray(b),
-                                 jnp.asarray(rows), scale=scale)
-  assert out.shape == (m, n) and out.dtype == jnp.float32
-  want = float(scale) * (a.astype(np.int64).T @ b.astype(np.int64)[rows])
-  np.testing.assert_allclose(f64(out), want, rtol=1e-6, atol=1e-6)
-  # Explicit sum over the kept rows, as the docstring states it.
-  want2 = sum(np.outer(a[i].astype(np.int64), b[rows[i]].astype(np.int64))
-              for i in range(r)) * float(scale)
-  np.testing.assert_allclose(f64(out), want2, rtol=1e-6, atol=1e-6)
-  # A long reduction (R = 4096 kept rows) accumulates in int32.
-  a = rand_int8(rng, (4096, 2), -8, 7)
-  b = rand_int8(rng, (5, 3), -8, 7)
-  a[:, 0] = -8
-  b[:, 0] = -8
-  rows = rng.integers(0, 5, 4096).astype(np.int32)
-  out = ref.int_gemm_gather_rows(jnp.asarray(a), jnp.asarray(b),
-                                 jnp.asarray(rows), scale=jnp.float32(1.0))
-  want = a.astype(np.int64).T @ b.astype(np.int64)[rows]
-  assert want[0, 0] == 64 * 4096
-  np.testing.assert_array_equal(f64(out), want)
+  a, b = rand_int8(rng, (10, 300), -98, 98), rand_int8(rng, (6, 300))
+  acc = a.astype(np.int64) @ b.astype(np.int64).T
+  row_scale = rng.uniform(0.5, 2.0, 10).astype(np.float32)
+  col_bias = rng.normal(0, 1, 6).astype(np.float32)
+  out = ref.int_gemm(jnp.asarray(a), jnp.asarray(b), scale=jnp.float32(0.25),
+                     row_scale=jnp.asarray(row_scale), col_bias=jnp.asarray(col_bias),
+                     int4=False)
+  want = 0.25 * acc * f64(row_scale)[:, None] + f64(col_bias)[None, :]
+  np.testing.assert_allclose(f64(out), want, rtol=1e-6, atol=1e-5)
+  exact = ref.int_gemm(jnp.asarray(a), jnp.asarray(b), scale=jnp.float32(1.0),
+                       int4=False)
+  np.testing.assert_array_equal(f64(exact), acc)
 
 
 # ------------------------------------------------------------- bit_split --
@@ -370,20 +490,58 @@ def test_bit_split_row_norms():
   g[5] = 0.0                                     # a zero row has norm 0
   g = jnp.asarray(g, jnp.float32)
   s = seed(13, 14)
-  (hi, lo, s_hi, s_lo, hi_norm, lo_norm), want, hi_rows = jax.jit(
+  (g2, s_hi, s_lo, norms), want = jax.jit(
       lambda g, s: (ref.bit_split(g, s),
-                    bitsplit.bit_split(g, ref.uniform(s, g.shape)),
-                    ref.row_norms(ref.bit_split(g, s)[0])))(g, s)
+                    bitsplit.bit_split(g, ref.uniform(s, g.shape))))(g, s)
+  hi, lo = g2[:24], g2[24:]
+  assert g2.shape == (48, 40) and g2.dtype == jnp.int8
   # The halves are bitsplit.bit_split with the engine's counter-based noise.
   for got, w in zip((hi, lo, s_hi, s_lo), want):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
-  assert hi_norm.shape == lo_norm.shape == (24,)
-  assert hi_norm.dtype == lo_norm.dtype == jnp.float32
+  assert norms.shape == (48,) and norms.dtype == jnp.float32
+  hi_norm, lo_norm = f64(norms[:24]), f64(norms[24:])
   np.testing.assert_allclose(
-      f64(hi_norm), np.linalg.norm(float(s_hi) * f64(hi), axis=1), rtol=1e-6)
+      hi_norm, np.linalg.norm(float(s_hi) * f64(hi), axis=1), rtol=1e-6)
   np.testing.assert_allclose(
-      f64(lo_norm), np.linalg.norm(float(s_lo) * f64(lo), axis=1), rtol=1e-6)
-  assert float(hi_norm[5]) == 0.0 and float(lo_norm[5]) == 0.0
-  assert f64(hi_norm)[[2, 17]].min() > 10 * np.median(f64(hi_norm))
-  np.testing.assert_allclose(f64(hi_rows), np.linalg.norm(f64(hi), axis=1),
+      lo_norm, np.linalg.norm(float(s_lo) * f64(lo), axis=1), rtol=1e-6)
+  assert hi_norm[5] == 0.0 and lo_norm[5] == 0.0
+  assert hi_norm[[2, 17]].min() > 10 * np.median(hi_norm)
+  np.testing.assert_allclose(f64(ref.row_norms(hi)), np.linalg.norm(f64(hi), axis=1),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_bit_split_joined_is_14_hi_plus_lo(dtype):
+  g = jnp.asarray(np.random.default_rng(10).normal(0, 1e-2, (13, 29)), dtype)
+  s = seed(5, 6)
+  (g2, s_hi, s_lo, _), (v, vt, t_hi, t_lo) = jax.jit(
+      lambda g, s: (ref.bit_split(g, s), ref.bit_split_joined(g, s)))(g, s)
+  hi, lo = np.asarray(g2[:13], np.int32), np.asarray(g2[13:], np.int32)
+  assert v.dtype == vt.dtype == jnp.int8 and v.shape == (13, 29) and vt.shape == (29, 13)
+  np.testing.assert_array_equal(np.asarray(v, np.int32), 14 * hi + lo)
+  np.testing.assert_array_equal(np.asarray(vt), np.asarray(v).T)
+  assert np.abs(np.asarray(v, np.int32)).max() <= 98
+  assert float(t_hi) == float(s_hi) and float(t_lo) == float(s_lo)
+  # One GEMM on v is the pair of INT4 GEMMs of the halves: s_lo v = s_hi hi + s_lo lo.
+  np.testing.assert_allclose(float(s_lo) * f64(v), float(s_hi) * hi + float(s_lo) * lo,
+                             rtol=1e-6, atol=1e-12)
+  # The same split as of the float32 values (the conversion is exact).
+  v32 = ref.bit_split_joined(g.astype(jnp.float32), s)[0]
+  np.testing.assert_array_equal(np.asarray(v), np.asarray(v32))
+
+
+def test_resplit_rows_is_joined_split_of_gathered_rows():
+  rng = np.random.default_rng(11)
+  g = jnp.asarray(rng.normal(0, 1e-3, (8, 24)), jnp.float32)
+  g2 = ref.bit_split(g, seed(1, 2))[0]                         # [16, 24]
+  rows = np.array([15, 0, 3, 3, 9, 15, 7], np.int32)           # unsorted, repeats
+  row_scale = rng.uniform(0.1, 3.0, 7).astype(np.float32)
+  vt, s_hi, s_lo = jax.jit(ref.resplit_rows)(g2, jnp.asarray(rows),
+                                             jnp.asarray(row_scale), seed(3, 4))
+  assert vt.shape == (24, 7) and vt.dtype == jnp.int8
+  t = np.asarray(g2, np.float32)[rows] * row_scale[:, None]
+  v, vt2, t_hi, t_lo = ref.bit_split_joined(jnp.asarray(t), seed(3, 4))
+  np.testing.assert_array_equal(np.asarray(vt), np.asarray(vt2))
+  np.testing.assert_array_equal(np.asarray(vt), np.asarray(v).T)
+  assert float(s_hi) == float(t_hi) and float(s_lo) == float(t_lo)
+  assert float(s_lo) == np.float32(np.abs(t).max()) * np.float32(1 / 98)

@@ -146,16 +146,62 @@ inline ffi::Error CheckQuantRange(int32_t qn, int32_t qp, const char* op) {
   return ffi::Error::Success();
 }
 
-// 0 <= log2_block <= kMaxLog2Block and 2^log2_block divides k.
-inline ffi::Error CheckLog2Block(int32_t log2_block, int64_t k,
-                                 const char* op) {
+// 0 <= log2_block <= kMaxLog2Block and 2^log2_block divides `dim`
+// (`dim_name` says which dim, e.g. "the contraction dim K").
+inline ffi::Error CheckLog2Block(int32_t log2_block, int64_t dim,
+                                 const char* dim_name, const char* op) {
   JINT4_CHECK_ARG(log2_block >= 0 && log2_block <= kMaxLog2Block, op,
                   ": log2_block must be in [0, ", kMaxLog2Block, "]; got ",
                   log2_block);
-  JINT4_CHECK_ARG(k % (int64_t{1} << log2_block) == 0, op,
+  JINT4_CHECK_ARG(dim % (int64_t{1} << log2_block) == 0, op,
                   ": Hadamard block 2^", log2_block, " = ",
-                  (int64_t{1} << log2_block),
-                  " does not divide the contraction dim K = ", k);
+                  (int64_t{1} << log2_block), " does not divide ", dim_name,
+                  " = ", dim, "; use a block that divides it");
+  return ffi::Error::Success();
+}
+
+// The same for the contraction dim K of an activation.
+inline ffi::Error CheckLog2Block(int32_t log2_block, int64_t k,
+                                 const char* op) {
+  return CheckLog2Block(log2_block, k, "the contraction dim K", op);
+}
+
+// An int32 attribute used as a 0/1 flag.
+inline ffi::Error CheckFlagAttr(int32_t value, const char* op,
+                                const char* name) {
+  JINT4_CHECK_ARG(value == 0 || value == 1, op, ": attribute '", name,
+                  "' must be 0 or 1; got ", value);
+  return ffi::Error::Success();
+}
+
+// f32, bf16 or f16: the "float" operands and results of the op contract.
+inline bool IsFloatType(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 ||
+         t == ffi::DataType::F16;
+}
+
+template <typename Buf>
+ffi::Error CheckFloatType(const Buf& buf, const char* op, const char* name) {
+  JINT4_CHECK_ARG(IsFloatType(buf.element_type()), op, ": operand/result '",
+                  name, "' must be f32, bf16 or f16; got ",
+                  DataTypeName(buf.element_type()));
+  return ffi::Error::Success();
+}
+
+// Every index[i] (i < n, host memory) lies in [0, limit), or is negative when
+// `allow_negative` (an empty slot). `what` names the indexed rows.
+inline ffi::Error CheckIndices(const int32_t* index, int64_t n, int64_t limit,
+                               bool allow_negative, const char* op,
+                               const char* name, const char* what) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t v = index[i];
+    if (v >= limit || (v < 0 && !allow_negative)) {
+      return ffi::Error::InvalidArgument(StrCat(
+          op, ": ", name, "[", i, "] = ", v, " is out of range: it indexes the ",
+          limit, " ", what, ", so it must be in [0, ", limit, ")",
+          allow_negative ? " or negative (no row)" : ""));
+    }
+  }
   return ffi::Error::Success();
 }
 

@@ -16,6 +16,9 @@ namespace {
 
 namespace ffi = ::xla::ffi;
 using ffi_util::CheckElementCount;
+using ffi_util::CheckFlagAttr;
+using ffi_util::CheckFloatType;
+using ffi_util::CheckIndices;
 using ffi_util::CheckLog2Block;
 using ffi_util::CheckQuantRange;
 using ffi_util::CheckRank;
@@ -24,124 +27,268 @@ using ffi_util::CheckShape;
 using ffi_util::NumElements;
 using ffi_util::ShapeString;
 
+// The kernels' FloatType of a buffer whose type CheckFloatType accepted.
+FloatType FloatTypeOf(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return FloatType::kBF16;
+    case ffi::DataType::F16: return FloatType::kF16;
+    default: return FloatType::kF32;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // jint4_hadamard_quantize
-//   x f32[M,K], step f32[], seed u32[2], log2_block s32[]
-//   -> q s8[M,K], nibbles u8[P], flags u8[F,Q]; attrs qn, qp, with_residual
+//   x (f32|bf16|f16)[R,S], step f32[], seed u32[2], log2_block s32[]
+//   -> q s8[R,S] or [S,R], nibbles u8[P], flags u8[F,Q], norms f32[R or 0]
+//   attrs qn, qp, with_residual, axis, transpose
 // ---------------------------------------------------------------------------
-ffi::Error HadamardQuantizeImpl(ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::F32> step,
+ffi::Error HadamardQuantizeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
                                 ffi::Buffer<ffi::U32> seed,
                                 ffi::Buffer<ffi::S32> log2_block,
                                 ffi::ResultBuffer<ffi::S8> q,
                                 ffi::ResultBuffer<ffi::U8> nibbles,
-                                ffi::ResultBuffer<ffi::U8> flags, int32_t qn,
-                                int32_t qp, int32_t with_residual) {
+                                ffi::ResultBuffer<ffi::U8> flags,
+                                ffi::ResultBuffer<ffi::F32> norms, int32_t qn,
+                                int32_t qp, int32_t with_residual, int32_t axis,
+                                int32_t transpose) {
   constexpr const char* kOp = "jint4_hadamard_quantize";
   JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
+  JINT4_RETURN_IF_ERROR(CheckFlagAttr(with_residual, kOp, "with_residual"));
+  JINT4_RETURN_IF_ERROR(CheckFlagAttr(transpose, kOp, "transpose"));
+  JINT4_CHECK_ARG(axis == 0 || axis == 1, kOp,
+                  ": attribute 'axis' must be 0 (Hadamard down the columns) or"
+                  " 1 (along the rows); got ", axis);
+  JINT4_CHECK_ARG(with_residual == 0 || (axis == 1 && transpose == 0), kOp,
+                  ": a residual (with_residual=1) is kept only for axis=1"
+                  " without transpose (activations); got axis=", axis,
+                  ", transpose=", transpose,
+                  ". Quantize without a residual, or along axis 1");
+  JINT4_RETURN_IF_ERROR(CheckFloatType(x, kOp, "x"));
   JINT4_RETURN_IF_ERROR(CheckRank(x, 2, kOp, "x"));
-  const int64_t m = x.dimensions()[0];
-  const int64_t k = x.dimensions()[1];
+  const int64_t r = x.dimensions()[0];
+  const int64_t s = x.dimensions()[1];
   JINT4_RETURN_IF_ERROR(CheckElementCount(step, 1, kOp, "step"));
   JINT4_RETURN_IF_ERROR(CheckElementCount(seed, 2, kOp, "seed"));
   JINT4_RETURN_IF_ERROR(CheckElementCount(log2_block, 1, kOp, "log2_block"));
-  JINT4_RETURN_IF_ERROR(CheckShape(*q, {m, k}, kOp, "q"));
+  if (transpose != 0) {
+    JINT4_RETURN_IF_ERROR(CheckShape(*q, {s, r}, kOp, "q"));
+  } else {
+    JINT4_RETURN_IF_ERROR(CheckShape(*q, {r, s}, kOp, "q"));
+  }
   const int32_t log2 = log2_block.typed_data()[0];
-  JINT4_RETURN_IF_ERROR(CheckLog2Block(log2, k, kOp));
+  JINT4_RETURN_IF_ERROR(CheckLog2Block(
+      log2, axis == 1 ? s : r,
+      axis == 1 ? "dim 1 of x (axis=1)" : "dim 0 of x (axis=0)", kOp));
   if (with_residual != 0) {
-    JINT4_RETURN_IF_ERROR(CheckResidual(*nibbles, *flags, m * k, qn, kOp));
+    JINT4_RETURN_IF_ERROR(CheckResidual(*nibbles, *flags, r * s, qn, kOp));
+    JINT4_RETURN_IF_ERROR(CheckShape(*norms, {r}, kOp, "norms"));
   } else {
     JINT4_RETURN_IF_ERROR(CheckShape(*nibbles, {0}, kOp, "nibbles"));
     JINT4_RETURN_IF_ERROR(CheckRank(*flags, 2, kOp, "flags"));
     JINT4_CHECK_ARG(flags->dimensions()[1] == 0, kOp,
                     ": without residual, 'flags' must be u8[F, 0]; got ",
                     ShapeString(flags->dimensions()));
+    JINT4_RETURN_IF_ERROR(CheckShape(*norms, {0}, kOp, "norms"));
   }
-  const uint32_t* s = seed.typed_data();
-  HadamardQuantize(x.typed_data(), m, k, step.typed_data()[0], s[0], s[1],
-                   log2, qn, qp, q->typed_data(),
-                   with_residual ? nibbles->typed_data() : nullptr,
-                   with_residual ? flags->typed_data() : nullptr);
+  const uint32_t* sd = seed.typed_data();
+  const bool res = with_residual != 0;
+  HadamardQuantize(x.untyped_data(), FloatTypeOf(x.element_type()), r, s,
+                   step.typed_data()[0], sd[0], sd[1], log2, qn, qp, axis,
+                   transpose != 0, q->typed_data(),
+                   res ? nibbles->typed_data() : nullptr,
+                   res ? flags->typed_data() : nullptr,
+                   res ? norms->typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
-// jint4_residual_values: nibbles u8[P], flags u8[F,Q] -> q s8[M,K]; qn, qp
+// jint4_residual_values: nibbles u8[P], flags u8[F,Q], rows s32[T or 0]
+//   -> q s8[T,K] or [K,T]; attrs qn, qp, m, gather, transpose
 // ---------------------------------------------------------------------------
 ffi::Error ResidualValuesImpl(ffi::Buffer<ffi::U8> nibbles,
                               ffi::Buffer<ffi::U8> flags,
+                              ffi::Buffer<ffi::S32> rows,
                               ffi::ResultBuffer<ffi::S8> q, int32_t qn,
-                              int32_t qp) {
+                              int32_t qp, int32_t m, int32_t gather,
+                              int32_t transpose) {
   constexpr const char* kOp = "jint4_residual_values";
   JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
+  JINT4_RETURN_IF_ERROR(CheckFlagAttr(gather, kOp, "gather"));
+  JINT4_RETURN_IF_ERROR(CheckFlagAttr(transpose, kOp, "transpose"));
+  JINT4_CHECK_ARG(m >= 0, kOp, ": attribute 'm' (rows of the quantized tensor)"
+                  " must be >= 0; got ", m);
   JINT4_RETURN_IF_ERROR(CheckRank(*q, 2, kOp, "q"));
-  const int64_t n = NumElements(q->dimensions());
+  JINT4_RETURN_IF_ERROR(CheckRank(rows, 1, kOp, "rows"));
+  const int64_t t = q->dimensions()[transpose != 0 ? 1 : 0];
+  const int64_t k = q->dimensions()[transpose != 0 ? 0 : 1];
+  if (gather != 0) {
+    JINT4_CHECK_ARG(rows.dimensions()[0] == t, kOp, ": with gather=1, 'rows'"
+                    " must be s32[T] with T = ", t, " rows of the result q ",
+                    ShapeString(q->dimensions()), (transpose ? " ([K, T])" : " ([T, K])"),
+                    "; got rows ", ShapeString(rows.dimensions()));
+  } else {
+    JINT4_RETURN_IF_ERROR(CheckShape(rows, {0}, kOp, "rows (gather=0)"));
+    JINT4_CHECK_ARG(t == m, kOp, ": with gather=0 the result q ",
+                    ShapeString(q->dimensions()), " must hold all m = ", m,
+                    " rows", (transpose ? " ([K, m])" : " ([m, K])"));
+  }
+  const int64_t n = int64_t{m} * k;
+  JINT4_CHECK_ARG(
+      nibbles.dimensions().size() == 1 &&
+          nibbles.dimensions()[0] == ffi_util::NibbleBytes(n),
+      kOp, ": 'nibbles' ", ShapeString(nibbles.dimensions()),
+      " is not the residual of an [m, K] = [", m, ", ", k, "] tensor (", n,
+      " elements need u8[", ffi_util::NibbleBytes(n),
+      "]); pass the shape the residual was quantized with");
   JINT4_RETURN_IF_ERROR(CheckResidual(nibbles, flags, n, qn, kOp));
-  ResidualValues(nibbles.typed_data(), flags.typed_data(), n, qn, qp,
-                 q->typed_data());
+  const int32_t* rw = gather != 0 ? rows.typed_data() : nullptr;
+  if (rw != nullptr) {
+    JINT4_RETURN_IF_ERROR(CheckIndices(rw, t, m, /*allow_negative=*/false,
+                                       kOp, "rows", "rows of the residual"));
+  }
+  ResidualValues(nibbles.typed_data(), flags.typed_data(), m, k, rw, t,
+                 transpose != 0, qn, qp, q->typed_data());
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
-// jint4_lsq_backward: grad f32[M,K], nibbles, flags
-//   -> dt f32[M,K], delta_sum f32[]; qn, qp
+// jint4_lsq_backward: grad f32[S,K], nibbles, flags, slots s32[2,M] (or
+//   [2,0]), log2_block s32[] -> dt (f32|bf16|f16)[M,K], delta_sum f32[]
+//   attrs qn, qp, gather
 // ---------------------------------------------------------------------------
 ffi::Error LsqBackwardImpl(ffi::Buffer<ffi::F32> grad,
                            ffi::Buffer<ffi::U8> nibbles,
                            ffi::Buffer<ffi::U8> flags,
-                           ffi::ResultBuffer<ffi::F32> dt,
+                           ffi::Buffer<ffi::S32> slots,
+                           ffi::Buffer<ffi::S32> log2_block,
+                           ffi::Result<ffi::AnyBuffer> dt,
                            ffi::ResultBuffer<ffi::F32> delta_sum, int32_t qn,
-                           int32_t qp) {
+                           int32_t qp, int32_t gather) {
   constexpr const char* kOp = "jint4_lsq_backward";
   JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
+  JINT4_RETURN_IF_ERROR(CheckFlagAttr(gather, kOp, "gather"));
   JINT4_RETURN_IF_ERROR(CheckRank(grad, 2, kOp, "grad"));
-  const int64_t m = grad.dimensions()[0];
+  const int64_t s = grad.dimensions()[0];
   const int64_t k = grad.dimensions()[1];
+  JINT4_RETURN_IF_ERROR(CheckRank(slots, 2, kOp, "slots"));
+  JINT4_CHECK_ARG(slots.dimensions()[0] == 2, kOp,
+                  ": 'slots' must be s32[2, M] (s32[2, 0] with gather=0); got ",
+                  ShapeString(slots.dimensions()));
+  int64_t m = s;
+  if (gather != 0) {
+    m = slots.dimensions()[1];
+  } else {
+    JINT4_RETURN_IF_ERROR(CheckShape(slots, {2, 0}, kOp, "slots (gather=0)"));
+  }
+  JINT4_RETURN_IF_ERROR(CheckElementCount(log2_block, 1, kOp, "log2_block"));
+  const int32_t log2 = log2_block.typed_data()[0];
+  JINT4_RETURN_IF_ERROR(CheckLog2Block(log2, k, kOp));
   JINT4_RETURN_IF_ERROR(CheckResidual(nibbles, flags, m * k, qn, kOp));
+  JINT4_RETURN_IF_ERROR(CheckFloatType(*dt, kOp, "dt"));
   JINT4_RETURN_IF_ERROR(CheckShape(*dt, {m, k}, kOp, "dt"));
   JINT4_RETURN_IF_ERROR(CheckElementCount(*delta_sum, 1, kOp, "delta_sum"));
+  const int32_t* sl = gather != 0 ? slots.typed_data() : nullptr;
+  if (sl != nullptr) {
+    JINT4_RETURN_IF_ERROR(CheckIndices(sl, m, s, /*allow_negative=*/true, kOp,
+                                       "slots[0]", "rows of grad"));
+    JINT4_RETURN_IF_ERROR(CheckIndices(sl + m, m, s, /*allow_negative=*/true,
+                                       kOp, "slots[1]", "rows of grad"));
+  }
   delta_sum->typed_data()[0] =
-      LsqBackward(grad.typed_data(), nibbles.typed_data(), flags.typed_data(),
-                  m * k, qn, qp, dt->typed_data());
+      LsqBackward(grad.typed_data(), s, k, sl, m, nibbles.typed_data(),
+                  flags.typed_data(), qn, qp, log2,
+                  FloatTypeOf(dt->element_type()), dt->untyped_data());
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
-// jint4_bit_split: g f32[R,C], seed u32[2]
-//   -> hi s8[R,C], lo s8[R,C], scales f32[2], hi_norm f32[R], lo_norm f32[R]
+// jint4_bit_split: g (f32|bf16|f16)[R,C], seed u32[2]
+//   -> g2 s8[2R,C], scales f32[2], norms f32[2R]
 // ---------------------------------------------------------------------------
-ffi::Error BitSplitImpl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U32> seed,
-                        ffi::ResultBuffer<ffi::S8> hi,
-                        ffi::ResultBuffer<ffi::S8> lo,
+ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
+                        ffi::ResultBuffer<ffi::S8> g2,
                         ffi::ResultBuffer<ffi::F32> scales,
-                        ffi::ResultBuffer<ffi::F32> hi_norm,
-                        ffi::ResultBuffer<ffi::F32> lo_norm) {
+                        ffi::ResultBuffer<ffi::F32> norms) {
   constexpr const char* kOp = "jint4_bit_split";
+  JINT4_RETURN_IF_ERROR(CheckFloatType(g, kOp, "g"));
   JINT4_RETURN_IF_ERROR(CheckRank(g, 2, kOp, "g"));
   const int64_t r = g.dimensions()[0];
   const int64_t c = g.dimensions()[1];
   JINT4_RETURN_IF_ERROR(CheckElementCount(seed, 2, kOp, "seed"));
-  JINT4_RETURN_IF_ERROR(CheckShape(*hi, {r, c}, kOp, "hi"));
-  JINT4_RETURN_IF_ERROR(CheckShape(*lo, {r, c}, kOp, "lo"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*g2, {2 * r, c}, kOp, "g2"));
   JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
-  JINT4_RETURN_IF_ERROR(CheckShape(*hi_norm, {r}, kOp, "hi_norm"));
-  JINT4_RETURN_IF_ERROR(CheckShape(*lo_norm, {r}, kOp, "lo_norm"));
-  const uint32_t* s = seed.typed_data();
-  BitSplit(g.typed_data(), r, c, s[0], s[1], hi->typed_data(),
-           lo->typed_data(), scales->typed_data(), hi_norm->typed_data(),
-           lo_norm->typed_data());
+  JINT4_RETURN_IF_ERROR(CheckShape(*norms, {2 * r}, kOp, "norms"));
+  const uint32_t* sd = seed.typed_data();
+  BitSplit(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0], sd[1],
+           g2->typed_data(), scales->typed_data(), norms->typed_data());
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
-// jint4_int_gemm: a s8[M,K], b s8[N,K], scale f32[], row_scale f32[M]
-//   -> out f32 or bf16 [M,N]
+// jint4_bit_split_joined: g (f32|bf16|f16)[R,C], seed u32[2]
+//   -> v s8[R,C], vt s8[C,R], scales f32[2]
+// ---------------------------------------------------------------------------
+ffi::Error BitSplitJoinedImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
+                              ffi::ResultBuffer<ffi::S8> v,
+                              ffi::ResultBuffer<ffi::S8> vt,
+                              ffi::ResultBuffer<ffi::F32> scales) {
+  constexpr const char* kOp = "jint4_bit_split_joined";
+  JINT4_RETURN_IF_ERROR(CheckFloatType(g, kOp, "g"));
+  JINT4_RETURN_IF_ERROR(CheckRank(g, 2, kOp, "g"));
+  const int64_t r = g.dimensions()[0];
+  const int64_t c = g.dimensions()[1];
+  JINT4_RETURN_IF_ERROR(CheckElementCount(seed, 2, kOp, "seed"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*v, {r, c}, kOp, "v"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*vt, {c, r}, kOp, "vt"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
+  const uint32_t* sd = seed.typed_data();
+  BitSplitJoined(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0],
+                 sd[1], v->typed_data(), vt->typed_data(),
+                 scales->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// jint4_resplit_rows: g2 s8[R2,C], rows s32[J], row_scale f32[J], seed u32[2]
+//   -> vt s8[C,J], scales f32[2]
+// ---------------------------------------------------------------------------
+ffi::Error ResplitRowsImpl(ffi::Buffer<ffi::S8> g2, ffi::Buffer<ffi::S32> rows,
+                           ffi::Buffer<ffi::F32> row_scale,
+                           ffi::Buffer<ffi::U32> seed,
+                           ffi::ResultBuffer<ffi::S8> vt,
+                           ffi::ResultBuffer<ffi::F32> scales) {
+  constexpr const char* kOp = "jint4_resplit_rows";
+  JINT4_RETURN_IF_ERROR(CheckRank(g2, 2, kOp, "g2"));
+  const int64_t r2 = g2.dimensions()[0];
+  const int64_t c = g2.dimensions()[1];
+  JINT4_RETURN_IF_ERROR(CheckRank(rows, 1, kOp, "rows"));
+  const int64_t j = rows.dimensions()[0];
+  JINT4_RETURN_IF_ERROR(CheckShape(row_scale, {j}, kOp, "row_scale"));
+  JINT4_RETURN_IF_ERROR(CheckElementCount(seed, 2, kOp, "seed"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*vt, {c, j}, kOp, "vt"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
+  JINT4_RETURN_IF_ERROR(CheckIndices(rows.typed_data(), j, r2,
+                                     /*allow_negative=*/false, kOp, "rows",
+                                     "rows of g2"));
+  const uint32_t* sd = seed.typed_data();
+  ResplitRows(g2.typed_data(), c, rows.typed_data(), row_scale.typed_data(), j,
+              sd[0], sd[1], vt->typed_data(), scales->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// jint4_int_gemm: a s8[M,K], b s8[N,K], scale f32[], row_scale f32[M],
+//   col_bias f32[N] -> out f32 or bf16 [M,N]; attr int4
 // ---------------------------------------------------------------------------
 ffi::Error IntGemmImpl(ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> b,
                        ffi::Buffer<ffi::F32> scale,
                        ffi::Buffer<ffi::F32> row_scale,
-                       ffi::Result<ffi::AnyBuffer> out) {
+                       ffi::Buffer<ffi::F32> col_bias,
+                       ffi::Result<ffi::AnyBuffer> out, int32_t int4) {
   constexpr const char* kOp = "jint4_int_gemm";
+  // int4 = 1 promises values in [-8, 7] (for INT4 tensor cores); the CPU
+  // product is exact for any int8 either way.
+  JINT4_RETURN_IF_ERROR(CheckFlagAttr(int4, kOp, "int4"));
   JINT4_RETURN_IF_ERROR(CheckRank(a, 2, kOp, "a"));
   JINT4_RETURN_IF_ERROR(CheckRank(b, 2, kOp, "b"));
   const int64_t m = a.dimensions()[0];
@@ -153,17 +300,18 @@ ffi::Error IntGemmImpl(ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> b,
                   ShapeString(b.dimensions()));
   JINT4_RETURN_IF_ERROR(CheckElementCount(scale, 1, kOp, "scale"));
   JINT4_RETURN_IF_ERROR(CheckShape(row_scale, {m}, kOp, "row_scale"));
+  JINT4_RETURN_IF_ERROR(CheckShape(col_bias, {n}, kOp, "col_bias"));
   JINT4_RETURN_IF_ERROR(CheckShape(*out, {m, n}, kOp, "out"));
   const float s = scale.typed_data()[0];
   switch (out->element_type()) {
     case ffi::DataType::F32:
       IntGemmF32(a.typed_data(), b.typed_data(), m, n, k, s,
-                 row_scale.typed_data(),
+                 row_scale.typed_data(), col_bias.typed_data(),
                  static_cast<float*>(out->untyped_data()));
       return ffi::Error::Success();
     case ffi::DataType::BF16:
       IntGemmBF16(a.typed_data(), b.typed_data(), m, n, k, s,
-                  row_scale.typed_data(),
+                  row_scale.typed_data(), col_bias.typed_data(),
                   static_cast<uint16_t*>(out->untyped_data()));
       return ffi::Error::Success();
     default:
@@ -171,35 +319,6 @@ ffi::Error IntGemmImpl(ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> b,
           kOp, ": result 'out' must be f32 or bf16; got ",
           ffi_util::DataTypeName(out->element_type())));
   }
-}
-
-// ---------------------------------------------------------------------------
-// jint4_int_gemm_gather_rows: a s8[R,M], b s8[T,N], rows s32[R], scale f32[]
-//   -> out f32[M,N]
-// ---------------------------------------------------------------------------
-ffi::Error IntGemmGatherRowsImpl(ffi::Buffer<ffi::S8> a,
-                                 ffi::Buffer<ffi::S8> b,
-                                 ffi::Buffer<ffi::S32> rows,
-                                 ffi::Buffer<ffi::F32> scale,
-                                 ffi::ResultBuffer<ffi::F32> out) {
-  constexpr const char* kOp = "jint4_int_gemm_gather_rows";
-  JINT4_RETURN_IF_ERROR(CheckRank(a, 2, kOp, "a"));
-  JINT4_RETURN_IF_ERROR(CheckRank(b, 2, kOp, "b"));
-  const int64_t r = a.dimensions()[0];
-  const int64_t m = a.dimensions()[1];
-  const int64_t t = b.dimensions()[0];
-  const int64_t n = b.dimensions()[1];
-  JINT4_RETURN_IF_ERROR(CheckShape(rows, {r}, kOp, "rows"));
-  JINT4_RETURN_IF_ERROR(CheckElementCount(scale, 1, kOp, "scale"));
-  JINT4_RETURN_IF_ERROR(CheckShape(*out, {m, n}, kOp, "out"));
-  const int32_t* rw = rows.typed_data();
-  for (int64_t i = 0; i < r; ++i) {
-    JINT4_CHECK_ARG(rw[i] >= 0 && rw[i] < t, kOp, ": rows[", i, "] = ", rw[i],
-                    " is out of range [0, ", t, ") of b's ", t, " rows");
-  }
-  IntGemmGatherRowsF32(a.typed_data(), b.typed_data(), rw, r, m, n,
-                       scale.typed_data()[0], out->typed_data());
-  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -213,25 +332,32 @@ namespace ffi = ::xla::ffi;
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize,
                               jint4::cpu::HadamardQuantizeImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::AnyBuffer>()         // x
                                   .Arg<ffi::Buffer<ffi::F32>>()  // step
                                   .Arg<ffi::Buffer<ffi::U32>>()  // seed
                                   .Arg<ffi::Buffer<ffi::S32>>()  // log2_block
                                   .Ret<ffi::Buffer<ffi::S8>>()   // q
                                   .Ret<ffi::Buffer<ffi::U8>>()   // nibbles
                                   .Ret<ffi::Buffer<ffi::U8>>()   // flags
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // norms
                                   .Attr<int32_t>("qn")
                                   .Attr<int32_t>("qp")
-                                  .Attr<int32_t>("with_residual"));
+                                  .Attr<int32_t>("with_residual")
+                                  .Attr<int32_t>("axis")
+                                  .Attr<int32_t>("transpose"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_residual_values,
                               jint4::cpu::ResidualValuesImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::U8>>()  // nibbles
-                                  .Arg<ffi::Buffer<ffi::U8>>()  // flags
-                                  .Ret<ffi::Buffer<ffi::S8>>()  // q
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // nibbles
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // flags
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // q
                                   .Attr<int32_t>("qn")
-                                  .Attr<int32_t>("qp"));
+                                  .Attr<int32_t>("qp")
+                                  .Attr<int32_t>("m")
+                                  .Attr<int32_t>("gather")
+                                  .Attr<int32_t>("transpose"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_backward,
                               jint4::cpu::LsqBackwardImpl,
@@ -239,20 +365,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // grad
                                   .Arg<ffi::Buffer<ffi::U8>>()   // nibbles
                                   .Arg<ffi::Buffer<ffi::U8>>()   // flags
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dt
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // slots
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // log2_block
+                                  .Ret<ffi::AnyBuffer>()         // dt
                                   .Ret<ffi::Buffer<ffi::F32>>()  // delta_sum
                                   .Attr<int32_t>("qn")
-                                  .Attr<int32_t>("qp"));
+                                  .Attr<int32_t>("qp")
+                                  .Attr<int32_t>("gather"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split, jint4::cpu::BitSplitImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Arg<ffi::Buffer<ffi::U32>>()  // seed
-                                  .Ret<ffi::Buffer<ffi::S8>>()   // hi
-                                  .Ret<ffi::Buffer<ffi::S8>>()   // lo
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // scales
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // hi_norm
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // lo_norm
+                                  .Arg<ffi::AnyBuffer>()           // g
+                                  .Arg<ffi::Buffer<ffi::U32>>()    // seed
+                                  .Ret<ffi::Buffer<ffi::S8>>()     // g2
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // scales
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // norms
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split_joined,
+                              jint4::cpu::BitSplitJoinedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()           // g
+                                  .Arg<ffi::Buffer<ffi::U32>>()    // seed
+                                  .Ret<ffi::Buffer<ffi::S8>>()     // v
+                                  .Ret<ffi::Buffer<ffi::S8>>()     // vt
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // scales
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_resplit_rows,
+                              jint4::cpu::ResplitRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S8>>()     // g2
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // rows
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // row_scale
+                                  .Arg<ffi::Buffer<ffi::U32>>()    // seed
+                                  .Ret<ffi::Buffer<ffi::S8>>()     // vt
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // scales
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_int_gemm, jint4::cpu::IntGemmImpl,
                               ffi::Ffi::Bind()
@@ -260,15 +406,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_int_gemm, jint4::cpu::IntGemmImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()   // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // row_scale
-                                  .Ret<ffi::AnyBuffer>());       // out
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_int_gemm_gather_rows,
-                              jint4::cpu::IntGemmGatherRowsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S8>>()   // a
-                                  .Arg<ffi::Buffer<ffi::S8>>()   // b
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // col_bias
+                                  .Ret<ffi::AnyBuffer>()         // out
+                                  .Attr<int32_t>("int4"));
 
 #pragma GCC visibility pop

@@ -15,7 +15,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_residual_values);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_lsq_backward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_bit_split);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_int_gemm);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_int_gemm_gather_rows);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_bit_split_joined);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_resplit_rows);
 
 #pragma GCC visibility pop
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/ffi_util.h"
+#include "common/float_convert.h"
 #include "common/jint4_math.h"
 
 namespace jint4 {
@@ -76,162 +77,296 @@ void IntGemmDriver(const int8_t* a, const int8_t* b, int64_t m, int64_t n,
   }
 }
 
-// Drives sum_t a[t, i] b[rows[t], j] (a[r, m], b[*, n]) and calls
-// store(i, j, acc). Tiles of the accumulator stay in cache while all r rank-1
-// updates run over them; the innermost loop is contiguous over j.
-template <typename Store>
-void GatherRowsDriver(const int8_t* a, const int8_t* b, const int32_t* rows,
-                      int64_t r, int64_t m, int64_t n, Store store) {
-  constexpr int64_t kTileM = 64;
-  constexpr int64_t kTileN = 256;
-  std::vector<uint32_t> tile(kTileM * kTileN);
-  for (int64_t i0 = 0; i0 < m; i0 += kTileM) {
-    const int64_t mi = std::min(kTileM, m - i0);
-    for (int64_t j0 = 0; j0 < n; j0 += kTileN) {
-      const int64_t nj = std::min(kTileN, n - j0);
-      std::fill(tile.begin(), tile.end(), 0u);
-      for (int64_t t = 0; t < r; ++t) {
-        const int8_t* at = a + t * m + i0;
-        const int8_t* bt = b + static_cast<int64_t>(rows[t]) * n + j0;
-        for (int64_t i = 0; i < mi; ++i) {
-          const int32_t av = at[i];
-          if (av == 0) continue;
-          uint32_t* acc = tile.data() + i * kTileN;
-          // Modulo 2^32, as a wrapping int32 accumulator.
-          int64_t j = 0;
-          for (; j + kRun <= nj; j += kRun) {
-            for (int64_t u = 0; u < kRun; ++u) {
-              acc[j + u] +=
-                  static_cast<uint32_t>(av * static_cast<int32_t>(bt[j + u]));
-            }
-          }
-          for (; j < nj; ++j) {
-            acc[j] += static_cast<uint32_t>(av * static_cast<int32_t>(bt[j]));
-          }
-        }
-      }
-      for (int64_t i = 0; i < mi; ++i) {
-        for (int64_t j = 0; j < nj; ++j) {
-          store(i0 + i, j0 + j, static_cast<int32_t>(tile.data()[i * kTileN + j]));
-        }
-      }
+// Calls fn(load) with load(i, j) = float32(g[i * cols + j]) for g of `type`.
+template <typename Fn>
+void WithLoader(const void* g, FloatType type, int64_t cols, Fn fn) {
+  switch (type) {
+    case FloatType::kF32: {
+      const float* p = static_cast<const float*>(g);
+      fn([p, cols](int64_t i, int64_t j) { return p[i * cols + j]; });
+      return;
+    }
+    case FloatType::kBF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(g);
+      fn([p, cols](int64_t i, int64_t j) { return BF16BitsToFloat(p[i * cols + j]); });
+      return;
+    }
+    case FloatType::kF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(g);
+      fn([p, cols](int64_t i, int64_t j) { return HalfBitsToFloat(p[i * cols + j]); });
+      return;
     }
   }
 }
 
-}  // namespace
-
-uint16_t FloatToBF16Bits(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) {
-    // NaN -> the canonical quiet NaN of the same sign, as XLA / ml_dtypes.
-    return static_cast<uint16_t>(((bits >> 16) & 0x8000u) | 0x7FC0u);
+// Bit splitting of t[rows, cols] given by load(i, j) (bitsplit.py): m =
+// max|t| (NaN if any element is NaN, as the reference spells it out), then
+// SplitValue with the noise of flat index i * cols + j; emit(i, j, hi, lo)
+// per element; scales = {m * fl(1/7), m * fl(1/98)}.
+template <typename Load, typename Emit>
+void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
+               uint32_t seed1, float* scales, Emit emit) {
+  float m = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < rows && !nan; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const float a = std::fabs(load(i, j));
+      if (a != a) {
+        nan = true;
+        break;
+      }
+      if (a > m) m = a;
+    }
   }
-  bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
+  if (nan) m = std::numeric_limits<float>::quiet_NaN();
+  const float f = kSplitRange / SafeMax(m);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      int8_t hi, lo;
+      SplitValue(load(i, j), f,
+                 Uniform(seed0, seed1, static_cast<uint32_t>(i * cols + j)),
+                 &hi, &lo);
+      emit(i, j, hi, lo);
+    }
+  }
+  scales[0] = m * kInvSeven;
+  scales[1] = m * kInvSplitRange;
 }
 
-void HadamardQuantize(const float* x, int64_t m, int64_t k, float step,
-                      uint32_t seed0, uint32_t seed1, int log2_block, int qn,
-                      int qp, int8_t* q, uint8_t* nibbles, uint8_t* flags) {
-  const bool residual = nibbles != nullptr && flags != nullptr;
-  const int64_t count = m * k;
+// The joined digit 14 hi + lo (in [-98, 98]), as reference._join.
+inline int8_t Join(int8_t hi, int8_t lo) {
+  return static_cast<int8_t>(int32_t{hi} * 14 + int32_t{lo});
+}
+
+}  // namespace
+
+void LoadFloats(const void* src, FloatType type, int64_t offset, int64_t n,
+                float* dst) {
+  switch (type) {
+    case FloatType::kF32:
+      std::memcpy(dst, static_cast<const float*>(src) + offset,
+                  static_cast<size_t>(n) * sizeof(float));
+      return;
+    case FloatType::kBF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = BF16BitsToFloat(p[i]);
+      return;
+    }
+    case FloatType::kF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i) dst[i] = HalfBitsToFloat(p[i]);
+      return;
+    }
+  }
+}
+
+void StoreFloats(const float* src, int64_t n, FloatType type, void* dst,
+                 int64_t offset) {
+  switch (type) {
+    case FloatType::kF32:
+      std::memcpy(static_cast<float*>(dst) + offset, src,
+                  static_cast<size_t>(n) * sizeof(float));
+      return;
+    case FloatType::kBF16: {
+      uint16_t* p = static_cast<uint16_t*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i] = FloatToBF16Bits(src[i]);
+      return;
+    }
+    case FloatType::kF16: {
+      uint16_t* p = static_cast<uint16_t*>(dst) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i] = FloatToHalfBits(src[i]);
+      return;
+    }
+  }
+}
+
+void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
+                      float step, uint32_t seed0, uint32_t seed1,
+                      int log2_block, int qn, int qp, int axis, bool transpose,
+                      int8_t* q, uint8_t* nibbles, uint8_t* flags,
+                      float* norms) {
+  const bool residual = nibbles != nullptr && flags != nullptr && norms != nullptr;
+  const int64_t count = r * s;
   const int planes = FlagPlanes(qn);
   const int64_t flag_bytes = FlagBytes(count);
   if (residual) {
     std::memset(nibbles, 0, static_cast<size_t>(NibbleBytes(count)));
     std::memset(flags, 0, static_cast<size_t>(planes * flag_bytes));
   }
-  std::vector<float> row(static_cast<size_t>(k));
-  for (int64_t r = 0; r < m; ++r) {
-    std::copy(x + r * k, x + (r + 1) * k, row.begin());
-    HadamardInPlace(row.data(), k, log2_block);
-    for (int64_t c = 0; c < k; ++c) {
-      const int64_t i = r * k + c;
-      const float v = row.data()[c] / step;
-      q[i] = QuantizeCode(v, qn, qp);
+  // q[i, j] of the [r, s] result, stored at (i, j) or (j, i).
+  auto store_q = [&](int64_t i, int64_t j, int8_t v) {
+    q[transpose ? j * r + i : i * s + j] = v;
+  };
+
+  if (axis == 0) {
+    // Hb down each column: butterfly stage `stage` pairs rows at distance
+    // 2^stage, elementwise over the columns (the same float operations per
+    // element as HadamardInPlace on a column, in the same order).
+    std::vector<float> t(static_cast<size_t>(count));
+    LoadFloats(x, type, 0, count, t.data());
+    for (int stage = 0; stage < log2_block; ++stage) {
+      const int64_t half = int64_t{1} << stage;
+      for (int64_t base = 0; base < r; base += 2 * half) {
+        for (int64_t i = base; i < base + half; ++i) {
+          float* a = t.data() + i * s;
+          float* b = t.data() + (i + half) * s;
+          for (int64_t j = 0; j < s; ++j) Butterfly(a[j], b[j]);
+        }
+      }
+    }
+    // Row tiles, so that the transposed stores run contiguously.
+    constexpr int64_t kTile = 32;
+    for (int64_t i0 = 0; i0 < r; i0 += kTile) {
+      const int64_t i1 = std::min(r, i0 + kTile);
+      for (int64_t j = 0; j < s; ++j) {
+        for (int64_t i = i0; i < i1; ++i) {
+          store_q(i, j, QuantizeCode(t[static_cast<size_t>(i * s + j)] / step, qn, qp));
+        }
+      }
+    }
+    return;  // no residual for axis 0 (the handler checks)
+  }
+
+  std::vector<float> row(static_cast<size_t>(s));
+  for (int64_t i = 0; i < r; ++i) {
+    LoadFloats(x, type, i * s, s, row.data());
+    bool finite = true;
+    if (residual) {
+      for (int64_t j = 0; j < s; ++j) finite = finite && std::isfinite(row[j]);
+    }
+    HadamardInPlace(row.data(), s, log2_block);
+    int64_t sum_sq = 0;  // exact
+    for (int64_t j = 0; j < s; ++j) {
+      const int64_t e = i * s + j;
+      const float v = row[j] / step;
+      const int8_t qv = QuantizeCode(v, qn, qp);
+      store_q(i, j, qv);
       if (!residual) continue;
+      sum_sq += int64_t{qv} * qv;
       int8_t code;
       uint8_t f;
-      EncodeBackwardState(v, Uniform(seed0, seed1, static_cast<uint32_t>(i)),
+      EncodeBackwardState(v, Uniform(seed0, seed1, static_cast<uint32_t>(e)),
                           qn, qp, &code, &f);
-      nibbles[i >> 1] |=
-          static_cast<uint8_t>((static_cast<uint8_t>(code) & 0xFu) << ((i & 1) * 4));
-      const int bit = static_cast<int>(i & 7);
-      flags[i >> 3] |= static_cast<uint8_t>((f & 1u) << bit);
+      nibbles[e >> 1] |=
+          static_cast<uint8_t>((static_cast<uint8_t>(code) & 0xFu) << ((e & 1) * 4));
+      const int bit = static_cast<int>(e & 7);
+      flags[e >> 3] |= static_cast<uint8_t>((f & 1u) << bit);
       if (planes == 2) {
-        flags[flag_bytes + (i >> 3)] |=
+        flags[flag_bytes + (e >> 3)] |=
             static_cast<uint8_t>(((f >> 1) & 1u) << bit);
       }
+    }
+    if (residual) {
+      norms[i] = finite ? std::sqrt(static_cast<float>(sum_sq))
+                        : std::numeric_limits<float>::quiet_NaN();
     }
   }
 }
 
-void ResidualValues(const uint8_t* nibbles, const uint8_t* flags, int64_t n,
-                    int qn, int qp, int8_t* q) {
+void ResidualValues(const uint8_t* nibbles, const uint8_t* flags, int64_t m,
+                    int64_t k, const int32_t* rows, int64_t num_rows,
+                    bool transpose, int qn, int qp, int8_t* q) {
   const int planes = FlagPlanes(qn);
-  const int64_t flag_bytes = FlagBytes(n);
-  for (int64_t i = 0; i < n; ++i) {
-    int8_t code;
-    uint8_t f;
-    LoadResidual(nibbles, flags, flag_bytes, planes, i, &code, &f);
-    bool inside;
-    float delta_hat;
-    DecodeBackwardState(code, f, qn, qp, &q[i], &inside, &delta_hat);
+  const int64_t flag_bytes = FlagBytes(m * k);
+  for (int64_t t = 0; t < num_rows; ++t) {
+    const int64_t src = rows != nullptr ? static_cast<int64_t>(rows[t]) : t;
+    for (int64_t c = 0; c < k; ++c) {
+      int8_t code, qv;
+      uint8_t f;
+      LoadResidual(nibbles, flags, flag_bytes, planes, src * k + c, &code, &f);
+      bool inside;
+      float delta_hat;
+      DecodeBackwardState(code, f, qn, qp, &qv, &inside, &delta_hat);
+      q[transpose ? c * num_rows + t : t * k + c] = qv;
+    }
   }
 }
 
-float LsqBackward(const float* grad, const uint8_t* nibbles,
-                  const uint8_t* flags, int64_t n, int qn, int qp, float* dt) {
+float LsqBackward(const float* grad, int64_t s_rows, int64_t k,
+                  const int32_t* slots, int64_t m, const uint8_t* nibbles,
+                  const uint8_t* flags, int qn, int qp, int log2_block,
+                  FloatType dt_type, void* dt) {
+  (void)s_rows;  // the handler checked every slot against it
   const int planes = FlagPlanes(qn);
-  const int64_t flag_bytes = FlagBytes(n);
+  const int64_t flag_bytes = FlagBytes(m * k);
+  std::vector<float> row(static_cast<size_t>(k));
   double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    int8_t code, qv;
-    uint8_t f;
-    LoadResidual(nibbles, flags, flag_bytes, planes, i, &code, &f);
-    bool inside;
-    float delta_hat;
-    DecodeBackwardState(code, f, qn, qp, &qv, &inside, &delta_hat);
-    dt[i] = inside ? grad[i] : 0.0f;
-    sum += static_cast<double>(grad[i] * delta_hat);
+  for (int64_t t = 0; t < m; ++t) {
+    const float* g0 = nullptr;
+    const float* g1 = nullptr;
+    if (slots != nullptr) {
+      const int32_t s0 = slots[t];
+      const int32_t s1 = slots[m + t];
+      if (s0 >= 0) g0 = grad + static_cast<int64_t>(s0) * k;
+      if (s1 >= 0) g1 = grad + static_cast<int64_t>(s1) * k;
+    } else {
+      g0 = grad + t * k;
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      // The reference's slot sum: pick(slot 0) + pick(slot 1), 0 for none.
+      const float g = slots != nullptr
+                          ? (g0 != nullptr ? g0[c] : 0.0f) + (g1 != nullptr ? g1[c] : 0.0f)
+                          : g0[c];
+      int8_t code, qv;
+      uint8_t f;
+      LoadResidual(nibbles, flags, flag_bytes, planes, t * k + c, &code, &f);
+      bool inside;
+      float delta_hat;
+      DecodeBackwardState(code, f, qn, qp, &qv, &inside, &delta_hat);
+      row[c] = inside ? g : 0.0f;
+      sum += static_cast<double>(g * delta_hat);
+    }
+    HadamardInPlace(row.data(), k, log2_block);
+    StoreFloats(row.data(), k, dt_type, dt, t * k);
   }
   return static_cast<float>(sum);
 }
 
-void BitSplit(const float* g, int64_t r, int64_t c, uint32_t seed0,
-              uint32_t seed1, int8_t* hi, int8_t* lo, float* scales,
-              float* hi_norm, float* lo_norm) {
+void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
+              uint32_t seed0, uint32_t seed1, int8_t* g2, float* scales,
+              float* norms) {
   const int64_t count = r * c;
-  // m = max|g|, NaN if any element is NaN (as jnp.max).
-  float m = 0.0f;
-  for (int64_t i = 0; i < count; ++i) {
-    const float a = std::fabs(g[i]);
-    if (a != a) {
-      m = std::numeric_limits<float>::quiet_NaN();
-      break;
+  WithLoader(g, type, c, [&](auto load) {
+    SplitCore(r, c, load, seed0, seed1, scales,
+              [&](int64_t i, int64_t j, int8_t hi, int8_t lo) {
+                g2[i * c + j] = hi;
+                g2[count + i * c + j] = lo;
+              });
+  });
+  for (int64_t half = 0; half < 2; ++half) {
+    for (int64_t i = 0; i < r; ++i) {
+      const int8_t* v = g2 + half * count + i * c;
+      int64_t sum_sq = 0;  // exact
+      for (int64_t j = 0; j < c; ++j) sum_sq += int64_t{v[j]} * v[j];
+      norms[half * r + i] = scales[half] * std::sqrt(static_cast<float>(sum_sq));
     }
-    if (a > m) m = a;
   }
-  const float f = kSplitRange / SafeMax(m);
-  for (int64_t i = 0; i < count; ++i) {
-    SplitValue(g[i], f, Uniform(seed0, seed1, static_cast<uint32_t>(i)), &hi[i],
-               &lo[i]);
-  }
-  const float s_lo = m * kInvSplitRange;
-  const float s_hi = m * kInvSeven;
-  scales[0] = s_hi;
-  scales[1] = s_lo;
-  for (int64_t row = 0; row < r; ++row) {
-    int64_t hi_sq = 0, lo_sq = 0;  // exact sums of squares
-    for (int64_t j = row * c; j < (row + 1) * c; ++j) {
-      hi_sq += int64_t{hi[j]} * hi[j];
-      lo_sq += int64_t{lo[j]} * lo[j];
-    }
-    hi_norm[row] = s_hi * std::sqrt(static_cast<float>(hi_sq));
-    lo_norm[row] = s_lo * std::sqrt(static_cast<float>(lo_sq));
-  }
+}
+
+void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
+                    uint32_t seed0, uint32_t seed1, int8_t* v, int8_t* vt,
+                    float* scales) {
+  WithLoader(g, type, c, [&](auto load) {
+    SplitCore(r, c, load, seed0, seed1, scales,
+              [&](int64_t i, int64_t j, int8_t hi, int8_t lo) {
+                const int8_t joined = Join(hi, lo);
+                if (v != nullptr) v[i * c + j] = joined;
+                if (vt != nullptr) vt[j * r + i] = joined;
+              });
+  });
+}
+
+void ResplitRows(const int8_t* g2, int64_t c, const int32_t* rows,
+                 const float* row_scale, int64_t num_rows, uint32_t seed0,
+                 uint32_t seed1, int8_t* vt, float* scales) {
+  auto load = [&](int64_t j, int64_t col) {
+    return static_cast<float>(g2[static_cast<int64_t>(rows[j]) * c + col]) *
+           row_scale[j];
+  };
+  SplitCore(num_rows, c, load, seed0, seed1, scales,
+            [&](int64_t j, int64_t col, int8_t hi, int8_t lo) {
+              vt[col * num_rows + j] = Join(hi, lo);
+            });
 }
 
 void IntGemmS32(const int8_t* a, const int8_t* b, int64_t m, int64_t n,
@@ -241,34 +376,19 @@ void IntGemmS32(const int8_t* a, const int8_t* b, int64_t m, int64_t n,
 }
 
 void IntGemmF32(const int8_t* a, const int8_t* b, int64_t m, int64_t n,
-                int64_t k, float scale, const float* row_scale, float* out) {
+                int64_t k, float scale, const float* row_scale,
+                const float* col_bias, float* out) {
   IntGemmDriver(a, b, m, n, k, [&](int64_t i, int64_t j, int32_t acc) {
-    out[i * n + j] = (static_cast<float>(acc) * scale) * row_scale[i];
+    out[i * n + j] = ((static_cast<float>(acc) * scale) * row_scale[i]) + col_bias[j];
   });
 }
 
 void IntGemmBF16(const int8_t* a, const int8_t* b, int64_t m, int64_t n,
                  int64_t k, float scale, const float* row_scale,
-                 uint16_t* out) {
+                 const float* col_bias, uint16_t* out) {
   IntGemmDriver(a, b, m, n, k, [&](int64_t i, int64_t j, int32_t acc) {
-    out[i * n + j] =
-        FloatToBF16Bits((static_cast<float>(acc) * scale) * row_scale[i]);
-  });
-}
-
-void IntGemmGatherRowsS32(const int8_t* a, const int8_t* b,
-                          const int32_t* rows, int64_t r, int64_t m, int64_t n,
-                          int32_t* out) {
-  GatherRowsDriver(a, b, rows, r, m, n, [&](int64_t i, int64_t j, int32_t acc) {
-    out[i * n + j] = acc;
-  });
-}
-
-void IntGemmGatherRowsF32(const int8_t* a, const int8_t* b,
-                          const int32_t* rows, int64_t r, int64_t m, int64_t n,
-                          float scale, float* out) {
-  GatherRowsDriver(a, b, rows, r, m, n, [&](int64_t i, int64_t j, int32_t acc) {
-    out[i * n + j] = static_cast<float>(acc) * scale;
+    out[i * n + j] = FloatToBF16Bits(
+        ((static_cast<float>(acc) * scale) * row_scale[i]) + col_bias[j]);
   });
 }
 

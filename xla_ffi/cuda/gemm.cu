@@ -1,18 +1,19 @@
-// jint4_int_gemm and jint4_int_gemm_gather_rows (CUDA): handlers, runtime
+// jint4_int_gemm (CUDA): the handler, runtime
 // dispatch on the device's compute capability, and the small kernels around
 // the CUTLASS GEMMs.
 //
 // Paths (RunGemm):
 //   * compute 9.0 (H100 / H200): gemm_sm90.cu, CUTLASS 3 INT8 wgmma (128x256x128
 //     cooperative, cluster 1x2) with the fused EVT epilogue
-//     (acc * scale) * row_scale writing f32 / bf16.
+//     ((acc * scale) * row_scale[m]) + col_bias[n] writing f32 / bf16.
 //     K % 16 != 0 or a misaligned operand: the operand is copied into a
 //     zero-padded scratch [rows, round_up(K, 16)]; N * sizeof(out) % 16 != 0
 //     or a misaligned out: the GEMM writes a scratch [M, round_up(N, 16 /
 //     sizeof(out))] copied into out afterwards.
 //   * compute 8.x: gemm_sm80.cu, CUTLASS 2 INT4 tensor cores. The operands are
 //     packed int8 -> int4 into scratch (K zero-padded to a multiple of 32;
-//     values must lie in [-8, 7], as every jint4 GEMM operand does); the GEMM
+//     values must lie in [-8, 7]: only when the op's int4 attribute says so,
+//     else (joined bit-split digits) the fallback runs); the GEMM
 //     writes alpha * acc (f32) into a scratch slab of at most 64 MiB (M is
 //     processed in slabs of rows), then an elementwise kernel applies
 //     row_scale and the cast to out's dtype.
@@ -23,9 +24,9 @@
 // a path for testing: sm90 only takes effect on compute 9.0; sm80 on compute
 // >= 8 (on 9.0 it runs the same CUTLASS 2 kernel compiled for sm_90a).
 //
-// gather_rows: a fused gather + transpose kernel builds aT[M, Rp] and
-// bT[N, Rp] (bT[n, r] = b[rows[r], n]; Rp = round_up(R, 16), zero padded) in
-// scratch, then the same TN GEMM runs with row_scale = none, f32 out.
+// The transposes and row gathers the backward GEMMs need are written by the
+// kernels that produce their operands (quantize, residual decode, bit split),
+// so every GEMM here is TN: a[M, K] . b[N, K]^T.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -70,7 +71,8 @@ __global__ void __launch_bounds__(kThreads)
 FallbackGemmKernel(const int8_t* __restrict__ a, int64_t lda,
                    const int8_t* __restrict__ b, int64_t ldb, int64_t M,
                    int64_t N, int64_t K, const float* __restrict__ scale,
-                   const float* __restrict__ row_scale, OutT* __restrict__ out,
+                   const float* __restrict__ row_scale,
+                   const float* __restrict__ col_bias, OutT* __restrict__ out,
                    int64_t ldo) {
   __shared__ int sa[kFbTile][kFbTile + 1];
   __shared__ int sb[kFbTile][kFbTile + 1];
@@ -116,6 +118,7 @@ FallbackGemmKernel(const int8_t* __restrict__ a, int64_t lda,
         if (m < M && n < N) {
           float v = static_cast<float>(acc[i][j]) * s;
           if (row_scale != nullptr) v = v * row_scale[m];
+          if (col_bias != nullptr) v = v + col_bias[n];
           out[m * ldo + n] = ConvertOut<OutT>(v);
         }
       }
@@ -152,48 +155,11 @@ PackInt4Kernel(const int8_t* __restrict__ src, int64_t lds, int64_t rows,
   }
 }
 
-// dst[c, r] = src[idx(r), c] for r < R (idx(r) = index ? index[r] : r; an
-// index outside [0, src_rows) reads as 0), 0 for R <= r < Rp; c < cols.
-// 32 x 32 tiles through shared memory, blocks of 32 x 8 threads.
-__global__ void __launch_bounds__(kThreads)
-GatherTransposeKernel(const int8_t* __restrict__ src, int64_t src_rows,
-                      int64_t cols, const int32_t* __restrict__ index,
-                      int64_t R, int64_t Rp, int8_t* __restrict__ dst) {
-  __shared__ int tile[32][33];
-  const int tx = threadIdx.x & 31;
-  const int ty = threadIdx.x >> 5;  // 0..7
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * 32;
-  const int64_t r_tiles = (Rp + 31) / 32;
-  for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
-    const int64_t r0 = rt * 32;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t r = r0 + ty + 8 * j;
-      const int64_t c = c0 + tx;
-      int v = 0;
-      if (r < R && c < cols) {
-        const int64_t sr = index != nullptr ? static_cast<int64_t>(index[r]) : r;
-        if (sr >= 0 && sr < src_rows) v = static_cast<int>(src[sr * cols + c]);
-      }
-      tile[ty + 8 * j][tx] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = c0 + ty + 8 * j;
-      const int64_t r = r0 + tx;
-      if (c < cols && r < Rp) dst[c * Rp + r] = static_cast<int8_t>(tile[tx][ty + 8 * j]);
-    }
-    __syncthreads();
-  }
-}
-
-// out[m, n] = cvt(tmp[m, n] * row_scale[m]) (row_scale null: cvt(tmp)).
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads)
 RowScaleKernel(const float* __restrict__ tmp, int64_t ldt, int64_t rows,
                int64_t cols, const float* __restrict__ row_scale,
-               OutT* __restrict__ out, int64_t ldo) {
+               const float* __restrict__ col_bias, OutT* __restrict__ out, int64_t ldo) {
   const int64_t total = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        i < total; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -201,6 +167,7 @@ RowScaleKernel(const float* __restrict__ tmp, int64_t ldt, int64_t rows,
     const int64_t n = i - m * cols;
     float v = tmp[m * ldt + n];
     if (row_scale != nullptr) v = v * row_scale[m];
+    if (col_bias != nullptr) v = v + col_bias[n];
     out[m * ldo + n] = ConvertOut<OutT>(v);
   }
 }
@@ -236,8 +203,10 @@ struct GemmDesc {
   int64_t M = 0, N = 0, K = 0;
   const float* scale = nullptr;      // device scalar
   const float* row_scale = nullptr;  // device [M] or nullptr
+  const float* col_bias = nullptr;   // device [N] or nullptr
   void* out = nullptr;               // [M, N] row-major
   bool bf16 = false;
+  bool int4 = true;  // values in [-8, 7]: INT4 tensor cores may run it
 };
 
 enum class GemmPath { kAuto, kFallback, kSm80, kSm90 };
@@ -259,11 +228,11 @@ ffi::Error RunFallback(cudaStream_t stream, const GemmDesc& d) {
             static_cast<unsigned>(n_tiles < kMaxGridY ? n_tiles : kMaxGridY));
   if (d.bf16) {
     FallbackGemmKernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-        d.a, d.lda, d.b, d.ldb, d.M, d.N, d.K, d.scale, d.row_scale,
+        d.a, d.lda, d.b, d.ldb, d.M, d.N, d.K, d.scale, d.row_scale, d.col_bias,
         reinterpret_cast<__nv_bfloat16*>(d.out), d.N);
   } else {
     FallbackGemmKernel<float><<<grid, kThreads, 0, stream>>>(
-        d.a, d.lda, d.b, d.ldb, d.M, d.N, d.K, d.scale, d.row_scale,
+        d.a, d.lda, d.b, d.ldb, d.M, d.N, d.K, d.scale, d.row_scale, d.col_bias,
         reinterpret_cast<float*>(d.out), d.N);
   }
   return CheckLaunch("int_gemm fallback kernel launch");
@@ -321,6 +290,7 @@ ffi::Error RunSm90(cudaStream_t stream, ffi::ScratchAllocator& scratch,
   args.K = static_cast<int>(Kp);
   args.scale = d.scale;
   args.row_scale = d.row_scale;
+  args.col_bias = d.col_bias;
   args.out = out;
   args.ldo = ldo;
   args.out_bf16 = d.bf16;
@@ -405,11 +375,11 @@ ffi::Error RunSm80(cudaStream_t stream, ffi::ScratchAllocator& scratch,
     const float* rs = d.row_scale != nullptr ? d.row_scale + m0 : nullptr;
     if (d.bf16) {
       RowScaleKernel<__nv_bfloat16><<<ElementwiseGrid(rows * d.N), kThreads, 0, stream>>>(
-          reinterpret_cast<const float*>(tmp), Np, rows, d.N, rs,
+          reinterpret_cast<const float*>(tmp), Np, rows, d.N, rs, d.col_bias,
           reinterpret_cast<__nv_bfloat16*>(d.out) + m0 * d.N, d.N);
     } else {
       RowScaleKernel<float><<<ElementwiseGrid(rows * d.N), kThreads, 0, stream>>>(
-          reinterpret_cast<const float*>(tmp), Np, rows, d.N, rs,
+          reinterpret_cast<const float*>(tmp), Np, rows, d.N, rs, d.col_bias,
           reinterpret_cast<float*>(d.out) + m0 * d.N, d.N);
     }
     err = CheckLaunch("int_gemm row-scale kernel launch");
@@ -430,8 +400,8 @@ ffi::Error RunGemm(cudaStream_t stream, ffi::ScratchAllocator& scratch,
     const bool is_sm90 = info.cc_major == 9 && info.cc_minor == 0;
     const bool want90 = is_sm90 && Sm90GemmAvailable() &&
                         (path == GemmPath::kAuto || path == GemmPath::kSm90);
-    const bool want80 = (path == GemmPath::kAuto && info.cc_major == 8) ||
-                        (path == GemmPath::kSm80 && info.cc_major >= 8);
+    const bool want80 = d.int4 && ((path == GemmPath::kAuto && info.cc_major == 8) ||
+                                   (path == GemmPath::kSm80 && info.cc_major >= 8));
     bool done = false;
     if (want90) {
       err = RunSm90(stream, scratch, d, info, &done);
@@ -449,11 +419,13 @@ ffi::Error RunGemm(cudaStream_t stream, ffi::ScratchAllocator& scratch,
 
 ffi::Error IntGemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                        ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer scale,
-                       ffi::AnyBuffer row_scale, ffi::Result<ffi::AnyBuffer> out) {
+                       ffi::AnyBuffer row_scale, ffi::AnyBuffer col_bias,
+                       ffi::Result<ffi::AnyBuffer> out, int32_t int4) {
   if (a.element_type() != ffi::DataType::S8 || b.element_type() != ffi::DataType::S8 ||
       scale.element_type() != ffi::DataType::F32 ||
-      row_scale.element_type() != ffi::DataType::F32) {
-    return InvalidArgument("int_gemm: a, b must be int8; scale, row_scale float32");
+      row_scale.element_type() != ffi::DataType::F32 ||
+      col_bias.element_type() != ffi::DataType::F32) {
+    return InvalidArgument("int_gemm: a, b must be int8; scale, row_scale, col_bias float32");
   }
   const bool bf16 = out->element_type() == ffi::DataType::BF16;
   if (!bf16 && out->element_type() != ffi::DataType::F32) {
@@ -467,9 +439,10 @@ ffi::Error IntGemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   }
   const int64_t M = ad[0], K = ad[1], N = bd[0];
   if (bd[1] != K || od[0] != M || od[1] != N ||
-      static_cast<int64_t>(row_scale.element_count()) != M || scale.element_count() != 1) {
+      static_cast<int64_t>(row_scale.element_count()) != M || scale.element_count() != 1 ||
+      static_cast<int64_t>(col_bias.element_count()) != N) {
     return InvalidArgument("int_gemm: shapes must be a[M, K], b[N, K], scale[], "
-                           "row_scale[M], out[M, N]");
+                           "row_scale[M], col_bias[N], out[M, N]");
   }
   GemmDesc d;
   d.a = reinterpret_cast<const int8_t*>(a.untyped_data());
@@ -481,68 +454,10 @@ ffi::Error IntGemmImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   d.K = K;
   d.scale = reinterpret_cast<const float*>(scale.untyped_data());
   d.row_scale = reinterpret_cast<const float*>(row_scale.untyped_data());
+  d.col_bias = reinterpret_cast<const float*>(col_bias.untyped_data());
   d.out = out->untyped_data();
   d.bf16 = bf16;
-  return RunGemm(stream, scratch, d);
-}
-
-ffi::Error IntGemmGatherRowsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                                 ffi::AnyBuffer a, ffi::AnyBuffer b,
-                                 ffi::AnyBuffer rows, ffi::AnyBuffer scale,
-                                 ffi::Result<ffi::AnyBuffer> out) {
-  if (a.element_type() != ffi::DataType::S8 || b.element_type() != ffi::DataType::S8 ||
-      rows.element_type() != ffi::DataType::S32 ||
-      scale.element_type() != ffi::DataType::F32 ||
-      out->element_type() != ffi::DataType::F32) {
-    return InvalidArgument("int_gemm_gather_rows: a, b int8; rows int32; scale, out float32");
-  }
-  auto ad = a.dimensions();
-  auto bd = b.dimensions();
-  auto od = out->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || od.size() != 2) {
-    return InvalidArgument("int_gemm_gather_rows: a[R, M], b[T, N], out[M, N] must be rank 2");
-  }
-  const int64_t R = ad[0], M = ad[1], T = bd[0], N = bd[1];
-  if (static_cast<int64_t>(rows.element_count()) != R || od[0] != M || od[1] != N ||
-      scale.element_count() != 1) {
-    return InvalidArgument("int_gemm_gather_rows: shapes must be a[R, M], b[T, N], "
-                           "rows[R], scale[], out[M, N]");
-  }
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  const int64_t Rp = RoundUp(R, 16);
-  void* at = nullptr;
-  void* bt = nullptr;
-  const size_t a_bytes = static_cast<size_t>(M * Rp);
-  const size_t b_bytes = static_cast<size_t>(N * Rp);
-  if (!AllocateScratch(scratch, a_bytes, &at)) return ScratchError(a_bytes);
-  if (!AllocateScratch(scratch, b_bytes, &bt)) return ScratchError(b_bytes);
-  if (Rp > 0) {
-    const int64_t r_tiles = CeilDiv(Rp, 32);
-    const unsigned gy = static_cast<unsigned>(r_tiles < kMaxGridY ? r_tiles : kMaxGridY);
-    const int64_t ma = CeilDiv(M, 32), nb = CeilDiv(N, 32);
-    if (ma > 0x7FFFFFFF || nb > 0x7FFFFFFF) return InvalidArgument("int_gemm_gather_rows: too large");
-    GatherTransposeKernel<<<dim3(static_cast<unsigned>(ma), gy), kThreads, 0, stream>>>(
-        reinterpret_cast<const int8_t*>(a.untyped_data()), R, M, nullptr, R, Rp,
-        reinterpret_cast<int8_t*>(at));
-    GatherTransposeKernel<<<dim3(static_cast<unsigned>(nb), gy), kThreads, 0, stream>>>(
-        reinterpret_cast<const int8_t*>(b.untyped_data()), T, N,
-        reinterpret_cast<const int32_t*>(rows.untyped_data()), R, Rp,
-        reinterpret_cast<int8_t*>(bt));
-    ffi::Error err = CheckLaunch("int_gemm_gather_rows gather kernel launch");
-    if (err.failure()) return err;
-  }
-  GemmDesc d;
-  d.a = reinterpret_cast<const int8_t*>(at);
-  d.lda = Rp;
-  d.b = reinterpret_cast<const int8_t*>(bt);
-  d.ldb = Rp;
-  d.M = M;
-  d.N = N;
-  d.K = Rp;
-  d.scale = reinterpret_cast<const float*>(scale.untyped_data());
-  d.row_scale = nullptr;
-  d.out = out->untyped_data();
-  d.bf16 = false;
+  d.int4 = int4 != 0;
   return RunGemm(stream, scratch, d);
 }
 
@@ -559,17 +474,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()     // b s8[N, K]
         .Arg<xla::ffi::AnyBuffer>()     // scale f32[]
         .Arg<xla::ffi::AnyBuffer>()     // row_scale f32[M]
+        .Arg<xla::ffi::AnyBuffer>()     // col_bias f32[N]
         .Ret<xla::ffi::AnyBuffer>()     // out f32 | bf16 [M, N]
-);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    jint4_cuda_int_gemm_gather_rows, jint4::cuda::IntGemmGatherRowsImpl,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::ScratchAllocator>()
-        .Arg<xla::ffi::AnyBuffer>()     // a s8[R, M]
-        .Arg<xla::ffi::AnyBuffer>()     // b s8[T, N]
-        .Arg<xla::ffi::AnyBuffer>()     // rows s32[R]
-        .Arg<xla::ffi::AnyBuffer>()     // scale f32[]
-        .Ret<xla::ffi::AnyBuffer>()     // out f32[M, N]
-);
+        .Attr<int32_t>("int4"));

@@ -33,6 +33,7 @@ struct Sm90GemmArgs {
   int M = 0, N = 0, K = 0;
   const float* scale = nullptr;      // device scalar
   const float* row_scale = nullptr;  // device [M], or nullptr
+  const float* col_bias = nullptr;   // device [N], or nullptr
   void* out = nullptr;               // [M, ldo] f32 or bf16
   int64_t ldo = 0;
   bool out_bf16 = false;

@@ -60,7 +60,7 @@ struct Sm90Int8Gemm {
   static constexpr int kAlignAB = 16;  // 16 bytes of int8: TMA
   static constexpr int kAlignD = 128 / cutlass::sizeof_bits<ElementD>::value;
 
-  // (float(acc) * scale) * row_scale[m]
+  // ((float(acc) * scale) * row_scale[m]) + col_bias[n]
   using ScaleAcc = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementCompute,
                                              ElementCompute, kRound>,
@@ -69,10 +69,17 @@ struct Sm90Int8Gemm {
   using RowScale = cutlass::epilogue::fusion::Sm90ColBroadcast<
       0, TileShape, ElementCompute, ElementCompute, Stride<_1, _0, int64_t>,
       /*Alignment=*/1>;
-  using EVT = cutlass::epilogue::fusion::Sm90EVT<
-      cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementD,
+  using Scaled = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, ElementCompute,
                                              ElementCompute, kRound>,
       ScaleAcc, RowScale>;
+  using ColBias = cutlass::epilogue::fusion::Sm90RowBroadcast<
+      0, TileShape, ElementCompute, ElementCompute, Stride<_0, _1, int64_t>,
+      /*Alignment=*/1>;
+  using EVT = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::plus, ElementD,
+                                             ElementCompute, kRound>,
+      Scaled, ColBias>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -121,12 +128,15 @@ struct Sm90Int8Gemm {
         hw_info};
     // EVT arguments: {first child, ..., last child, op}.
     args.epilogue.thread = {
-        {                                 // ScaleAcc: acc * scale
-         {},                              //   acc
-         {{1.0f}, {p.scale}, {}},         //   scale: read from *p.scale
+        {                                 // Scaled
+         {                                //   ScaleAcc: acc * scale
+          {},                             //     acc
+          {{1.0f}, {p.scale}, {}},        //     scale: read from *p.scale
+          {}},                            //     multiplies
+         {p.row_scale, 1.0f, {}},         //   row_scale[m] (nullptr -> 1)
          {}},                             //   multiplies
-        {p.row_scale, 1.0f, {}},          // row_scale[m] (nullptr -> 1)
-        {}};                              // multiplies, convert to ElementD
+        {p.col_bias, 0.0f, {}},           // col_bias[n] (nullptr -> 0)
+        {}};                              // plus, convert to ElementD
 
     Gemm gemm;
     cutlass::Status st = gemm.can_implement(args);

@@ -61,7 +61,8 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_residual_values);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_lsq_backward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_bit_split);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_int_gemm);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_int_gemm_gather_rows);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_bit_split_joined);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_resplit_rows);
 #if defined(__GNUC__) || defined(__clang__)
 #pragma GCC visibility pop
 #endif

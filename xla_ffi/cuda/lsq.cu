@@ -1,8 +1,14 @@
-// jint4_residual_values and jint4_lsq_backward (CUDA): elementwise decoders
-// of the packed residual (README layout: nibble of element 2j in the low half
-// of byte j; bit b of byte j of flag plane p = bit p of element 8j + b).
-// Each thread handles groups of 8 consecutive elements (one flag byte, four
-// nibble bytes), grid-stride.
+// jint4_residual_values and jint4_lsq_backward (CUDA): decoders of the packed
+// residual (README layout: nibble of element 2j in the low half of byte j;
+// bit b of byte j of flag plane p = bit p of element 8j + b).
+//   residual_values, plain: groups of 8 consecutive elements per thread (one
+//     flag byte, four nibble bytes), grid-stride. With a row gather and/or a
+//     transposed output: 64 x 64 tiles decoded into shared memory, then
+//     written row- or column-wise (4-byte stores where aligned).
+//   lsq_backward: chunks of 2048 elements of dT[M, K]; each element gathers
+//     its gradient (the kept-row slots), applies the STE mask and adds its
+//     delta term, then the chunk runs the block Hadamard in shared memory
+//     (the same stages as quantize.cu) and is stored in dT's dtype.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -10,6 +16,7 @@
 #include "../common/jint4_math.h"
 #include "cuda_common.h"
 #include "cuda_ffi.h"
+#include "device_util.cuh"
 #include "handlers.h"
 
 namespace jint4 {
@@ -75,66 +82,122 @@ ResidualValuesKernel(const uint8_t* __restrict__ nibbles,
   }
 }
 
-// vec: nibbles 4-byte aligned, grad and dt 16-byte aligned.
+constexpr int kTile = 64;
+
+// Residual rows (gathered or not) decoded to a 64 x 64 tile, then written as
+// out[T, K] or, transposed, out[K, T].
 __global__ void __launch_bounds__(kThreads)
-LsqBackwardKernel(const float* __restrict__ grad,
+ResidualTileKernel(const uint8_t* __restrict__ nibbles,
+                   const uint8_t* __restrict__ flags, int64_t plane_stride,
+                   int planes, int64_t K, int64_t T,
+                   const int32_t* __restrict__ rows, int transpose, int qn, int qp,
+                   int8_t* __restrict__ out) {
+  __shared__ int8_t tile[kTile][kTile + 4];
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t t_tiles = CeilDivDev(T, kTile);
+  const bool words = transpose && (T % 4 == 0) &&
+                     (reinterpret_cast<uintptr_t>(out) & 3) == 0;
+  for (int64_t tt = blockIdx.y; tt < t_tiles; tt += gridDim.y) {
+    const int64_t t0 = tt * kTile;
+    for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+      const int r = i / kTile;
+      const int c = i - r * kTile;
+      const int64_t t = t0 + r;
+      const int64_t k = k0 + c;
+      int8_t qv = 0;
+      if (t < T && k < K) {
+        const int64_t src = rows != nullptr ? static_cast<int64_t>(rows[t]) : t;
+        bool inside;
+        float dh;
+        DecodeAt(nibbles, flags, plane_stride, planes, src * K + k, qn, qp, &qv, &inside, &dh);
+      }
+      tile[r][c] = qv;
+    }
+    __syncthreads();
+    if (!transpose) {
+      for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+        const int r = i / kTile;
+        const int c = i - r * kTile;
+        if (t0 + r < T && k0 + c < K) out[(t0 + r) * K + k0 + c] = tile[r][c];
+      }
+    } else if (words) {  // four consecutive t per 4-byte store
+      for (int i = threadIdx.x; i < kTile * kTile / 4; i += kThreads) {
+        const int c = i / (kTile / 4);
+        const int r = 4 * (i - c * (kTile / 4));
+        if (k0 + c < K && t0 + r < T) {  // T % 4 == 0: all four are in range
+          const uint32_t w = static_cast<uint32_t>(static_cast<uint8_t>(tile[r][c])) |
+                             (static_cast<uint32_t>(static_cast<uint8_t>(tile[r + 1][c])) << 8) |
+                             (static_cast<uint32_t>(static_cast<uint8_t>(tile[r + 2][c])) << 16) |
+                             (static_cast<uint32_t>(static_cast<uint8_t>(tile[r + 3][c])) << 24);
+          *reinterpret_cast<uint32_t*>(out + (k0 + c) * T + t0 + r) = w;
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
+        const int c = i / kTile;
+        const int r = i - c * kTile;
+        if (t0 + r < T && k0 + c < K) out[(k0 + c) * T + t0 + r] = tile[r][c];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+constexpr int kChunk = 2048;  // multiple of the largest Hadamard block (1024)
+
+// dT chunk: gather (slots) + STE mask + delta term, block Hadamard, store.
+template <typename OutT>
+__global__ void __launch_bounds__(kThreads)
+LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
+                  const int32_t* __restrict__ slots, int64_t M, int64_t K,
                   const uint8_t* __restrict__ nibbles,
                   const uint8_t* __restrict__ flags, int64_t plane_stride,
-                  int planes, int64_t total, int qn, int qp, bool vec,
-                  float* __restrict__ dt, float* __restrict__ delta_sum) {
+                  int planes, int qn, int qp, const int32_t* __restrict__ log2_ptr,
+                  int max_log2, OutT* __restrict__ dt, float* __restrict__ delta_sum) {
+  __shared__ float sx[kChunk];
   __shared__ float warp_sums[kThreads / 32];
+  const int64_t total = M * K;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int len = static_cast<int>(total - start < kChunk ? total - start : kChunk);
+  const int L = ClampedLog2(log2_ptr, max_log2);
   float acc = 0.0f;
-  const int64_t groups = (total + 7) >> 3;
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       g < groups; g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t f0 = flags[g];
-    const uint32_t f1 = planes == 2 ? flags[plane_stride + g] : 0u;
-    const uint32_t nib = LoadNibbles(nibbles, g, total, vec);
-    const int64_t e0 = g << 3;
-    const bool full = vec && e0 + 8 <= total;
-    float gv[8];
-    if (full) {
-      const float4 a = reinterpret_cast<const float4*>(grad + e0)[0];
-      const float4 b = reinterpret_cast<const float4*>(grad + e0)[1];
-      gv[0] = a.x; gv[1] = a.y; gv[2] = a.z; gv[3] = a.w;
-      gv[4] = b.x; gv[5] = b.y; gv[6] = b.z; gv[7] = b.w;
+  // Element e = start + i of row t, column k; i advances by kThreads.
+  int64_t t = (start + threadIdx.x) / K;
+  int64_t k = (start + threadIdx.x) - t * K;
+  for (int i = threadIdx.x; i < len; i += kThreads) {
+    float g;
+    if (slots != nullptr) {
+      const int32_t s0 = slots[t];
+      const int32_t s1 = slots[M + t];
+      const float a = s0 >= 0 ? grad[static_cast<int64_t>(s0) * K + k] : 0.0f;
+      const float b = s1 >= 0 ? grad[static_cast<int64_t>(s1) * K + k] : 0.0f;
+      g = a + b;
     } else {
-#pragma unroll
-      for (int b = 0; b < 8; ++b) gv[b] = e0 + b < total ? grad[e0 + b] : 0.0f;
+      g = grad[start + i];
     }
-    float dv[8];
-#pragma unroll
-    for (int b = 0; b < 8; ++b) {
-      int8_t qv;
-      bool inside;
-      float dh;
-      DecodeInGroup(nib, f0, f1, b, qn, qp, &qv, &inside, &dh);
-      dv[b] = inside ? gv[b] : 0.0f;
-      if (full || e0 + b < total) {
-        const float prod = gv[b] * dh;
-        acc = acc + prod;
-      }
-    }
-    if (full) {
-      reinterpret_cast<float4*>(dt + e0)[0] = make_float4(dv[0], dv[1], dv[2], dv[3]);
-      reinterpret_cast<float4*>(dt + e0)[1] = make_float4(dv[4], dv[5], dv[6], dv[7]);
-    } else {
-      for (int b = 0; b < 8; ++b) {
-        if (e0 + b < total) dt[e0 + b] = dv[b];
-      }
+    int8_t qv;
+    bool inside;
+    float dh;
+    DecodeAt(nibbles, flags, plane_stride, planes, start + i, qn, qp, &qv, &inside, &dh);
+    acc = acc + g * dh;
+    sx[i] = inside ? g : 0.0f;
+    k += kThreads;
+    while (k >= K) {
+      k -= K;
+      ++t;
     }
   }
-  // Block reduction (any summation order is allowed), one atomicAdd per block.
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  BlockHadamardSmem<kThreads>(sx, len, L);
+  for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
+
+  acc = WarpSumFloat(acc);  // any summation order is allowed
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   if (lane == 0) warp_sums[warp] = acc;
   __syncthreads();
   if (warp == 0) {
     float v = lane < (kThreads / 32) ? warp_sums[lane] : 0.0f;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    v = WarpSumFloat(v);
     if (lane == 0) atomicAdd(delta_sum, v);
   }
 }
@@ -168,52 +231,95 @@ unsigned GridFor(int64_t groups) {
 }
 
 ffi::Error ResidualValuesImpl(cudaStream_t stream, ffi::AnyBuffer nibbles,
-                              ffi::AnyBuffer flags, ffi::Result<ffi::AnyBuffer> q,
-                              int32_t qn, int32_t qp) {
-  if (q->element_type() != ffi::DataType::S8) {
-    return InvalidArgument("residual_values: q must be int8");
+                              ffi::AnyBuffer flags, ffi::AnyBuffer rows,
+                              ffi::Result<ffi::AnyBuffer> q, int32_t qn, int32_t qp,
+                              int32_t m, int32_t gather, int32_t transpose) {
+  if (q->element_type() != ffi::DataType::S8 || rows.element_type() != ffi::DataType::S32) {
+    return InvalidArgument("residual_values: q must be int8, rows int32");
   }
-  const int64_t total = static_cast<int64_t>(q->element_count());
+  auto qd = q->dimensions();
+  if (qd.size() != 2 || m < 0) {
+    return InvalidArgument("residual_values: q must be rank 2 and m >= 0");
+  }
+  const int64_t T = transpose ? qd[1] : qd[0];
+  const int64_t K = transpose ? qd[0] : qd[1];
+  if (gather ? static_cast<int64_t>(rows.element_count()) != T : T != m) {
+    return InvalidArgument("residual_values: need len(rows) == output rows with gather,"
+                           " else output rows == m");
+  }
   int planes = 1;
-  ffi::Error err = CheckResidual("residual_values", nibbles, flags, total, qn, qp, &planes);
+  ffi::Error err = CheckResidual("residual_values", nibbles, flags, int64_t{m} * K, qn, qp,
+                                 &planes);
   if (err.failure()) return err;
-  if (total == 0) return ffi::Error::Success();
-  const bool vec = IsAligned(nibbles.untyped_data(), 4) && IsAligned(q->untyped_data(), 8);
-  ResidualValuesKernel<<<GridFor(CeilDiv(total, 8)), kThreads, 0, stream>>>(
-      reinterpret_cast<const uint8_t*>(nibbles.untyped_data()),
-      reinterpret_cast<const uint8_t*>(flags.untyped_data()), CeilDiv(total, 8),
-      planes, total, qn, qp, vec, reinterpret_cast<int8_t*>(q->untyped_data()));
-  return CheckLaunch("residual_values kernel launch");
+  if (T * K == 0) return ffi::Error::Success();
+  const uint8_t* nib = reinterpret_cast<const uint8_t*>(nibbles.untyped_data());
+  const uint8_t* flg = reinterpret_cast<const uint8_t*>(flags.untyped_data());
+  int8_t* out = reinterpret_cast<int8_t*>(q->untyped_data());
+  const int64_t Q = CeilDiv(int64_t{m} * K, 8);
+  if (!gather && !transpose) {
+    const int64_t total = T * K;
+    const bool vec = IsAligned(nib, 4) && IsAligned(out, 8);
+    ResidualValuesKernel<<<GridFor(CeilDiv(total, 8)), kThreads, 0, stream>>>(
+        nib, flg, Q, planes, total, qn, qp, vec, out);
+    return CheckLaunch("residual_values kernel launch");
+  }
+  const int64_t k_tiles = CeilDiv(K, kTile);
+  const int64_t t_tiles = CeilDiv(T, kTile);
+  if (k_tiles > 0x7FFFFFFF) return InvalidArgument("residual_values: too large");
+  const dim3 grid(static_cast<unsigned>(k_tiles),
+                  static_cast<unsigned>(t_tiles < 65535 ? t_tiles : 65535));
+  ResidualTileKernel<<<grid, kThreads, 0, stream>>>(
+      nib, flg, Q, planes, K, T,
+      gather ? reinterpret_cast<const int32_t*>(rows.untyped_data()) : nullptr, transpose,
+      qn, qp, out);
+  return CheckLaunch("residual_values (tiled) kernel launch");
 }
 
 ffi::Error LsqBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                            ffi::AnyBuffer nibbles, ffi::AnyBuffer flags,
+                           ffi::AnyBuffer slots, ffi::AnyBuffer log2_block,
                            ffi::Result<ffi::AnyBuffer> dt,
                            ffi::Result<ffi::AnyBuffer> delta_sum, int32_t qn,
-                           int32_t qp) {
-  if (grad.element_type() != ffi::DataType::F32 ||
-      dt->element_type() != ffi::DataType::F32 ||
+                           int32_t qp, int32_t gather) {
+  const FloatKind out_kind = KindOf(dt->element_type());
+  if (grad.element_type() != ffi::DataType::F32 || out_kind == FloatKind::kInvalid ||
+      slots.element_type() != ffi::DataType::S32 ||
+      log2_block.element_type() != ffi::DataType::S32 ||
       delta_sum->element_type() != ffi::DataType::F32) {
-    return InvalidArgument("lsq_backward: grad, dt and delta_sum must be float32");
+    return InvalidArgument("lsq_backward: grad f32, slots s32, log2_block s32, dt f32/bf16/f16,"
+                           " delta_sum f32");
   }
-  const int64_t total = static_cast<int64_t>(grad.element_count());
-  if (static_cast<int64_t>(dt->element_count()) != total || delta_sum->element_count() != 1) {
-    return InvalidArgument("lsq_backward: dt must have grad's shape, delta_sum is a scalar");
+  auto gd = grad.dimensions();
+  auto dd = dt->dimensions();
+  auto sd = slots.dimensions();
+  if (gd.size() != 2 || dd.size() != 2 || sd.size() != 2 || sd[0] != 2 ||
+      delta_sum->element_count() != 1 || log2_block.element_count() != 1) {
+    return InvalidArgument("lsq_backward: grad[S, K], slots[2, M], dt[M, K], scalars");
+  }
+  const int64_t S = gd[0], K = gd[1], M = dd[0];
+  if (dd[1] != K || (gather ? sd[1] != M : (sd[1] != 0 || S != M))) {
+    return InvalidArgument("lsq_backward: dt must be [M, K] with slots [2, M] (gather) or"
+                           " grad's shape (no gather)");
   }
   int planes = 1;
-  ffi::Error err = CheckResidual("lsq_backward", nibbles, flags, total, qn, qp, &planes);
+  ffi::Error err = CheckResidual("lsq_backward", nibbles, flags, M * K, qn, qp, &planes);
   if (err.failure()) return err;
   float* sum = reinterpret_cast<float*>(delta_sum->untyped_data());
   err = CheckCuda("lsq_backward memset", cudaMemsetAsync(sum, 0, sizeof(float), stream));
   if (err.failure()) return err;
-  if (total == 0) return ffi::Error::Success();
-  const bool vec = IsAligned(nibbles.untyped_data(), 4) &&
-                   IsAligned(grad.untyped_data(), 16) && IsAligned(dt->untyped_data(), 16);
-  LsqBackwardKernel<<<GridFor(CeilDiv(total, 8)), kThreads, 0, stream>>>(
-      reinterpret_cast<const float*>(grad.untyped_data()),
-      reinterpret_cast<const uint8_t*>(nibbles.untyped_data()),
-      reinterpret_cast<const uint8_t*>(flags.untyped_data()), CeilDiv(total, 8),
-      planes, total, qn, qp, vec, reinterpret_cast<float*>(dt->untyped_data()), sum);
+  if (M * K == 0) return ffi::Error::Success();
+  const int64_t blocks = CeilDiv(M * K, kChunk);
+  if (blocks > 0x7FFFFFFF) return InvalidArgument("lsq_backward: too large");
+  DispatchFloat(out_kind, [&](auto tag) {
+    using OutT = decltype(tag);
+    LsqBackwardKernel<OutT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        reinterpret_cast<const float*>(grad.untyped_data()), S,
+        gather ? reinterpret_cast<const int32_t*>(slots.untyped_data()) : nullptr, M, K,
+        reinterpret_cast<const uint8_t*>(nibbles.untyped_data()),
+        reinterpret_cast<const uint8_t*>(flags.untyped_data()), CeilDiv(M * K, 8), planes,
+        qn, qp, reinterpret_cast<const int32_t*>(log2_block.untyped_data()),
+        MaxLog2Block(K), reinterpret_cast<OutT*>(dt->untyped_data()), sum);
+  });
   return CheckLaunch("lsq_backward kernel launch");
 }
 
@@ -227,18 +333,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
         .Arg<xla::ffi::AnyBuffer>()     // nibbles u8[P]
         .Arg<xla::ffi::AnyBuffer>()     // flags u8[F, Q]
-        .Ret<xla::ffi::AnyBuffer>()     // q s8[M, K]
+        .Arg<xla::ffi::AnyBuffer>()     // rows s32[T] or [0]
+        .Ret<xla::ffi::AnyBuffer>()     // q s8[T, K] or [K, T]
         .Attr<int32_t>("qn")
-        .Attr<int32_t>("qp"));
+        .Attr<int32_t>("qp")
+        .Attr<int32_t>("m")
+        .Attr<int32_t>("gather")
+        .Attr<int32_t>("transpose"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jint4_cuda_lsq_backward, jint4::cuda::LsqBackwardImpl,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Arg<xla::ffi::AnyBuffer>()     // grad f32[M, K]
+        .Arg<xla::ffi::AnyBuffer>()     // grad f32[S, K]
         .Arg<xla::ffi::AnyBuffer>()     // nibbles u8[P]
         .Arg<xla::ffi::AnyBuffer>()     // flags u8[F, Q]
-        .Ret<xla::ffi::AnyBuffer>()     // dt f32[M, K]
+        .Arg<xla::ffi::AnyBuffer>()     // slots s32[2, M] or [2, 0]
+        .Arg<xla::ffi::AnyBuffer>()     // log2_block s32[]
+        .Ret<xla::ffi::AnyBuffer>()     // dt f32 | bf16 | f16 [M, K]
         .Ret<xla::ffi::AnyBuffer>()     // delta_sum f32[]
         .Attr<int32_t>("qn")
-        .Attr<int32_t>("qp"));
+        .Attr<int32_t>("qp")
+        .Attr<int32_t>("gather"));

@@ -1,5 +1,6 @@
-// jint4_hadamard_quantize (CUDA): fused block-diagonal Hadamard + LSQ
-// quantize + packed backward residual, one thread block per chunk of
+// jint4_hadamard_quantize (CUDA). axis = 1 (activations): fused
+// block-diagonal Hadamard + LSQ quantize + packed backward residual + row
+// norms, one thread block per chunk of
 // kHqChunk = 2048 consecutive elements of the row-major x[M, K]. Full,
 // aligned chunks run in registers (HadamardQuantizeFullChunk: stages 0-7 in
 // registers and warp shuffles, 8-10 through one shared-memory pass); the
@@ -15,6 +16,12 @@
 // Butterfly calls on the same values). A chunk also starts at a
 // multiple of 8, so it owns whole nibble bytes and flag bytes; only the last
 // chunk has padding, which is exactly the README's zero padding.
+//
+// axis = 0 (a Flax kernel[D, C], Hadamard down each column):
+// HadamardQuantizeColumnsKernel stages a tile of 2^max_log2 rows x TC columns
+// column-major in shared memory, so each column segment is a run of whole
+// Hadamard blocks for the same ButterflyPass, and writes q as [R, S] or,
+// transposed, [S, R] (the forward GEMM's K-major operand) from the tile.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -22,6 +29,7 @@
 #include "../common/jint4_math.h"
 #include "cuda_common.h"
 #include "cuda_ffi.h"
+#include "device_util.cuh"
 #include "handlers.h"
 
 namespace jint4 {
@@ -32,35 +40,6 @@ constexpr int kHqThreads = 256;
 constexpr int kHqChunk = 2048;  // multiple of 1024 (largest block) and of 8
 static_assert(kHqChunk % 1024 == 0 && kHqChunk % 8 == 0, "chunk size");
 static_assert(kHqChunk == 8 * kHqThreads, "register path: 8 elements per thread");
-
-// Butterfly stages s .. s+R-1 over the chunk in shared memory. A block of
-// 2^R * h elements (h = 2^s) splits into h groups of 2^R elements at stride
-// h, {i0 + k h}; every pair of these R stages (distance h 2^d, d < R) lies in
-// one group, so each thread loads a group into registers and applies stage s
-// (d = 0) to all its pairs, then stage s+1, ...: the same Butterfly calls on
-// the same values as HadamardInPlace, in an order that only permutes
-// independent pairs within a stage. len is a multiple of 2^(s+R).
-template <int R>
-__device__ __forceinline__ void ButterflyPass(float* sx, int len, int s, int tid) {
-  constexpr int kN = 1 << R;
-  const int h = 1 << s;
-  const int groups = len >> R;
-  for (int o = tid; o < groups; o += kHqThreads) {
-    const int i0 = ((o >> s) << (s + R)) + (o & (h - 1));
-    float v[kN];
-#pragma unroll
-    for (int k = 0; k < kN; ++k) v[k] = sx[i0 + k * h];
-#pragma unroll
-    for (int d = 0; d < R; ++d) {
-#pragma unroll
-      for (int k = 0; k < kN; ++k) {
-        if ((k & (1 << d)) == 0) Butterfly(v[k], v[k | (1 << d)]);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kN; ++k) sx[i0 + k * h] = v[k];
-  }
-}
 
 // One butterfly of a stage whose pairs sit in lanes `lane` and `lane ^ m` of
 // a warp, element k of each: Butterfly(a, b) with a from the lower lane;
@@ -77,6 +56,63 @@ __device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
   return b;
 }
 
+// Eight consecutive elements (16-byte aligned for f32 pairs / 16 bytes of
+// 16-bit floats) as float.
+__device__ __forceinline__ void Load8(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ void Load8(const T* p, float* v) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = ToFloat(h[k]);
+}
+
+// Per-chunk row statistics for the residual's norms: the integer sum of q^2
+// and a non-finite flag per row the chunk touches, in shared memory, flushed
+// to global int32 accumulators.
+struct RowStats {
+  int* sum;   // shared [rows of the chunk]
+  int* bad;   // shared
+  int64_t first_row;
+  int64_t K;
+
+  // Adds the run of elements [e, e + n) (one row) of this thread.
+  __device__ __forceinline__ void Add(int64_t row, int q2, bool nonfinite) {
+    const int64_t i = row - first_row;
+    if (q2) atomicAdd(&sum[i], q2);
+    if (nonfinite) atomicOr(&bad[i], 1);
+  }
+};
+
+// Adds element k's (q^2, non-finite) of a thread's group starting at flat e0
+// to the row statistics, one shared atomic per row run.
+__device__ __forceinline__ void AccumulateRows(RowStats& st, int64_t e0, int n,
+                                               const int* q2, const bool* nonfinite) {
+  int64_t row = e0 / st.K;
+  int64_t row_end = (row + 1) * st.K;
+  int acc = 0;
+  bool bad = false;
+  for (int k = 0; k < n; ++k) {
+    if (e0 + k >= row_end) {
+      st.Add(row, acc, bad);
+      ++row;
+      row_end += st.K;
+      acc = 0;
+      bad = false;
+    }
+    acc += q2[k];
+    bad = bad || nonfinite[k];
+  }
+  st.Add(row, acc, bad);
+}
+
+__device__ __forceinline__ bool NonFinite(float v) { return !isfinite(v); }
+
 // Fast path for a full, aligned chunk: thread t holds elements 8t .. 8t+7 of
 // the chunk in registers. Stages 0-2 (pairs inside the thread), 3-7 (pairs in
 // lanes t ^ 1 .. t ^ 16 of the warp: elements 8t+k and 8(t^m)+k are 8m apart)
@@ -84,17 +120,19 @@ __device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
 // quantize and the packing of this thread's 8 elements: one 8-byte q store,
 // one 4-byte nibble store, one flag byte per plane. The same Butterfly calls
 // on the same values as the shared-memory path.
+template <typename T>
 __device__ __forceinline__ void HadamardQuantizeFullChunk(
-    const float* __restrict__ x, int64_t start, int L, float* sx, float step,
+    const T* __restrict__ x, int64_t start, int L, float* sx, float step,
     uint32_t seed0, uint32_t seed1, int qn, int qp, int with_residual, int planes,
     int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
-    uint8_t* __restrict__ flags, int64_t plane_stride) {
+    uint8_t* __restrict__ flags, int64_t plane_stride, RowStats& stats) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const float4* x4 = reinterpret_cast<const float4*>(x + start) + 2 * tid;
-  const float4 va = x4[0];
-  const float4 vb = x4[1];
-  float v[8] = {va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w};
+  float v[8];
+  Load8(x + start + 8 * tid, v);
+  bool nonfinite[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) nonfinite[k] = NonFinite(v[k]);
 #pragma unroll
   for (int d = 0; d < 3; ++d) {
     if (d < L) {
@@ -117,9 +155,9 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
     s4[1] = make_float4(v[4], v[5], v[6], v[7]);
     __syncthreads();
     if (L - 8 == 2) {
-      ButterflyPass<2>(sx, kHqChunk, 8, tid);
+      ButterflyPass<2, kHqThreads>(sx, kHqChunk, 8);
     } else {
-      ButterflyPass<1>(sx, kHqChunk, 8, tid);
+      ButterflyPass<1, kHqThreads>(sx, kHqChunk, 8);
     }
     __syncthreads();
     const float4 ra = s4[0];
@@ -131,10 +169,12 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
   const int64_t e0 = start + 8 * tid;
   uint32_t qw[2] = {0u, 0u};
   uint32_t nib = 0, f0 = 0, f1 = 0;
+  int q2[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     const float vv = v[k] / step;
     const int8_t qv = QuantizeCode(vv, qn, qp);
+    q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
     qw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (k & 3));
     if (with_residual) {
       const float u = Uniform(seed0, seed1, static_cast<uint32_t>(e0 + k));
@@ -151,31 +191,45 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
     *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = nib;
     flags[e0 >> 3] = static_cast<uint8_t>(f0);
     if (planes == 2) flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
+    AccumulateRows(stats, e0, 8, q2, nonfinite);
   }
 }
 
+template <typename T>
 __global__ void __launch_bounds__(kHqThreads)
-HadamardQuantizeKernel(const float* __restrict__ x, int64_t total,
+HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
                        const float* __restrict__ step_ptr,
                        const uint32_t* __restrict__ seed,
                        const int32_t* __restrict__ log2_ptr, int max_log2,
                        int qn, int qp, int with_residual, int planes,
                        int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
-                       uint8_t* __restrict__ flags, int64_t plane_stride) {
+                       uint8_t* __restrict__ flags, int64_t plane_stride,
+                       int* __restrict__ row_sum, int* __restrict__ row_bad) {
   __shared__ __align__(16) float sx[kHqChunk];
   __shared__ int8_t scode[kHqChunk];
   __shared__ uint8_t sflag[kHqChunk];
+  __shared__ int s_sum[kHqChunk];
+  __shared__ int s_bad[kHqChunk];
 
   const int64_t start = static_cast<int64_t>(blockIdx.x) * kHqChunk;
   const int64_t rest = total - start;
   const int len = static_cast<int>(rest < kHqChunk ? rest : kHqChunk);
   const int tid = threadIdx.x;
 
-  int L = *log2_ptr;
-  L = L < 0 ? 0 : (L > max_log2 ? max_log2 : L);
+  const int L = ClampedLog2(log2_ptr, max_log2);
   const float step = *step_ptr;
   const uint32_t seed0 = seed[0];
   const uint32_t seed1 = seed[1];
+
+  RowStats stats{s_sum, s_bad, start / K, K};
+  const int chunk_rows = static_cast<int>((start + len - 1) / K - stats.first_row + 1);
+  if (with_residual) {
+    for (int i = tid; i < chunk_rows; i += kHqThreads) {
+      s_sum[i] = 0;
+      s_bad[i] = 0;
+    }
+    __syncthreads();
+  }
 
   // Full chunk with aligned pointers (start is a multiple of kHqChunk): the
   // register path. Only the last chunk can be partial; the condition is
@@ -184,185 +238,260 @@ HadamardQuantizeKernel(const float* __restrict__ x, int64_t total,
       (reinterpret_cast<uintptr_t>(q) & 7) == 0 &&
       (!with_residual || (reinterpret_cast<uintptr_t>(nibbles) & 3) == 0)) {
     HadamardQuantizeFullChunk(x, start, L, sx, step, seed0, seed1, qn, qp,
-                              with_residual, planes, q, nibbles, flags, plane_stride);
-    return;
-  }
-
-  // General path through shared memory (partial last chunk, odd alignment).
-  if (len == kHqChunk && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
-    // Full chunk, 16-byte aligned (start is a multiple of kHqChunk): all of
-    // this thread's float4 loads in flight before the first shared store.
-    constexpr int kVec = kHqChunk / 4 / kHqThreads;
-    const float4* x4 = reinterpret_cast<const float4*>(x + start);
-    float4 v[kVec];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) v[j] = x4[tid + j * kHqThreads];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) reinterpret_cast<float4*>(sx)[tid + j * kHqThreads] = v[j];
+                              with_residual, planes, q, nibbles, flags, plane_stride,
+                              stats);
   } else {
-    for (int i = tid; i < len; i += kHqThreads) sx[i] = x[start + i];
-  }
-
-  // Butterfly stages 0 .. L-1 (HadamardInPlace), up to three per pass over
-  // shared memory (one barrier per pass).
-  for (int s = 0; s < L;) {
-    const int r = L - s < 3 ? L - s : 3;
-    __syncthreads();
-    if (r == 3) {
-      ButterflyPass<3>(sx, len, s, tid);
-    } else if (r == 2) {
-      ButterflyPass<2>(sx, len, s, tid);
-    } else {
-      ButterflyPass<1>(sx, len, s, tid);
-    }
-    s += r;
-  }
-  __syncthreads();
-
-  // Groups of 4 consecutive elements per thread: one 4-byte store of q.
-  const bool q_aligned = (reinterpret_cast<uintptr_t>(q) & 3) == 0;
-  for (int i0 = tid * 4; i0 < len; i0 += kHqThreads * 4) {
-    const int n = len - i0 < 4 ? len - i0 : 4;
-    float xv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (n == 4) {
-      const float4 t = reinterpret_cast<const float4*>(sx)[i0 >> 2];
-      xv[0] = t.x;
-      xv[1] = t.y;
-      xv[2] = t.z;
-      xv[3] = t.w;
-    } else {
-      for (int k = 0; k < n; ++k) xv[k] = sx[i0 + k];
-    }
-    uint32_t packed = 0;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      if (k < n) {
-        const int i = i0 + k;
-        const float v = xv[k] / step;
-        const int8_t qv = QuantizeCode(v, qn, qp);
-        packed |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * k);
-        if (with_residual) {
-          const float u = Uniform(seed0, seed1, static_cast<uint32_t>(start + i));
-          int8_t code;
-          uint8_t fl;
-          EncodeBackwardState(v, u, qn, qp, &code, &fl);
-          scode[i] = code;
-          sflag[i] = fl;
-        }
+    // General path through shared memory (partial last chunk, odd alignment).
+    for (int i = tid; i < len; i += kHqThreads) {
+      const float v = ToFloat(x[start + i]);
+      sx[i] = v;
+      if (with_residual && NonFinite(v)) {
+        atomicOr(&s_bad[(start + i) / K - stats.first_row], 1);
       }
     }
-    if (n == 4 && q_aligned) {
-      // start + i0 is a multiple of 4
-      *reinterpret_cast<uint32_t*>(q + start + i0) = packed;
-    } else {
-      for (int k = 0; k < n; ++k) q[start + i0 + k] = static_cast<int8_t>((packed >> (8 * k)) & 0xFF);
+    BlockHadamardSmem<kHqThreads>(sx, len, L);
+
+    // Groups of 4 consecutive elements per thread: one 4-byte store of q.
+    const bool q_aligned = (reinterpret_cast<uintptr_t>(q) & 3) == 0;
+    for (int i0 = tid * 4; i0 < len; i0 += kHqThreads * 4) {
+      const int n = len - i0 < 4 ? len - i0 : 4;
+      uint32_t packed = 0;
+      int q2[4] = {0, 0, 0, 0};
+      const bool none[4] = {false, false, false, false};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (k < n) {
+          const int i = i0 + k;
+          const float v = sx[i] / step;
+          const int8_t qv = QuantizeCode(v, qn, qp);
+          q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
+          packed |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * k);
+          if (with_residual) {
+            const float u = Uniform(seed0, seed1, static_cast<uint32_t>(start + i));
+            int8_t code;
+            uint8_t fl;
+            EncodeBackwardState(v, u, qn, qp, &code, &fl);
+            scode[i] = code;
+            sflag[i] = fl;
+          }
+        }
+      }
+      if (n == 4 && q_aligned) {
+        *reinterpret_cast<uint32_t*>(q + start + i0) = packed;  // start + i0 % 4 == 0
+      } else {
+        for (int k = 0; k < n; ++k) q[start + i0 + k] = static_cast<int8_t>((packed >> (8 * k)) & 0xFF);
+      }
+      if (with_residual) AccumulateRows(stats, start + i0, n, q2, none);
+    }
+    if (with_residual) {
+      const int len8 = (len + 7) & ~7;  // <= kHqChunk
+      for (int i = len + tid; i < len8; i += kHqThreads) {
+        scode[i] = 0;  // padding bits are 0
+        sflag[i] = 0;
+      }
+      __syncthreads();
+      const int groups = len8 >> 3;
+      const bool nib_aligned = (reinterpret_cast<uintptr_t>(nibbles) & 3) == 0;
+      for (int g = tid; g < groups; g += kHqThreads) {
+        const int e = g << 3;
+        const int64_t nib0 = (start + e) >> 1;  // start + e is a multiple of 8
+        uint32_t nib = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t lo = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k])) & 0xFu;
+          const uint32_t hi = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k + 1])) & 0xFu;
+          nib |= (lo | (hi << 4)) << (8 * k);
+        }
+        if (e + 8 <= len && nib_aligned) {
+          *reinterpret_cast<uint32_t*>(nibbles + nib0) = nib;  // nib0 % 4 == 0
+        } else {
+          for (int k = 0; k < 4; ++k) {
+            if (e + 2 * k < len) nibbles[nib0 + k] = static_cast<uint8_t>((nib >> (8 * k)) & 0xFF);
+          }
+        }
+        uint32_t f0 = 0, f1 = 0;
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          f0 |= static_cast<uint32_t>(sflag[e + b] & 1) << b;
+          f1 |= static_cast<uint32_t>((sflag[e + b] >> 1) & 1) << b;
+        }
+        const int64_t fb = (start + e) >> 3;
+        flags[fb] = static_cast<uint8_t>(f0);
+        if (planes == 2) flags[plane_stride + fb] = static_cast<uint8_t>(f1);
+      }
     }
   }
   if (!with_residual) return;  // uniform across the block
-
-  const int len8 = (len + 7) & ~7;  // <= kHqChunk
-  for (int i = len + tid; i < len8; i += kHqThreads) {
-    scode[i] = 0;  // padding bits are 0
-    sflag[i] = 0;
-  }
   __syncthreads();
+  for (int i = tid; i < chunk_rows; i += kHqThreads) {
+    const int64_t r = stats.first_row + i;
+    if (s_sum[i]) atomicAdd(&row_sum[r], s_sum[i]);
+    if (s_bad[i]) atomicOr(&row_bad[r], 1);
+  }
+}
 
-  const int groups = len8 >> 3;
-  const bool nib_aligned = (reinterpret_cast<uintptr_t>(nibbles) & 3) == 0;
-  for (int g = tid; g < groups; g += kHqThreads) {
-    const int e = g << 3;
-    const int64_t nib0 = (start + e) >> 1;  // start + e is a multiple of 8
-    uint32_t nib = 0;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t lo = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k])) & 0xFu;
-      const uint32_t hi = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k + 1])) & 0xFu;
-      nib |= (lo | (hi << 4)) << (8 * k);
+__global__ void __launch_bounds__(kHqThreads)
+RowNormsKernel(int64_t rows, const int* __restrict__ row_sum,
+               const int* __restrict__ row_bad, float* __restrict__ norms) {
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       r < rows; r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    norms[r] = row_bad[r] ? __int_as_float(0x7FC00000) : sqrtf(static_cast<float>(row_sum[r]));
+  }
+}
+
+// axis = 0: a tile of TR = 2^max_log2 rows x TC columns (TR * TC = kColTile)
+// per step, column-major in shared memory.
+constexpr int kColTile = 4096;
+
+template <typename T>
+__global__ void __launch_bounds__(kHqThreads)
+HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
+                              const float* __restrict__ step_ptr,
+                              const int32_t* __restrict__ log2_ptr, int max_log2,
+                              int qn, int qp, int transpose,
+                              int8_t* __restrict__ q) {
+  __shared__ float sx[kColTile];
+  const int TR = 1 << max_log2;
+  const int TC = kColTile / TR;
+  const int L = ClampedLog2(log2_ptr, max_log2);
+  const float step = *step_ptr;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * TC;
+  const int64_t row_tiles = R / TR;
+  for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+    const int64_t r0 = rt * TR;
+    for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
+      const int r = i / TC;
+      const int c = i - r * TC;
+      sx[c * TR + r] = c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
     }
-    if (e + 8 <= len && nib_aligned) {
-      *reinterpret_cast<uint32_t*>(nibbles + nib0) = nib;  // nib0 % 4 == 0
-    } else {
-      for (int k = 0; k < 4; ++k) {
-        if (e + 2 * k < len) nibbles[nib0 + k] = static_cast<uint8_t>((nib >> (8 * k)) & 0xFF);
+    BlockHadamardSmem<kHqThreads>(sx, kColTile, L);
+    if (transpose) {  // q[S, R]: runs of TR bytes along r
+      for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
+        const int c = i / TR;
+        const int r = i - c * TR;
+        if (c0 + c < S) q[(c0 + c) * R + r0 + r] = QuantizeCode(sx[i] / step, qn, qp);
+      }
+    } else {          // q[R, S]: runs of TC bytes along c
+      for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
+        const int r = i / TC;
+        const int c = i - r * TC;
+        if (c0 + c < S) q[(r0 + r) * S + c0 + c] = QuantizeCode(sx[c * TR + r] / step, qn, qp);
       }
     }
-    uint32_t f0 = 0, f1 = 0;
-#pragma unroll
-    for (int b = 0; b < 8; ++b) {
-      f0 |= static_cast<uint32_t>(sflag[e + b] & 1) << b;
-      f1 |= static_cast<uint32_t>((sflag[e + b] >> 1) & 1) << b;
-    }
-    const int64_t fb = (start + e) >> 3;
-    flags[fb] = static_cast<uint8_t>(f0);
-    if (planes == 2) flags[plane_stride + fb] = static_cast<uint8_t>(f1);
+    __syncthreads();
   }
 }
 
-// Largest k <= 10 with 2^k dividing size (hadamard.py `max_log2_block`).
-int MaxLog2Block(int64_t size) {
-  int k = 0;
-  while (k < 10 && size % (int64_t{2} << k) == 0) ++k;
-  return k;
-}
-
-ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::AnyBuffer x,
-                                ffi::AnyBuffer step, ffi::AnyBuffer seed,
-                                ffi::AnyBuffer log2_block,
+ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
+                                ffi::AnyBuffer x, ffi::AnyBuffer step,
+                                ffi::AnyBuffer seed, ffi::AnyBuffer log2_block,
                                 ffi::Result<ffi::AnyBuffer> q,
                                 ffi::Result<ffi::AnyBuffer> nibbles,
-                                ffi::Result<ffi::AnyBuffer> flags, int32_t qn,
-                                int32_t qp, int32_t with_residual) {
-  if (x.element_type() != ffi::DataType::F32 ||
-      step.element_type() != ffi::DataType::F32 ||
+                                ffi::Result<ffi::AnyBuffer> flags,
+                                ffi::Result<ffi::AnyBuffer> norms, int32_t qn,
+                                int32_t qp, int32_t with_residual, int32_t axis,
+                                int32_t transpose) {
+  const FloatKind kind = KindOf(x.element_type());
+  if (kind == FloatKind::kInvalid || step.element_type() != ffi::DataType::F32 ||
       seed.element_type() != ffi::DataType::U32 ||
       log2_block.element_type() != ffi::DataType::S32 ||
       q->element_type() != ffi::DataType::S8 ||
       nibbles->element_type() != ffi::DataType::U8 ||
-      flags->element_type() != ffi::DataType::U8) {
-    return InvalidArgument("hadamard_quantize: wrong dtypes");
+      flags->element_type() != ffi::DataType::U8 ||
+      norms->element_type() != ffi::DataType::F32) {
+    return InvalidArgument("hadamard_quantize: x must be f32/bf16/f16, step f32, seed u32,"
+                           " log2_block s32; results s8, u8, u8, f32");
   }
   if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
     return InvalidArgument("hadamard_quantize: need 0 <= qn <= 8, 0 <= qp <= 7");
   }
+  if ((axis != 0 && axis != 1) || (transpose != 0 && transpose != 1)) {
+    return InvalidArgument("hadamard_quantize: axis and transpose must be 0 or 1");
+  }
+  if (with_residual && (axis != 1 || transpose)) {
+    return InvalidArgument("hadamard_quantize: a residual needs axis=1, transpose=0");
+  }
   auto dims = x.dimensions();
-  if (dims.size() < 1) return InvalidArgument("hadamard_quantize: x must be [M, K]");
-  const int64_t K = dims[dims.size() - 1];
-  const int64_t total = static_cast<int64_t>(x.element_count());
-  if (static_cast<int64_t>(q->element_count()) != total) {
-    return InvalidArgument("hadamard_quantize: q must have x's shape");
+  auto qd = q->dimensions();
+  if (dims.size() != 2 || qd.size() != 2) {
+    return InvalidArgument("hadamard_quantize: x and q must be rank 2");
+  }
+  const int64_t R = dims[0], S = dims[1];
+  if (qd[0] != (transpose ? S : R) || qd[1] != (transpose ? R : S)) {
+    return InvalidArgument("hadamard_quantize: q must be x's shape ([S, R] with transpose)");
   }
   if (step.element_count() < 1 || seed.element_count() < 2 ||
       log2_block.element_count() < 1) {
     return InvalidArgument("hadamard_quantize: step, seed[2], log2_block required");
   }
+  const int64_t total = R * S;
   const int planes = qn <= 7 ? 1 : 2;
   const int64_t P = with_residual ? CeilDiv(total, 2) : 0;
   const int64_t Q = with_residual ? CeilDiv(total, 8) : 0;
-  if (static_cast<int64_t>(nibbles->element_count()) != P) {
-    return InvalidArgument("hadamard_quantize: nibbles must have ceil(M*K/2) bytes");
+  if (static_cast<int64_t>(nibbles->element_count()) != P ||
+      static_cast<int64_t>(norms->element_count()) != (with_residual ? R : 0)) {
+    return InvalidArgument("hadamard_quantize: nibbles must have ceil(R*S/2) bytes and"
+                           " norms R floats (both empty without residual)");
   }
   if (with_residual) {
     auto fd = flags->dimensions();
     if (fd.size() != 2 || fd[0] != planes || fd[1] != Q) {
-      return InvalidArgument("hadamard_quantize: flags must be u8[F, ceil(M*K/8)]");
+      return InvalidArgument("hadamard_quantize: flags must be u8[F, ceil(R*S/8)]");
     }
   } else if (flags->element_count() != 0) {
     return InvalidArgument("hadamard_quantize: flags must be empty without residual");
   }
   if (total == 0) return ffi::Error::Success();
 
-  const int max_log2 = K > 0 ? MaxLog2Block(K) : 0;
+  const float* step_p = reinterpret_cast<const float*>(step.untyped_data());
+  const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
+  int8_t* q_p = reinterpret_cast<int8_t*>(q->untyped_data());
+  if (axis == 0) {
+    const int max_log2 = MaxLog2Block(R);
+    const int TC = kColTile >> max_log2;
+    const int64_t col_tiles = CeilDiv(S, TC);
+    const int64_t row_tiles = R >> max_log2;
+    if (col_tiles > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
+    const dim3 grid(static_cast<unsigned>(col_tiles),
+                    static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+    DispatchFloat(kind, [&](auto tag) {
+      using T = decltype(tag);
+      HadamardQuantizeColumnsKernel<T><<<grid, kHqThreads, 0, stream>>>(
+          reinterpret_cast<const T*>(x.untyped_data()), R, S, step_p, log2_p,
+          max_log2, qn, qp, transpose, q_p);
+    });
+    return CheckLaunch("hadamard_quantize (axis 0) kernel launch");
+  }
+
+  int* row_sum = nullptr;
+  int* row_bad = nullptr;
+  if (with_residual) {
+    const size_t bytes = sizeof(int) * static_cast<size_t>(2 * R);
+    void* buf = nullptr;
+    if (!AllocateScratch(scratch, bytes, &buf)) return ScratchError(bytes);
+    row_sum = reinterpret_cast<int*>(buf);
+    row_bad = row_sum + R;
+    ffi::Error err = CheckCuda("hadamard_quantize memset", cudaMemsetAsync(buf, 0, bytes, stream));
+    if (err.failure()) return err;
+  }
+  const int max_log2 = MaxLog2Block(S);
   const int64_t blocks = CeilDiv(total, kHqChunk);
   if (blocks > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
-  HadamardQuantizeKernel<<<static_cast<unsigned>(blocks), kHqThreads, 0, stream>>>(
-      reinterpret_cast<const float*>(x.untyped_data()), total,
-      reinterpret_cast<const float*>(step.untyped_data()),
-      reinterpret_cast<const uint32_t*>(seed.untyped_data()),
-      reinterpret_cast<const int32_t*>(log2_block.untyped_data()), max_log2, qn,
-      qp, with_residual ? 1 : 0, planes,
-      reinterpret_cast<int8_t*>(q->untyped_data()),
-      reinterpret_cast<uint8_t*>(nibbles->untyped_data()),
-      reinterpret_cast<uint8_t*>(flags->untyped_data()), Q);
+  DispatchFloat(kind, [&](auto tag) {
+    using T = decltype(tag);
+    HadamardQuantizeKernel<T><<<static_cast<unsigned>(blocks), kHqThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x.untyped_data()), total, S, step_p,
+        reinterpret_cast<const uint32_t*>(seed.untyped_data()), log2_p, max_log2, qn,
+        qp, with_residual ? 1 : 0, planes, q_p,
+        reinterpret_cast<uint8_t*>(nibbles->untyped_data()),
+        reinterpret_cast<uint8_t*>(flags->untyped_data()), Q, row_sum, row_bad);
+  });
+  if (with_residual) {
+    int64_t nb = CeilDiv(R, kHqThreads);
+    nb = nb < 1 ? 1 : (nb > 4096 ? 4096 : nb);
+    RowNormsKernel<<<static_cast<unsigned>(nb), kHqThreads, 0, stream>>>(
+        R, row_sum, row_bad, reinterpret_cast<float*>(norms->untyped_data()));
+  }
   return CheckLaunch("hadamard_quantize kernel launch");
 }
 
@@ -374,13 +503,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jint4_cuda_hadamard_quantize, jint4::cuda::HadamardQuantizeImpl,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Arg<xla::ffi::AnyBuffer>()     // x f32[M, K]
+        .Ctx<xla::ffi::ScratchAllocator>()
+        .Arg<xla::ffi::AnyBuffer>()     // x f32 | bf16 | f16 [R, S]
         .Arg<xla::ffi::AnyBuffer>()     // step f32[]
         .Arg<xla::ffi::AnyBuffer>()     // seed u32[2]
         .Arg<xla::ffi::AnyBuffer>()     // log2_block s32[]
-        .Ret<xla::ffi::AnyBuffer>()     // q s8[M, K]
+        .Ret<xla::ffi::AnyBuffer>()     // q s8[R, S] or [S, R]
         .Ret<xla::ffi::AnyBuffer>()     // nibbles u8[P]
         .Ret<xla::ffi::AnyBuffer>()     // flags u8[F, Q]
+        .Ret<xla::ffi::AnyBuffer>()     // norms f32[R] or [0]
         .Attr<int32_t>("qn")
         .Attr<int32_t>("qp")
-        .Attr<int32_t>("with_residual"));
+        .Attr<int32_t>("with_residual")
+        .Attr<int32_t>("axis")
+        .Attr<int32_t>("transpose"));

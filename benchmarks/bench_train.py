@@ -1,0 +1,406 @@
+"""Benchmark a GPT training step: the int4ified model vs the same model in bf16.
+
+What is measured: the full training step of a decoder-only Transformer (GPT
+style: token + position embeddings, pre-LayerNorm blocks of causal
+self-attention with a fused QKV projection and a 4x GELU MLP, final LayerNorm,
+LM head, cross-entropy on random tokens), i.e. forward, backward and the
+``optax.adamw`` update, as one ``jax.jit`` with the parameters and optimizer
+state donated. Master weights are float32; every layer computes in bfloat16
+(Flax ``dtype=bfloat16``: Dense, Embed, LayerNorm; GELU, softmax and
+attention run on bfloat16 activations; the loss is taken on float32 logits).
+
+Variants: ``bf16`` is that model as written (``nn.Dense`` everywhere);
+``int4`` is the very same model passed through
+``jint4.int4ify(model, Int4Config(backward=..., engine=...), keep="lm_head")``,
+so every Dense of the blocks runs HQ forward + INT4 backward while the LM head
+stays in float, as in the paper (embeddings are ``nn.Embed`` and stay float).
+
+How: each (width, variant) runs in a fresh subprocess (this script re-invoked
+with the internal ``--_one`` flag, printing one JSON line), so that the peak
+device memory, ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]``, is
+that variant's own (null where the backend has no memory stats, e.g. CPU).
+In the subprocess the step is compiled by a first call, run ``--warmup``
+times, then timed ``--repeats`` times, each synchronised with
+``jax.block_until_ready``; the median is reported, as tokens/s = tokens per
+step / median step time. Ratio = int4 tokens/s / bf16 tokens/s (> 1: INT4
+faster). Also recorded per variant: bytes the linear layers' inputs keep for
+the backward (analytic: 7D input elements per token per block, at the bytes
+per element that the layer's vjp keeps, 2 for bf16 and jint4's residual
+measured by tracing an Int4Dense) and the activation bytes the whole model's
+vjp keeps (``jax.vjp`` residuals before XLA's optimisations, traced for one
+and two sequences, the difference scaled to the batch).
+
+Defaults: hidden D in 2048, 2560, 4096, 5120, 8192 with D/128 heads, 2 blocks,
+sequence 2048, 16384 tokens per step (batch 8), vocab 32000 (D = 8192 fits an
+80 GB GPU). ``--small``: a tiny CPU configuration (D in 128, 256, sequence
+64, 256 tokens, 1 block, vocab 256); flags given explicitly override it.
+``--budget-s``: no new width is started after that many seconds; the rest
+are recorded as skipped.
+
+    PYTHONPATH=. python benchmarks/bench_train.py                # GPU
+    PYTHONPATH=. python benchmarks/bench_train.py --small        # CPU smoke
+
+Writes ``<out-dir>/bench_train_<platform>.json`` (rewritten after every
+width) and ``.png`` (int4/bf16 ratios of tokens/s and of peak memory per
+width); prints a table. Never asserted by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import jint4  # noqa: E402
+
+# NOTE: the parent process must not initialise a JAX backend (no device
+# calls): on a GPU it would hold memory that the subprocesses need.
+
+VARIANTS = ("bf16", "int4")
+HEAD_DIM = 128
+LINEAR_INPUTS_PER_BLOCK = 7  # x D elements per token: qkv, out, up (D each), down (4D)
+RESULT_MARK = "BENCH_TRAIN_RESULT "
+DEFAULTS = dict(hidden=[2048, 2560, 4096, 5120, 8192], layers=2, seq_len=2048,
+                tokens=16384, vocab=32000)
+SMALL = dict(hidden=[128, 256], layers=1, seq_len=64, tokens=256, vocab=256)
+BF16 = jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------
+# The model: GPT with plain nn.Dense layers, computing in bfloat16.
+# ----------------------------------------------------------------------------
+
+class Block(nn.Module):
+  heads: int
+  attention: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    dense = functools.partial(nn.Dense, dtype=BF16)
+    h = nn.LayerNorm(dtype=BF16, name="ln_1")(x)
+    qkv = dense(3 * d, name="qkv")(h).reshape(b, t, 3, self.heads, d // self.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    a = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                     implementation=self.attention)
+    x = x + dense(d, name="out")(a.reshape(b, t, d))
+    h = nn.LayerNorm(dtype=BF16, name="ln_2")(x)
+    return x + dense(d, name="down")(nn.gelu(dense(4 * d, name="up")(h)))
+
+
+class GPT(nn.Module):
+  vocab: int
+  hidden: int
+  layers: int
+  seq_len: int
+  attention: str = "xla"
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(self.vocab, self.hidden, dtype=BF16, name="tok_emb")(tokens)
+    x = x + nn.Embed(self.seq_len, self.hidden, dtype=BF16, name="pos_emb")(
+        jnp.arange(tokens.shape[1]))
+    for i in range(self.layers):
+      x = Block(self.hidden // HEAD_DIM, self.attention, name=f"block_{i}")(x)
+    x = nn.LayerNorm(dtype=BF16, name="ln_f")(x)
+    return nn.Dense(self.vocab, dtype=BF16, name="lm_head")(x)
+
+
+# ----------------------------------------------------------------------------
+# One (width, variant), in its own process.
+# ----------------------------------------------------------------------------
+
+def run_one(args) -> dict:
+  """Times the train step of one variant at one width; returns a JSON dict."""
+  variant, d = args._one, args.hidden[0]
+  model = GPT(args.vocab, d, args.layers, args.seq_len, args.attention)
+  if variant == "int4":
+    config = jint4.Int4Config(backward=args.backward, engine=args.engine)
+    model = jint4.int4ify(model, config, keep=r"lm_head")
+  batch = args.tokens // args.seq_len
+  k_data, k_init, k_quant = jax.random.split(jax.random.key(0), 3)
+  data = jax.random.randint(k_data, (batch, args.seq_len + 1), 0, args.vocab)
+  inputs, targets = data[:, :-1], data[:, 1:]
+  # One sequence is enough for init (and int4's step-size init) and keeps
+  # init's memory out of the peak.
+  params = jax.jit(model.init)(k_init, inputs[:1])["params"]
+  tx = optax.adamw(1e-4, weight_decay=0.1,
+                   mask=lambda p: jax.tree_util.tree_map(lambda a: a.ndim >= 2, p))
+  opt_state = jax.jit(tx.init)(params)
+
+  def loss_fn(params, inputs, targets, key):
+    logits = model.apply({"params": params}, inputs, rngs={"quant": key})
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets).mean()
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, inputs, targets, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+  activation_bytes = whole_model_activation_bytes(loss_fn, params, inputs,
+                                                  targets, k_quant)
+  per_element = 2.0 if variant == "bf16" else int4_residual_bytes_per_element(
+      d, args.backward, args.engine)
+
+  state = (params, opt_state)
+  losses, times = [], []
+  t0 = time.perf_counter()
+  *state, loss = train_step(*state, inputs, targets, k_quant)
+  jax.block_until_ready((state, loss))
+  compile_s = time.perf_counter() - t0
+  losses.append(float(loss))
+  for i in range(args.warmup + args.repeats):
+    t0 = time.perf_counter()
+    *state, loss = train_step(*state, inputs, targets, k_quant)
+    jax.block_until_ready((state, loss))
+    if i >= args.warmup:
+      times.append(1e3 * (time.perf_counter() - t0))
+  losses.append(float(loss))
+
+  stats = jax.devices()[0].memory_stats() or {}
+  median_ms = statistics.median(times)
+  return {
+      "variant": variant, "hidden": d, "environment": common.environment(args.engine),
+      "n_params": int(n_params), "first_call_s": compile_s,
+      "median_ms": median_ms, "min_ms": min(times), "max_ms": max(times),
+      "times_ms": times, "tokens_per_s": args.tokens / (median_ms * 1e-3),
+      "loss_first": losses[0], "loss_last": losses[-1],
+      "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+      "bytes_limit": stats.get("bytes_limit"),
+      "residual_bytes_per_linear_input_element": per_element,
+      "linear_input_bytes_saved": per_element * LINEAR_INPUTS_PER_BLOCK * d
+                                  * args.layers * args.tokens,
+      "activation_bytes_saved_vjp": activation_bytes,
+  }
+
+
+def whole_model_activation_bytes(loss_fn, params, inputs, targets, key):
+  """Residual bytes of the model's vjp that grow with the batch, for the
+  whole batch: (R(2 sequences) - R(1 sequence)) x batch (tracing only)."""
+  size = [common.residual_bytes(
+      lambda p: loss_fn(p, inputs[:n], targets[:n], key), params) for n in (1, 2)]
+  return (size[1] - size[0]) * inputs.shape[0]
+
+
+def int4_residual_bytes_per_element(d, backward, engine, rows=64):
+  """Bytes an Int4Dense(d -> d) keeps per element of its bf16 input."""
+  layer = jint4.Int4Dense(d, dtype=BF16, config=jint4.Int4Config(
+      backward=backward, engine=engine))
+  key = jax.random.key(0)
+  params = jax.eval_shape(layer.init, key, jax.ShapeDtypeStruct((rows, d), BF16))
+  apply = lambda p, x: layer.apply(p, x, rngs={"quant": key})
+  size = [common.residual_bytes(apply, params, jax.ShapeDtypeStruct((n, d), BF16))
+          for n in (rows, 2 * rows)]
+  return (size[1] - size[0]) / (rows * d)
+
+
+# ----------------------------------------------------------------------------
+# The driver: one subprocess per (width, variant).
+# ----------------------------------------------------------------------------
+
+def run_child(args, width: int, variant: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--_one", variant,
+         "--hidden", str(width), "--layers", str(args.layers),
+         "--seq-len", str(args.seq_len), "--tokens", str(args.tokens),
+         "--vocab", str(args.vocab), "--repeats", str(args.repeats),
+         "--warmup", str(args.warmup), "--engine", args.engine,
+         "--backward", args.backward, "--attention", args.attention]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=args.child_timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {args.child_timeout_s:g} s"}
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_MARK):
+      return json.loads(line[len(RESULT_MARK):])
+  tail = (proc.stderr or proc.stdout)[-3000:]
+  return {"error": f"exit status {proc.returncode}: {tail}"}
+
+
+def error_summary(text: str) -> str:
+  """The last 'SomeError: message' line of a traceback, else its last line."""
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  errors = [l for l in lines if re.match(r"^[\w.]*(Error|Exception)\b", l)]
+  return (errors or lines or [""])[-1][:300]
+
+
+def ratio(a, b):
+  return a / b if a is not None and b else None
+
+
+def print_table(rows):
+  gib = lambda b: f"{b / 2**30:8.2f}" if b is not None else f"{'-':>8}"
+  mib = lambda b: f"{b / 2**20:9.1f}"
+  header = (f"{'D':>5} | {'params':>7} | {'bf16 tok/s':>11} | {'int4 tok/s':>11} |"
+            f" {'int4/bf16':>9} | {'bf16 GiB':>8} | {'int4 GiB':>8} |"
+            f" {'lin. saved MiB bf16/int4':>24} | {'compile s':>11}")
+  print("\n" + header + "\n" + "-" * len(header))
+  for r in rows:
+    if "skipped" in r or "error" in r.get("bf16", {}) or "error" in r.get("int4", {}):
+      why = r.get("skipped") or "; ".join(
+          f"{v} failed: {error_summary(r[v]['error'])}"
+          for v in VARIANTS if "error" in r.get(v, {}))
+      print(f"{r['hidden']:>5} | {why}")
+      continue
+    b, i = r["bf16"], r["int4"]
+    print(f"{r['hidden']:>5} | {b['n_params'] / 1e6:6.0f}M |"
+          f" {b['tokens_per_s']:11.0f} | {i['tokens_per_s']:11.0f} |"
+          f" {r['int4_vs_bf16_tokens_per_s']:8.2f}x |"
+          f" {gib(b['peak_bytes_in_use'])} | {gib(i['peak_bytes_in_use'])} |"
+          f"   {mib(b['linear_input_bytes_saved'])} / {mib(i['linear_input_bytes_saved'])}"
+          f" | {b['first_call_s']:5.0f} {i['first_call_s']:5.0f}")
+
+
+def plot(args, rows, name, device):
+  done = [r for r in rows if "int4_vs_bf16_tokens_per_s" in r]
+  nan = lambda v: math.nan if v is None else v
+  series = {"tokens/s int4 / bf16": [r["int4_vs_bf16_tokens_per_s"] for r in done]}
+  if any(r["int4_vs_bf16_peak_memory"] is not None for r in done):
+    series["peak memory int4 / bf16"] = [nan(r["int4_vs_bf16_peak_memory"])
+                                         for r in done]
+  return common.bar_plot(
+      args.out_dir, name, [f"D={r['hidden']}" for r in done], series,
+      "int4 / bf16",
+      f"GPT train step, {args.layers} blocks, {args.tokens} tokens/step,"
+      f" {device}, engine {args.engine}\n(tokens/s > 1: INT4 faster;"
+      " memory < 1: INT4 smaller)", hline=1.0)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args._one:
+    print(RESULT_MARK + json.dumps(run_one(args), default=str), flush=True)
+    return 0
+
+  start = time.perf_counter()
+  report = {
+      "benchmark": "GPT train step (jit of fwd + bwd + adamw, donated state):"
+                   " int4ify(model) vs the bf16 model",
+      "environment": None,
+      "settings": {k: getattr(args, k) for k in (
+          "hidden", "layers", "seq_len", "tokens", "vocab", "repeats",
+          "warmup", "engine", "backward", "attention", "budget_s", "small")},
+      "results": [],
+  }
+  report["settings"].update(
+      batch=args.tokens // args.seq_len, head_dim=HEAD_DIM, mlp_ratio=4,
+      statistic="median", dtype="float32 master weights, bfloat16 compute",
+      keep_in_float="lm_head (and the nn.Embed embeddings)",
+      process="one fresh subprocess per (width, variant)")
+  name, failed = None, False
+  for width in args.hidden:
+    row = {"hidden": width, "heads": width // HEAD_DIM}
+    elapsed = time.perf_counter() - start
+    if args.budget_s is not None and elapsed > args.budget_s:
+      row["skipped"] = f"budget of {args.budget_s:g} s spent"
+      report["results"].append(row)
+      print(f"  D={width}: skipped (budget)", flush=True)
+      continue
+    for variant in VARIANTS:
+      r = run_child(args, width, variant)
+      if "error" in r:
+        failed = True
+        print(f"  D={width} {variant}: FAILED: {r['error']}", file=sys.stderr,
+              flush=True)
+      else:
+        env = r.pop("environment")
+        report["environment"] = report["environment"] or env
+        name = name or f"bench_train_{env['backend']}"
+        print(f"  D={width} {variant}: {r['median_ms']:.2f} ms/step,"
+              f" {r['tokens_per_s']:.0f} tokens/s, loss {r['loss_first']:.3f}"
+              f" -> {r['loss_last']:.3f}", flush=True)
+      row[variant] = r
+    if "error" not in row["bf16"] and "error" not in row["int4"]:
+      row["int4_vs_bf16_tokens_per_s"] = ratio(row["int4"]["tokens_per_s"],
+                                               row["bf16"]["tokens_per_s"])
+      row["int4_vs_bf16_peak_memory"] = ratio(row["int4"]["peak_bytes_in_use"],
+                                              row["bf16"]["peak_bytes_in_use"])
+    report["results"].append(row)
+    if name:
+      common.write(args.out_dir, name, report)
+
+  # Every subprocess has ended: this process may now touch the backend.
+  if report["environment"] is None:
+    report["environment"] = common.environment(args.engine)
+  name = name or f"bench_train_{jax.default_backend()}"
+  report["total_s"] = time.perf_counter() - start
+  json_path = common.write(args.out_dir, name, report)
+  print_table(report["results"])
+  png_path = plot(args, report["results"], name, report["environment"]["device"])
+  print(f"\nwrote {json_path} and {png_path}")
+  return 1 if failed else 0
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--hidden", type=common.comma_list(int), default=None,
+                 help="comma-separated model widths D (multiples of 128;"
+                      f" default {','.join(map(str, DEFAULTS['hidden']))})")
+  p.add_argument("--layers", type=int, default=None,
+                 help=f"Transformer blocks (default {DEFAULTS['layers']})")
+  p.add_argument("--seq-len", type=int, default=None,
+                 help=f"sequence length (default {DEFAULTS['seq_len']})")
+  p.add_argument("--tokens", type=int, default=None,
+                 help="tokens per step, a multiple of --seq-len (default"
+                      f" {DEFAULTS['tokens']})")
+  p.add_argument("--vocab", type=int, default=None,
+                 help=f"vocabulary size (default {DEFAULTS['vocab']})")
+  p.add_argument("--small", action="store_true",
+                 help="tiny defaults for a CPU smoke run: " + ", ".join(
+                     f"{k}={v}" for k, v in SMALL.items()))
+  p.add_argument("--repeats", type=int, default=10,
+                 help="timed steps per variant (the median is reported)")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed steps after the compiling one")
+  p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
+                 help="Int4Config.engine of the int4 variant")
+  p.add_argument("--backward", default="lss",
+                 choices=jint4.config.BACKWARD_MODES,
+                 help="Int4Config.backward of the int4 variant")
+  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                 help="jax.nn.dot_product_attention implementation")
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="soft wall-clock budget: no width is started after it"
+                      " (the rest are recorded as skipped)")
+  p.add_argument("--child-timeout-s", type=float, default=1800,
+                 help="wall-clock limit of one (width, variant) subprocess")
+  p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
+      os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
+  p.add_argument("--_one", choices=VARIANTS, default=None,
+                 help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+  args = p.parse_args(argv)
+  for key, value in (SMALL if args.small else DEFAULTS).items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  if not args.hidden or any(d < HEAD_DIM or d % HEAD_DIM for d in args.hidden):
+    p.error(f"--hidden: widths must be positive multiples of {HEAD_DIM} (the"
+            f" head size); got {args.hidden}")
+  if args.seq_len < 1 or args.tokens < args.seq_len or args.tokens % args.seq_len:
+    p.error(f"--tokens ({args.tokens}) must be a positive multiple of --seq-len"
+            f" ({args.seq_len})")
+  if min(args.layers, args.vocab, args.repeats) < 1 or args.warmup < 0:
+    p.error("--layers, --vocab and --repeats must be >= 1, --warmup >= 0")
+  return args
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,80 @@
+"""Smoke tests of benchmarks/bench_layer.py and bench_train.py.
+
+Each script runs as a subprocess at the tiniest settings, on the pure-JAX
+reference engine, and must write its JSON (expected keys, positive finite
+timings) and PNG. XLA's backend optimisation is turned off to cut compile
+time: these runs check the scripts, they measure nothing. No number is
+asserted against another.
+"""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, out_dir, *flags):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                      + " --xla_backend_optimization_level=0").strip()
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", name),
+       "--out-dir", str(out_dir), "--engine", "reference", *flags],
+      capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  stem = name[:-len(".py")]
+  (json_path,) = glob.glob(os.path.join(str(out_dir), f"{stem}_*.json"))
+  assert os.path.exists(json_path[:-len(".json")] + ".png")
+  with open(json_path) as f:
+    return json.load(f)
+
+
+def positive(value):
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_layer(tmp_path):
+  report = run_script("bench_layer.py", tmp_path, "--tokens", "64",
+                      "--hidden", "64", "--repeats", "1", "--warmup", "0",
+                      "--backward", "lss,nonzero")
+  assert {"benchmark", "environment", "settings", "results"} <= set(report)
+  assert report["settings"]["tokens"] == 64
+  rows = report["results"]
+  assert {(tuple(r["shape"]), r["case"]) for r in rows} == {
+      ((64, 64, d_out), case) for d_out in (64, 256)
+      for case in ("bf16 nn.Dense", "int4 lss", "int4 nonzero")}
+  for r in rows:
+    for key in ("median_ms", "min_ms", "speedup_vs_bf16", "first_call_s",
+                "residual_bytes_per_input_element"):
+      assert positive(r[key]), (key, r)
+    assert len(r["times_ms"]) == 1
+  bf16 = [r for r in rows if r["case"] == "bf16 nn.Dense"]
+  assert all(r["speedup_vs_bf16"] == 1.0 for r in bf16)
+  assert all(r["residual_bytes_per_input_element"] == 2.0 for r in bf16)
+
+
+def test_bench_train(tmp_path):
+  report = run_script("bench_train.py", tmp_path, "--small", "--hidden", "128",
+                      "--seq-len", "32", "--tokens", "64", "--vocab", "64",
+                      "--repeats", "1", "--warmup", "0")
+  assert {"benchmark", "environment", "settings", "results"} <= set(report)
+  assert report["settings"]["layers"] == 1  # from --small
+  (row,) = report["results"]
+  assert row["hidden"] == 128 and row["heads"] == 1
+  assert positive(row["int4_vs_bf16_tokens_per_s"])
+  assert "int4_vs_bf16_peak_memory" in row
+  for variant in ("bf16", "int4"):
+    r = row[variant]
+    for key in ("median_ms", "tokens_per_s", "first_call_s", "n_params",
+                "linear_input_bytes_saved", "activation_bytes_saved_vjp"):
+      assert positive(r[key]), (variant, key, r)
+    assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+    assert "peak_bytes_in_use" in r
+  assert (row["int4"]["linear_input_bytes_saved"]
+          < row["bf16"]["linear_input_bytes_saved"])

@@ -1,0 +1,183 @@
+// Device helpers shared by jint4's elementwise CUDA kernels: float loads and
+// stores of the three float dtypes, warp reductions, and the block Hadamard
+// transform over a chunk in shared memory.
+#ifndef JINT4_XLA_FFI_CUDA_DEVICE_UTIL_CUH_
+#define JINT4_XLA_FFI_CUDA_DEVICE_UTIL_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/jint4_math.h"
+#include "cuda_ffi.h"
+
+namespace jint4 {
+namespace cuda {
+
+// Float dtypes the handlers read and write (exact widening on load,
+// round-to-nearest-even on store, as jnp's astype).
+enum class FloatKind { kF32, kBF16, kF16, kInvalid };
+
+inline FloatKind KindOf(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return FloatKind::kF32;
+    case ffi::DataType::BF16: return FloatKind::kBF16;
+    case ffi::DataType::F16: return FloatKind::kF16;
+    default: return FloatKind::kInvalid;
+  }
+}
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+
+// Calls f.template operator()<T>() with T the C++ type of `kind`.
+template <typename F>
+__host__ __forceinline__ void DispatchFloat(FloatKind kind, F&& f) {
+  switch (kind) {
+    case FloatKind::kF32: f(float{}); break;
+    case FloatKind::kBF16: f(__nv_bfloat16{}); break;
+    case FloatKind::kF16: f(__half{}); break;
+    default: break;
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t CeilDivDev(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+__device__ __forceinline__ int WarpSumInt(int v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float WarpSumFloat(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ __forceinline__ uint32_t WarpMaxBits(uint32_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const uint32_t o = __shfl_down_sync(0xffffffffu, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// Block-wide max of |v| as float bits into *max_bits (atomicMax). |v| with the
+// sign bit cleared orders like its value as uint32, and every NaN pattern is
+// above +Inf, so the max is max|v|, or a NaN if any v is NaN.
+template <int kThreads>
+__device__ __forceinline__ void BlockAbsMaxToGlobal(uint32_t bits,
+                                                    unsigned int* max_bits) {
+  __shared__ uint32_t warp_max[kThreads / 32];
+  bits = WarpMaxBits(bits);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = bits;
+  __syncthreads();
+  if (warp == 0) {
+    uint32_t v = lane < (kThreads / 32) ? warp_max[lane] : 0u;
+    v = WarpMaxBits(v);
+    if (lane == 0) atomicMax(max_bits, v);
+  }
+}
+
+__device__ __forceinline__ uint32_t AbsBits(float v) {
+  return __float_as_uint(v) & 0x7FFFFFFFu;
+}
+
+// Butterfly stages s .. s+R-1 over `len` floats in shared memory (len a
+// multiple of 2^(s+R)). A block of 2^R * h elements (h = 2^s) splits into h
+// groups of 2^R elements at stride h; each thread loads a group into
+// registers and applies stage s, s+1, ... to its pairs: the same Butterfly
+// calls on the same values as HadamardInPlace, in an order that only permutes
+// independent pairs within a stage (bit-identical).
+template <int R, int kThreads>
+__device__ __forceinline__ void ButterflyPass(float* sx, int len, int s) {
+  constexpr int kN = 1 << R;
+  const int h = 1 << s;
+  const int groups = len >> R;
+  for (int o = threadIdx.x; o < groups; o += kThreads) {
+    const int i0 = ((o >> s) << (s + R)) + (o & (h - 1));
+    float v[kN];
+#pragma unroll
+    for (int k = 0; k < kN; ++k) v[k] = sx[i0 + k * h];
+#pragma unroll
+    for (int d = 0; d < R; ++d) {
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        if ((k & (1 << d)) == 0) Butterfly(v[k], v[k | (1 << d)]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kN; ++k) sx[i0 + k * h] = v[k];
+  }
+}
+
+// HadamardInPlace on every aligned block of 2^L floats of sx[0, len): stages
+// 0 .. L-1, up to three per pass (one barrier per pass). Starts and ends with
+// __syncthreads(), so sx may be written just before and read just after.
+template <int kThreads>
+__device__ __forceinline__ void BlockHadamardSmem(float* sx, int len, int L) {
+  for (int s = 0; s < L;) {
+    const int r = L - s < 3 ? L - s : 3;
+    __syncthreads();
+    if (r == 3) {
+      ButterflyPass<3, kThreads>(sx, len, s);
+    } else if (r == 2) {
+      ButterflyPass<2, kThreads>(sx, len, s);
+    } else {
+      ButterflyPass<1, kThreads>(sx, len, s);
+    }
+    s += r;
+  }
+  __syncthreads();
+}
+
+// Largest k <= 10 with 2^k dividing size (hadamard.py `max_log2_block`).
+inline int MaxLog2Block(int64_t size) {
+  int k = 0;
+  while (k < 10 && size > 0 && size % (int64_t{2} << k) == 0) ++k;
+  return k;
+}
+
+// Reads log2_block from the device scalar, clamped to [0, max_log2].
+__device__ __forceinline__ int ClampedLog2(const int32_t* log2_ptr, int max_log2) {
+  const int L = *log2_ptr;
+  return L < 0 ? 0 : (L > max_log2 ? max_log2 : L);
+}
+
+// Decoders of the packed residual at any flat element index e.
+__device__ __forceinline__ void DecodeAt(const uint8_t* __restrict__ nibbles,
+                                         const uint8_t* __restrict__ flags,
+                                         int64_t plane_stride, int planes, int64_t e,
+                                         int qn, int qp, int8_t* qv, bool* inside,
+                                         float* delta_hat) {
+  const uint8_t byte = nibbles[e >> 1];
+  const int8_t code = NibbleToInt(static_cast<uint8_t>((byte >> (4 * (e & 1))) & 0xFu));
+  uint8_t fl = static_cast<uint8_t>((flags[e >> 3] >> (e & 7)) & 1u);
+  if (planes == 2) fl |= static_cast<uint8_t>(((flags[plane_stride + (e >> 3)] >> (e & 7)) & 1u) << 1);
+  DecodeBackwardState(code, fl, qn, qp, qv, inside, delta_hat);
+}
+
+}  // namespace cuda
+}  // namespace jint4
+
+#endif  // JINT4_XLA_FFI_CUDA_DEVICE_UTIL_CUH_
