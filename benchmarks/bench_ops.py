@@ -98,7 +98,7 @@ def _stages(eng, n, d, c):
     return eng.int_gemm(qxt, vt, scale=s_lo2 * sx, int4=False)
 
   def finish_weight(dw, w, sw):
-    return matmul.weight_side_backward(eng, w, sw, dw, block=BLOCK, qn=QN, qp=QP)
+    return eng.lsq_weight_backward(dw, w, sw, block=BLOCK, qn=QN, qp=QP)
 
   def split_joined(g, seeds):
     return eng.bit_split_joined(g, seeds[1])
@@ -214,6 +214,7 @@ def compare_engines(n, d, c, repeats):
   g2 = jax.jit(lambda g: ref.bit_split(g, seeds[1])[0])(g)
   rows = jnp.arange(0, 2 * n, 2, dtype=jnp.int32)
   dxh = jax.random.normal(keys[0], (n, d), jnp.float32)
+  dwt = jax.random.normal(keys[1], (d, c), jnp.float32)
   cases = {
       "hadamard_quantize": lambda e: (lambda x: e.hadamard_quantize(
           x, jnp.float32(0.3), block=BLOCK, qn=QN, qp=QP, seed=seeds[0]), (x,)),
@@ -221,6 +222,8 @@ def compare_engines(n, d, c, repeats):
           r, (n, d), qn=QN, qp=QP, transpose=True), (res,)),
       "lsq_backward": lambda e: (lambda t, r: e.lsq_backward(
           t, r, qn=QN, qp=QP, block=BLOCK, out_dtype=jnp.bfloat16), (dxh, res)),
+      "lsq_weight_backward": lambda e: (lambda t, w: e.lsq_weight_backward(
+          t, w, jnp.float32(0.005), block=BLOCK, qn=QN, qp=QP), (dwt, w)),
       "bit_split": lambda e: (lambda g: e.bit_split(g, seeds[1]), (g,)),
       "bit_split_joined": lambda e: (lambda g: e.bit_split_joined(g, seeds[1]), (g,)),
       "resplit_rows": lambda e: (lambda g2, r: e.resplit_rows(

@@ -226,24 +226,13 @@ def _backward(static, res, g):
   dx, delta_sum_x = eng.lsq_backward(dx_rows, res_x, qn=qn, qp=qp, slots=slots,
                                      block=block, out_dtype=static.x_dtype)
   dsx = lsq.grad_scale(n * d, qp=qp) * delta_sum_x
-  dk, dsw = weight_side_backward(eng, kernel, sw32, dwh_hat, block=block, qn=qn, qp=qp)
+  # Weight side: the kernel is kept, so its mask and delta are exact.
+  dk, delta_sum_w = eng.lsq_weight_backward(dwh_hat, kernel, sw32, block=block,
+                                            qn=qn, qp=qp)
+  dsw = lsq.grad_scale(d * c, qp=qp) * delta_sum_w
   return (dx, dk,
           dsx.astype(sx.dtype).reshape(sx.shape),
           dsw.astype(sw.dtype).reshape(sw.shape), None, None)
-
-
-def weight_side_backward(eng, kernel, sw, dwh_hat, *, block, qn, qp):
-  """LSQ backward of the kernel from dW_hat[D, C] (Hadamard domain).
-
-  The kernel is kept, so its STE mask and delta are exact: returns
-  (dK in the kernel's dtype, the step-size gradient of s_w).
-  """
-  d, c = kernel.shape
-  vw = eng.apply_hadamard(kernel, block, axis=0) / sw
-  dwh = jnp.where(lsq.in_range(vw, qn=qn, qp=qp), dwh_hat, 0.0)
-  dsw = lsq.grad_scale(d * c, qp=qp) * jnp.sum(dwh_hat * lsq.delta(vw, qn=qn, qp=qp))
-  dk = eng.apply_hadamard(dwh, block, axis=0)
-  return dk.astype(kernel.dtype), dsw
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ py::dict CpuTargets() {
   d["jint4_hadamard_quantize"] = Capsule(jint4_cpu_hadamard_quantize);
   d["jint4_residual_values"] = Capsule(jint4_cpu_residual_values);
   d["jint4_lsq_backward"] = Capsule(jint4_cpu_lsq_backward);
+  d["jint4_lsq_weight_backward"] = Capsule(jint4_cpu_lsq_weight_backward);
   d["jint4_bit_split"] = Capsule(jint4_cpu_bit_split);
   d["jint4_int_gemm"] = Capsule(jint4_cpu_int_gemm);
   d["jint4_bit_split_joined"] = Capsule(jint4_cpu_bit_split_joined);
@@ -35,6 +36,7 @@ py::dict CudaTargets() {
   d["jint4_hadamard_quantize"] = Capsule(jint4_cuda_hadamard_quantize);
   d["jint4_residual_values"] = Capsule(jint4_cuda_residual_values);
   d["jint4_lsq_backward"] = Capsule(jint4_cuda_lsq_backward);
+  d["jint4_lsq_weight_backward"] = Capsule(jint4_cuda_lsq_weight_backward);
   d["jint4_bit_split"] = Capsule(jint4_cuda_bit_split);
   d["jint4_int_gemm"] = Capsule(jint4_cuda_int_gemm);
   d["jint4_bit_split_joined"] = Capsule(jint4_cuda_bit_split_joined);

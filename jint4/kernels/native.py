@@ -107,6 +107,13 @@ def _log2(block) -> jax.Array:
   return jnp.asarray(block, jnp.int32)
 
 
+def _static_log2(block) -> int:
+  """log2 of a static block size, -1 for a traced one."""
+  if isinstance(block, (int, np.integer)):
+    return int(block).bit_length() - 1
+  return -1
+
+
 def _residual_shapes(size: int, qn: int):
   planes = 1 if qn <= 7 else 2
   return (-(-size // 2),), (planes, -(-size // 8))
@@ -157,7 +164,7 @@ def hadamard_quantize(x, step, *, block, qn: int, qp: int, seed=None,
       _float_operand(x), jnp.asarray(step, jnp.float32).reshape(()),
       jnp.asarray(seed, jnp.uint32), _log2(block),
       qn=_i32(qn), qp=_i32(qp), with_residual=_i32(with_residual),
-      axis=_i32(axis), transpose=_i32(transpose))
+      axis=_i32(axis), transpose=_i32(transpose), log2_hint=_i32(_static_log2(block)))
   return q, (Residual(nibbles, flags, norms) if with_residual else None)
 
 
@@ -191,6 +198,20 @@ def lsq_backward(grad, res: Residual, *, qn: int, qp: int, slots=None, block=1,
        else jnp.asarray(slots, jnp.int32)),
       _log2(block), qn=_i32(qn), qp=_i32(qp), gather=_i32(slots is not None))
   return dt.astype(out_dtype), delta_sum
+
+
+def lsq_weight_backward(grad, kernel, step, *, block, qn: int, qp: int, out_dtype=None):
+  d, c = kernel.shape
+  if isinstance(block, (int, np.integer)) and d % int(block):
+    raise ValueError(f"Hadamard block {block} does not divide D={d}.")
+  kf = _float_operand(kernel)
+  dk, delta_sum = _call(
+      "jint4_lsq_weight_backward",
+      (jax.ShapeDtypeStruct((d, c), kf.dtype),
+       jax.ShapeDtypeStruct((), jnp.float32)),
+      grad.astype(jnp.float32), kf, jnp.asarray(step, jnp.float32).reshape(()),
+      _log2(block), qn=_i32(qn), qp=_i32(qp), log2_hint=_i32(_static_log2(block)))
+  return dk.astype(out_dtype or kernel.dtype), delta_sum
 
 
 def bit_split(g, seed):

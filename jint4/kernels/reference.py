@@ -189,6 +189,26 @@ def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int,
   return dt.astype(out_dtype), jnp.sum(grad * delta_hat)
 
 
+def lsq_weight_backward(grad: jax.Array, kernel: jax.Array, step: jax.Array, *,
+                        block: Block, qn: int, qp: int, out_dtype=None):
+  """LSQ's backward for a kernel[D, C] quantized with Hb along axis 0.
+
+  The kernel is a parameter, kept by the backward, so its STE mask and delta
+  are exact: with v = (kernel Hb) / step (Hb down each column, as
+  `hadamard_quantize(axis=0)`) and grad = dL/dW_hat in the Hadamard domain,
+  float32 [D, C]:
+  Returns (dK, delta_sum): dK = Hb^T (1[in range] * grad) along axis 0, in
+  ``out_dtype`` (default: the kernel's dtype), and delta_sum = sum(grad *
+  delta(v)), the un-scaled step-size gradient.
+  """
+  v = apply_hadamard(kernel.astype(jnp.float32), block, axis=0) / step.astype(jnp.float32)
+  grad = grad.astype(jnp.float32)
+  masked = jnp.where(lsq.in_range(v, qn=qn, qp=qp), grad, 0.0)
+  delta_sum = jnp.sum(grad * lsq.delta(v, qn=qn, qp=qp))
+  dk = apply_hadamard(masked, block, axis=0)
+  return dk.astype(out_dtype or kernel.dtype), delta_sum
+
+
 def _slot_sum(rows: jax.Array, slots: jax.Array) -> jax.Array:
   def pick(s):
     return jnp.where((s >= 0)[:, None],

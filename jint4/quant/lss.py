@@ -38,32 +38,29 @@ def budget_rows(num_tokens: int, fraction: float) -> int:
   return max(1, min(2 * num_tokens, rows))
 
 
-def inclusion_probabilities(scores: jax.Array, budget: int, *,
-                            max_iters: int = 64) -> jax.Array:
+def inclusion_probabilities(scores: jax.Array, budget: int) -> jax.Array:
   """p_i = min(1, lam c_i) with sum p = min(budget, #{c_i > 0}).
 
   Rows with score 0 get p = 0 and are never kept (their contribution is 0).
+  Closed form (water filling), with no data-dependent loop: with the scores
+  sorted in decreasing order c_(0) >= c_(1) >= ..., clamping the k largest
+  to 1 leaves lam_k = (budget - k) / sum_{j >= k} c_(j) for the rest; the
+  solution takes the smallest k with lam_k c_(k) <= 1 (the largest free
+  probability is valid), which is where clamp-and-rescale stops.
   """
   c = jnp.where(jnp.isfinite(scores), scores, 0.0).astype(jnp.float32)
   c = jnp.maximum(c, 0.0)
-
-  def step(state):
-    p, _, it = state
-    fixed = p >= 1.0
-    rest = jnp.sum(jnp.where(fixed, 0.0, c))
-    free_budget = budget - jnp.sum(fixed)
-    lam = jnp.where(rest > 0, free_budget / jnp.where(rest > 0, rest, 1.0), 0.0)
-    new_p = jnp.where(fixed, 1.0, c * lam)
-    return new_p, jnp.any(new_p > 1.0), it + 1
-
-  def cond(state):
-    _, overflow, it = state
-    return overflow & (it < max_iters)
-
-  total = jnp.sum(c)
-  p0 = c * jnp.where(total > 0, budget / jnp.where(total > 0, total, 1.0), 0.0)
-  p, _, _ = jax.lax.while_loop(cond, step, (p0, jnp.any(p0 > 1.0), 0))
-  return jnp.minimum(p, 1.0)
+  rows = c.shape[0]
+  desc = -jnp.sort(-c)
+  suffix = jnp.cumsum(desc[::-1])[::-1]               # sum_{j >= k} c_(j)
+  k = jnp.arange(rows, dtype=jnp.float32)
+  free = budget - k
+  lam = jnp.where(suffix > 0, free / jnp.where(suffix > 0, suffix, 1.0), jnp.inf)
+  ok = (lam * desc <= 1.0) | (desc <= 0)
+  first = jnp.argmax(ok)                               # ok[rows-1] may be False
+  lam_star = jnp.where(jnp.any(ok), lam[first], jnp.inf)
+  p = jnp.where(c > 0, jnp.minimum(1.0, lam_star * c), 0.0)
+  return p
 
 
 def probability_unit(budget: int, rows: int) -> int:
@@ -104,7 +101,7 @@ def systematic_sample(p: jax.Array, budget: int, u0: jax.Array):
     u0: one uniform number in [0, 1).
   Returns:
     (index, weight): int32 (`num_slots(B, R)`,) sorted row indices and float32
-    weights 1 / p_index, or 0 for an empty slot (then index is a valid row).
+    weights 1 / p_index, or 0 for an empty slot (then index is row 0).
   """
   rows = p.shape[0]
   unit = probability_unit(budget, rows)
@@ -116,9 +113,13 @@ def systematic_sample(p: jax.Array, budget: int, u0: jax.Array):
   offset = jnp.minimum(jnp.floor(u0 * unit).astype(jnp.int32), unit - 1)
   # Points offset + j * unit strictly below cum_i: ceil((cum_i - offset) / unit).
   below = jnp.maximum(cum - offset + (unit - 1), 0) // unit
+  # Row i holds one point (p_i <= 1) exactly when below_i > below_{i-1}; it is
+  # point number below_{i-1}. A scatter places the rows in their slots.
+  before = jnp.concatenate([jnp.zeros((1,), below.dtype), below[:-1]])
+  target = jnp.where(below > before, before, slots)
+  index = jnp.zeros((slots,), jnp.int32).at[target].set(
+      jnp.arange(rows, dtype=jnp.int32), mode="drop")
   slot = jnp.arange(slots, dtype=jnp.int32)
-  index = jnp.searchsorted(below, slot, side="right").astype(jnp.int32)
-  index = jnp.minimum(index, rows - 1)
   valid = slot < below[-1]
   kept_units = units[index]
   weight = jnp.where(valid & (kept_units > 0),

@@ -10,6 +10,9 @@ from jint4.quant import hadamard
 # (M, K) shapes for the quantize ops: ragged sizes included (M*K odd, not a
 # multiple of 8, K not a multiple of 16).
 QUANT_SHAPES = [(1, 1), (3, 5), (7, 24), (16, 32), (33, 96), (64, 1024), (5, 2048)]
+# (D, C) kernel shapes for lsq_weight_backward (Hb down the D rows): ragged C,
+# D with few and with many power-of-two blocks.
+WEIGHT_SHAPES = [(1, 1), (8, 3), (24, 5), (64, 96), (1024, 40)]
 # (M, N, K) for the GEMMs.
 GEMM_SHAPES = [(1, 1, 1), (3, 5, 7), (17, 33, 40), (64, 48, 128), (128, 256, 512),
                (200, 136, 1000)]
@@ -88,3 +91,27 @@ def assert_same_floats(a, b):
   assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
   np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
   np.testing.assert_array_equal(np.where(np.isnan(a), 0, a), np.where(np.isnan(b), 0, b))
+
+
+def weight_backward_slack(grad, kernel, step, block, qn, qp):
+  """How far two correct lsq_weight_backward results may differ.
+
+  v = Hb(kernel) / step is specified with a true division; XLA (jaxlib 0.12
+  CPU) rewrites the reference's x / step as x * (1 / step), one rounding
+  apart. Where v lies within a few ulps of a half-integer, round(v) - v may
+  then jump by 1, so delta_sum may differ by |grad| there. Returns (slack,
+  edges): slack = sum of |grad| over such elements (0 for a power-of-two
+  step, where both forms are exact), edges = the number of elements within a
+  few ulps of the clip edges -qn, qp (where even the STE mask, hence dk, may
+  differ; tests choose data without any).
+  """
+  step = float(step)
+  if step > 0 and float(np.log2(step)).is_integer():
+    return 0.0, 0
+  v = np.asarray(jax.jit(lambda k, s: reference.apply_hadamard(
+      k.astype(jnp.float32), int(block), axis=0) / s)(kernel, jnp.float32(step)))
+  ulps = 2 * np.spacing(np.abs(v))   # x / s and x * (1 / s) differ by <= 2 ulps
+  near_half = np.abs(np.abs(v) % 1.0 - 0.5) <= ulps
+  edges = (np.abs(v + qn) <= ulps) | (np.abs(v - qp) <= ulps)
+  slack = float(np.sum(np.abs(np.asarray(grad, np.float64))[near_half]))
+  return slack, int(np.sum(edges))

@@ -17,10 +17,12 @@ import pytest
 import jint4
 from jint4 import kernels
 from jint4.kernels import native, reference
+from jint4.quant import hadamard
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
-                                        activations, assert_same_floats,
+                                        WEIGHT_SHAPES, activations, assert_same_floats,
                                         assert_same_ints, dtype_id, int_operand,
-                                        largest_log2, random_rows, random_slots, seed)
+                                        largest_log2, random_rows, random_slots, seed,
+                                        weight_backward_slack)
 
 if not native.available():
   if os.environ.get("JINT4_REQUIRE_NATIVE") == "1":
@@ -148,7 +150,7 @@ def test_lsq_backward(shape, qn, out_dtype):
     _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad)
 
 
-def _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad):
+def _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad, ds_slack=0.0):
   assert dt_nat.dtype == dt_ref.dtype and dt_nat.shape == dt_ref.shape
   scale = float(jnp.abs(grad).max()) + 1e-30
   if dt_ref.dtype == jnp.float32:
@@ -158,7 +160,7 @@ def _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad):
   np.testing.assert_allclose(np.asarray(dt_nat, np.float32), np.asarray(dt_ref, np.float32),
                              rtol=rtol, atol=1e-6 * scale)
   np.testing.assert_allclose(ds_nat, ds_ref, rtol=1e-5,
-                             atol=1e-5 * float(jnp.abs(grad).sum()))
+                             atol=1e-5 * float(jnp.abs(grad).sum()) + ds_slack)
 
 
 @pytest.mark.parametrize("qn,out_dtype", [(7, jnp.float32), (8, jnp.float32),
@@ -202,6 +204,128 @@ def test_lsq_backward_traced_block(qn):
       dt_ref, ds_ref = f_ref(grad, slots, jnp.int32(log2))
       dt_nat, ds_nat = f_nat(grad, slots, jnp.int32(log2))
       _check_lsq_backward(dt_nat, ds_nat, dt_ref, ds_ref, grad)
+
+
+def _weight_operands(shape, dtype, seed_=0):
+  """grad f32[D, C] and kernel[D, C] of `dtype`: with a step of 0.25 or 0.3,
+  about a third of v = Hb(kernel) / step lies outside [-8, 7]."""
+  kernel = activations(shape, seed=20 + seed_).astype(dtype)
+  grad = activations(shape, seed=30 + seed_)
+  return grad, kernel
+
+
+def _check_weight_backward(dk_nat, ds_nat, dk_ref, ds_ref, grad, kernel, step,
+                           block, qn, qp):
+  slack, edges = weight_backward_slack(grad, kernel, step, block, qn, qp)
+  assert edges == 0, "test data with v at a clip edge: pick another seed"
+  _check_lsq_backward(dk_nat, ds_nat, dk_ref, ds_ref, grad, ds_slack=slack)
+
+
+# A power-of-two step (v bit-identical in both engines: exact ties are common
+# for half-precision kernels and must round to even) and one that is not.
+@pytest.mark.parametrize("step", [0.25, 0.3])
+@pytest.mark.parametrize("qn,qp", [(7, 7), (8, 7)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=str)
+def test_lsq_weight_backward(shape, dtype, qn, qp, step):
+  grad, kernel = _weight_operands(shape, dtype)
+  for log2 in sorted({0, largest_log2(shape[0])}):
+    # dk in the kernel's dtype (the default) and, for a float32 kernel, bf16.
+    for out_dtype in (None,) + ((jnp.bfloat16,) if dtype == jnp.float32 else ()):
+      kw = dict(qn=qn, qp=qp, block=2 ** log2, out_dtype=out_dtype)
+      dk_ref, ds_ref = on_cpu(reference.lsq_weight_backward, grad, kernel,
+                              jnp.float32(step), **kw)
+      dk_nat, ds_nat = on_cpu(native.lsq_weight_backward, grad, kernel,
+                              jnp.float32(step), **kw)
+      assert dk_nat.dtype == (out_dtype or dtype) and dk_nat.shape == shape
+      assert ds_nat.shape == () and ds_nat.dtype == jnp.float32
+      _check_weight_backward(dk_nat, ds_nat, dk_ref, ds_ref, grad, kernel, step,
+                             2 ** log2, qn, qp)
+
+
+@pytest.mark.parametrize("kernel_dtype,dk_dtype", [(jnp.bfloat16, jnp.float32),
+                                                   (jnp.float16, jnp.float32),
+                                                   (jnp.float32, jnp.float16),
+                                                   (jnp.bfloat16, jnp.float16)],
+                         ids=dtype_id)
+def test_lsq_weight_backward_dk_dtype_is_independent(kernel_dtype, dk_dtype):
+  """The handler's dk may have any float type, whatever the kernel's."""
+  shape, log2, step = (64, 96), 5, jnp.float32(0.25)
+  grad, kernel = _weight_operands(shape, kernel_dtype, seed_=2)
+  raw = lambda g, k, s: native._call(
+      "jint4_lsq_weight_backward",
+      (jax.ShapeDtypeStruct(shape, dk_dtype), jax.ShapeDtypeStruct((), jnp.float32)),
+      g, k, s, jnp.int32(log2), qn=np.int32(8), qp=np.int32(7), log2_hint=np.int32(log2))
+  dk_nat, ds_nat = on_cpu(raw, grad, kernel, step)
+  dk_ref, ds_ref = on_cpu(reference.lsq_weight_backward, grad, kernel, step,
+                          block=2 ** log2, qn=8, qp=7, out_dtype=dk_dtype)
+  assert dk_nat.dtype == dk_dtype
+  _check_lsq_backward(dk_nat, ds_nat, dk_ref, ds_ref, grad)
+
+
+def test_lsq_weight_backward_edges_and_ties():
+  """Exact values (block 1, step 1/2): v at the clip edges is inside (delta
+  0), beyond them delta = -qn or qp and dk = 0, ties round to even."""
+  qn, qp = 8, 7
+  v = np.array([-9.0, -8.5, -8.0, -7.5, -2.5, -0.5, 0.5, 1.5, 2.5, 6.5, 7.0, 7.5, 40.0],
+               np.float32)
+  want_delta = np.array([-8, -8, 0, -0.5, 0.5, 0.5, -0.5, 0.5, -0.5, -0.5, 0, 7, 7],
+                        np.float64)
+  inside = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0], bool)
+  kernel = jnp.asarray(np.stack([v * 0.5, -v[::-1] * 0.5], axis=1))     # [13, 2]
+  grad = activations((13, 2), seed=4)
+  want_ds = (np.sum(np.asarray(grad, np.float64)[:, 0] * want_delta)
+             + np.sum(np.asarray(grad, np.float64)[:, 1]
+                      * np.where(-v[::-1] < -qn, -qn,
+                                 np.where(-v[::-1] > qp, qp,
+                                          np.round(-v[::-1]) + v[::-1]))))
+  for dtype in FLOAT_DTYPES:
+    dk, ds = on_cpu(native.lsq_weight_backward, grad, kernel.astype(dtype),
+                    jnp.float32(0.5), block=1, qn=qn, qp=qp)
+    mask = np.stack([inside, (-v[::-1] >= -qn) & (-v[::-1] <= qp)], axis=1)
+    assert dk.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(dk, np.float32), np.asarray(
+        jnp.where(mask, grad, 0.0).astype(dtype), np.float32))
+    np.testing.assert_allclose(ds, want_ds, rtol=1e-6)
+
+
+def test_lsq_weight_backward_is_hadamard_of_the_masked_grad():
+  """All inside: dk = Hb grad, and Hb Hb = I (applied twice gives grad back);
+  all outside: dk = 0, delta_sum = sum grad * (-qn or qp)."""
+  grad = activations((16, 8), seed=3)
+  sign = np.where(np.arange(8) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  small = jnp.asarray(np.ones((16, 1), np.float32) * sign * 1e-2)
+  kw = dict(block=16, qn=8, qp=7)
+  dk, _ = on_cpu(native.lsq_weight_backward, grad, small, jnp.float32(1.0), **kw)
+  np.testing.assert_allclose(dk, hadamard.hadamard_transform(grad, 16, axis=0),
+                             rtol=1e-5, atol=1e-5)
+  dk2, _ = on_cpu(native.lsq_weight_backward, dk, small, jnp.float32(1.0), **kw)
+  np.testing.assert_allclose(dk2, grad, rtol=1e-5, atol=1e-5)
+  big = jnp.asarray(np.ones((16, 1), np.float32) * sign * 100.0)
+  dk, ds = on_cpu(native.lsq_weight_backward, grad, big, jnp.float32(1.0), block=1,
+                  qn=8, qp=7)
+  assert not np.asarray(dk).any()
+  want = np.sum(np.asarray(grad, np.float64) * np.where(sign > 0, 7.0, -8.0))
+  np.testing.assert_allclose(ds, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,qn,step", [(jnp.bfloat16, 7, 0.25), (jnp.float32, 8, 0.3),
+                                           (jnp.float16, 8, 0.3)],
+                         ids=lambda v: dtype_id(v) if isinstance(v, type) else str(v))
+def test_lsq_weight_backward_traced_block(dtype, qn, step):
+  d, c = 1024, 40
+  grad, kernel = _weight_operands((d, c), dtype, seed_=4)   # no v at a clip edge
+  def jitted(mod):
+    return jax.jit(lambda g, k, s, l: mod.lsq_weight_backward(g, k, s, qn=qn, qp=7,
+                                                              block=l))
+  f_ref, f_nat = jitted(reference), jitted(native)   # one compile each
+  with jax.default_device(CPU):
+    for log2 in range(largest_log2(d) + 1):
+      dk_ref, ds_ref = f_ref(grad, kernel, jnp.float32(step), jnp.int32(log2))
+      dk_nat, ds_nat = f_nat(grad, kernel, jnp.float32(step), jnp.int32(log2))
+      assert dk_nat.dtype == dtype
+      _check_weight_backward(dk_nat, ds_nat, dk_ref, ds_ref, grad, kernel, step,
+                             2 ** log2, qn, 7)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -369,7 +493,14 @@ def raw_quantize(x, axis, transpose, with_residual=1):
       (S((s, r) if transpose else (r, s), jnp.int8), S((-(-n // 2),), jnp.uint8),
        S((1, -(-n // 8)), jnp.uint8), S((r if with_residual else 0,), jnp.float32)),
       x, jnp.float32(1), seed, jnp.int32(0), qn=i32(7), qp=i32(7),
-      with_residual=i32(with_residual), axis=i32(axis), transpose=i32(transpose))
+      with_residual=i32(with_residual), axis=i32(axis), transpose=i32(transpose),
+      log2_hint=i32(-1))
+
+def raw_weight_backward(grad, kernel, log2_hint=-1, qn=7):
+  return native._call(
+      "jint4_lsq_weight_backward", (S(kernel.shape, jnp.float32), S((), jnp.float32)),
+      grad, kernel, jnp.float32(1), jnp.int32(0), qn=i32(qn), qp=i32(7),
+      log2_hint=i32(log2_hint))[0]
 
 cases = {
   "log2_block": lambda: native.hadamard_quantize(
@@ -393,6 +524,17 @@ cases = {
       "jint4_int_gemm", S((2, 3), jnp.float32), jnp.ones((2, 4), jnp.int8),
       jnp.ones((3, 4), jnp.int8), jnp.float32(1), jnp.ones((2,), jnp.float32),
       jnp.zeros((3,), jnp.float32), int4=i32(2)),
+  "weight_log2_block": lambda: native.lsq_weight_backward(
+      jnp.ones((12, 4)), jnp.ones((12, 4)), jnp.float32(1), block=jnp.int32(3),
+      qn=7, qp=7)[0],
+  "weight_grad_shape": lambda: native.lsq_weight_backward(
+      jnp.ones((8, 5)), jnp.ones((8, 4), jnp.bfloat16), jnp.float32(1), block=2,
+      qn=7, qp=7)[0],
+  "weight_log2_hint": lambda: raw_weight_backward(jnp.ones((4, 4)), jnp.ones((4, 4)),
+                                                  log2_hint=11),
+  "weight_qn": lambda: raw_weight_backward(jnp.ones((4, 4)), jnp.ones((4, 4)), qn=9),
+  "weight_kernel_dtype": lambda: raw_weight_backward(jnp.ones((4, 4)),
+                                                     jnp.ones((4, 4), jnp.int32)),
   "col_bias": lambda: native.int_gemm(
       jnp.ones((2, 4), jnp.int8), jnp.ones((3, 4), jnp.int8), scale=jnp.float32(1),
       col_bias=jnp.zeros((2,), jnp.float32)),
@@ -455,6 +597,13 @@ def test_bad_native_input_raises_clear_errors():
       "resplit_rows": ["jint4_resplit_rows", "rows[1] = -1", "out of range"],
       "int4_attr": ["'int4'", "0 or 1"],
       "col_bias": ["jint4_int_gemm", "'col_bias'", "[3]", "got [2]"],
+      "weight_log2_block": ["jint4_lsq_weight_backward", "does not divide",
+                            "dim 0 of kernel", "= 12"],
+      "weight_grad_shape": ["jint4_lsq_weight_backward", "'grad'", "[8,4]", "got [8,5]"],
+      "weight_log2_hint": ["jint4_lsq_weight_backward", "'log2_hint'", "got 11"],
+      "weight_qn": ["jint4_lsq_weight_backward", "qn=9"],
+      "weight_kernel_dtype": ["jint4_lsq_weight_backward", "'kernel'", "f32, bf16 or f16",
+                              "s32"],
   }
   for name, parts in expect.items():
     line = lines.get(name, "(missing)")

@@ -62,9 +62,9 @@ def test_hadamard_quantize_rows(shape, qn, dtype):
   x = activations(shape, specials=True).astype(dtype)
   for log2 in sorted({0, largest_log2(shape[1])}):
     kw = dict(block=2 ** log2, qn=qn, qp=7, seed=seed(log2))
-    (q, r), (q_ref, r_ref), (q_cpu, r_cpu) = twins(
+    (q, r), ref, cpu = twins(
         native.hadamard_quantize, x, jnp.float32(0.4), cpu_handler=x.size < 2 ** 16, **kw)
-    for other_q, other_r in ((q_ref, r_ref),) + (((q_cpu, r_cpu),) if q_cpu is not None else ()):
+    for other_q, other_r in [ref] + ([cpu] if cpu is not None else []):
       assert_same_ints(q, other_q)
       assert_same_ints(r.nibbles, other_r.nibbles)
       assert_same_ints(r.flags, other_r.flags)
@@ -78,8 +78,9 @@ def test_hadamard_quantize_rows(shape, qn, dtype):
 def test_hadamard_quantize_columns(shape, transpose, dtype):
   w = activations(shape, seed=4).astype(dtype) * 0.05
   for log2 in sorted({0, largest_log2(shape[0])}):
-    q, q_ref, _ = twins(native.hadamard_quantize, w, jnp.float32(0.01), cpu_handler=False,
-                        block=2 ** log2, qn=7, qp=7, axis=0, transpose=transpose)
+    (q, _), (q_ref, _), _ = twins(native.hadamard_quantize, w, jnp.float32(0.01),
+                                  cpu_handler=False, block=2 ** log2, qn=7, qp=7, axis=0,
+                                  transpose=transpose)
     assert_same_ints(q, q_ref)
 
 
@@ -131,6 +132,23 @@ def test_lsq_backward(shape, gather, out_dtype):
     assert dt.dtype == out_dtype
     tol = 1e-5 if out_dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(dt, np.float32), np.asarray(dt_ref, np.float32),
+                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(ds, ds_ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(grad).sum()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(1, 1), (8, 3), (24, 5), (96, 33), (1024, 40),
+                                   (4096, 1024)], ids=str)
+def test_lsq_weight_backward(shape, dtype):
+  w = (activations(shape, seed=6) * 0.05).astype(dtype)
+  grad = activations(shape, seed=7)
+  for log2 in sorted({0, largest_log2(shape[0])}):
+    (dk, ds), (dk_ref, ds_ref), _ = twins(native.lsq_weight_backward, grad, w,
+                                          jnp.float32(0.02), block=2 ** log2, qn=7, qp=7,
+                                          cpu_handler=False)
+    assert dk.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(dk, np.float32), np.asarray(dk_ref, np.float32),
                                rtol=tol, atol=tol)
     np.testing.assert_allclose(ds, ds_ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(grad).sum()))
 
@@ -258,13 +276,14 @@ def test_sanitizer_small_case():
   """A small run of every op, for compute-sanitizer in tools/gpu_check.sh."""
   x = activations((8, 64))
   q, res = native.hadamard_quantize(x, jnp.float32(0.5), block=32, qn=7, qp=7, seed=seed())
-  qw, _ = native.hadamard_quantize(x, jnp.float32(0.5), block=8, qn=7, qp=7, axis=0,
-                                   transpose=True)
+  qw, _ = native.hadamard_quantize(activations((64, 16), seed=1), jnp.float32(0.5),
+                                   block=8, qn=7, qp=7, axis=0, transpose=True)
   native.residual_values(res, (8, 64), qn=7, qp=7)
   rows = jnp.asarray([3, 0, 7], jnp.int32)
   native.residual_values(res, (8, 64), qn=7, qp=7, rows=rows, transpose=True)
   native.lsq_backward(x, res, qn=7, qp=7, block=32, out_dtype=jnp.bfloat16)
   native.lsq_backward(x[:3], res, qn=7, qp=7, slots=random_slots(8, 3), block=32)
+  native.lsq_weight_backward(x, x, jnp.float32(0.5), block=8, qn=7, qp=7)
   g2, _, _, _ = native.bit_split(x, seed())
   native.bit_split_joined(x, seed())
   native.resplit_rows(g2, rows, jnp.ones((3,), jnp.float32), seed())

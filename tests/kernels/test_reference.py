@@ -401,6 +401,57 @@ def test_lsq_backward_slots():
 
 
 
+# ----------------------------------------------------- lsq_weight_backward --
+
+@pytest.mark.parametrize("block", [1, 4, 32])
+def test_lsq_weight_backward_is_lsq_of_the_column_transform(block):
+  """dK = Hb (1[in range] grad) and delta_sum = sum grad * delta with
+  v = (kernel Hb) / step down the columns: jint4.quant's lsq and hadamard
+  (matmul form), up to float rounding."""
+  qn, qp = 8, 7
+  rng = np.random.default_rng(block)
+  kernel = jnp.asarray(rng.normal(0, 1.5, (64, 48)), jnp.float32)
+  grad = jnp.asarray(rng.normal(0, 1, (64, 48)), jnp.float32)
+  step = jnp.float32(0.3)
+  f = jax.jit(ref.lsq_weight_backward, static_argnames=("block", "qn", "qp", "out_dtype"))
+  dk, dsum = f(grad, kernel, step, block=block, qn=qn, qp=qp)
+  assert dk.dtype == jnp.float32 and dk.shape == kernel.shape and dsum.shape == ()
+
+  @jax.jit
+  def spec(grad, kernel, step):
+    v = hadamard.hadamard_transform(kernel, block, axis=0, method="matmul") / step
+    masked = jnp.where(lsq.in_range(v, qn=qn, qp=qp), grad, 0.0)
+    return (v, hadamard.hadamard_transform(masked, block, axis=0, method="matmul"),
+            lsq.delta(v, qn=qn, qp=qp))
+
+  v, want_dk, delta = (f64(a) for a in spec(grad, kernel, step))
+  assert ((v < -qn) | (v > qp)).any() and ((v >= -qn) & (v <= qp)).any()
+  # The two Hadamard forms round differently: no v may sit at a clip edge
+  # (the mask would be ambiguous); near a half-integer, round(v) - v may jump
+  # by 1, which the delta_sum tolerance allows for.
+  tol = 1e-5 * np.maximum(1.0, np.abs(v))
+  assert not ((np.abs(v + qn) <= tol) | (np.abs(v - qp) <= tol)).any()
+  near_half = np.abs(np.abs(v) % 1.0 - 0.5) <= tol
+  np.testing.assert_allclose(f64(dk), want_dk, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(float(dsum), np.sum(f64(grad) * delta), rtol=1e-5,
+                             atol=1e-4 + np.sum(np.abs(f64(grad))[near_half]))
+  # A traced log2 block gives the same.
+  dk_dyn, dsum_dyn = jax.jit(lambda g, k, s, l: ref.lsq_weight_backward(
+      g, k, s, block=l, qn=qn, qp=qp))(grad, kernel, step, jnp.int32(int(math.log2(block))))
+  np.testing.assert_array_equal(np.asarray(dk_dyn), np.asarray(dk))
+  np.testing.assert_allclose(float(dsum_dyn), float(dsum), rtol=1e-6)
+  # A bfloat16 kernel is used at its (exact) float32 value; dK comes back in
+  # the kernel's dtype unless out_dtype says otherwise.
+  kb = kernel.astype(jnp.bfloat16)
+  dk_b, dsum_b = f(grad, kb, step, block=block, qn=qn, qp=qp)
+  dk_f, dsum_f = f(grad, kb.astype(jnp.float32), step, block=block, qn=qn, qp=qp)
+  assert dk_b.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(dk_b), np.asarray(dk_f.astype(jnp.bfloat16)))
+  np.testing.assert_array_equal(np.asarray(dsum_b), np.asarray(dsum_f))
+  dk_b32, _ = f(grad, kb, step, block=block, qn=qn, qp=qp, out_dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(dk_b32), np.asarray(dk_f))
+
+
 # ------------------------------------------------------------------- GEMMs --
 
 gemm_i32 = jax.jit(ref.int_gemm_i32)

@@ -40,7 +40,8 @@ FloatType FloatTypeOf(ffi::DataType t) {
 // jint4_hadamard_quantize
 //   x (f32|bf16|f16)[R,S], step f32[], seed u32[2], log2_block s32[]
 //   -> q s8[R,S] or [S,R], nibbles u8[P], flags u8[F,Q], norms f32[R or 0]
-//   attrs qn, qp, with_residual, axis, transpose
+//   attrs qn, qp, with_residual, axis, transpose, log2_hint (the static
+//   log2 block or -1: a CUDA tiling hint, only validated here)
 // ---------------------------------------------------------------------------
 ffi::Error HadamardQuantizeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
                                 ffi::Buffer<ffi::U32> seed,
@@ -50,10 +51,13 @@ ffi::Error HadamardQuantizeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
                                 ffi::ResultBuffer<ffi::U8> flags,
                                 ffi::ResultBuffer<ffi::F32> norms, int32_t qn,
                                 int32_t qp, int32_t with_residual, int32_t axis,
-                                int32_t transpose) {
+                                int32_t transpose, int32_t log2_hint) {
   constexpr const char* kOp = "jint4_hadamard_quantize";
   JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
   JINT4_RETURN_IF_ERROR(CheckFlagAttr(with_residual, kOp, "with_residual"));
+  JINT4_CHECK_ARG(log2_hint >= -1 && log2_hint <= 10, kOp,
+                  ": attribute 'log2_hint' must be -1 or a log2 block in [0, 10]; got ",
+                  log2_hint);
   JINT4_RETURN_IF_ERROR(CheckFlagAttr(transpose, kOp, "transpose"));
   JINT4_CHECK_ARG(axis == 0 || axis == 1, kOp,
                   ": attribute 'axis' must be 0 (Hadamard down the columns) or"
@@ -202,6 +206,48 @@ ffi::Error LsqBackwardImpl(ffi::Buffer<ffi::F32> grad,
 }
 
 // ---------------------------------------------------------------------------
+// jint4_lsq_weight_backward: grad f32[D,C], kernel (f32|bf16|f16)[D,C],
+//   step f32[], log2_block s32[] -> dk (f32|bf16|f16)[D,C], delta_sum f32[]
+//   attrs qn, qp, log2_hint (the static log2 block or -1: a CUDA tiling hint,
+//   only validated here)
+// ---------------------------------------------------------------------------
+ffi::Error LsqWeightBackwardImpl(ffi::Buffer<ffi::F32> grad,
+                                 ffi::AnyBuffer kernel,
+                                 ffi::Buffer<ffi::F32> step,
+                                 ffi::Buffer<ffi::S32> log2_block,
+                                 ffi::Result<ffi::AnyBuffer> dk,
+                                 ffi::ResultBuffer<ffi::F32> delta_sum,
+                                 int32_t qn, int32_t qp, int32_t log2_hint) {
+  constexpr const char* kOp = "jint4_lsq_weight_backward";
+  JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
+  JINT4_CHECK_ARG(log2_hint >= -1 && log2_hint <= ffi_util::kMaxLog2Block, kOp,
+                  ": attribute 'log2_hint' must be -1 or a log2 block in [0, ",
+                  ffi_util::kMaxLog2Block, "]; got ", log2_hint);
+  JINT4_RETURN_IF_ERROR(CheckFloatType(kernel, kOp, "kernel"));
+  JINT4_RETURN_IF_ERROR(CheckRank(kernel, 2, kOp, "kernel"));
+  const int64_t d = kernel.dimensions()[0];
+  const int64_t c = kernel.dimensions()[1];
+  JINT4_CHECK_ARG(grad.dimensions().size() == 2 && grad.dimensions()[0] == d &&
+                      grad.dimensions()[1] == c,
+                  kOp, ": 'grad' must have the kernel's shape [D, C] = ",
+                  ShapeString(kernel.dimensions()), "; got ",
+                  ShapeString(grad.dimensions()));
+  JINT4_RETURN_IF_ERROR(CheckElementCount(step, 1, kOp, "step"));
+  JINT4_RETURN_IF_ERROR(CheckElementCount(log2_block, 1, kOp, "log2_block"));
+  JINT4_RETURN_IF_ERROR(CheckFloatType(*dk, kOp, "dk"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*dk, {d, c}, kOp, "dk"));
+  JINT4_RETURN_IF_ERROR(CheckElementCount(*delta_sum, 1, kOp, "delta_sum"));
+  const int32_t log2 = log2_block.typed_data()[0];
+  JINT4_RETURN_IF_ERROR(
+      CheckLog2Block(log2, d, "dim 0 of kernel (D, Hb down the columns)", kOp));
+  delta_sum->typed_data()[0] = LsqWeightBackward(
+      grad.typed_data(), kernel.untyped_data(),
+      FloatTypeOf(kernel.element_type()), d, c, step.typed_data()[0], qn, qp,
+      log2, FloatTypeOf(dk->element_type()), dk->untyped_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
 // jint4_bit_split: g (f32|bf16|f16)[R,C], seed u32[2]
 //   -> g2 s8[2R,C], scales f32[2], norms f32[2R]
 // ---------------------------------------------------------------------------
@@ -344,7 +390,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize,
                                   .Attr<int32_t>("qp")
                                   .Attr<int32_t>("with_residual")
                                   .Attr<int32_t>("axis")
-                                  .Attr<int32_t>("transpose"));
+                                  .Attr<int32_t>("transpose")
+                                  .Attr<int32_t>("log2_hint"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_residual_values,
                               jint4::cpu::ResidualValuesImpl,
@@ -372,6 +419,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_backward,
                                   .Attr<int32_t>("qn")
                                   .Attr<int32_t>("qp")
                                   .Attr<int32_t>("gather"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_weight_backward,
+                              jint4::cpu::LsqWeightBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad
+                                  .Arg<ffi::AnyBuffer>()         // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // step
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // log2_block
+                                  .Ret<ffi::AnyBuffer>()         // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // delta_sum
+                                  .Attr<int32_t>("qn")
+                                  .Attr<int32_t>("qp")
+                                  .Attr<int32_t>("log2_hint"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split, jint4::cpu::BitSplitImpl,
                               ffi::Ffi::Bind()

@@ -13,6 +13,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_residual_values);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_lsq_backward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_lsq_weight_backward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_bit_split);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_int_gemm);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_bit_split_joined);

@@ -138,6 +138,23 @@ inline int8_t Join(int8_t hi, int8_t lo) {
   return static_cast<int8_t>(int32_t{hi} * 14 + int32_t{lo});
 }
 
+// Hb down each column of t[rows, cols] (blocks of 2^log2_block dividing
+// rows): butterfly stage `stage` pairs rows at distance 2^stage, elementwise
+// over the columns (the same float operations per element as HadamardInPlace
+// on a column, in the same order).
+void HadamardColumns(float* t, int64_t rows, int64_t cols, int log2_block) {
+  for (int stage = 0; stage < log2_block; ++stage) {
+    const int64_t half = int64_t{1} << stage;
+    for (int64_t base = 0; base < rows; base += 2 * half) {
+      for (int64_t i = base; i < base + half; ++i) {
+        float* a = t + i * cols;
+        float* b = t + (i + half) * cols;
+        for (int64_t j = 0; j < cols; ++j) Butterfly(a[j], b[j]);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void LoadFloats(const void* src, FloatType type, int64_t offset, int64_t n,
@@ -199,21 +216,9 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
   };
 
   if (axis == 0) {
-    // Hb down each column: butterfly stage `stage` pairs rows at distance
-    // 2^stage, elementwise over the columns (the same float operations per
-    // element as HadamardInPlace on a column, in the same order).
     std::vector<float> t(static_cast<size_t>(count));
     LoadFloats(x, type, 0, count, t.data());
-    for (int stage = 0; stage < log2_block; ++stage) {
-      const int64_t half = int64_t{1} << stage;
-      for (int64_t base = 0; base < r; base += 2 * half) {
-        for (int64_t i = base; i < base + half; ++i) {
-          float* a = t.data() + i * s;
-          float* b = t.data() + (i + half) * s;
-          for (int64_t j = 0; j < s; ++j) Butterfly(a[j], b[j]);
-        }
-      }
-    }
+    HadamardColumns(t.data(), r, s, log2_block);
     // Row tiles, so that the transposed stores run contiguously.
     constexpr int64_t kTile = 32;
     for (int64_t i0 = 0; i0 < r; i0 += kTile) {
@@ -318,6 +323,38 @@ float LsqBackward(const float* grad, int64_t s_rows, int64_t k,
     }
     HadamardInPlace(row.data(), k, log2_block);
     StoreFloats(row.data(), k, dt_type, dt, t * k);
+  }
+  return static_cast<float>(sum);
+}
+
+float LsqWeightBackward(const float* grad, const void* kernel,
+                        FloatType kernel_type, int64_t d, int64_t c, float step,
+                        int qn, int qp, int log2_block, FloatType dk_type,
+                        void* dk) {
+  if (d == 0 || c == 0) return 0.0f;
+  // One Hadamard block of rows (2^log2_block rows, every column) at a time:
+  // the column transforms never mix blocks.
+  const int64_t block = int64_t{1} << log2_block;
+  const int64_t n = block * c;
+  std::vector<float> v(static_cast<size_t>(n));
+  std::vector<float> masked(static_cast<size_t>(n));
+  const float lo = -static_cast<float>(qn);
+  const float hi = static_cast<float>(qp);
+  double sum = 0.0;
+  for (int64_t r0 = 0; r0 < d; r0 += block) {
+    LoadFloats(kernel, kernel_type, r0 * c, n, v.data());
+    HadamardColumns(v.data(), block, c, log2_block);
+    const float* g = grad + r0 * c;
+    for (int64_t e = 0; e < n; ++e) {
+      // lsq.py in_range / delta of v = (kernel Hb) / step.
+      const float x = v[static_cast<size_t>(e)] / step;
+      const bool inside = (x >= lo) && (x <= hi);
+      const float delta = x < lo ? lo : (x > hi ? hi : RoundEven(x) - x);
+      masked[static_cast<size_t>(e)] = inside ? g[e] : 0.0f;
+      sum += static_cast<double>(g[e] * delta);
+    }
+    HadamardColumns(masked.data(), block, c, log2_block);
+    StoreFloats(masked.data(), n, dk_type, dk, r0 * c);
   }
   return static_cast<float>(sum);
 }

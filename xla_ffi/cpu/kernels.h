@@ -59,6 +59,16 @@ float LsqBackward(const float* grad, int64_t s_rows, int64_t k,
                   const uint8_t* flags, int qn, int qp, int log2_block,
                   FloatType dt_type, void* dt);
 
+// jint4_lsq_weight_backward: with v = Hb(kernel) / step (kernel[d, c] of
+// `kernel_type`, Hb down each column in blocks of 2^log2_block dividing d, as
+// HadamardQuantize with axis 0), dk[d, c] = Hb(inside(v) ? grad : 0) down each
+// column, stored as `dk_type`; returns sum grad * delta(v) (lsq.py in_range
+// and delta; products in float32, summed in double).
+float LsqWeightBackward(const float* grad, const void* kernel,
+                        FloatType kernel_type, int64_t d, int64_t c, float step,
+                        int qn, int qp, int log2_block, FloatType dk_type,
+                        void* dk);
+
 // jint4_bit_split on g[r, c] (of `type`): g2[2r, c] (hi rows over lo rows),
 // scales[2] = {s_hi, s_lo}, norms[2r] = {s_hi * |hi_i|, then s_lo * |lo_i|}.
 void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,

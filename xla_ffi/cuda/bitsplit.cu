@@ -187,10 +187,12 @@ FinalizeKernel(int64_t R, const unsigned int* __restrict__ max_bits,
   }
 }
 
+// At most 8 x 128 blocks: each block ends in one global atomicMax, and many
+// thousands of atomics on one address would serialize.
 dim3 MaxGrid(int64_t R, int64_t C) {
   int64_t gx = CeilDiv(C, kThreads);
-  gx = gx < 1 ? 1 : (gx > 64 ? 64 : gx);
-  int64_t gy = R < 1 ? 1 : (R > 2048 ? 2048 : R);
+  gx = gx < 1 ? 1 : (gx > 8 ? 8 : gx);
+  int64_t gy = R < 1 ? 1 : (R > 128 ? 128 : R);
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 

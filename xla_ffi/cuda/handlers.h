@@ -59,6 +59,7 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_hadamard_quantize);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_residual_values);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_lsq_backward);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_lsq_weight_backward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_bit_split);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_int_gemm);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cuda_bit_split_joined);

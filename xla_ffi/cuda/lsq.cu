@@ -145,7 +145,32 @@ ResidualTileKernel(const uint8_t* __restrict__ nibbles,
 
 constexpr int kChunk = 2048;  // multiple of the largest Hadamard block (1024)
 
+// Stores 8 consecutive values (32 bytes of f32 / 16 of 16-bit floats,
+// aligned) of dT.
+__device__ __forceinline__ void Store8(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <typename T>
+__device__ __forceinline__ void Store8(T* p, const float* v) {
+  uint4 raw;
+  T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) h[k] = FromFloat<T>(v[k]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+__device__ __forceinline__ void Load8F(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
 // dT chunk: gather (slots) + STE mask + delta term, block Hadamard, store.
+// vec (uniform): K % 8 == 0 and 16-byte aligned grad / dt, 4-byte aligned
+// nibbles; then a full chunk runs 8 consecutive elements (one row, one flag
+// byte, four nibble bytes) per thread with vector loads and stores.
 template <typename OutT>
 __global__ void __launch_bounds__(kThreads)
 LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
@@ -153,43 +178,148 @@ LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
                   const uint8_t* __restrict__ nibbles,
                   const uint8_t* __restrict__ flags, int64_t plane_stride,
                   int planes, int qn, int qp, const int32_t* __restrict__ log2_ptr,
-                  int max_log2, OutT* __restrict__ dt, float* __restrict__ delta_sum) {
-  __shared__ float sx[kChunk];
+                  int max_log2, bool vec, OutT* __restrict__ dt,
+                  float* __restrict__ delta_sum) {
+  __shared__ __align__(16) float sx[kChunk];
   __shared__ float warp_sums[kThreads / 32];
   const int64_t total = M * K;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int len = static_cast<int>(total - start < kChunk ? total - start : kChunk);
   const int L = ClampedLog2(log2_ptr, max_log2);
   float acc = 0.0f;
-  // Element e = start + i of row t, column k; i advances by kThreads.
-  int64_t t = (start + threadIdx.x) / K;
-  int64_t k = (start + threadIdx.x) - t * K;
-  for (int i = threadIdx.x; i < len; i += kThreads) {
-    float g;
+  const bool fast = vec && len == kChunk;  // uniform across the block
+  if (fast) {
+    static_assert(kChunk == 8 * kThreads, "8 elements per thread");
+    const int64_t e0 = start + 8 * threadIdx.x;
+    const int64_t t = e0 / K;
+    const int64_t k = e0 - t * K;
+    float g[8];
     if (slots != nullptr) {
       const int32_t s0 = slots[t];
       const int32_t s1 = slots[M + t];
-      const float a = s0 >= 0 ? grad[static_cast<int64_t>(s0) * K + k] : 0.0f;
-      const float b = s1 >= 0 ? grad[static_cast<int64_t>(s1) * K + k] : 0.0f;
-      g = a + b;
+      float a[8], b[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = b[j] = 0.0f;
+      if (s0 >= 0) Load8F(grad + static_cast<int64_t>(s0) * K + k, a);
+      if (s1 >= 0) Load8F(grad + static_cast<int64_t>(s1) * K + k, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) g[j] = a[j] + b[j];
     } else {
-      g = grad[start + i];
+      Load8F(grad + e0, g);
     }
-    int8_t qv;
-    bool inside;
-    float dh;
-    DecodeAt(nibbles, flags, plane_stride, planes, start + i, qn, qp, &qv, &inside, &dh);
-    acc = acc + g * dh;
-    sx[i] = inside ? g : 0.0f;
-    k += kThreads;
-    while (k >= K) {
-      k -= K;
-      ++t;
+    const int64_t grp = e0 >> 3;
+    const uint32_t nib = *reinterpret_cast<const uint32_t*>(nibbles + (e0 >> 1));
+    const uint32_t f0 = flags[grp];
+    const uint32_t f1 = planes == 2 ? flags[plane_stride + grp] : 0u;
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      int8_t qv;
+      bool inside;
+      float dh;
+      DecodeInGroup(nib, f0, f1, j, qn, qp, &qv, &inside, &dh);
+      acc = acc + g[j] * dh;
+      v[j] = inside ? g[j] : 0.0f;
+    }
+    Store8(sx + 8 * threadIdx.x, v);
+  } else {
+    // Element e = start + i of row t, column k; i advances by kThreads.
+    int64_t t = (start + threadIdx.x) / K;
+    int64_t k = (start + threadIdx.x) - t * K;
+    for (int i = threadIdx.x; i < len; i += kThreads) {
+      float g;
+      if (slots != nullptr) {
+        const int32_t s0 = slots[t];
+        const int32_t s1 = slots[M + t];
+        const float a = s0 >= 0 ? grad[static_cast<int64_t>(s0) * K + k] : 0.0f;
+        const float b = s1 >= 0 ? grad[static_cast<int64_t>(s1) * K + k] : 0.0f;
+        g = a + b;
+      } else {
+        g = grad[start + i];
+      }
+      int8_t qv;
+      bool inside;
+      float dh;
+      DecodeAt(nibbles, flags, plane_stride, planes, start + i, qn, qp, &qv, &inside, &dh);
+      acc = acc + g * dh;
+      sx[i] = inside ? g : 0.0f;
+      k += kThreads;
+      while (k >= K) {
+        k -= K;
+        ++t;
+      }
     }
   }
   BlockHadamardSmem<kThreads>(sx, len, L);
-  for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
+  if (fast) {
+    float v[8];
+    Load8F(sx + 8 * threadIdx.x, v);
+    Store8(dt + start + 8 * threadIdx.x, v);
+  } else {
+    for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
+  }
 
+  acc = WarpSumFloat(acc);  // any summation order is allowed
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = acc;
+  __syncthreads();
+  if (warp == 0) {
+    float v = lane < (kThreads / 32) ? warp_sums[lane] : 0.0f;
+    v = WarpSumFloat(v);
+    if (lane == 0) atomicAdd(delta_sum, v);
+  }
+}
+
+// Kernel side: tiles of 2^max_log2 rows x kColTile / 2^max_log2 columns of
+// kernel[D, C] and grad[D, C], column-major in shared memory (as the axis-0
+// quantize in quantize.cu), so each column segment is whole Hadamard blocks.
+constexpr int kColTile = 4096;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ kernel,
+                        int64_t R, int64_t S, const float* __restrict__ step_ptr,
+                        const int32_t* __restrict__ log2_ptr, int max_log2, int qn, int qp,
+                        T* __restrict__ dk, float* __restrict__ delta_sum) {
+  __shared__ float sk[kColTile];
+  __shared__ float sg[kColTile];
+  __shared__ float warp_sums[kThreads / 32];
+  const int TR = 1 << max_log2;
+  const int TC = kColTile / TR;
+  const int L = ClampedLog2(log2_ptr, max_log2);
+  const float step = *step_ptr;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * TC;
+  const int64_t row_tiles = R / TR;
+  float acc = 0.0f;
+  for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+    const int64_t r0 = rt * TR;
+    for (int i = threadIdx.x; i < kColTile; i += kThreads) {
+      const int r = i / TC;
+      const int c = i - r * TC;
+      const bool in = c0 + c < S;
+      const int64_t e = (r0 + r) * S + c0 + c;
+      sk[c * TR + r] = in ? ToFloat(kernel[e]) : 0.0f;
+      sg[c * TR + r] = in ? grad[e] : 0.0f;
+    }
+    BlockHadamardSmem<kThreads>(sk, kColTile, L);
+    for (int i = threadIdx.x; i < kColTile; i += kThreads) {
+      const float v = sk[i] / step;
+      const float g = sg[i];
+      const bool inside = (v >= -qn) && (v <= qp);
+      const float delta = v < -qn ? -static_cast<float>(qn)
+                                  : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
+      acc = acc + g * delta;
+      sg[i] = inside ? g : 0.0f;
+    }
+    BlockHadamardSmem<kThreads>(sg, kColTile, L);
+    for (int i = threadIdx.x; i < kColTile; i += kThreads) {
+      const int r = i / TC;
+      const int c = i - r * TC;
+      if (c0 + c < S) dk[(r0 + r) * S + c0 + c] = FromFloat<T>(sg[c * TR + r]);
+    }
+    __syncthreads();
+  }
   acc = WarpSumFloat(acc);  // any summation order is allowed
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -310,6 +440,8 @@ ffi::Error LsqBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
   if (M * K == 0) return ffi::Error::Success();
   const int64_t blocks = CeilDiv(M * K, kChunk);
   if (blocks > 0x7FFFFFFF) return InvalidArgument("lsq_backward: too large");
+  const bool vec = K % 8 == 0 && IsAligned(grad.untyped_data(), 16) &&
+                   IsAligned(dt->untyped_data(), 16) && IsAligned(nibbles.untyped_data(), 4);
   DispatchFloat(out_kind, [&](auto tag) {
     using OutT = decltype(tag);
     LsqBackwardKernel<OutT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -318,14 +450,80 @@ ffi::Error LsqBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
         reinterpret_cast<const uint8_t*>(nibbles.untyped_data()),
         reinterpret_cast<const uint8_t*>(flags.untyped_data()), CeilDiv(M * K, 8), planes,
         qn, qp, reinterpret_cast<const int32_t*>(log2_block.untyped_data()),
-        MaxLog2Block(K), reinterpret_cast<OutT*>(dt->untyped_data()), sum);
+        MaxLog2Block(K), vec, reinterpret_cast<OutT*>(dt->untyped_data()), sum);
   });
   return CheckLaunch("lsq_backward kernel launch");
+}
+
+ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
+                                 ffi::AnyBuffer kernel, ffi::AnyBuffer step,
+                                 ffi::AnyBuffer log2_block, ffi::Result<ffi::AnyBuffer> dk,
+                                 ffi::Result<ffi::AnyBuffer> delta_sum, int32_t qn, int32_t qp,
+                                 int32_t log2_hint) {
+  const FloatKind kind = KindOf(kernel.element_type());
+  if (grad.element_type() != ffi::DataType::F32 || kind == FloatKind::kInvalid ||
+      dk->element_type() != kernel.element_type() ||
+      step.element_type() != ffi::DataType::F32 ||
+      log2_block.element_type() != ffi::DataType::S32 ||
+      delta_sum->element_type() != ffi::DataType::F32) {
+    return InvalidArgument("lsq_weight_backward: grad f32, kernel f32/bf16/f16, dk of the"
+                           " kernel's dtype, step f32, log2_block s32, delta_sum f32");
+  }
+  if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
+    return InvalidArgument("lsq_weight_backward: need 0 <= qn <= 8, 0 <= qp <= 7");
+  }
+  auto gd = grad.dimensions();
+  auto kd = kernel.dimensions();
+  auto dd = dk->dimensions();
+  if (gd.size() != 2 || kd.size() != 2 || dd.size() != 2 || gd[0] != kd[0] ||
+      gd[1] != kd[1] || dd[0] != kd[0] || dd[1] != kd[1] || step.element_count() != 1 ||
+      log2_block.element_count() != 1 || delta_sum->element_count() != 1) {
+    return InvalidArgument("lsq_weight_backward: grad, kernel and dk must be [D, C];"
+                           " step, log2_block and delta_sum scalars");
+  }
+  const int64_t R = kd[0], S = kd[1];
+  float* sum = reinterpret_cast<float*>(delta_sum->untyped_data());
+  ffi::Error err = CheckCuda("lsq_weight_backward memset",
+                             cudaMemsetAsync(sum, 0, sizeof(float), stream));
+  if (err.failure()) return err;
+  if (R * S == 0) return ffi::Error::Success();
+  int max_log2 = MaxLog2Block(R);
+  if (log2_hint >= 0 && log2_hint < max_log2) max_log2 = log2_hint;
+  const int TC = kColTile >> max_log2;
+  const int64_t col_tiles = CeilDiv(S, TC);
+  const int64_t row_tiles = R >> max_log2;
+  if (col_tiles > 0x7FFFFFFF) return InvalidArgument("lsq_weight_backward: too large");
+  const dim3 grid(static_cast<unsigned>(col_tiles),
+                  static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+  DispatchFloat(kind, [&](auto tag) {
+    using T = decltype(tag);
+    LsqWeightBackwardKernel<T><<<grid, kThreads, 0, stream>>>(
+        reinterpret_cast<const float*>(grad.untyped_data()),
+        reinterpret_cast<const T*>(kernel.untyped_data()), R, S,
+        reinterpret_cast<const float*>(step.untyped_data()),
+        reinterpret_cast<const int32_t*>(log2_block.untyped_data()), max_log2, qn, qp,
+        reinterpret_cast<T*>(dk->untyped_data()), sum);
+  });
+  return CheckLaunch("lsq_weight_backward kernel launch");
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace jint4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jint4_cuda_lsq_weight_backward, jint4::cuda::LsqWeightBackwardImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Arg<xla::ffi::AnyBuffer>()     // grad f32[D, C]
+        .Arg<xla::ffi::AnyBuffer>()     // kernel f32 | bf16 | f16 [D, C]
+        .Arg<xla::ffi::AnyBuffer>()     // step f32[]
+        .Arg<xla::ffi::AnyBuffer>()     // log2_block s32[]
+        .Ret<xla::ffi::AnyBuffer>()     // dk [D, C], the kernel's dtype
+        .Ret<xla::ffi::AnyBuffer>()     // delta_sum f32[]
+        .Attr<int32_t>("qn")
+        .Attr<int32_t>("qp")
+        .Attr<int32_t>("log2_hint"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jint4_cuda_residual_values, jint4::cuda::ResidualValuesImpl,

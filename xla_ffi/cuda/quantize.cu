@@ -18,7 +18,8 @@
 // chunk has padding, which is exactly the README's zero padding.
 //
 // axis = 0 (a Flax kernel[D, C], Hadamard down each column):
-// HadamardQuantizeColumnsKernel stages a tile of 2^max_log2 rows x TC columns
+// HadamardQuantizeColumnsKernel stages a tile of 2^max_log2 rows (the static
+// block when known: log2_hint) x TC = 4096 / 2^max_log2 columns
 // column-major in shared memory, so each column segment is a run of whole
 // Hadamard blocks for the same ButterflyPass, and writes q as [R, S] or,
 // transposed, [S, R] (the forward GEMM's K-major operand) from the tile.
@@ -111,6 +112,30 @@ __device__ __forceinline__ void AccumulateRows(RowStats& st, int64_t e0, int n,
   st.Add(row, acc, bad);
 }
 
+// AccumulateRows for a full warp whose lanes each hold 8 consecutive
+// elements: when all 256 lie in one row (K >= 256, the common case), one warp
+// reduction and one shared atomic instead of 32 contending ones.
+__device__ __forceinline__ void AccumulateRowsWarp(RowStats& st, int64_t e0, const int* q2,
+                                                   const bool* nonfinite) {
+  const int64_t row = e0 / st.K;
+  const bool single = (e0 + 7) / st.K == row;
+  const int64_t row0 = __shfl_sync(0xffffffffu, row, 0);
+  if (__all_sync(0xffffffffu, single && row == row0)) {
+    int sum = 0;
+    bool bad = false;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      sum += q2[k];
+      bad = bad || nonfinite[k];
+    }
+    sum = WarpSumInt(sum);
+    bad = __any_sync(0xffffffffu, bad);
+    if ((threadIdx.x & 31) == 0) st.Add(row, sum, bad);
+  } else {
+    AccumulateRows(st, e0, 8, q2, nonfinite);
+  }
+}
+
 __device__ __forceinline__ bool NonFinite(float v) { return !isfinite(v); }
 
 // Fast path for a full, aligned chunk: thread t holds elements 8t .. 8t+7 of
@@ -191,7 +216,7 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
     *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = nib;
     flags[e0 >> 3] = static_cast<uint8_t>(f0);
     if (planes == 2) flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
-    AccumulateRows(stats, e0, 8, q2, nonfinite);
+    AccumulateRowsWarp(stats, e0, q2, nonfinite);
   }
 }
 
@@ -390,7 +415,7 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
                                 ffi::Result<ffi::AnyBuffer> flags,
                                 ffi::Result<ffi::AnyBuffer> norms, int32_t qn,
                                 int32_t qp, int32_t with_residual, int32_t axis,
-                                int32_t transpose) {
+                                int32_t transpose, int32_t log2_hint) {
   const FloatKind kind = KindOf(x.element_type());
   if (kind == FloatKind::kInvalid || step.element_type() != ffi::DataType::F32 ||
       seed.element_type() != ffi::DataType::U32 ||
@@ -447,7 +472,10 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
   const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
   int8_t* q_p = reinterpret_cast<int8_t*>(q->untyped_data());
   if (axis == 0) {
-    const int max_log2 = MaxLog2Block(R);
+    // The tile holds 2^max_log2 rows: the static block when the caller knows
+    // it (log2_hint), else the largest the dim allows (a traced block).
+    int max_log2 = MaxLog2Block(R);
+    if (log2_hint >= 0 && log2_hint < max_log2) max_log2 = log2_hint;
     const int TC = kColTile >> max_log2;
     const int64_t col_tiles = CeilDiv(S, TC);
     const int64_t row_tiles = R >> max_log2;
@@ -516,4 +544,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("qp")
         .Attr<int32_t>("with_residual")
         .Attr<int32_t>("axis")
-        .Attr<int32_t>("transpose"));
+        .Attr<int32_t>("transpose")
+        .Attr<int32_t>("log2_hint"));
