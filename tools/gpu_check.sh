@@ -37,6 +37,7 @@ if [ "$PHASE" != bench ]; then
 # (test_matmul's many-key statistical tests vmap sequential FFI calls: CPU CI runs them.)
 # (The CPU handlers' own suite, tests/kernels/test_native.py, runs in CI.)
 JINT4_REQUIRE_NATIVE=1 timeout 270 python3 -m pytest -q --maxfail=20 tests/kernels/test_native_gpu.py \
+  "tests/kernels/test_native.py::test_bad_native_input_raises_clear_errors" \
   tests/test_matmul.py -k "not unbiased and not variance" -p no:cacheprovider \
   > "$OUT/tests.log" 2>&1
 summary "tests: $(tail -1 "$OUT/tests.log")"
