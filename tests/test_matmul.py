@@ -49,8 +49,9 @@ def test_float_mode_has_true_gradients():
   x, w, sx, sw = _data(n=8, d=32, c=8)
   cfg = Int4Config(forward="none", backward="exact")
   f = lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg)
-  check_grads(f, (x, w), order=1, modes=["rev"])
-  np.testing.assert_allclose(f(x, w), x @ w, rtol=1e-6)
+  with jax.default_matmul_precision("highest"):  # GPUs default to TF32
+    check_grads(f, (x, w), order=1, modes=["rev"])
+  np.testing.assert_allclose(f(x, w), np.asarray(x) @ np.asarray(w), rtol=1e-6)
 
 
 def test_exact_backward_matches_autodiff_of_fake_quant_twin():
@@ -60,7 +61,8 @@ def test_exact_backward_matches_autodiff_of_fake_quant_twin():
   loss = lambda f: (lambda x, w, sx, sw: jnp.sum(f(x, w, sx, sw) * ct))
   ours = jax.grad(loss(lambda *a: int4_matmul(*a, KEY, config=cfg)), argnums=(0, 1, 2, 3))
   ref = jax.grad(loss(_fake_quant_reference), argnums=(0, 1, 2, 3))
-  g, r = ours(x, w, sx, sw), ref(x, w, sx, sw)
+  with jax.default_matmul_precision("highest"):  # the twin's matmuls: no TF32
+    g, r = ours(x, w, sx, sw), ref(x, w, sx, sw)
   np.testing.assert_allclose(g[0], r[0], rtol=1e-4, atol=1e-5)   # dX
   np.testing.assert_allclose(g[1], r[1], rtol=1e-4, atol=1e-5)   # dW
   np.testing.assert_allclose(g[3], r[3], rtol=1e-4, atol=1e-6)   # ds_w (exact delta)

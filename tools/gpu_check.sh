@@ -36,7 +36,7 @@ if [ "$PHASE" != bench ]; then
 # Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
 # (test_matmul's many-key statistical tests vmap sequential FFI calls: CPU CI runs them.)
 # (The CPU handlers' own suite, tests/kernels/test_native.py, runs in CI.)
-JINT4_REQUIRE_NATIVE=1 timeout 270 python3 -m pytest -q --maxfail=20 tests/kernels/test_native_gpu.py \
+JINT4_REQUIRE_NATIVE=1 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q --maxfail=20 tests/kernels/test_native_gpu.py \
   "tests/kernels/test_native.py::test_bad_native_input_raises_clear_errors" \
   tests/test_matmul.py -k "not unbiased and not variance" -p no:cacheprovider \
   > "$OUT/tests.log" 2>&1
@@ -46,7 +46,7 @@ grep -E "FAILED|Error" "$OUT/tests.log" | head -20
 # jaxlib 0.11.2 FFI error path (issue 3): a bare always-failing CPU handler,
 # called with the GPU backend present and with JAX_PLATFORMS=cpu (.probe/ is
 # carried when present; see its README).
-if [ -d .probe ]; then
+if [ -d .probe ] && [ -z "${SKIP_PROBE:-}" ]; then
   bash .probe/build.sh "$(python3 -c 'import jax; print(jax.ffi.include_dir())')" /tmp/probe.so \
     && for envs in "" "JAX_PLATFORMS=cpu"; do
       for mode in jit eager; do
@@ -69,12 +69,14 @@ bench() { local b=$1 t=$2; shift 2; [ -f "$b" ] || return 0
   timeout "$t" python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
   summary "$b rc=$?"; tail -25 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
 bench benchmarks/bench_ops.py 130 --engine auto --repeats 10 \
-  --shapes "8192,8192,8192;16384,4096,16384"
+  --shapes "${OPS_SHAPES:-8192,8192,8192;16384,4096,16384}"
 fi
 if [ "$PHASE" != tests ]; then
-bench benchmarks/bench_gemm.py 120 --engine auto
-bench benchmarks/bench_layer.py 260 --engine auto --hidden 1024,2048,4096 --repeats 10 --budget-s 200
-bench benchmarks/bench_train.py 240 --engine auto --hidden 2048,4096 --repeats 5 --budget-s 200
+[ -n "${SKIP_GEMM:-}" ] || bench benchmarks/bench_gemm.py 120 --engine auto
+bench benchmarks/bench_layer.py "${LAYER_TIMEOUT:-260}" --engine auto \
+  --hidden "${LAYER_HIDDEN:-1024,2048,4096}" --repeats 10 --budget-s "${LAYER_BUDGET:-200}"
+bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
+  --hidden "${TRAIN_HIDDEN:-2048,4096}" --repeats 5 --budget-s "${TRAIN_BUDGET:-200}"
 fi
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.

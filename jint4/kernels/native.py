@@ -62,10 +62,20 @@ def _status() -> tuple:
                    f" {runtime[0]}.{runtime[1]}; rebuild jint4 against it")
   for name, capsule in _ext.cpu_targets().items():
     jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-  if _ext.with_cuda:
+  # CUDA targets only when a CUDA backend is up (registering them with the
+  # CUDA plugin installed but disabled, JAX_PLATFORMS=cpu, is not needed and
+  # is the suspect of a crash seen with jaxlib 0.11.2).
+  if _ext.with_cuda and _cuda_backend():
     for name, capsule in _ext.cuda_targets().items():
       jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
   return True, "built"
+
+
+def _cuda_backend() -> bool:
+  try:
+    return any(d.platform == "gpu" for d in jax.devices("gpu"))
+  except RuntimeError:
+    return False
 
 
 def available() -> bool:

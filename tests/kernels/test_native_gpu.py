@@ -256,20 +256,40 @@ def test_every_output_element_is_written():
 
 
 @pytest.mark.parametrize("backward", ["lss", "nonzero"])
-def test_int4_matmul_native_matches_reference_on_gpu(backward):
+def test_int4_matmul_native_gpu_matches_reference_cpu(backward):
+  """The whole op (forward + backward) on the CUDA engine vs the pure-JAX twin.
+
+  The twin runs on the CPU, where XLA's integer dot is exact (see
+  test_xla_gpu_int8_dot_exactness for the GPU's).
+  """
   x = activations((256, 512)).astype(jnp.bfloat16)
   w = activations((512, 256), seed=7) * 0.05
   key = jax.random.key(0)
   grads = {}
-  for engine in ("native", "reference"):
+  for engine, dev in (("native", _gpus()[0]), ("reference", jax.devices("cpu")[0])):
     cfg = jint4.Int4Config(engine=engine, backward=backward)
     f = jax.jit(jax.grad(lambda x, w: jnp.sum(jint4.int4_matmul(
         x, w, jnp.float32(0.5), jnp.float32(0.02), key, config=cfg).astype(jnp.float32) ** 2),
         argnums=(0, 1)))
-    grads[engine] = f(*jax.device_put((x, w), _gpus()[0]))
+    grads[engine] = f(*jax.device_put((x, w), dev))
   for a, b in zip(grads["native"], grads["reference"]):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("mnk", [(3, 5, 7), (256, 256, 512), (512, 256, 272), (256, 512, 256)],
+                         ids=str)
+def test_xla_gpu_int8_dot_exactness(mnk):
+  """XLA's own int8 x int8 -> int32 dot on the GPU (the reference engine's GEMM).
+
+  Records whether the pure-JAX engine is exact on this GPU; jint4 defaults to
+  the native GEMM there either way.
+  """
+  m, n, k = mnk
+  a, b = int_operand((m, k), 8, -98, 98), int_operand((n, k), 9)
+  out = on_gpu(reference.int_gemm_i32, a, b)
+  np.testing.assert_array_equal(np.asarray(out, np.int64),
+                                np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
 
 
 def test_sanitizer_small_case():

@@ -64,6 +64,105 @@ AbsMaxKernel(Src src, int64_t R, int64_t C, unsigned int* __restrict__ max_bits)
   BlockAbsMaxToGlobal<kThreads>(m, max_bits);
 }
 
+// Eight consecutive elements of a float tensor as float (p 16-byte aligned
+// for 16-bit types, 32 for f32).
+__device__ __forceinline__ void Load8(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ void Load8(const T* p, float* v) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = ToFloat(h[k]);
+}
+
+// max|g| over a dense tensor with 8-element vector loads (g aligned, any
+// length: the tail is read element by element).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+AbsMaxDenseKernel(const T* __restrict__ g, int64_t total, unsigned int* __restrict__ max_bits) {
+  uint32_t m = 0;
+  const int64_t groups = total >> 3;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < groups;
+       i += stride) {
+    float v[8];
+    Load8(g + 8 * i, v);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t bits = AbsBits(v[k]);
+      m = bits > m ? bits : m;
+    }
+  }
+  for (int64_t e = 8 * groups + blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+       e < total; e += stride) {
+    const uint32_t bits = AbsBits(ToFloat(g[e]));
+    m = bits > m ? bits : m;
+  }
+  BlockAbsMaxToGlobal<kThreads>(m, max_bits);
+}
+
+// Stacked split of a dense row-major g with C % 8 == 0 and aligned pointers:
+// one block per (row, chunk of kSplitCols columns), 8 columns per thread
+// step (vector loads, 8-byte stores of hi and lo).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t chunks_per_row,
+                        const unsigned int* __restrict__ max_bits,
+                        const uint32_t* __restrict__ seed, int8_t* __restrict__ g2,
+                        int* __restrict__ sums /* [2, R] */) {
+  __shared__ int warp_hi[kThreads / 32];
+  __shared__ int warp_lo[kThreads / 32];
+  const int64_t r = blockIdx.x / chunks_per_row;
+  const int64_t c0 = (blockIdx.x % chunks_per_row) * kSplitCols;
+  const int64_t c1 = c0 + kSplitCols < C ? c0 + kSplitCols : C;
+  const float f = kSplitRange / SafeMax(__uint_as_float(*max_bits));
+  const uint32_t seed0 = seed[0];
+  const uint32_t seed1 = seed[1];
+  int8_t* lo_plane = g2 + R * C;
+  int s_hi = 0, s_lo = 0;
+  for (int64_t c = c0 + 8 * threadIdx.x; c < c1; c += 8 * kThreads) {
+    const int64_t e = r * C + c;
+    float v[8];
+    Load8(g + e, v);
+    uint32_t hw[2] = {0u, 0u}, lw[2] = {0u, 0u};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      int8_t h, l;
+      SplitValue(v[k], f, Uniform(seed0, seed1, static_cast<uint32_t>(e + k)), &h, &l);
+      hw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(h)) << (8 * (k & 3));
+      lw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(l)) << (8 * (k & 3));
+      s_hi += static_cast<int>(h) * static_cast<int>(h);
+      s_lo += static_cast<int>(l) * static_cast<int>(l);
+    }
+    *reinterpret_cast<uint2*>(g2 + e) = make_uint2(hw[0], hw[1]);
+    *reinterpret_cast<uint2*>(lo_plane + e) = make_uint2(lw[0], lw[1]);
+  }
+  s_hi = WarpSumInt(s_hi);
+  s_lo = WarpSumInt(s_lo);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    warp_hi[warp] = s_hi;
+    warp_lo[warp] = s_lo;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int vh = lane < (kThreads / 32) ? warp_hi[lane] : 0;
+    int vl = lane < (kThreads / 32) ? warp_lo[lane] : 0;
+    vh = WarpSumInt(vh);
+    vl = WarpSumInt(vl);
+    if (lane == 0) {
+      atomicAdd(&sums[r], vh);
+      atomicAdd(&sums[R + r], vl);
+    }
+  }
+}
+
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
 StackedSplitKernel(Src src, int64_t R, int64_t C, int64_t chunks_per_row,
@@ -196,6 +295,11 @@ dim3 MaxGrid(int64_t R, int64_t C) {
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
+unsigned DenseGrid(int64_t total) {
+  int64_t b = CeilDiv(CeilDiv(total, 8), kThreads);
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 1024 ? 1024 : b));
+}
+
 dim3 TileGrid(int64_t R, int64_t C) {
   const int64_t gx = CeilDiv(C, kTile);
   const int64_t gy = CeilDiv(R, kTile);
@@ -262,12 +366,22 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   if (R * C > 0) {
     const int64_t chunks = CeilDiv(C, kSplitCols);
     if (R * chunks > 0x7FFFFFFF) return InvalidArgument("bit_split: too large");
+    const bool vec = C % 8 == 0 && IsAligned(g.untyped_data(), 32) &&
+                     IsAligned(g2->untyped_data(), 8);
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
-      DenseSource<T> src{reinterpret_cast<const T*>(g.untyped_data()), C};
-      AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
-      StackedSplitKernel<<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
-          src, R, C, chunks, max_bits, sd, reinterpret_cast<int8_t*>(g2->untyped_data()), sums);
+      const T* gp = reinterpret_cast<const T*>(g.untyped_data());
+      int8_t* out = reinterpret_cast<int8_t*>(g2->untyped_data());
+      if (vec) {
+        AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(gp, R * C, max_bits);
+        StackedSplitDenseKernel<T><<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
+            gp, R, C, chunks, max_bits, sd, out, sums);
+      } else {
+        DenseSource<T> src{gp, C};
+        AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
+        StackedSplitKernel<<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
+            src, R, C, chunks, max_bits, sd, out, sums);
+      }
     });
   }
   FinalizeKernel<<<RowGrid(R), kThreads, 0, stream>>>(
@@ -300,7 +414,12 @@ ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       DenseSource<T> src{reinterpret_cast<const T*>(g.untyped_data()), C};
-      AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
+      if (IsAligned(g.untyped_data(), 32)) {
+        AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(
+            src.g, R * C, max_bits);
+      } else {
+        AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
+      }
       JoinedSplitKernel<<<TileGrid(R, C), kThreads, 0, stream>>>(
           src, R, C, max_bits, sd, reinterpret_cast<int8_t*>(v->untyped_data()),
           reinterpret_cast<int8_t*>(vt->untyped_data()));

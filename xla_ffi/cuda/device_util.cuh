@@ -109,8 +109,15 @@ __device__ __forceinline__ uint32_t AbsBits(float v) {
 // registers and applies stage s, s+1, ... to its pairs: the same Butterfly
 // calls on the same values as HadamardInPlace, in an order that only permutes
 // independent pairs within a stage (bit-identical).
+//
+// pad_log2: element f of the chunk lives at sx[Padded(f)] = sx[f + (f >>
+// pad_log2)], one pad float after every 2^pad_log2 elements (column tiles
+// use it to avoid shared-memory bank conflicts; 30 = no padding). Blocks never
+// straddle a pad (2^L <= 2^pad_log2).
+__device__ __forceinline__ int Padded(int f, int pad_log2) { return f + (f >> pad_log2); }
+
 template <int R, int kThreads>
-__device__ __forceinline__ void ButterflyPass(float* sx, int len, int s) {
+__device__ __forceinline__ void ButterflyPass(float* sx, int len, int s, int pad_log2) {
   constexpr int kN = 1 << R;
   const int h = 1 << s;
   const int groups = len >> R;
@@ -118,7 +125,7 @@ __device__ __forceinline__ void ButterflyPass(float* sx, int len, int s) {
     const int i0 = ((o >> s) << (s + R)) + (o & (h - 1));
     float v[kN];
 #pragma unroll
-    for (int k = 0; k < kN; ++k) v[k] = sx[i0 + k * h];
+    for (int k = 0; k < kN; ++k) v[k] = sx[Padded(i0 + k * h, pad_log2)];
 #pragma unroll
     for (int d = 0; d < R; ++d) {
 #pragma unroll
@@ -127,7 +134,7 @@ __device__ __forceinline__ void ButterflyPass(float* sx, int len, int s) {
       }
     }
 #pragma unroll
-    for (int k = 0; k < kN; ++k) sx[i0 + k * h] = v[k];
+    for (int k = 0; k < kN; ++k) sx[Padded(i0 + k * h, pad_log2)] = v[k];
   }
 }
 
@@ -135,16 +142,17 @@ __device__ __forceinline__ void ButterflyPass(float* sx, int len, int s) {
 // 0 .. L-1, up to three per pass (one barrier per pass). Starts and ends with
 // __syncthreads(), so sx may be written just before and read just after.
 template <int kThreads>
-__device__ __forceinline__ void BlockHadamardSmem(float* sx, int len, int L) {
+__device__ __forceinline__ void BlockHadamardSmem(float* sx, int len, int L,
+                                                  int pad_log2 = 30) {
   for (int s = 0; s < L;) {
     const int r = L - s < 3 ? L - s : 3;
     __syncthreads();
     if (r == 3) {
-      ButterflyPass<3, kThreads>(sx, len, s);
+      ButterflyPass<3, kThreads>(sx, len, s, pad_log2);
     } else if (r == 2) {
-      ButterflyPass<2, kThreads>(sx, len, s);
+      ButterflyPass<2, kThreads>(sx, len, s, pad_log2);
     } else {
-      ButterflyPass<1, kThreads>(sx, len, s);
+      ButterflyPass<1, kThreads>(sx, len, s, pad_log2);
     }
     s += r;
   }

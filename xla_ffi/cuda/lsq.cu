@@ -273,8 +273,9 @@ LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
 
 // Kernel side: tiles of 2^max_log2 rows x kColTile / 2^max_log2 columns of
 // kernel[D, C] and grad[D, C], column-major in shared memory (as the axis-0
-// quantize in quantize.cu), so each column segment is whole Hadamard blocks.
-constexpr int kColTile = 4096;
+// quantize in quantize.cu), so each column segment is whole Hadamard blocks;
+// one pad float per column (Padded) keeps the row-wise accesses conflict-free.
+constexpr int kColTile = 2048;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -282,8 +283,8 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
                         int64_t R, int64_t S, const float* __restrict__ step_ptr,
                         const int32_t* __restrict__ log2_ptr, int max_log2, int qn, int qp,
                         T* __restrict__ dk, float* __restrict__ delta_sum) {
-  __shared__ float sk[kColTile];
-  __shared__ float sg[kColTile];
+  __shared__ float sk[2 * kColTile];
+  __shared__ float sg[2 * kColTile];
   __shared__ float warp_sums[kThreads / 32];
   const int TR = 1 << max_log2;
   const int TC = kColTile / TR;
@@ -299,24 +300,26 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
       const int c = i - r * TC;
       const bool in = c0 + c < S;
       const int64_t e = (r0 + r) * S + c0 + c;
-      sk[c * TR + r] = in ? ToFloat(kernel[e]) : 0.0f;
-      sg[c * TR + r] = in ? grad[e] : 0.0f;
+      const int p = Padded(c * TR + r, max_log2);
+      sk[p] = in ? ToFloat(kernel[e]) : 0.0f;
+      sg[p] = in ? grad[e] : 0.0f;
     }
-    BlockHadamardSmem<kThreads>(sk, kColTile, L);
+    BlockHadamardSmem<kThreads>(sk, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
-      const float v = sk[i] / step;
-      const float g = sg[i];
+      const int p = Padded(i, max_log2);
+      const float v = sk[p] / step;
+      const float g = sg[p];
       const bool inside = (v >= -qn) && (v <= qp);
       const float delta = v < -qn ? -static_cast<float>(qn)
                                   : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
       acc = acc + g * delta;
-      sg[i] = inside ? g : 0.0f;
+      sg[p] = inside ? g : 0.0f;
     }
-    BlockHadamardSmem<kThreads>(sg, kColTile, L);
+    BlockHadamardSmem<kThreads>(sg, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
       const int r = i / TC;
       const int c = i - r * TC;
-      if (c0 + c < S) dk[(r0 + r) * S + c0 + c] = FromFloat<T>(sg[c * TR + r]);
+      if (c0 + c < S) dk[(r0 + r) * S + c0 + c] = FromFloat<T>(sg[Padded(c * TR + r, max_log2)]);
     }
     __syncthreads();
   }

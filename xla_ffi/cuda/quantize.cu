@@ -180,9 +180,9 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
     s4[1] = make_float4(v[4], v[5], v[6], v[7]);
     __syncthreads();
     if (L - 8 == 2) {
-      ButterflyPass<2, kHqThreads>(sx, kHqChunk, 8);
+      ButterflyPass<2, kHqThreads>(sx, kHqChunk, 8, 30);
     } else {
-      ButterflyPass<1, kHqThreads>(sx, kHqChunk, 8);
+      ButterflyPass<1, kHqThreads>(sx, kHqChunk, 8, 30);
     }
     __syncthreads();
     const float4 ra = s4[0];
@@ -375,7 +375,9 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
                               const int32_t* __restrict__ log2_ptr, int max_log2,
                               int qn, int qp, int transpose,
                               int8_t* __restrict__ q) {
-  __shared__ float sx[kColTile];
+  // Column c, row r of the tile at sx[Padded(c * TR + r)]: one pad float per
+  // column, so the row-wise loads and stores hit distinct banks.
+  __shared__ float sx[2 * kColTile];
   const int TR = 1 << max_log2;
   const int TC = kColTile / TR;
   const int L = ClampedLog2(log2_ptr, max_log2);
@@ -387,20 +389,26 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
     for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
       const int r = i / TC;
       const int c = i - r * TC;
-      sx[c * TR + r] = c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
+      sx[Padded(c * TR + r, max_log2)] =
+          c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
     }
-    BlockHadamardSmem<kHqThreads>(sx, kColTile, L);
+    BlockHadamardSmem<kHqThreads>(sx, kColTile, L, max_log2);
     if (transpose) {  // q[S, R]: runs of TR bytes along r
       for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
         const int c = i / TR;
         const int r = i - c * TR;
-        if (c0 + c < S) q[(c0 + c) * R + r0 + r] = QuantizeCode(sx[i] / step, qn, qp);
+        if (c0 + c < S) {
+          q[(c0 + c) * R + r0 + r] = QuantizeCode(sx[Padded(i, max_log2)] / step, qn, qp);
+        }
       }
     } else {          // q[R, S]: runs of TC bytes along c
       for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
         const int r = i / TC;
         const int c = i - r * TC;
-        if (c0 + c < S) q[(r0 + r) * S + c0 + c] = QuantizeCode(sx[c * TR + r] / step, qn, qp);
+        if (c0 + c < S) {
+          q[(r0 + r) * S + c0 + c] =
+              QuantizeCode(sx[Padded(c * TR + r, max_log2)] / step, qn, qp);
+        }
       }
     }
     __syncthreads();
