@@ -43,6 +43,14 @@ JINT4_REQUIRE_NATIVE=1 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q --max
 summary "tests: $(tail -1 "$OUT/tests.log")"
 grep -E "FAILED|Error" "$OUT/tests.log" | head -20
 
+# The bad-input script of test_native.py, unbuffered with faulthandler, with
+# and without the CUDA backend (where a crash happens, the last line says).
+python3 -c 'import re; s = open("tests/kernels/test_native.py").read(); print(re.search(r"_BAD_INPUT_SCRIPT = r?\"\"\"(.*?)\"\"\"", s, re.S).group(1))' > /tmp/bad_input.py
+for envs in "JAX_PLATFORMS=cpu" "JAX_PLATFORMS=cuda,cpu"; do
+  env $envs timeout 120 python3 -X faulthandler -u /tmp/bad_input.py > /tmp/bad_input.log 2>&1
+  summary "bad-input script [$envs]: rc=$? lines=$(grep -c ERROR /tmp/bad_input.log) last: $(grep -v '^ *File\|^  ' /tmp/bad_input.log | tail -2 | tr '\n' ' ' | cut -c1-300)"
+done
+
 # jaxlib 0.11.2 FFI error path (issue 3): a bare always-failing CPU handler,
 # called with the GPU backend present and with JAX_PLATFORMS=cpu (.probe/ is
 # carried when present; see its README).
