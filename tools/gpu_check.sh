@@ -32,7 +32,12 @@ summary "build warnings/errors lines: $(wc -l < "$OUT/build_warnings.txt") (C751
 [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit 1; }
 python3 -c 'import jint4, json; print(json.dumps(jint4.engine_info(), default=str))' | tee "$OUT/engine_info.json"
 
-if [ "$PHASE" != bench ]; then
+# Benchmarks (each writes JSON + PNG under $OUT).
+bench() { local b=$1 t=$2; shift 2; [ -f "$b" ] || return 0
+  timeout "$t" python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
+  summary "$b rc=$?"; tail -25 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
+
+if [ "$PHASE" != bench ] && [ -z "${SKIP_TESTS:-}" ]; then
 # Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
 # (test_matmul's many-key statistical tests vmap sequential FFI calls: CPU CI runs them.)
 # (The CPU handlers' own suite, tests/kernels/test_native.py, runs in CI.)
@@ -43,27 +48,35 @@ JINT4_REQUIRE_NATIVE=1 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q --max
 summary "tests: $(tail -1 "$OUT/tests.log")"
 grep -E "FAILED|Error" "$OUT/tests.log" | head -20
 
+fi
+
 # The bad-input script of test_native.py, unbuffered with faulthandler, with
 # and without the CUDA backend (where a crash happens, the last line says).
 python3 -c 'import re; s = open("tests/kernels/test_native.py").read(); print(re.search(r"_BAD_INPUT_SCRIPT = r?\"\"\"(.*?)\"\"\"", s, re.S).group(1))' > /tmp/bad_input.py
 for envs in "JAX_PLATFORMS=cpu" "JAX_PLATFORMS=cuda,cpu"; do
   env $envs timeout 120 python3 -X faulthandler -u /tmp/bad_input.py > /tmp/bad_input.log 2>&1
   summary "bad-input script [$envs]: rc=$? lines=$(grep -c ERROR /tmp/bad_input.log) last: $(grep -v '^ *File\|^  ' /tmp/bad_input.log | tail -2 | tr '\n' ' ' | cut -c1-300)"
+  cp /tmp/bad_input.log "$OUT/bad_input_${envs#JAX_PLATFORMS=}.log"
 done
 
 # jaxlib 0.11.2 FFI error path (issue 3): a bare always-failing CPU handler,
 # called with the GPU backend present and with JAX_PLATFORMS=cpu (.probe/ is
 # carried when present; see its README).
 if [ -d .probe ] && [ -z "${SKIP_PROBE:-}" ]; then
-  bash .probe/build.sh "$(python3 -c 'import jax; print(jax.ffi.include_dir())')" /tmp/probe.so \
-    && for envs in "" "JAX_PLATFORMS=cpu"; do
+  for inc in "$(python3 -c 'import jax; print(jax.ffi.include_dir())')" "$PWD/.whl/jaxlib_include"; do
+    [ -d "$inc" ] || continue
+    api=$(grep -m1 "define XLA_FFI_API_MINOR" "$inc/xla/ffi/api/c_api.h" | awk '{print $3}')
+    bash .probe/build.sh "$inc" /tmp/probe.so 2>/dev/null || continue
+    for envs in "JAX_PLATFORMS=cuda,cpu" "JAX_PLATFORMS=cpu"; do
       for mode in jit eager; do
         r=$(env $envs timeout 60 python3 -X faulthandler .probe/drive.py /tmp/probe.so probe_fail_noattr $mode 2>&1 | grep -E "RESULT|Fatal|Segmentation" | head -2 | tr '\n' ' ')
-        summary "ffi error probe [$envs $mode]: rc=${PIPESTATUS[0]} $r"
+        summary "ffi error probe [headers 0.$api, $envs, $mode]: $r"
       done
     done
+  done
 fi
 
+if [ "$PHASE" != bench ] && [ -z "${SKIP_TESTS:-}" ]; then
 if command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
     tests/kernels/test_native_gpu.py -k sanitizer -p no:cacheprovider > "$OUT/sanitizer.log" 2>&1
@@ -72,10 +85,6 @@ else
   summary "compute-sanitizer not found"
 fi
 
-# Benchmarks (each writes JSON + PNG under $OUT).
-bench() { local b=$1 t=$2; shift 2; [ -f "$b" ] || return 0
-  timeout "$t" python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
-  summary "$b rc=$?"; tail -25 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
 bench benchmarks/bench_ops.py 130 --engine auto --repeats 10 \
   --shapes "${OPS_SHAPES:-8192,8192,8192;16384,4096,16384}"
 fi

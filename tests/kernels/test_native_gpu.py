@@ -277,13 +277,16 @@ def test_int4_matmul_native_gpu_matches_reference_cpu(backward):
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("mnk", [(3, 5, 7), (256, 256, 512), (512, 256, 272), (256, 512, 256)],
-                         ids=str)
+@pytest.mark.parametrize("mnk", [
+    pytest.param((3, 5, 7), marks=pytest.mark.xfail(
+        strict=True, reason="XLA:GPU (jaxlib 0.11.2, H100/H200) returns a wrong int8 dot"
+        " for this tiny shape; seen on every device run")),
+    (256, 256, 512), (512, 256, 272), (256, 512, 256)], ids=str)
 def test_xla_gpu_int8_dot_exactness(mnk):
   """XLA's own int8 x int8 -> int32 dot on the GPU (the reference engine's GEMM).
 
   Records whether the pure-JAX engine is exact on this GPU; jint4 defaults to
-  the native GEMM there either way.
+  the native GEMM there.
   """
   m, n, k = mnk
   a, b = int_operand((m, k), 8, -98, 98), int_operand((n, k), 9)
