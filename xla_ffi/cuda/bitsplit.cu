@@ -64,22 +64,6 @@ AbsMaxKernel(Src src, int64_t R, int64_t C, unsigned int* __restrict__ max_bits)
   BlockAbsMaxToGlobal<kThreads>(m, max_bits);
 }
 
-// Eight consecutive elements of a float tensor as float (p 16-byte aligned
-// for 16-bit types, 32 for f32).
-__device__ __forceinline__ void Load8(const float* p, float* v) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-template <typename T>
-__device__ __forceinline__ void Load8(const T* p, float* v) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) v[k] = ToFloat(h[k]);
-}
-
 // max|g| over a dense tensor with 8-element vector loads (g aligned, any
 // length: the tail is read element by element).
 template <typename T>

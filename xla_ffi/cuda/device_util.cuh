@@ -59,6 +59,36 @@ __host__ __device__ __forceinline__ int64_t CeilDivDev(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// Eight consecutive elements as float: p 16-byte aligned (f32: two float4,
+// 16-bit types: one 16-byte load).
+__device__ __forceinline__ void Load8(const float* p, float* v) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ void Load8(const T* p, float* v) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = ToFloat(h[k]);
+}
+
+// Stores eight floats, converted to T, at a 16-byte aligned p.
+__device__ __forceinline__ void Store8(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <typename T>
+__device__ __forceinline__ void Store8(T* p, const float* v) {
+  uint4 raw;
+  T* h = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) h[k] = FromFloat<T>(v[k]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
 __device__ __forceinline__ int WarpSumInt(int v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -69,6 +99,22 @@ __device__ __forceinline__ float WarpSumFloat(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
   return v;
+}
+
+// Block-wide sum of v added to *out (one atomicAdd per block).
+template <int kThreads>
+__device__ __forceinline__ void BlockSumToGlobal(float v, float* out) {
+  __shared__ float warp_sums[kThreads / 32];
+  v = WarpSumFloat(v);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < (kThreads / 32) ? warp_sums[lane] : 0.0f;
+    w = WarpSumFloat(w);
+    if (lane == 0) atomicAdd(out, w);
+  }
 }
 
 __device__ __forceinline__ uint32_t WarpMaxBits(uint32_t v) {

@@ -145,28 +145,6 @@ ResidualTileKernel(const uint8_t* __restrict__ nibbles,
 
 constexpr int kChunk = 2048;  // multiple of the largest Hadamard block (1024)
 
-// Stores 8 consecutive values (32 bytes of f32 / 16 of 16-bit floats,
-// aligned) of dT.
-__device__ __forceinline__ void Store8(float* p, const float* v) {
-  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-template <typename T>
-__device__ __forceinline__ void Store8(T* p, const float* v) {
-  uint4 raw;
-  T* h = reinterpret_cast<T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) h[k] = FromFloat<T>(v[k]);
-  *reinterpret_cast<uint4*>(p) = raw;
-}
-
-__device__ __forceinline__ void Load8F(const float* p, float* v) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-
 // dT chunk: gather (slots) + STE mask + delta term, block Hadamard, store.
 // vec (uniform): K % 8 == 0 and 16-byte aligned grad / dt, 4-byte aligned
 // nibbles; then a full chunk runs 8 consecutive elements (one row, one flag
@@ -181,7 +159,6 @@ LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
                   int max_log2, bool vec, OutT* __restrict__ dt,
                   float* __restrict__ delta_sum) {
   __shared__ __align__(16) float sx[kChunk];
-  __shared__ float warp_sums[kThreads / 32];
   const int64_t total = M * K;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int len = static_cast<int>(total - start < kChunk ? total - start : kChunk);
@@ -200,12 +177,12 @@ LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
       float a[8], b[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) a[j] = b[j] = 0.0f;
-      if (s0 >= 0) Load8F(grad + static_cast<int64_t>(s0) * K + k, a);
-      if (s1 >= 0) Load8F(grad + static_cast<int64_t>(s1) * K + k, b);
+      if (s0 >= 0) Load8(grad + static_cast<int64_t>(s0) * K + k, a);
+      if (s1 >= 0) Load8(grad + static_cast<int64_t>(s1) * K + k, b);
 #pragma unroll
       for (int j = 0; j < 8; ++j) g[j] = a[j] + b[j];
     } else {
-      Load8F(grad + e0, g);
+      Load8(grad + e0, g);
     }
     const int64_t grp = e0 >> 3;
     const uint32_t nib = *reinterpret_cast<const uint32_t*>(nibbles + (e0 >> 1));
@@ -253,22 +230,13 @@ LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
   BlockHadamardSmem<kThreads>(sx, len, L);
   if (fast) {
     float v[8];
-    Load8F(sx + 8 * threadIdx.x, v);
+    Load8(sx + 8 * threadIdx.x, v);
     Store8(dt + start + 8 * threadIdx.x, v);
   } else {
     for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
   }
 
-  acc = WarpSumFloat(acc);  // any summation order is allowed
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    float v = lane < (kThreads / 32) ? warp_sums[lane] : 0.0f;
-    v = WarpSumFloat(v);
-    if (lane == 0) atomicAdd(delta_sum, v);
-  }
+  BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
 }
 
 // Kernel side: tiles of 2^max_log2 rows x kColTile / 2^max_log2 columns of
@@ -285,7 +253,6 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
                         T* __restrict__ dk, float* __restrict__ delta_sum) {
   __shared__ float sk[2 * kColTile];
   __shared__ float sg[2 * kColTile];
-  __shared__ float warp_sums[kThreads / 32];
   const int TR = 1 << max_log2;
   const int TC = kColTile / TR;
   const int L = ClampedLog2(log2_ptr, max_log2);
@@ -323,16 +290,7 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
     }
     __syncthreads();
   }
-  acc = WarpSumFloat(acc);  // any summation order is allowed
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    float v = lane < (kThreads / 32) ? warp_sums[lane] : 0.0f;
-    v = WarpSumFloat(v);
-    if (lane == 0) atomicAdd(delta_sum, v);
-  }
+  BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
 }
 
 // Checks the residual buffers against the element count; returns planes.

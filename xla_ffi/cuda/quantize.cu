@@ -57,22 +57,6 @@ __device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
   return b;
 }
 
-// Eight consecutive elements (16-byte aligned for f32 pairs / 16 bytes of
-// 16-bit floats) as float.
-__device__ __forceinline__ void Load8(const float* p, float* v) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
-  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-template <typename T>
-__device__ __forceinline__ void Load8(const T* p, float* v) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) v[k] = ToFloat(h[k]);
-}
-
 // Per-chunk row statistics for the residual's norms: the integer sum of q^2
 // and a non-finite flag per row the chunk touches, in shared memory, flushed
 // to global int32 accumulators.
