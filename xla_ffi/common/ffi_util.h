@@ -10,7 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
-#include <sstream>
+#include <type_traits>
 #include <string>
 #include <utility>
 
@@ -41,12 +41,26 @@ constexpr int kMaxLog2Block = 10;
     }                                                                       \
   } while (0)
 
-// Concatenates anything streamable.
+// Appends one piece of an error message. Plain string appends and
+// std::to_string, no iostreams: on the GPU machine's jaxlib 0.11.2 an
+// ostringstream in this error path took the process down, while string
+// concatenation (the CUDA handlers' messages) raised cleanly.
+inline void AppendPiece(std::string* out, const std::string& v) { out->append(v); }
+inline void AppendPiece(std::string* out, const char* v) { out->append(v); }
+inline void AppendPiece(std::string* out, char v) { out->push_back(v); }
+inline void AppendPiece(std::string* out, bool v) { out->append(v ? "true" : "false"); }
+template <typename T>
+void AppendPiece(std::string* out, const T& v) {
+  static_assert(std::is_arithmetic<T>::value, "StrCat takes strings and numbers");
+  out->append(std::to_string(v));
+}
+
+// Concatenates strings and numbers.
 template <typename... Args>
 std::string StrCat(const Args&... args) {
-  std::ostringstream os;
-  (void)std::initializer_list<int>{((os << args), 0)...};
-  return os.str();
+  std::string out;
+  (void)std::initializer_list<int>{(AppendPiece(&out, args), 0)...};
+  return out;
 }
 
 inline ffi::Error InvalidArgument(const std::string& message) {
@@ -63,16 +77,15 @@ int64_t NumElements(const Dims& dims) {
 
 template <typename Dims>
 std::string ShapeString(const Dims& dims) {
-  std::ostringstream os;
-  os << '[';
+  std::string out = "[";
   bool first = true;
   for (int64_t d : dims) {
-    if (!first) os << ',';
-    os << d;
+    if (!first) out.push_back(',');
+    out.append(std::to_string(d));
     first = false;
   }
-  os << ']';
-  return os.str();
+  out.push_back(']');
+  return out;
 }
 
 inline const char* DataTypeName(ffi::DataType t) {
