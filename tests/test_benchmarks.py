@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/bench_layer.py and bench_train.py.
+"""Smoke tests of benchmarks/bench_ops.py, bench_layer.py and bench_train.py.
 
 Each script runs as a subprocess at the tiniest settings, on the pure-JAX
 reference engine, and must write its JSON (expected keys, positive finite
@@ -78,3 +78,18 @@ def test_bench_train(tmp_path):
     assert "peak_bytes_in_use" in r
   assert (row["int4"]["linear_input_bytes_saved"]
           < row["bf16"]["linear_input_bytes_saved"])
+
+
+def test_bench_ops(tmp_path):
+  report = run_script("bench_ops.py", tmp_path, "--shapes", "64,32,32", "--repeats", "1",
+                      "--compare", "64,32,32")
+  (shape,) = report["shapes"].values()
+  assert set(shape) == {"HQ-MM", "LSS-Act", "LSS-Weight", "BS-Act", "BS-Weight"}
+  for op in shape.values():
+    assert positive(op["int4_ms"]) and positive(op["bf16_ms"]) and positive(op["speedup"])
+    assert op["stages"] and all(positive(s["median_ms"]) for s in op["stages"])
+  from jint4.kernels import OPS
+  assert set(report["engine_ops"]) == set(OPS)
+  for v in report["engine_ops"].values():
+    assert positive(v["native_ms"]) and positive(v["reference_ms"])
+    assert v["faster"] in ("native", "reference")
