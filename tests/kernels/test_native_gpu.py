@@ -220,6 +220,21 @@ def test_int_gemm_exact(mnk, int4):
                                 np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
 
 
+@pytest.mark.parametrize("path", ["sm80", "fallback"])
+@pytest.mark.parametrize("int4", [True, False])
+def test_int_gemm_other_paths_on_this_gpu(path, int4, monkeypatch):
+  """The sm_80 INT4 tensor-core kernel (compiled for sm_90a too) and the
+  generic kernel, forced through JINT4_CUDA_GEMM (read per call): exact int32
+  products against numpy. Joined digits (int4=False) skip the INT4 kernel."""
+  monkeypatch.setenv("JINT4_CUDA_GEMM", path)
+  m, n, k = 200, 136, 1000
+  a = int_operand((m, k), 1, *((-8, 7) if int4 else (-98, 98)))
+  b = int_operand((n, k), 2)
+  out = on_gpu(lambda a, b: native.int_gemm(a, b, scale=jnp.float32(1.0), int4=int4), a, b)
+  np.testing.assert_array_equal(np.asarray(out, np.int64),
+                                np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
+
+
 def test_every_output_element_is_written():
   """Outputs are exact even when their memory held poison just before.
 
