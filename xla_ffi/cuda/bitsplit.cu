@@ -50,6 +50,33 @@ struct GatherSource {
   }
 };
 
+// Block-wide sums of the hi^2 / lo^2 integer sums of row r, added to
+// sums[r] and sums[R + r].
+__device__ __forceinline__ void AddRowSums(int s_hi, int s_lo, int* __restrict__ sums,
+                                           int64_t R, int64_t r) {
+  __shared__ int warp_hi[kThreads / 32];
+  __shared__ int warp_lo[kThreads / 32];
+  s_hi = WarpSumInt(s_hi);
+  s_lo = WarpSumInt(s_lo);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    warp_hi[warp] = s_hi;
+    warp_lo[warp] = s_lo;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int vh = lane < (kThreads / 32) ? warp_hi[lane] : 0;
+    int vl = lane < (kThreads / 32) ? warp_lo[lane] : 0;
+    vh = WarpSumInt(vh);
+    vl = WarpSumInt(vl);
+    if (lane == 0) {
+      atomicAdd(&sums[r], vh);
+      atomicAdd(&sums[R + r], vl);
+    }
+  }
+}
+
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
 AbsMaxKernel(Src src, int64_t R, int64_t C, unsigned int* __restrict__ max_bits) {
@@ -99,8 +126,6 @@ StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t c
                         const unsigned int* __restrict__ max_bits,
                         const uint32_t* __restrict__ seed, int8_t* __restrict__ g2,
                         int* __restrict__ sums /* [2, R] */) {
-  __shared__ int warp_hi[kThreads / 32];
-  __shared__ int warp_lo[kThreads / 32];
   const int64_t r = blockIdx.x / chunks_per_row;
   const int64_t c0 = (blockIdx.x % chunks_per_row) * kSplitCols;
   const int64_t c1 = c0 + kSplitCols < C ? c0 + kSplitCols : C;
@@ -126,25 +151,7 @@ StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t c
     *reinterpret_cast<uint2*>(g2 + e) = make_uint2(hw[0], hw[1]);
     *reinterpret_cast<uint2*>(lo_plane + e) = make_uint2(lw[0], lw[1]);
   }
-  s_hi = WarpSumInt(s_hi);
-  s_lo = WarpSumInt(s_lo);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    warp_hi[warp] = s_hi;
-    warp_lo[warp] = s_lo;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    int vh = lane < (kThreads / 32) ? warp_hi[lane] : 0;
-    int vl = lane < (kThreads / 32) ? warp_lo[lane] : 0;
-    vh = WarpSumInt(vh);
-    vl = WarpSumInt(vl);
-    if (lane == 0) {
-      atomicAdd(&sums[r], vh);
-      atomicAdd(&sums[R + r], vl);
-    }
-  }
+  AddRowSums(s_hi, s_lo, sums, R, r);
 }
 
 template <typename Src>
@@ -153,8 +160,6 @@ StackedSplitKernel(Src src, int64_t R, int64_t C, int64_t chunks_per_row,
                    const unsigned int* __restrict__ max_bits,
                    const uint32_t* __restrict__ seed, int8_t* __restrict__ g2,
                    int* __restrict__ sums /* [2, R] */) {
-  __shared__ int warp_hi[kThreads / 32];
-  __shared__ int warp_lo[kThreads / 32];
   const int64_t r = blockIdx.x / chunks_per_row;
   const int64_t c0 = (blockIdx.x % chunks_per_row) * kSplitCols;
   const int64_t c1 = c0 + kSplitCols < C ? c0 + kSplitCols : C;
@@ -172,25 +177,7 @@ StackedSplitKernel(Src src, int64_t R, int64_t C, int64_t chunks_per_row,
     s_hi += static_cast<int>(h) * static_cast<int>(h);
     s_lo += static_cast<int>(l) * static_cast<int>(l);
   }
-  s_hi = WarpSumInt(s_hi);
-  s_lo = WarpSumInt(s_lo);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    warp_hi[warp] = s_hi;
-    warp_lo[warp] = s_lo;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    int vh = lane < (kThreads / 32) ? warp_hi[lane] : 0;
-    int vl = lane < (kThreads / 32) ? warp_lo[lane] : 0;
-    vh = WarpSumInt(vh);
-    vl = WarpSumInt(vl);
-    if (lane == 0) {
-      atomicAdd(&sums[r], vh);
-      atomicAdd(&sums[R + r], vl);
-    }
-  }
+  AddRowSums(s_hi, s_lo, sums, R, r);
 }
 
 // Joined digits v = 14 hi + lo through a 64 x 64 tile: v[R, C] (optional)

@@ -212,6 +212,23 @@ inline int MaxLog2Block(int64_t size) {
   return k;
 }
 
+// Launch shape of the column-tile kernels (axis-0 quantize, weight LSQ
+// backward) over x[R, S]: tiles of 2^max_log2 rows (the static block when the
+// caller knows it, log2_hint >= 0, else the largest dividing R, for a traced
+// block) x tile / 2^max_log2 columns. False when the grid would not fit.
+inline bool ColumnTiling(int64_t R, int64_t S, int32_t log2_hint, int tile, int* max_log2,
+                         dim3* grid) {
+  int l = MaxLog2Block(R);
+  if (log2_hint >= 0 && log2_hint < l) l = log2_hint;
+  const int64_t col_tiles = CeilDivDev(S, tile >> l);
+  const int64_t row_tiles = R >> l;
+  if (col_tiles > 0x7FFFFFFF) return false;
+  *max_log2 = l;
+  *grid = dim3(static_cast<unsigned>(col_tiles),
+               static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+  return true;
+}
+
 // Reads log2_block from the device scalar, clamped to [0, max_log2].
 __device__ __forceinline__ int ClampedLog2(const int32_t* log2_ptr, int max_log2) {
   const int L = *log2_ptr;

@@ -64,6 +64,16 @@ __device__ __forceinline__ __nv_bfloat16 ConvertOut<__nv_bfloat16>(float v) {
 // row_scale[m]). 32 x 32 outputs per block of 256 threads (2 x 2 each), K in
 // steps of 32 through shared memory, int32 accumulation, every access
 // bounds-checked.
+// The op's epilogue after acc * scale: times row_scale[m], plus col_bias[n]
+// (the sm_90a path computes the same in its CUTLASS EVT).
+__device__ __forceinline__ float Epilogue(float v, const float* __restrict__ row_scale,
+                                          const float* __restrict__ col_bias, int64_t m,
+                                          int64_t n) {
+  if (row_scale != nullptr) v = v * row_scale[m];
+  if (col_bias != nullptr) v = v + col_bias[n];
+  return v;
+}
+
 constexpr int kFbTile = 32;
 
 template <typename OutT>
@@ -116,10 +126,8 @@ FallbackGemmKernel(const int8_t* __restrict__ a, int64_t lda,
         const int64_t m = m0 + ty + 16 * i;
         const int64_t n = n0 + tx + 16 * j;
         if (m < M && n < N) {
-          float v = static_cast<float>(acc[i][j]) * s;
-          if (row_scale != nullptr) v = v * row_scale[m];
-          if (col_bias != nullptr) v = v + col_bias[n];
-          out[m * ldo + n] = ConvertOut<OutT>(v);
+          out[m * ldo + n] = ConvertOut<OutT>(
+              Epilogue(static_cast<float>(acc[i][j]) * s, row_scale, col_bias, m, n));
         }
       }
     }
@@ -165,10 +173,7 @@ RowScaleKernel(const float* __restrict__ tmp, int64_t ldt, int64_t rows,
        i < total; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = i / cols;
     const int64_t n = i - m * cols;
-    float v = tmp[m * ldt + n];
-    if (row_scale != nullptr) v = v * row_scale[m];
-    if (col_bias != nullptr) v = v + col_bias[n];
-    out[m * ldo + n] = ConvertOut<OutT>(v);
+    out[m * ldo + n] = ConvertOut<OutT>(Epilogue(tmp[m * ldt + n], row_scale, col_bias, m, n));
   }
 }
 

@@ -22,6 +22,7 @@
 #include "cutlass/gemm/device/gemm.h"
 #include "cutlass/integer_subbyte.h"
 #include "cutlass/layout/matrix.h"
+#include "cutlass_run.h"
 #include "gemm_kernels.h"
 
 namespace jint4 {
@@ -68,34 +69,7 @@ GemmStatus Sm80Int4Gemm(const Sm80Int4GemmArgs& p, const ScratchFn& scratch,
       typename EpilogueOp::Params(p.alpha),
       /*split_k_slices=*/1);
 
-  Sm80Int4GemmOp gemm;
-  cutlass::Status st = Sm80Int4GemmOp::can_implement(args);
-  if (st != cutlass::Status::kSuccess) {
-    *message = std::string("sm80 int4 gemm can_implement: ") + cutlassGetStatusString(st);
-    return GemmStatus::kUnsupported;
-  }
-  const size_t ws_bytes = Sm80Int4GemmOp::get_workspace_size(args);
-  void* ws = nullptr;
-  if (ws_bytes > 0) {
-    ws = scratch(ws_bytes);
-    if (ws == nullptr) {
-      *message = "sm80 int4 gemm: workspace allocation failed";
-      return GemmStatus::kError;
-    }
-  }
-  st = gemm.initialize(args, ws, stream);
-  if (st != cutlass::Status::kSuccess) {
-    *message = std::string("sm80 int4 gemm initialize: ") + cutlassGetStatusString(st);
-    return GemmStatus::kError;
-  }
-  st = gemm.run(stream);
-  cudaError_t err = cudaGetLastError();
-  if (st != cutlass::Status::kSuccess || err != cudaSuccess) {
-    *message = std::string("sm80 int4 gemm run: ") + cutlassGetStatusString(st) + " (" +
-               cudaGetErrorString(err) + ")";
-    return GemmStatus::kError;
-  }
-  return GemmStatus::kOk;
+  return RunCutlassGemm<Sm80Int4GemmOp>(args, scratch, stream, "sm80 int4 gemm", message);
 }
 
 }  // namespace cuda

@@ -13,6 +13,7 @@
 
 #include "cutlass/arch/config.h"
 #include "cutlass/cutlass.h"
+#include "cutlass_run.h"
 #include "gemm_kernels.h"
 
 #if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED)
@@ -138,39 +139,7 @@ struct Sm90Int8Gemm {
         {p.col_bias, 0.0f, {}},           // col_bias[n] (nullptr -> 0)
         {}};                              // plus, convert to ElementD
 
-    Gemm gemm;
-    cutlass::Status st = gemm.can_implement(args);
-    if (st != cutlass::Status::kSuccess) {
-      *message = std::string("sm90 gemm can_implement: ") + cutlassGetStatusString(st);
-      return GemmStatus::kUnsupported;
-    }
-    const size_t ws_bytes = Gemm::get_workspace_size(args);
-    void* ws = nullptr;
-    if (ws_bytes > 0) {
-      ws = scratch(ws_bytes);
-      if (ws == nullptr) {
-        *message = "sm90 gemm: workspace allocation failed";
-        return GemmStatus::kError;
-      }
-    }
-    st = gemm.initialize(args, ws, stream);
-    if (st != cutlass::Status::kSuccess) {
-      *message = std::string("sm90 gemm initialize: ") + cutlassGetStatusString(st);
-      return GemmStatus::kError;
-    }
-    st = gemm.run(stream);
-    if (st != cutlass::Status::kSuccess) {
-      cudaError_t err = cudaGetLastError();
-      *message = std::string("sm90 gemm run: ") + cutlassGetStatusString(st) + " (" +
-                 cudaGetErrorString(err) + ")";
-      return GemmStatus::kError;
-    }
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) {
-      *message = std::string("sm90 gemm launch: ") + cudaGetErrorString(err);
-      return GemmStatus::kError;
-    }
-    return GemmStatus::kOk;
+    return RunCutlassGemm<Gemm>(args, scratch, stream, "sm90 gemm", message);
   }
 };
 

@@ -448,14 +448,11 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                              cudaMemsetAsync(sum, 0, sizeof(float), stream));
   if (err.failure()) return err;
   if (R * S == 0) return ffi::Error::Success();
-  int max_log2 = MaxLog2Block(R);
-  if (log2_hint >= 0 && log2_hint < max_log2) max_log2 = log2_hint;
-  const int TC = kColTile >> max_log2;
-  const int64_t col_tiles = CeilDiv(S, TC);
-  const int64_t row_tiles = R >> max_log2;
-  if (col_tiles > 0x7FFFFFFF) return InvalidArgument("lsq_weight_backward: too large");
-  const dim3 grid(static_cast<unsigned>(col_tiles),
-                  static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+  int max_log2;
+  dim3 grid;
+  if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
+    return InvalidArgument("lsq_weight_backward: too large");
+  }
   DispatchFloat(kind, [&](auto tag) {
     using T = decltype(tag);
     LsqWeightBackwardKernel<T><<<grid, kThreads, 0, stream>>>(

@@ -464,16 +464,11 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
   const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
   int8_t* q_p = reinterpret_cast<int8_t*>(q->untyped_data());
   if (axis == 0) {
-    // The tile holds 2^max_log2 rows: the static block when the caller knows
-    // it (log2_hint), else the largest the dim allows (a traced block).
-    int max_log2 = MaxLog2Block(R);
-    if (log2_hint >= 0 && log2_hint < max_log2) max_log2 = log2_hint;
-    const int TC = kColTile >> max_log2;
-    const int64_t col_tiles = CeilDiv(S, TC);
-    const int64_t row_tiles = R >> max_log2;
-    if (col_tiles > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
-    const dim3 grid(static_cast<unsigned>(col_tiles),
-                    static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+    int max_log2;
+    dim3 grid;
+    if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
+      return InvalidArgument("hadamard_quantize: too large");
+    }
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       HadamardQuantizeColumnsKernel<T><<<grid, kHqThreads, 0, stream>>>(
