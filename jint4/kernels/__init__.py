@@ -2,9 +2,8 @@
 
 An engine exposes the ops of `jint4.kernels.reference` (`hadamard_quantize`,
 `residual_values`, `lsq_backward`, `lsq_weight_backward`, `bit_split`,
-`bit_split_joined`,
-`resplit_rows`, `int_gemm`, plus the shared helpers `uniform`,
-`seeds_from_key`, `apply_hadamard`, `row_norms`) with identical semantics. The algorithm
+`bit_split_joined`, `resplit_rows`, `int_gemm`, plus the shared helpers
+`uniform`, `seeds_from_key`) with identical semantics. The algorithm
 (`jint4.matmul`) asks `get_engine` for one and never knows which it got.
 
 Engines: ``"reference"`` (pure JAX, runs anywhere), ``"native"`` (the XLA FFI
@@ -27,8 +26,7 @@ from jint4.kernels import reference
 OPS = ("hadamard_quantize", "residual_values", "lsq_backward",
        "lsq_weight_backward", "bit_split", "bit_split_joined", "resplit_rows",
        "int_gemm")
-HELPERS = ("uniform", "seeds_from_key", "apply_hadamard", "row_norms",
-           "int_gemm_i32")
+HELPERS = ("uniform", "seeds_from_key", "int_gemm_i32")
 
 # Which engine "auto" runs each op with, per backend.
 # CPU (measured 2026-11-27, 2-core AMD EPYC, jax 0.12, 2048x1024 operands):

@@ -132,8 +132,6 @@ def _residual_shapes(size: int, qn: int):
 # Ops that are not FFI targets are the reference's own (cheap or host-side).
 uniform = reference.uniform
 seeds_from_key = reference.seeds_from_key
-apply_hadamard = reference.apply_hadamard
-row_norms = reference.row_norms
 int_gemm_i32 = reference.int_gemm_i32
 pack_residual = reference.pack_residual
 unpack_residual = reference.unpack_residual
