@@ -159,13 +159,18 @@ def _bf16_dot(op, n, d, c):
   return fn, (a, b)
 
 
-def run_shape(eng, n, d, c, repeats):
+def make_inputs(eng, n, d, c):
+  """The first stages' inputs: x[N, D] and g[N, C] bf16, a kernel[D, C] f32."""
   keys = jax.random.split(jax.random.key(0), 3)
-  env = {"x": jax.random.normal(keys[0], (n, d), jnp.bfloat16),
-         "w": (jax.random.normal(keys[1], (d, c), jnp.float32) * 0.02),
-         "g": jax.random.normal(keys[2], (n, c), jnp.bfloat16) * 1e-3,
-         "sx": jnp.float32(0.3), "sw": jnp.float32(0.005),
-         "seeds": eng.seeds_from_key(jax.random.key(1), 6)}
+  return {"x": jax.random.normal(keys[0], (n, d), jnp.bfloat16),
+          "w": (jax.random.normal(keys[1], (d, c), jnp.float32) * 0.02),
+          "g": jax.random.normal(keys[2], (n, c), jnp.bfloat16) * 1e-3,
+          "sx": jnp.float32(0.3), "sw": jnp.float32(0.005),
+          "seeds": eng.seeds_from_key(jax.random.key(1), 6)}
+
+
+def run_shape(eng, n, d, c, repeats):
+  env = make_inputs(eng, n, d, c)
   stages = _stages(eng, n, d, c)
   out = {}
   for op, steps in stages.items():

@@ -85,7 +85,24 @@ else
   summary "compute-sanitizer not found"
 fi
 
-bench benchmarks/bench_ops.py 130 --engine auto --repeats 10 \
+# Nsight Compute: every bench_ops stage's kernels at NCU_SHAPE (NCU=0 skips).
+if [ "${NCU:-1}" != 0 ] && command -v ncu >/dev/null; then
+  S=smsp__average_warps_issue_stalled_
+  M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+  M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
+  M=$M,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread
+  M=$M,launch__shared_mem_per_block_static,launch__grid_size,smsp__inst_executed.sum
+  M=$M,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum
+  for r in long_scoreboard short_scoreboard barrier mio_throttle lg_throttle math_pipe_throttle wait not_selected membar drain; do
+    M=$M,${S}${r}_per_issue_active.ratio; done
+  timeout "${NCU_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none --csv --metrics "$M" \
+    python3 tools/ncu_ops.py "${NCU_SHAPE:-8192,8192,8192}" > "$OUT/ncu.csv" 2> "$OUT/ncu_err.log"
+  summary "ncu rc=$?"
+  python3 tools/ncu_summary.py "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1
+  cat "$OUT/ncu_summary.txt"
+fi
+
+[ -n "${SKIP_OPS:-}" ] || bench benchmarks/bench_ops.py 130 --engine auto --repeats 10 \
   --shapes "${OPS_SHAPES:-8192,8192,8192;16384,4096,16384}"
 fi
 if [ "$PHASE" != tests ]; then
@@ -97,5 +114,5 @@ bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
 fi
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
-(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt ./*.json 2>/dev/null && rm -f ./*.log gpu.txt build_warnings.txt)
+(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt ./*.json ./*.csv 2>/dev/null && rm -f ./*.log gpu.txt build_warnings.txt)
 ls "$OUT"
