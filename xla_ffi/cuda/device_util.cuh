@@ -205,6 +205,82 @@ __device__ __forceinline__ void BlockHadamardSmem(float* sx, int len, int L,
   __syncthreads();
 }
 
+// One butterfly of a stage whose pairs sit in lanes `lane` and `lane ^ m` of
+// a warp, element k of each: Butterfly(a, b) with a from the lower lane;
+// the lower lane keeps the sum, the upper one the difference.
+__device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
+  const float other = __shfl_xor_sync(0xffffffffu, mine, m);
+  if ((lane & m) == 0) {
+    float a = mine, b = other;
+    Butterfly(a, b);
+    return a;
+  }
+  float a = other, b = mine;
+  Butterfly(a, b);
+  return b;
+}
+
+// HadamardInPlace (blocks of 2^L, L <= 10, 2^L <= 8 * kThreads) over a chunk
+// of 8 * kThreads consecutive elements whose start is a multiple of 2^L;
+// thread t holds elements 8t .. 8t+7 in v. Stages 0-2 pair elements inside
+// a thread, 3-7 lanes t ^ 1 .. t ^ 16 of a warp (shuffles), and only when
+// L > 8 (uniform across the block) stages 8-10 go through one shared-memory
+// pass over sx[8 * kThreads] (with barriers). The same Butterfly calls on the
+// same values as HadamardInPlace: bit-identical.
+template <int kThreads>
+__device__ __forceinline__ void ChunkHadamard8(float* v, int L, float* sx) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int d = 0; d < 3; ++d) {
+    if (d < L) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if ((k & (1 << d)) == 0) Butterfly(v[k], v[k | (1 << d)]);
+      }
+    }
+  }
+#pragma unroll
+  for (int d = 0; d < 5; ++d) {
+    if (3 + d < L) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = ShuffleButterfly(v[k], lane, 1 << d);
+    }
+  }
+  if (L > 8) {
+    float4* s4 = reinterpret_cast<float4*>(sx) + 2 * threadIdx.x;
+    s4[0] = make_float4(v[0], v[1], v[2], v[3]);
+    s4[1] = make_float4(v[4], v[5], v[6], v[7]);
+    __syncthreads();
+    if (L - 8 == 2) {
+      ButterflyPass<2, kThreads>(sx, 8 * kThreads, 8, 30);
+    } else {
+      ButterflyPass<1, kThreads>(sx, 8 * kThreads, 8, 30);
+    }
+    __syncthreads();
+    const float4 ra = s4[0];
+    const float4 rb = s4[1];
+    v[0] = ra.x; v[1] = ra.y; v[2] = ra.z; v[3] = ra.w;
+    v[4] = rb.x; v[5] = rb.y; v[6] = rb.z; v[7] = rb.w;
+  }
+}
+
+// HadamardInPlace with blocks of 2^L (L <= log2(TR), TR a power of two <= 32)
+// over TR consecutive elements held in registers (one column segment of an
+// axis-0 tile): stage s pairs v[i] and v[i + 2^s]. Bit-identical to the
+// reference (the same Butterfly calls on the same values).
+template <int TR>
+__device__ __forceinline__ void RegisterHadamard(float* v, int L) {
+#pragma unroll
+  for (int s = 0; (1 << s) < TR; ++s) {
+    if (s < L) {
+#pragma unroll
+      for (int i = 0; i < TR; ++i) {
+        if ((i & (1 << s)) == 0) Butterfly(v[i], v[i | (1 << s)]);
+      }
+    }
+  }
+}
+
 // Largest k <= 10 with 2^k dividing size (hadamard.py `max_log2_block`).
 inline int MaxLog2Block(int64_t size) {
   int k = 0;

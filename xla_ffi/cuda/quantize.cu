@@ -42,21 +42,6 @@ constexpr int kHqChunk = 2048;  // multiple of 1024 (largest block) and of 8
 static_assert(kHqChunk % 1024 == 0 && kHqChunk % 8 == 0, "chunk size");
 static_assert(kHqChunk == 8 * kHqThreads, "register path: 8 elements per thread");
 
-// One butterfly of a stage whose pairs sit in lanes `lane` and `lane ^ m` of
-// a warp, element k of each: Butterfly(a, b) with a from the lower lane;
-// the lower lane keeps the sum, the upper one the difference.
-__device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
-  const float other = __shfl_xor_sync(0xffffffffu, mine, m);
-  if ((lane & m) == 0) {
-    float a = mine, b = other;
-    Butterfly(a, b);
-    return a;
-  }
-  float a = other, b = mine;
-  Butterfly(a, b);
-  return b;
-}
-
 // Per-chunk row statistics for the residual's norms: the integer sum of q^2
 // and a non-finite flag per row the chunk touches, in shared memory, flushed
 // to global int32 accumulators.
@@ -142,38 +127,7 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
   bool nonfinite[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) nonfinite[k] = NonFinite(v[k]);
-#pragma unroll
-  for (int d = 0; d < 3; ++d) {
-    if (d < L) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if ((k & (1 << d)) == 0) Butterfly(v[k], v[k | (1 << d)]);
-      }
-    }
-  }
-#pragma unroll
-  for (int d = 0; d < 5; ++d) {
-    if (3 + d < L) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = ShuffleButterfly(v[k], lane, 1 << d);
-    }
-  }
-  if (L > 8) {  // uniform across the block
-    float4* s4 = reinterpret_cast<float4*>(sx) + 2 * tid;
-    s4[0] = make_float4(v[0], v[1], v[2], v[3]);
-    s4[1] = make_float4(v[4], v[5], v[6], v[7]);
-    __syncthreads();
-    if (L - 8 == 2) {
-      ButterflyPass<2, kHqThreads>(sx, kHqChunk, 8, 30);
-    } else {
-      ButterflyPass<1, kHqThreads>(sx, kHqChunk, 8, 30);
-    }
-    __syncthreads();
-    const float4 ra = s4[0];
-    const float4 rb = s4[1];
-    v[0] = ra.x; v[1] = ra.y; v[2] = ra.z; v[3] = ra.w;
-    v[4] = rb.x; v[5] = rb.y; v[6] = rb.z; v[7] = rb.w;
-  }
+  ChunkHadamard8<kHqThreads>(v, L, sx);
 
   const int64_t e0 = start + 8 * tid;
   uint32_t qw[2] = {0u, 0u};
