@@ -212,8 +212,12 @@ def _backward(static, res, g):
   n, c = g.shape
   d = kernel.shape[0]
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
+  # dX_hat leaves its GEMM in bfloat16 for bfloat16 activations (dX is
+  # rounded to bfloat16 at the end anyway; half the bytes for the GEMM to
+  # write and lsq_backward to read), else in float32.
+  dxh_dtype = jnp.bfloat16 if static.x_dtype == jnp.bfloat16 else jnp.float32
   ctx = _Context(eng=eng, cfg=cfg, seeds=seeds, res_x=res_x, shape_x=(n, d),
-                 sx=sx32, sw=sw32)
+                 sx=sx32, sw=sw32, dxh_dtype=dxh_dtype)
 
   # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C.
   qwt, _ = eng.hadamard_quantize(kernel, sw32, block=block, qn=qn, qp=qp, axis=0)
@@ -245,6 +249,7 @@ class _Context:
   shape_x: Tuple[int, int]
   sx: jax.Array
   sw: jax.Array
+  dxh_dtype: object      # dtype of the integer GEMMs' dX_hat
 
   def qx(self, **kw):
     return self.eng.residual_values(self.res_x, self.shape_x, qn=self.cfg.qn,
@@ -283,7 +288,8 @@ def _products_nonzero(ctx, g, qwt):
   """
   eng = ctx.eng
   v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT])
-  dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False)      # [N, D]
+  dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False,
+                         out_dtype=ctx.dxh_dtype)                        # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]
   dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo * ctx.sx, int4=False)     # [D, C]
   return dxh_hat, None, dwh_hat
@@ -307,7 +313,7 @@ def _products_lss(ctx, g, qwt):
   # landed, -1 if not kept).
   index, weight = lss.sample_rows(g2_norm, budget, u[0])
   part = eng.int_gemm(jnp.take(g2, index, axis=0), qwt, scale=ctx.sw,
-                      row_scale=weight * half_scale(index))
+                      row_scale=weight * half_scale(index), out_dtype=ctx.dxh_dtype)
   # Empty slots (weight 0) point nowhere, unless G is non-finite: then every
   # row is NaN and must reach dX.
   target = jnp.where((weight > 0) | ~finite, index, 2 * n)

@@ -201,7 +201,7 @@ def lsq_backward(grad, res: Residual, *, qn: int, qp: int, slots=None, block=1,
       "jint4_lsq_backward",
       (jax.ShapeDtypeStruct((m, k), native_dtype),
        jax.ShapeDtypeStruct((), jnp.float32)),
-      grad.astype(jnp.float32), res.nibbles, res.flags,
+      _float_operand(grad), res.nibbles, res.flags,
       (jnp.zeros((2, 0), jnp.int32) if slots is None
        else jnp.asarray(slots, jnp.int32)),
       _log2(block), qn=_i32(qn), qp=_i32(qp), gather=_i32(slots is not None))

@@ -169,7 +169,8 @@ def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int,
   """LSQ's elementwise backward from a residual, then Hb^T.
 
   Args:
-    grad: dL/dT_hat in the Hadamard domain, float32: [M, K], or with
+    grad: dL/dT_hat in the Hadamard domain (float32, bfloat16 or float16,
+      computed in float32): [M, K], or with
       ``slots`` the rows of a sampled product, [S, K].
     res: the residual of T[M, K].
     slots: optional int32 [2, M]: row t of dT_hat is grad[slots[0, t]] +
@@ -180,11 +181,11 @@ def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int,
     (dT, delta_sum): dT = (1[in range] * dT_hat) Hb^T in ``out_dtype`` and
     delta_sum = sum(dT_hat * delta_hat), the un-scaled step-size gradient.
   """
+  grad = grad.astype(jnp.float32)
   if slots is not None:
     grad = _slot_sum(grad, slots)
   code, flags = unpack_residual(res, grad.shape, qn=qn)
   _, inside, delta_hat = lsq.decode_backward_state(code, flags, qn=qn, qp=qp)
-  grad = grad.astype(jnp.float32)
   dt = apply_hadamard(jnp.where(inside, grad, 0.0), block, axis=-1)
   return dt.astype(out_dtype), jnp.sum(grad * delta_hat)
 

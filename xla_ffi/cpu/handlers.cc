@@ -160,7 +160,7 @@ ffi::Error ResidualValuesImpl(ffi::Buffer<ffi::U8> nibbles,
 //   [2,0]), log2_block s32[] -> dt (f32|bf16|f16)[M,K], delta_sum f32[]
 //   attrs qn, qp, gather
 // ---------------------------------------------------------------------------
-ffi::Error LsqBackwardImpl(ffi::Buffer<ffi::F32> grad,
+ffi::Error LsqBackwardImpl(ffi::AnyBuffer grad,
                            ffi::Buffer<ffi::U8> nibbles,
                            ffi::Buffer<ffi::U8> flags,
                            ffi::Buffer<ffi::S32> slots,
@@ -171,6 +171,7 @@ ffi::Error LsqBackwardImpl(ffi::Buffer<ffi::F32> grad,
   constexpr const char* kOp = "jint4_lsq_backward";
   JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
   JINT4_RETURN_IF_ERROR(CheckFlagAttr(gather, kOp, "gather"));
+  JINT4_RETURN_IF_ERROR(CheckFloatType(grad, kOp, "grad"));
   JINT4_RETURN_IF_ERROR(CheckRank(grad, 2, kOp, "grad"));
   const int64_t s = grad.dimensions()[0];
   const int64_t k = grad.dimensions()[1];
@@ -199,7 +200,8 @@ ffi::Error LsqBackwardImpl(ffi::Buffer<ffi::F32> grad,
                                        kOp, "slots[1]", "rows of grad"));
   }
   delta_sum->typed_data()[0] =
-      LsqBackward(grad.typed_data(), s, k, sl, m, nibbles.typed_data(),
+      LsqBackward(grad.untyped_data(), FloatTypeOf(grad.element_type()), s, k, sl, m,
+                  nibbles.typed_data(),
                   flags.typed_data(), qn, qp, log2,
                   FloatTypeOf(dt->element_type()), dt->untyped_data());
   return ffi::Error::Success();
@@ -409,7 +411,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_residual_values,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_backward,
                               jint4::cpu::LsqBackwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad
+                                  .Arg<ffi::AnyBuffer>()         // grad f32 / bf16 / f16
                                   .Arg<ffi::Buffer<ffi::U8>>()   // nibbles
                                   .Arg<ffi::Buffer<ffi::U8>>()   // flags
                                   .Arg<ffi::Buffer<ffi::S32>>()  // slots

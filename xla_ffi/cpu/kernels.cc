@@ -287,7 +287,7 @@ void ResidualValues(const uint8_t* nibbles, const uint8_t* flags, int64_t m,
   }
 }
 
-float LsqBackward(const float* grad, int64_t s_rows, int64_t k,
+float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t k,
                   const int32_t* slots, int64_t m, const uint8_t* nibbles,
                   const uint8_t* flags, int qn, int qp, int log2_block,
                   FloatType dt_type, void* dt) {
@@ -295,17 +295,26 @@ float LsqBackward(const float* grad, int64_t s_rows, int64_t k,
   const int planes = FlagPlanes(qn);
   const int64_t flag_bytes = FlagBytes(m * k);
   std::vector<float> row(static_cast<size_t>(k));
+  std::vector<float> a(static_cast<size_t>(k)), b(static_cast<size_t>(k));
   double sum = 0.0;
   for (int64_t t = 0; t < m; ++t) {
+    // grad rows widened to float32 (exact), as the reference's astype.
     const float* g0 = nullptr;
     const float* g1 = nullptr;
     if (slots != nullptr) {
       const int32_t s0 = slots[t];
       const int32_t s1 = slots[m + t];
-      if (s0 >= 0) g0 = grad + static_cast<int64_t>(s0) * k;
-      if (s1 >= 0) g1 = grad + static_cast<int64_t>(s1) * k;
+      if (s0 >= 0) {
+        LoadFloats(grad, grad_type, static_cast<int64_t>(s0) * k, k, a.data());
+        g0 = a.data();
+      }
+      if (s1 >= 0) {
+        LoadFloats(grad, grad_type, static_cast<int64_t>(s1) * k, k, b.data());
+        g1 = b.data();
+      }
     } else {
-      g0 = grad + t * k;
+      LoadFloats(grad, grad_type, t * k, k, a.data());
+      g0 = a.data();
     }
     for (int64_t c = 0; c < k; ++c) {
       // The reference's slot sum: pick(slot 0) + pick(slot 1), 0 for none.

@@ -49,12 +49,13 @@ void ResidualValues(const uint8_t* nibbles, const uint8_t* flags, int64_t m,
                     int64_t k, const int32_t* rows, int64_t num_rows,
                     bool transpose, int qn, int qp, int8_t* q);
 
-// jint4_lsq_backward: g[t, :] = grad[t, :] (slots null, s_rows = m) or
+// jint4_lsq_backward: grad (of `grad_type`, widened to float32) gives
+// g[t, :] = grad[t, :] (slots null, s_rows = m) or
 // (slots[0,t] >= 0 ? grad[slots[0,t], :] : 0) + (slots[1,t] >= 0 ?
 // grad[slots[1,t], :] : 0) for slots[2, m]; with the residual of [m, k]:
 // dt[t, :] = Hb(inside ? g : 0) (blocks of 2^log2_block) stored as `dt_type`;
 // returns sum g * delta_hat (products in float32, summed in double).
-float LsqBackward(const float* grad, int64_t s_rows, int64_t k,
+float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t k,
                   const int32_t* slots, int64_t m, const uint8_t* nibbles,
                   const uint8_t* flags, int qn, int qp, int log2_block,
                   FloatType dt_type, void* dt);

@@ -1,20 +1,28 @@
 // Bit splitting (CUDA): jint4_bit_split, jint4_bit_split_joined and
-// jint4_resplit_rows. All read their input through a "source" functor
-// (a float tensor of any float dtype, or gathered int8 rows times a row scale)
-// and share the passes:
+// jint4_resplit_rows. All read their input through a "source" (a float
+// tensor of any float dtype, or gathered int8 rows times a row scale) and
+// share the passes:
 //   pass 0: cudaMemsetAsync of the scratch (max bits, per-row integer sums).
 //   pass 1: m = max|t| with NaN propagation (BlockAbsMaxToGlobal: |t| as uint32
 //           bit patterns; every NaN pattern is above +Inf).
 //   pass 2: SplitValue per element (f = 98 / SafeMax(m), noise Uniform(i),
 //           i = r * C + c). Stacked form: hi to g2[r], lo to g2[R + r] and
 //           the integer sums of hi^2 and lo^2 per row (exact in int32 for
-//           C < 2^31 / 49). Joined form: v = 14 hi + lo through a 64 x 64
-//           shared-memory tile, written as v[R, C] and / or vt[C, R].
+//           C < 2^31 / 49). Joined form: v = 14 hi + lo through a shared-memory
+//           tile, written as v[R, C] and / or vt[C, R].
 //   pass 3: scales = {m * fl(1/7), m * fl(1/98)}; stacked form: norms =
 //           scale * sqrt(sum).
+// The passes are memory-bound: the fast kernels (C % 8 == 0, aligned
+// pointers) give every thread several independent vector loads (8 elements
+// each), all issued before any arithmetic or store, so that many DRAM
+// requests are in flight per thread (memory-level parallelism), and write
+// with 8- or 16-byte stores. The scalar kernels are the fallback for ragged
+// shapes and misaligned pointers. Every kernel does the same per-element
+// arithmetic (bit-identical outputs); only the memory access differs.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/jint4_math.h"
 #include "cuda_common.h"
@@ -27,8 +35,26 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kSplitCols = 4096;  // columns per block in the stacked pass 2
-constexpr int kTile = 64;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSplitCols = 4096;  // columns per block in the scalar stacked pass 2
+constexpr int kTile = 64;         // tile side of the scalar joined pass 2
+
+// Fast stacked pass 2: a warp task is kStackGroups groups of 8 columns per
+// lane, kWarpCols consecutive columns of one row.
+constexpr int kStackGroups = 4;
+constexpr int kWarpCols = 32 * 8 * kStackGroups;
+
+// Fast joined pass 2: tiles of kJRows rows x kJCols columns; thread t owns
+// the 8 columns 8 (t % 8) .. + 7 of the 4 rows 4 (t / 8) .. + 3.
+constexpr int kJCols = 64;
+constexpr int kJRows = 128;
+constexpr int kJWords = kJRows / 4;  // 4-row words per tile column
+static_assert(kJCols / 8 * kJRows / 4 == kThreads, "one (8 cols, 4 rows) cell per thread");
+static_assert(kJCols * kJRows / 16 == 2 * kThreads, "two 16-row vt chunks per thread");
+static_assert(kJCols / 8 == 8 && kJWords == 32, "the shared-memory swizzle assumes 8 x 32");
+
+// Max-pass unroll: independent 8-element loads in flight per thread.
+constexpr int kMaxUnroll = 4;
 
 template <typename T>
 struct DenseSource {
@@ -47,6 +73,35 @@ struct GatherSource {
   int64_t C;
   __device__ __forceinline__ float operator()(int64_t j, int64_t c) const {
     return static_cast<float>(g2[static_cast<int64_t>(rows[j]) * C + c]) * row_scale[j];
+  }
+};
+
+// Vector sources of the fast joined kernel: Row8(r, c, x) reads elements
+// (r, c .. c + 7) as float, c % 8 == 0, with one 16-byte (dense 16-bit),
+// two 16-byte (dense f32) or one 8-byte (int8 gather) load.
+template <typename T>
+struct DenseSource8 {
+  const T* g;  // 16-byte aligned, C % 8 == 0
+  int64_t C;
+  __device__ __forceinline__ void Row8(int64_t r, int64_t c, float* x) const {
+    Load8(g + r * C + c, x);
+  }
+};
+
+struct GatherSource8 {
+  const int8_t* g2;  // 8-byte aligned, C % 8 == 0
+  const int32_t* rows;
+  const float* row_scale;
+  int64_t C;
+  __device__ __forceinline__ void Row8(int64_t j, int64_t c, float* x) const {
+    const uint2 raw =
+        *reinterpret_cast<const uint2*>(g2 + static_cast<int64_t>(rows[j]) * C + c);
+    const float s = row_scale[j];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t w = k < 4 ? raw.x : raw.y;
+      x[k] = static_cast<float>(static_cast<int8_t>(w >> (8 * (k & 3)))) * s;
+    }
   }
 };
 
@@ -77,6 +132,7 @@ __device__ __forceinline__ void AddRowSums(int s_hi, int s_lo, int* __restrict__
   }
 }
 
+// Scalar fallback of the max pass (any source, shape or alignment).
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
 AbsMaxKernel(Src src, int64_t R, int64_t C, unsigned int* __restrict__ max_bits) {
@@ -91,16 +147,31 @@ AbsMaxKernel(Src src, int64_t R, int64_t C, unsigned int* __restrict__ max_bits)
   BlockAbsMaxToGlobal<kThreads>(m, max_bits);
 }
 
-// max|g| over a dense tensor with 8-element vector loads (g aligned, any
-// length: the tail is read element by element).
+// max|g| over a dense tensor (g 16-byte aligned, any length: the tail is
+// read element by element). Each thread issues kMaxUnroll independent
+// 8-element vector loads (grid-stride apart, so each load instruction of a
+// warp stays contiguous) before reducing them.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 AbsMaxDenseKernel(const T* __restrict__ g, int64_t total, unsigned int* __restrict__ max_bits) {
   uint32_t m = 0;
   const int64_t groups = total >> 3;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; i < groups;
-       i += stride) {
+  int64_t i = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
+  for (; i + (kMaxUnroll - 1) * stride < groups; i += kMaxUnroll * stride) {
+    float v[kMaxUnroll][8];
+#pragma unroll
+    for (int u = 0; u < kMaxUnroll; ++u) Load8(g + 8 * (i + u * stride), v[u]);
+#pragma unroll
+    for (int u = 0; u < kMaxUnroll; ++u) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const uint32_t bits = AbsBits(v[u][k]);
+        m = bits > m ? bits : m;
+      }
+    }
+  }
+  for (; i < groups; i += stride) {
     float v[8];
     Load8(g + 8 * i, v);
 #pragma unroll
@@ -117,43 +188,109 @@ AbsMaxDenseKernel(const T* __restrict__ g, int64_t total, unsigned int* __restri
   BlockAbsMaxToGlobal<kThreads>(m, max_bits);
 }
 
-// Stacked split of a dense row-major g with C % 8 == 0 and aligned pointers:
-// one block per (row, chunk of kSplitCols columns), 8 columns per thread
-// step (vector loads, 8-byte stores of hi and lo).
+// max|t| of the gathered rows t[j, c] = float(g2[rows[j], c]) * row_scale[j]
+// (the same float product as GatherSource), with C % kVec == 0 and g2
+// aligned to kVec (8 or 16) bytes. Each warp takes whole rows (rows[j] and
+// row_scale[j] read once per lane); each lane issues kMaxUnroll kVec-byte
+// loads of its row before reducing them.
+template <int kVec>
+__global__ void __launch_bounds__(kThreads)
+AbsMaxGatherKernel(const int8_t* __restrict__ g2, const int32_t* __restrict__ rows,
+                   const float* __restrict__ row_scale, int64_t J, int64_t C,
+                   unsigned int* __restrict__ max_bits) {
+  using Vec = typename std::conditional<kVec == 16, uint4, uint2>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t groups = C / kVec;
+  const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  const int64_t lane_stride = 32 * static_cast<int64_t>(gridDim.y);  // blockIdx.y splits C
+  uint32_t m = 0;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(kWarps) + (threadIdx.x >> 5); j < J;
+       j += warp_stride) {
+    const Vec* row = reinterpret_cast<const Vec*>(g2 + static_cast<int64_t>(rows[j]) * C);
+    const float s = row_scale[j];
+    for (int64_t i = 32 * static_cast<int64_t>(blockIdx.y) + lane; i < groups;
+         i += kMaxUnroll * lane_stride) {
+      Vec raw[kMaxUnroll];
+#pragma unroll
+      for (int u = 0; u < kMaxUnroll; ++u) {
+        if (i + u * lane_stride < groups) raw[u] = row[i + u * lane_stride];
+      }
+#pragma unroll
+      for (int u = 0; u < kMaxUnroll; ++u) {
+        if (i + u * lane_stride < groups) {
+          const uint32_t* w = reinterpret_cast<const uint32_t*>(&raw[u]);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const float t =
+                static_cast<float>(static_cast<int8_t>(w[k >> 2] >> (8 * (k & 3)))) * s;
+            const uint32_t bits = AbsBits(t);
+            m = bits > m ? bits : m;
+          }
+        }
+      }
+    }
+  }
+  BlockAbsMaxToGlobal<kThreads>(m, max_bits);
+}
+
+// Stacked split of a dense row-major g with C % 8 == 0, g 16-byte and g2
+// 8-byte aligned. One warp per task (kWarpCols columns of one row, no block
+// barrier): lane l loads its kStackGroups groups of 8 columns (8 l + 256 u)
+// with all vector loads issued first, then splits them and writes hi and lo
+// with 8-byte stores; the warp sums of hi^2 / lo^2 go to sums with one
+// atomicAdd each.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t chunks_per_row,
+StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t segs,
                         const unsigned int* __restrict__ max_bits,
                         const uint32_t* __restrict__ seed, int8_t* __restrict__ g2,
                         int* __restrict__ sums /* [2, R] */) {
-  const int64_t r = blockIdx.x / chunks_per_row;
-  const int64_t c0 = (blockIdx.x % chunks_per_row) * kSplitCols;
-  const int64_t c1 = c0 + kSplitCols < C ? c0 + kSplitCols : C;
+  const int64_t task = blockIdx.x * static_cast<int64_t>(kWarps) + (threadIdx.x >> 5);
+  if (task >= R * segs) return;  // uniform over the warp
+  const int lane = threadIdx.x & 31;
+  const int64_t r = task / segs;
+  const int64_t cb = (task - r * segs) * kWarpCols + 8 * lane;
+  const T* row = g + r * C;
+  float v[kStackGroups][8];
+#pragma unroll
+  for (int u = 0; u < kStackGroups; ++u) {
+    if (cb + 256 * u < C) Load8(row + cb + 256 * u, v[u]);
+  }
   const float f = kSplitRange / SafeMax(__uint_as_float(*max_bits));
   const uint32_t seed0 = seed[0];
   const uint32_t seed1 = seed[1];
   int8_t* lo_plane = g2 + R * C;
   int s_hi = 0, s_lo = 0;
-  for (int64_t c = c0 + 8 * threadIdx.x; c < c1; c += 8 * kThreads) {
-    const int64_t e = r * C + c;
-    float v[8];
-    Load8(g + e, v);
-    uint32_t hw[2] = {0u, 0u}, lw[2] = {0u, 0u};
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      int8_t h, l;
-      SplitValue(v[k], f, Uniform(seed0, seed1, static_cast<uint32_t>(e + k)), &h, &l);
-      hw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(h)) << (8 * (k & 3));
-      lw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(l)) << (8 * (k & 3));
-      s_hi += static_cast<int>(h) * static_cast<int>(h);
-      s_lo += static_cast<int>(l) * static_cast<int>(l);
+  for (int u = 0; u < kStackGroups; ++u) {
+    const int64_t c = cb + 256 * u;
+    if (c < C) {
+      const int64_t e = r * C + c;
+      const uint32_t e32 = static_cast<uint32_t>(e);
+      uint32_t hw[2] = {0u, 0u}, lw[2] = {0u, 0u};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        int8_t h, l;
+        SplitValue(v[u][k], f, Uniform(seed0, seed1, e32 + static_cast<uint32_t>(k)), &h, &l);
+        hw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(h)) << (8 * (k & 3));
+        lw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(l)) << (8 * (k & 3));
+        s_hi += static_cast<int>(h) * static_cast<int>(h);
+        s_lo += static_cast<int>(l) * static_cast<int>(l);
+      }
+      *reinterpret_cast<uint2*>(g2 + e) = make_uint2(hw[0], hw[1]);
+      *reinterpret_cast<uint2*>(lo_plane + e) = make_uint2(lw[0], lw[1]);
     }
-    *reinterpret_cast<uint2*>(g2 + e) = make_uint2(hw[0], hw[1]);
-    *reinterpret_cast<uint2*>(lo_plane + e) = make_uint2(lw[0], lw[1]);
   }
-  AddRowSums(s_hi, s_lo, sums, R, r);
+  s_hi = WarpSumInt(s_hi);
+  s_lo = WarpSumInt(s_lo);
+  if (lane == 0) {
+    atomicAdd(&sums[r], s_hi);
+    atomicAdd(&sums[R + r], s_lo);
+  }
 }
 
+// Scalar fallback of the stacked split (C % 8 != 0 or misaligned pointers):
+// one block per (row, kSplitCols columns), one element per thread step.
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
 StackedSplitKernel(Src src, int64_t R, int64_t C, int64_t chunks_per_row,
@@ -180,7 +317,8 @@ StackedSplitKernel(Src src, int64_t R, int64_t C, int64_t chunks_per_row,
   AddRowSums(s_hi, s_lo, sums, R, r);
 }
 
-// Joined digits v = 14 hi + lo through a 64 x 64 tile: v[R, C] (optional)
+// Scalar fallback of the joined split (any C, any alignment): v = 14 hi + lo
+// through a 64 x 64 tile, one element per thread step: v[R, C] (optional)
 // and vt[C, R] (optional), each written along its contiguous dim.
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
@@ -198,6 +336,9 @@ JoinedSplitKernel(Src src, int64_t R, int64_t C,
                      (reinterpret_cast<uintptr_t>(vt) & 3) == 0;
   for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
     const int64_t r0 = rt * kTile;
+    // Not unrolled: the v stores may alias src, so unrolling buys no
+    // overlapping loads, and the unrolled GatherSource form spilled on sm_80.
+#pragma unroll 1
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       const int rr = i / kTile;
       const int cc = i - rr * kTile;
@@ -231,6 +372,112 @@ JoinedSplitKernel(Src src, int64_t R, int64_t C,
         const int cc = i / kTile;
         const int rr = i - cc * kTile;
         if (r0 + rr < R && c0 + cc < C) vt[(c0 + cc) * R + r0 + rr] = tile[rr][cc];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Stores the 16 bytes w (vt[c, r .. r + 15], r ascending) at p: n == 16 with
+// `width`-byte stores (p aligned to width: 16, 8, 4, or 1 for byte stores),
+// else (a chunk cut by R) the first n bytes one by one.
+__device__ __forceinline__ void StoreChunk16(int8_t* __restrict__ p, uint4 w, int width,
+                                             int n) {
+  if (n >= 16 && width == 16) {
+    *reinterpret_cast<uint4*>(p) = w;
+  } else if (n >= 16 && width == 8) {
+    reinterpret_cast<uint2*>(p)[0] = make_uint2(w.x, w.y);
+    reinterpret_cast<uint2*>(p)[1] = make_uint2(w.z, w.w);
+  } else if (n >= 16 && width == 4) {
+    uint32_t* q = reinterpret_cast<uint32_t*>(p);
+    q[0] = w.x;
+    q[1] = w.y;
+    q[2] = w.z;
+    q[3] = w.w;
+  } else {
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int b = 0; b < 16; ++b) {
+      if (b < n) p[b] = static_cast<int8_t>(words[b >> 2] >> (8 * (b & 3)));
+    }
+  }
+}
+
+// Fast joined split (C % 8 == 0, vector source): tiles of kJRows x kJCols.
+// Thread t owns cell (rows r0 + 4 (t / 8) .. + 3, columns c0 + 8 (t % 8)
+// .. + 7): it issues the 4 row loads of its cell (8 elements each) before any
+// arithmetic, computes v = 14 hi + lo, writes each row's 8 digits to v with
+// one 8-byte store, and each column's 4 digits (4 consecutive r) as one word
+// to the shared tile sT[column][row / 4]. After the barrier thread t writes
+// two 16-row chunks of vt[c, r0 ..] (16 bytes read from sT, stored with
+// vt_width-byte stores), so a warp writes 4 columns x 128 contiguous bytes.
+// The word index of sT is swizzled (q ^ 4 (column / 8)) so both the word
+// writes (8 column groups x 4 row quads per warp) and the 16-byte chunk reads
+// (8 chunks of one column per quarter warp) hit 32 distinct banks.
+template <typename Src>
+__global__ void __launch_bounds__(kThreads)
+JoinedTileKernel(Src src, int64_t R, int64_t C, const unsigned int* __restrict__ max_bits,
+                 const uint32_t* __restrict__ seed, int8_t* __restrict__ v,
+                 int8_t* __restrict__ vt, int vt_width) {
+  __shared__ __align__(16) uint32_t sT[kJCols][kJWords];
+  const float f = kSplitRange / SafeMax(__uint_as_float(*max_bits));
+  const uint32_t seed0 = seed[0];
+  const uint32_t seed1 = seed[1];
+  const int cg = threadIdx.x & 7;   // column group of the cell
+  const int q = threadIdx.x >> 3;   // row quad of the cell
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kJCols;
+  const int64_t c = c0 + 8 * cg;
+  const bool col_ok = c < C;        // C % 8 == 0: all 8 columns or none
+  const int64_t r_tiles = CeilDivDev(R, kJRows);
+  for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
+    const int64_t r0 = rt * kJRows;
+    const int64_t rb = r0 + 4 * q;
+    float x[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (col_ok && rb + i < R) {
+        src.Row8(rb + i, c, x[i]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) x[i][k] = 0.0f;
+      }
+    }
+    uint32_t word[8];  // word[k]: rows rb .. rb + 3 of column c + k
+#pragma unroll
+    for (int k = 0; k < 8; ++k) word[k] = 0u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = rb + i;
+      const bool ok = col_ok && r < R;
+      const uint32_t e32 = static_cast<uint32_t>(r * C + c);
+      uint32_t vw[2] = {0u, 0u};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        int8_t h, l;
+        SplitValue(x[i][k], f, Uniform(seed0, seed1, e32 + static_cast<uint32_t>(k)), &h, &l);
+        const uint32_t b =
+            ok ? static_cast<uint32_t>(static_cast<uint8_t>(
+                     static_cast<int8_t>(14 * static_cast<int>(h) + static_cast<int>(l))))
+               : 0u;
+        word[k] |= b << (8 * i);
+        vw[k >> 2] |= b << (8 * (k & 3));
+      }
+      if (ok && v != nullptr) *reinterpret_cast<uint2*>(v + r * C + c) = make_uint2(vw[0], vw[1]);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) sT[8 * cg + k][q ^ (cg << 2)] = word[k];
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int item = threadIdx.x + kThreads * p;
+      const int cc = item >> 3;  // tile column
+      const int rc = item & 7;   // 16-row chunk
+      const int64_t col = c0 + cc;
+      const int64_t rs = r0 + 16 * rc;
+      if (col < C && rs < R) {
+        const uint4 w = *reinterpret_cast<const uint4*>(&sT[cc][4 * (rc ^ (cc >> 3))]);
+        const int64_t left = R - rs;
+        StoreChunk16(vt + col * R + rs, w, vt_width, left >= 16 ? 16 : static_cast<int>(left));
       }
     }
     __syncthreads();
@@ -276,6 +523,34 @@ dim3 TileGrid(int64_t R, int64_t C) {
   const int64_t gy = CeilDiv(R, kTile);
   return dim3(static_cast<unsigned>(gx < 1 ? 1 : gx),
               static_cast<unsigned>(gy < 1 ? 1 : (gy > 65535 ? 65535 : gy)));
+}
+
+// Fast joined tiles; row tiles beyond 65535 are looped over.
+dim3 JoinedTileGrid(int64_t R, int64_t C) {
+  const int64_t gx = CeilDiv(C, kJCols);
+  const int64_t gy = CeilDiv(R, kJRows);
+  return dim3(static_cast<unsigned>(gx < 1 ? 1 : gx),
+              static_cast<unsigned>(gy < 1 ? 1 : (gy > 65535 ? 65535 : gy)));
+}
+
+// Widest store of whole 16-row vt chunks that R and the alignment of vt allow.
+int VtWidth(int64_t R, const void* vt) {
+  if (R % 16 == 0 && IsAligned(vt, 16)) return 16;
+  if (R % 8 == 0 && IsAligned(vt, 8)) return 8;
+  if (R % 4 == 0 && IsAligned(vt, 4)) return 4;
+  return 1;
+}
+
+// Gathered max: warps over the J rows (at most 1024 blocks), blockIdx.y over
+// the column vectors when J alone gives fewer blocks.
+dim3 GatherMaxGrid(int64_t J, int64_t groups) {
+  int64_t gx = CeilDiv(J, kWarps);
+  gx = gx < 1 ? 1 : (gx > 1024 ? 1024 : gx);
+  int64_t gy = CeilDiv(groups, 32 * kMaxUnroll);
+  const int64_t want = 1024 / gx;
+  gy = gy > want ? want : gy;
+  gy = gy < 1 ? 1 : (gy > 1024 ? 1024 : gy);
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
 }
 
 unsigned RowGrid(int64_t R) {
@@ -337,16 +612,20 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   if (R * C > 0) {
     const int64_t chunks = CeilDiv(C, kSplitCols);
     if (R * chunks > 0x7FFFFFFF) return InvalidArgument("bit_split: too large");
-    const bool vec = C % 8 == 0 && IsAligned(g.untyped_data(), 32) &&
+    // Fast path: whole 8-column groups per row, 16-byte vector loads of g,
+    // 8-byte stores into g2 (its lo plane starts R * C, a multiple of 8, in).
+    const bool vec = C % 8 == 0 && IsAligned(g.untyped_data(), 16) &&
                      IsAligned(g2->untyped_data(), 8);
+    const int64_t segs = CeilDiv(C, kWarpCols);
+    const int64_t vec_blocks = CeilDiv(R * segs, kWarps);  // <= R * chunks
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       const T* gp = reinterpret_cast<const T*>(g.untyped_data());
       int8_t* out = reinterpret_cast<int8_t*>(g2->untyped_data());
       if (vec) {
         AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(gp, R * C, max_bits);
-        StackedSplitDenseKernel<T><<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
-            gp, R, C, chunks, max_bits, sd, out, sums);
+        StackedSplitDenseKernel<T><<<static_cast<unsigned>(vec_blocks), kThreads, 0, stream>>>(
+            gp, R, C, segs, max_bits, sd, out, sums);
       } else {
         DenseSource<T> src{gp, C};
         AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
@@ -382,18 +661,29 @@ ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
   const uint32_t* sd = reinterpret_cast<const uint32_t*>(seed.untyped_data());
   if (R * C > 0) {
     if (CeilDiv(C, kTile) > 0x7FFFFFFF) return InvalidArgument("bit_split_joined: too large");
+    // Fast path: 16-byte loads of g and 8-byte stores of v need whole
+    // 8-column groups; vt takes any R (VtWidth picks its store width).
+    const bool aligned = IsAligned(g.untyped_data(), 16);
+    const bool vec = C % 8 == 0 && aligned && IsAligned(v->untyped_data(), 8);
+    const int vt_width = VtWidth(R, vt->untyped_data());
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       DenseSource<T> src{reinterpret_cast<const T*>(g.untyped_data()), C};
-      if (IsAligned(g.untyped_data(), 32)) {
+      int8_t* vp = reinterpret_cast<int8_t*>(v->untyped_data());
+      int8_t* vtp = reinterpret_cast<int8_t*>(vt->untyped_data());
+      if (aligned) {
         AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(
             src.g, R * C, max_bits);
       } else {
         AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
       }
-      JoinedSplitKernel<<<TileGrid(R, C), kThreads, 0, stream>>>(
-          src, R, C, max_bits, sd, reinterpret_cast<int8_t*>(v->untyped_data()),
-          reinterpret_cast<int8_t*>(vt->untyped_data()));
+      if (vec) {
+        JoinedTileKernel<<<JoinedTileGrid(R, C), kThreads, 0, stream>>>(
+            DenseSource8<T>{src.g, C}, R, C, max_bits, sd, vp, vtp, vt_width);
+      } else {
+        JoinedSplitKernel<<<TileGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits, sd,
+                                                                    vp, vtp);
+      }
     });
   }
   FinalizeKernel<<<1, kThreads, 0, stream>>>(
@@ -429,10 +719,27 @@ ffi::Error ResplitRowsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
     GatherSource src{reinterpret_cast<const int8_t*>(g2.untyped_data()),
                      reinterpret_cast<const int32_t*>(rows.untyped_data()),
                      reinterpret_cast<const float*>(row_scale.untyped_data()), C};
-    AbsMaxKernel<<<MaxGrid(J, C), kThreads, 0, stream>>>(src, J, C, max_bits);
-    JoinedSplitKernel<<<TileGrid(J, C), kThreads, 0, stream>>>(
-        src, J, C, max_bits, reinterpret_cast<const uint32_t*>(seed.untyped_data()), nullptr,
-        reinterpret_cast<int8_t*>(vt->untyped_data()));
+    const uint32_t* sd = reinterpret_cast<const uint32_t*>(seed.untyped_data());
+    int8_t* vtp = reinterpret_cast<int8_t*>(vt->untyped_data());
+    // Fast paths: 16- or 8-byte loads of the gathered int8 rows (C a multiple
+    // of the load width, g2 aligned to it; every row start is then aligned).
+    if (C % 16 == 0 && IsAligned(src.g2, 16)) {
+      AbsMaxGatherKernel<16><<<GatherMaxGrid(J, C / 16), kThreads, 0, stream>>>(
+          src.g2, src.rows, src.row_scale, J, C, max_bits);
+    } else if (C % 8 == 0 && IsAligned(src.g2, 8)) {
+      AbsMaxGatherKernel<8><<<GatherMaxGrid(J, C / 8), kThreads, 0, stream>>>(
+          src.g2, src.rows, src.row_scale, J, C, max_bits);
+    } else {
+      AbsMaxKernel<<<MaxGrid(J, C), kThreads, 0, stream>>>(src, J, C, max_bits);
+    }
+    if (C % 8 == 0 && IsAligned(src.g2, 8)) {
+      JoinedTileKernel<<<JoinedTileGrid(J, C), kThreads, 0, stream>>>(
+          GatherSource8{src.g2, src.rows, src.row_scale, C}, J, C, max_bits, sd, nullptr, vtp,
+          VtWidth(J, vtp));
+    } else {
+      JoinedSplitKernel<<<TileGrid(J, C), kThreads, 0, stream>>>(src, J, C, max_bits, sd,
+                                                                  nullptr, vtp);
+    }
   }
   FinalizeKernel<<<1, kThreads, 0, stream>>>(
       0, max_bits, nullptr, reinterpret_cast<float*>(scales->untyped_data()), nullptr);

@@ -107,23 +107,20 @@ __device__ __forceinline__ void AccumulateRowsWarp(RowStats& st, int64_t e0, con
 
 __device__ __forceinline__ bool NonFinite(float v) { return !isfinite(v); }
 
-// Fast path for a full, aligned chunk: thread t holds elements 8t .. 8t+7 of
-// the chunk in registers. Stages 0-2 (pairs inside the thread), 3-7 (pairs in
-// lanes t ^ 1 .. t ^ 16 of the warp: elements 8t+k and 8(t^m)+k are 8m apart)
-// and, only when L > 8, stages 8-10 through one shared-memory pass; then the
-// quantize and the packing of this thread's 8 elements: one 8-byte q store,
-// one 4-byte nibble store, one flag byte per plane. The same Butterfly calls
-// on the same values as the shared-memory path.
-template <typename T>
-__device__ __forceinline__ void HadamardQuantizeFullChunk(
-    const T* __restrict__ x, int64_t start, int L, float* sx, float step,
-    uint32_t seed0, uint32_t seed1, int qn, int qp, int with_residual, int planes,
+// A full, aligned chunk whose 8 elements per thread (8t .. 8t+7) are
+// already in v (loaded by the caller, so that several chunks' loads are in
+// flight at once): ChunkHadamard8, then the quantize and the packing of the
+// thread's 8 elements: one 8-byte q store, one 4-byte nibble store, one flag
+// byte per plane, and the row statistics (RowStats in shared or global
+// memory). The same Butterfly calls on the same values as the shared-memory
+// path.
+template <bool kResidual>
+__device__ __forceinline__ void QuantizeFullChunk(
+    float* v, int64_t start, int L, float* sx, float step,
+    uint32_t seed0, uint32_t seed1, int qn, int qp, int planes,
     int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
     uint8_t* __restrict__ flags, int64_t plane_stride, RowStats& stats) {
   const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  float v[8];
-  Load8(x + start + 8 * tid, v);
   bool nonfinite[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) nonfinite[k] = NonFinite(v[k]);
@@ -139,7 +136,7 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
     const int8_t qv = QuantizeCode(vv, qn, qp);
     q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
     qw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (k & 3));
-    if (with_residual) {
+    if (kResidual) {
       const float u = Uniform(seed0, seed1, static_cast<uint32_t>(e0 + k));
       int8_t code;
       uint8_t fl;
@@ -150,7 +147,7 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
     }
   }
   *reinterpret_cast<uint2*>(q + e0) = make_uint2(qw[0], qw[1]);
-  if (with_residual) {
+  if (kResidual) {
     *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = nib;
     flags[e0 >> 3] = static_cast<uint8_t>(f0);
     if (planes == 2) flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
@@ -158,6 +155,47 @@ __device__ __forceinline__ void HadamardQuantizeFullChunk(
   }
 }
 
+// Full, aligned chunks: kHqChunksPerBlock consecutive chunks per block,
+// every chunk's 16-byte loads issued before any of them is transformed (a
+// chunk alone keeps too few bytes in flight to cover the DRAM latency); row
+// statistics go straight to the global accumulators (one atomic per warp
+// and row).
+constexpr int kHqChunksPerBlock = 2;
+
+template <typename T, bool kResidual>
+__global__ void __launch_bounds__(kHqThreads)
+HadamardQuantizeChunksKernel(const T* __restrict__ x, int64_t full_chunks, int64_t K,
+                             const float* __restrict__ step_ptr,
+                             const uint32_t* __restrict__ seed,
+                             const int32_t* __restrict__ log2_ptr, int max_log2,
+                             int qn, int qp, int planes,
+                             int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
+                             uint8_t* __restrict__ flags, int64_t plane_stride,
+                             int* __restrict__ row_sum, int* __restrict__ row_bad) {
+  __shared__ __align__(16) float sx[kHqChunk];
+  constexpr int U = kHqChunksPerBlock;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * U;
+  float v[U][8];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    if (first + j < full_chunks) Load8(x + (first + j) * kHqChunk + 8 * threadIdx.x, v[j]);
+  }
+  const int L = ClampedLog2(log2_ptr, max_log2);
+  const float step = *step_ptr;
+  const uint32_t seed0 = kResidual ? seed[0] : 0u;
+  const uint32_t seed1 = kResidual ? seed[1] : 0u;
+  RowStats stats{row_sum, row_bad, 0, K};
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    if (first + j < full_chunks) {  // uniform across the block
+      QuantizeFullChunk<kResidual>(v[j], (first + j) * kHqChunk, L, sx, step, seed0, seed1,
+                                   qn, qp, planes, q, nibbles, flags, plane_stride, stats);
+    }
+  }
+}
+
+// General path (the partial last chunk, or misaligned pointers): one chunk
+// per block, starting at chunk `first_chunk`, through shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kHqThreads)
 HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
@@ -167,14 +205,15 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
                        int qn, int qp, int with_residual, int planes,
                        int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
                        uint8_t* __restrict__ flags, int64_t plane_stride,
-                       int* __restrict__ row_sum, int* __restrict__ row_bad) {
+                       int* __restrict__ row_sum, int* __restrict__ row_bad,
+                       int64_t first_chunk) {
   __shared__ __align__(16) float sx[kHqChunk];
   __shared__ int8_t scode[kHqChunk];
   __shared__ uint8_t sflag[kHqChunk];
   __shared__ int s_sum[kHqChunk];
   __shared__ int s_bad[kHqChunk];
 
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * kHqChunk;
+  const int64_t start = (first_chunk + blockIdx.x) * kHqChunk;
   const int64_t rest = total - start;
   const int len = static_cast<int>(rest < kHqChunk ? rest : kHqChunk);
   const int tid = threadIdx.x;
@@ -194,16 +233,7 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
     __syncthreads();
   }
 
-  // Full chunk with aligned pointers (start is a multiple of kHqChunk): the
-  // register path. Only the last chunk can be partial; the condition is
-  // uniform across the block.
-  if (len == kHqChunk && (reinterpret_cast<uintptr_t>(x) & 15) == 0 &&
-      (reinterpret_cast<uintptr_t>(q) & 7) == 0 &&
-      (!with_residual || (reinterpret_cast<uintptr_t>(nibbles) & 3) == 0)) {
-    HadamardQuantizeFullChunk(x, start, L, sx, step, seed0, seed1, qn, qp,
-                              with_residual, planes, q, nibbles, flags, plane_stride,
-                              stats);
-  } else {
+  {
     // General path through shared memory (partial last chunk, odd alignment).
     for (int i = tid; i < len; i += kHqThreads) {
       const float v = ToFloat(x[start + i]);
@@ -353,6 +383,75 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
   }
 }
 
+// axis = 0 with blocks of at most 32 rows (max_log2 <= 5, the common static
+// block): thread = one column c of one tile of TR = 2^max_log2 rows. Its TR
+// loads (consecutive threads: consecutive columns, coalesced) are all in
+// flight at once, the Hadamard runs in registers (RegisterHadamard), and the
+// codes are stored as q[R, S] (one byte per row; a warp writes 32
+// consecutive bytes) or, transposed, q[S, R] (the thread's TR codes are
+// contiguous: 4-byte stores when TR >= 4).
+constexpr int kColThreads = 256;
+
+template <typename T, int TR>
+__global__ void __launch_bounds__(kColThreads)
+HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
+                                 const float* __restrict__ step_ptr,
+                                 const int32_t* __restrict__ log2_ptr, int max_log2,
+                                 int qn, int qp, int transpose, int8_t* __restrict__ q) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
+  if (c >= S) return;
+  const int L = ClampedLog2(log2_ptr, max_log2);
+  const float step = *step_ptr;
+  const int64_t row_tiles = R / TR;
+  for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+    const int64_t r0 = rt * TR;
+    float v[TR];
+#pragma unroll
+    for (int i = 0; i < TR; ++i) v[i] = ToFloat(x[(r0 + i) * S + c]);
+    RegisterHadamard<TR>(v, L);
+    int8_t code[TR];
+#pragma unroll
+    for (int i = 0; i < TR; ++i) code[i] = QuantizeCode(v[i] / step, qn, qp);
+    if (!transpose) {
+#pragma unroll
+      for (int i = 0; i < TR; ++i) q[(r0 + i) * S + c] = code[i];
+    } else if (TR >= 4) {  // c * R + r0 is a multiple of 4 (TR divides R)
+      uint32_t* out = reinterpret_cast<uint32_t*>(q + c * R + r0);
+#pragma unroll
+      for (int w = 0; w < TR / 4; ++w) {
+        out[w] = static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w])) |
+                 (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 1])) << 8) |
+                 (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 2])) << 16) |
+                 (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 3])) << 24);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < TR; ++i) q[c * R + r0 + i] = code[i];
+    }
+  }
+}
+
+template <typename T>
+void LaunchColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const T* x, int64_t R,
+                      int64_t S, const float* step, const int32_t* log2, int qn, int qp,
+                      int transpose, int8_t* q) {
+  switch (max_log2) {
+#define JINT4_COLS_CASE(LG)                                                            \
+  case LG:                                                                             \
+    HadamardQuantizeColumnsRegKernel<T, 1 << LG><<<grid, kColThreads, 0, stream>>>(   \
+        x, R, S, step, log2, max_log2, qn, qp, transpose, q);                          \
+    break;
+    JINT4_COLS_CASE(0)
+    JINT4_COLS_CASE(1)
+    JINT4_COLS_CASE(2)
+    JINT4_COLS_CASE(3)
+    JINT4_COLS_CASE(4)
+    JINT4_COLS_CASE(5)
+#undef JINT4_COLS_CASE
+    default: break;
+  }
+}
+
 ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                                 ffi::AnyBuffer x, ffi::AnyBuffer step,
                                 ffi::AnyBuffer seed, ffi::AnyBuffer log2_block,
@@ -423,6 +522,21 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
     if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
       return InvalidArgument("hadamard_quantize: too large");
     }
+    // (ColumnTiling caps max_log2 at the static block, so a traced block
+    // larger than 32 rows takes the shared-memory kernel below.)
+    if (max_log2 <= 5) {
+      const int64_t col_blocks = CeilDiv(S, kColThreads);
+      const int64_t row_tiles = R >> max_log2;
+      if (col_blocks > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
+      const dim3 rgrid(static_cast<unsigned>(col_blocks),
+                       static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+      DispatchFloat(kind, [&](auto tag) {
+        using T = decltype(tag);
+        LaunchColumnsReg<T>(max_log2, rgrid, stream, reinterpret_cast<const T*>(x.untyped_data()),
+                            R, S, step_p, log2_p, qn, qp, transpose, q_p);
+      });
+      return CheckLaunch("hadamard_quantize (axis 0) kernel launch");
+    }
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       HadamardQuantizeColumnsKernel<T><<<grid, kHqThreads, 0, stream>>>(
@@ -444,16 +558,37 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
     if (err.failure()) return err;
   }
   const int max_log2 = MaxLog2Block(S);
-  const int64_t blocks = CeilDiv(total, kHqChunk);
-  if (blocks > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
+  const int64_t chunks = CeilDiv(total, kHqChunk);
+  if (chunks > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
+  uint8_t* nib_p = reinterpret_cast<uint8_t*>(nibbles->untyped_data());
+  uint8_t* flag_p = reinterpret_cast<uint8_t*>(flags->untyped_data());
+  const uint32_t* seed_p = reinterpret_cast<const uint32_t*>(seed.untyped_data());
+  // Full chunks with aligned pointers: the register kernel; the rest (the
+  // partial last chunk, or everything when misaligned): the general one.
+  const bool aligned = (reinterpret_cast<uintptr_t>(x.untyped_data()) & 15) == 0 &&
+                       (reinterpret_cast<uintptr_t>(q_p) & 7) == 0 &&
+                       (!with_residual || (reinterpret_cast<uintptr_t>(nib_p) & 3) == 0);
+  const int64_t full = aligned ? total / kHqChunk : 0;
   DispatchFloat(kind, [&](auto tag) {
     using T = decltype(tag);
-    HadamardQuantizeKernel<T><<<static_cast<unsigned>(blocks), kHqThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.untyped_data()), total, S, step_p,
-        reinterpret_cast<const uint32_t*>(seed.untyped_data()), log2_p, max_log2, qn,
-        qp, with_residual ? 1 : 0, planes, q_p,
-        reinterpret_cast<uint8_t*>(nibbles->untyped_data()),
-        reinterpret_cast<uint8_t*>(flags->untyped_data()), Q, row_sum, row_bad);
+    const T* x_p = reinterpret_cast<const T*>(x.untyped_data());
+    if (full > 0) {
+      const unsigned fb = static_cast<unsigned>(CeilDiv(full, kHqChunksPerBlock));
+      if (with_residual) {
+        HadamardQuantizeChunksKernel<T, true><<<fb, kHqThreads, 0, stream>>>(
+            x_p, full, S, step_p, seed_p, log2_p, max_log2, qn, qp, planes, q_p, nib_p,
+            flag_p, Q, row_sum, row_bad);
+      } else {
+        HadamardQuantizeChunksKernel<T, false><<<fb, kHqThreads, 0, stream>>>(
+            x_p, full, S, step_p, seed_p, log2_p, max_log2, qn, qp, planes, q_p, nib_p,
+            flag_p, Q, row_sum, row_bad);
+      }
+    }
+    if (chunks > full) {
+      HadamardQuantizeKernel<T><<<static_cast<unsigned>(chunks - full), kHqThreads, 0, stream>>>(
+          x_p, total, S, step_p, seed_p, log2_p, max_log2, qn, qp, with_residual ? 1 : 0,
+          planes, q_p, nib_p, flag_p, Q, row_sum, row_bad, full);
+    }
   });
   if (with_residual) {
     int64_t nb = CeilDiv(R, kHqThreads);
