@@ -109,7 +109,7 @@ if [ "$PHASE" != tests ]; then
 [ -n "${SKIP_GEMM:-}" ] || bench benchmarks/bench_gemm.py 120 --engine auto
 bench benchmarks/bench_layer.py "${LAYER_TIMEOUT:-260}" --engine auto \
   --hidden "${LAYER_HIDDEN:-1024,2048,4096}" --repeats 10 --budget-s "${LAYER_BUDGET:-200}"
-bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
+[ -n "${SKIP_TRAIN:-}" ] || bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
   --hidden "${TRAIN_HIDDEN:-2048,4096}" --repeats 5 --budget-s "${TRAIN_BUDGET:-200}"
 fi
 cat "$OUT/summary.txt"

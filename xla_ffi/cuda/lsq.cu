@@ -1,14 +1,27 @@
-// jint4_residual_values and jint4_lsq_backward (CUDA): decoders of the packed
-// residual (README layout: nibble of element 2j in the low half of byte j;
-// bit b of byte j of flag plane p = bit p of element 8j + b).
+// jint4_residual_values, jint4_lsq_backward and jint4_lsq_weight_backward
+// (CUDA): decoders of the packed residual (README layout: nibble of element 2j
+// in the low half of byte j; bit b of byte j of flag plane p = bit p of
+// element 8j + b) and the LSQ backward of the weight.
 //   residual_values, plain: groups of 8 consecutive elements per thread (one
-//     flag byte, four nibble bytes), grid-stride. With a row gather and/or a
-//     transposed output: 64 x 64 tiles decoded into shared memory, then
-//     written row- or column-wise (4-byte stores where aligned).
+//     flag byte, four nibble bytes), grid-stride (ResidualValuesKernel).
+//     With K % 8 == 0 and aligned pointers: transposed output (gathered or
+//     not, T % 4 == 0): ResidualTransposeKernel, 16 rows x 8 columns per
+//     thread transposed in registers, 16- or 4-byte stores; gathered rows,
+//     not transposed: ResidualGatherRowsKernel, groups of 8 per thread.
+//     Otherwise (ragged): 64 x 64 tiles decoded into shared memory
+//     (ResidualTileKernel), then written row- or column-wise.
 //   lsq_backward: chunks of 2048 elements of dT[M, K]; each element gathers
 //     its gradient (the kept-row slots), applies the STE mask and adds its
-//     delta term, then the chunk runs the block Hadamard in shared memory
-//     (the same stages as quantize.cu) and is stored in dT's dtype.
+//     delta term, then the chunk runs the block Hadamard and is stored in dT's
+//     dtype. Full chunks with K % 8 == 0 and aligned pointers:
+//     LsqBackwardChunksKernel (two chunks per block, every load issued first,
+//     Hadamard in registers / warp shuffles: ChunkHadamard8); the rest
+//     (partial last chunk, ragged or misaligned): LsqBackwardKernel, through
+//     shared memory (the same Butterfly calls on the same values).
+//   lsq_weight_backward: Hadamard down the columns of kernel[D, C]; blocks of
+//     at most 32 rows: one thread per column, tiles in registers
+//     (LsqWeightBackwardColumnsRegKernel); larger blocks: column tiles in
+//     shared memory (LsqWeightBackwardKernel).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -143,100 +156,373 @@ ResidualTileKernel(const uint8_t* __restrict__ nibbles,
   }
 }
 
-constexpr int kChunk = 2048;  // multiple of the largest Hadamard block (1024)
+// Transposed output out[K, T] (rows gathered or not), K % 8 == 0, nibbles
+// 4-byte aligned, T % 4 == 0 and out 4-byte aligned (wide: T % 16 == 0 and
+// out 16-byte aligned). Block tile: 128 columns k x 128 rows t, 4 warps of
+// 32 t each; lane l takes the 8 columns 8 (l >> 1) .. +7 of the 16 rows
+// 16 (l & 1) .. +15 of its warp's rows. Each thread issues all its loads
+// first (the 16 rows' sources, then per row one 4-byte nibble load and one
+// flag byte per plane: a whole group of 8 elements), then for each of its 8
+// columns decodes the 16 rows (DecodeInGroup), packs them into four words
+// along t, and stores them as out[k, t .. t+15]: one 16-byte store (wide) or
+// four 4-byte ones. Rows t >= T and columns k >= K are neither read nor
+// written.
+constexpr int kTrThreads = 128;
+constexpr int kTrCols = 128;                 // k per block: 16 groups of 8
+constexpr int kTrRows = 32 * (kTrThreads / 32);  // t per block: 32 per warp
 
-// dT chunk: gather (slots) + STE mask + delta term, block Hadamard, store.
-// vec (uniform): K % 8 == 0 and 16-byte aligned grad / dt, 4-byte aligned
-// nibbles; then a full chunk runs 8 consecutive elements (one row, one flag
-// byte, four nibble bytes) per thread with vector loads and stores.
-template <typename OutT>
+__global__ void __launch_bounds__(kTrThreads)
+ResidualTransposeKernel(const uint8_t* __restrict__ nibbles,
+                        const uint8_t* __restrict__ flags, int64_t plane_stride,
+                        int planes, int64_t K, int64_t T,
+                        const int32_t* __restrict__ rows, int qn, int qp, bool wide,
+                        int8_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kTrCols + 8 * (lane >> 1);
+  const bool col_ok = k < K;  // K % 8 == 0: the group is whole
+  const int64_t t_tiles = CeilDivDev(T, kTrRows);
+  for (int64_t tt = blockIdx.y; tt < t_tiles; tt += gridDim.y) {
+    const int64_t t0 = tt * kTrRows + 32 * warp + 16 * (lane & 1);
+    int64_t src[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int64_t t = t0 + j;
+      src[j] = -1;
+      if (col_ok && t < T) src[j] = rows != nullptr ? static_cast<int64_t>(rows[t]) : t;
+    }
+    uint32_t nib[16], f0[16], f1[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      nib[j] = 0u;
+      f0[j] = 0u;
+      f1[j] = 0u;
+      if (src[j] >= 0) {
+        const int64_t e = src[j] * K + k;  // a multiple of 8
+        nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
+        f0[j] = flags[e >> 3];
+        if (planes == 2) f1[j] = flags[plane_stride + (e >> 3)];
+      }
+    }
+    if (col_ok) {
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          int8_t qv;
+          bool inside;
+          float dh;
+          DecodeInGroup(nib[j], f0[j], f1[j], b, qn, qp, &qv, &inside, &dh);
+          w[j >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (j & 3));
+        }
+        int8_t* dst = out + (k + b) * T + t0;  // 4-byte aligned (T % 4 == 0)
+        if (wide) {  // T % 16 == 0: the 16 rows are all in range or all out
+          if (t0 < T) *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+        } else {  // T % 4 == 0: each word is all in range or all out
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (t0 + 4 * q < T) reinterpret_cast<uint32_t*>(dst)[q] = w[q];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gathered rows, not transposed: out[t, :] = row rows[t] of the residual,
+// K % 8 == 0, nibbles 4-byte and out 8-byte aligned. Block (x, y): groups
+// x * 1024 .. +1023 (8 elements each) of rows y, y + gridDim.y, ...; each
+// thread loads 4 groups of the row (stride kThreads groups; one 4-byte
+// nibble load and one flag byte per plane each) before decoding them, then
+// writes each group with one 8-byte store.
+constexpr int kGatherGroups = 4;
+
 __global__ void __launch_bounds__(kThreads)
-LsqBackwardKernel(const float* __restrict__ grad, int64_t S,
+ResidualGatherRowsKernel(const uint8_t* __restrict__ nibbles,
+                         const uint8_t* __restrict__ flags, int64_t plane_stride,
+                         int planes, int64_t K, int64_t T,
+                         const int32_t* __restrict__ rows, int qn, int qp,
+                         int8_t* __restrict__ out) {
+  const int64_t KG = K >> 3;  // groups per row
+  const int64_t g0 = static_cast<int64_t>(blockIdx.x) * (kThreads * kGatherGroups) + threadIdx.x;
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    const int64_t src = rows[t];
+    uint32_t nib[kGatherGroups], f0[kGatherGroups], f1[kGatherGroups];
+#pragma unroll
+    for (int j = 0; j < kGatherGroups; ++j) {
+      const int64_t g = g0 + j * kThreads;
+      nib[j] = 0u;
+      f0[j] = 0u;
+      f1[j] = 0u;
+      if (g < KG) {
+        const int64_t e = src * K + 8 * g;
+        nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
+        f0[j] = flags[e >> 3];
+        if (planes == 2) f1[j] = flags[plane_stride + (e >> 3)];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kGatherGroups; ++j) {
+      const int64_t g = g0 + j * kThreads;
+      if (g < KG) {
+        uint32_t w[2] = {0u, 0u};
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          int8_t qv;
+          bool inside;
+          float dh;
+          DecodeInGroup(nib[j], f0[j], f1[j], b, qn, qp, &qv, &inside, &dh);
+          w[b >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (b & 3));
+        }
+        *reinterpret_cast<uint2*>(out + t * K + 8 * g) = make_uint2(w[0], w[1]);  // 8-aligned
+      }
+    }
+  }
+}
+
+constexpr int kChunk = 2048;  // multiple of the largest Hadamard block (1024)
+constexpr int kChunksPerBlock = 2;
+
+// Full chunks, vec (K % 8 == 0, grad and dt 16-byte aligned, nibbles 4-byte
+// aligned): block b runs chunks kChunksPerBlock * b .. +1 (those below
+// full_chunks); thread t holds elements 8t .. 8t+7 of each (one row, so one
+// slot pair; one flag byte per plane, four nibble bytes). All of a thread's
+// loads (slots, then the gradient rows, nibbles and flags of both chunks)
+// are issued before any decoding; then per chunk: gather sum, STE mask and
+// delta term, ChunkHadamard8 (registers / warp shuffles), 16-byte stores.
+template <typename G, typename OutT, bool kGather>
+__global__ void __launch_bounds__(kThreads)
+LsqBackwardChunksKernel(const G* __restrict__ grad,
+                        const int32_t* __restrict__ slots, int64_t M, int64_t K,
+                        int64_t full_chunks, const uint8_t* __restrict__ nibbles,
+                        const uint8_t* __restrict__ flags, int64_t plane_stride,
+                        int planes, int qn, int qp, const int32_t* __restrict__ log2_ptr,
+                        int max_log2, OutT* __restrict__ dt,
+                        float* __restrict__ delta_sum) {
+  __shared__ __align__(16) float sx[kChunk];
+  static_assert(kChunk == 8 * kThreads, "8 elements per thread");
+  constexpr int U = kChunksPerBlock;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * U;
+  const int L = ClampedLog2(log2_ptr, max_log2);
+  bool live[U];
+  int64_t e0[U];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    live[j] = first + j < full_chunks;  // uniform across the block
+    e0[j] = (first + j) * kChunk + 8 * threadIdx.x;
+  }
+  float g[U][8];
+  if (kGather) {
+    int32_t s0[U], s1[U];
+    int64_t k[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      s0[j] = -1;
+      s1[j] = -1;
+      k[j] = 0;
+      if (live[j]) {
+        const int64_t t = e0[j] / K;
+        k[j] = e0[j] - t * K;
+        s0[j] = slots[t];
+        s1[j] = slots[M + t];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      float a[8], b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = b[i] = 0.0f;
+      if (s0[j] >= 0) Load8(grad + static_cast<int64_t>(s0[j]) * K + k[j], a);
+      if (s1[j] >= 0) Load8(grad + static_cast<int64_t>(s1[j]) * K + k[j], b);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) g[j][i] = a[i] + b[i];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (live[j]) {
+        Load8(grad + e0[j], g[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) g[j][i] = 0.0f;
+      }
+    }
+  }
+  uint32_t nib[U], f0[U], f1[U];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    nib[j] = 0u;
+    f0[j] = 0u;
+    f1[j] = 0u;
+    if (live[j]) {
+      nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e0[j] >> 1));  // 4-aligned
+      f0[j] = flags[e0[j] >> 3];
+      if (planes == 2) f1[j] = flags[plane_stride + (e0[j] >> 3)];
+    }
+  }
+  float acc = 0.0f;
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    if (!live[j]) continue;  // uniform: ChunkHadamard8's barriers are safe
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      int8_t qv;
+      bool inside;
+      float dh;
+      DecodeInGroup(nib[j], f0[j], f1[j], i, qn, qp, &qv, &inside, &dh);
+      acc = acc + g[j][i] * dh;
+      v[i] = inside ? g[j][i] : 0.0f;
+    }
+    ChunkHadamard8<kThreads>(v, L, sx);
+    Store8(dt + e0[j], v);
+  }
+  BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
+}
+
+// General path (the partial last chunk, or ragged / misaligned operands): one
+// chunk per block, chunk first_chunk + blockIdx.x; element i of the chunk
+// per thread i, i + kThreads, ...: gather, STE mask and delta term into
+// shared memory, BlockHadamardSmem, store.
+template <typename G, typename OutT>
+__global__ void __launch_bounds__(kThreads)
+LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
                   const int32_t* __restrict__ slots, int64_t M, int64_t K,
                   const uint8_t* __restrict__ nibbles,
                   const uint8_t* __restrict__ flags, int64_t plane_stride,
                   int planes, int qn, int qp, const int32_t* __restrict__ log2_ptr,
-                  int max_log2, bool vec, OutT* __restrict__ dt,
+                  int max_log2, int64_t first_chunk, OutT* __restrict__ dt,
                   float* __restrict__ delta_sum) {
   __shared__ __align__(16) float sx[kChunk];
   const int64_t total = M * K;
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t start = (first_chunk + blockIdx.x) * kChunk;
   const int len = static_cast<int>(total - start < kChunk ? total - start : kChunk);
   const int L = ClampedLog2(log2_ptr, max_log2);
   float acc = 0.0f;
-  const bool fast = vec && len == kChunk;  // uniform across the block
-  if (fast) {
-    static_assert(kChunk == 8 * kThreads, "8 elements per thread");
-    const int64_t e0 = start + 8 * threadIdx.x;
-    const int64_t t = e0 / K;
-    const int64_t k = e0 - t * K;
-    float g[8];
+  // Element e = start + i of row t, column k; i advances by kThreads.
+  int64_t t = (start + threadIdx.x) / K;
+  int64_t k = (start + threadIdx.x) - t * K;
+  for (int i = threadIdx.x; i < len; i += kThreads) {
+    float g;
     if (slots != nullptr) {
       const int32_t s0 = slots[t];
       const int32_t s1 = slots[M + t];
-      float a[8], b[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) a[j] = b[j] = 0.0f;
-      if (s0 >= 0) Load8(grad + static_cast<int64_t>(s0) * K + k, a);
-      if (s1 >= 0) Load8(grad + static_cast<int64_t>(s1) * K + k, b);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) g[j] = a[j] + b[j];
+      const float a = s0 >= 0 ? ToFloat(grad[static_cast<int64_t>(s0) * K + k]) : 0.0f;
+      const float b = s1 >= 0 ? ToFloat(grad[static_cast<int64_t>(s1) * K + k]) : 0.0f;
+      g = a + b;
     } else {
-      Load8(grad + e0, g);
+      g = ToFloat(grad[start + i]);
     }
-    const int64_t grp = e0 >> 3;
-    const uint32_t nib = *reinterpret_cast<const uint32_t*>(nibbles + (e0 >> 1));
-    const uint32_t f0 = flags[grp];
-    const uint32_t f1 = planes == 2 ? flags[plane_stride + grp] : 0u;
-    float v[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      int8_t qv;
-      bool inside;
-      float dh;
-      DecodeInGroup(nib, f0, f1, j, qn, qp, &qv, &inside, &dh);
-      acc = acc + g[j] * dh;
-      v[j] = inside ? g[j] : 0.0f;
-    }
-    Store8(sx + 8 * threadIdx.x, v);
-  } else {
-    // Element e = start + i of row t, column k; i advances by kThreads.
-    int64_t t = (start + threadIdx.x) / K;
-    int64_t k = (start + threadIdx.x) - t * K;
-    for (int i = threadIdx.x; i < len; i += kThreads) {
-      float g;
-      if (slots != nullptr) {
-        const int32_t s0 = slots[t];
-        const int32_t s1 = slots[M + t];
-        const float a = s0 >= 0 ? grad[static_cast<int64_t>(s0) * K + k] : 0.0f;
-        const float b = s1 >= 0 ? grad[static_cast<int64_t>(s1) * K + k] : 0.0f;
-        g = a + b;
-      } else {
-        g = grad[start + i];
-      }
-      int8_t qv;
-      bool inside;
-      float dh;
-      DecodeAt(nibbles, flags, plane_stride, planes, start + i, qn, qp, &qv, &inside, &dh);
-      acc = acc + g * dh;
-      sx[i] = inside ? g : 0.0f;
-      k += kThreads;
-      while (k >= K) {
-        k -= K;
-        ++t;
-      }
+    int8_t qv;
+    bool inside;
+    float dh;
+    DecodeAt(nibbles, flags, plane_stride, planes, start + i, qn, qp, &qv, &inside, &dh);
+    acc = acc + g * dh;
+    sx[i] = inside ? g : 0.0f;
+    k += kThreads;
+    while (k >= K) {
+      k -= K;
+      ++t;
     }
   }
   BlockHadamardSmem<kThreads>(sx, len, L);
-  if (fast) {
-    float v[8];
-    Load8(sx + 8 * threadIdx.x, v);
-    Store8(dt + start + 8 * threadIdx.x, v);
-  } else {
-    for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
-  }
+  for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
 
   BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
+}
+
+// axis-0 register path (max_log2 <= 5): thread = column c (consecutive
+// threads: consecutive columns, coalesced), kTiles consecutive tiles of TR =
+// 2^max_log2 rows per step (at least 8 rows, so enough loads are in flight).
+// It loads the TR kernel and TR grad values of each tile at once,
+// RegisterHadamard on the kernel, v = k / step, the delta term and the STE
+// mask as LsqWeightBackwardKernel, RegisterHadamard on the masked grad, and
+// stores the dk rows. Tiles past R (R % TR == 0) are skipped whole.
+constexpr int kColThreads = 256;
+
+template <typename T, int TR>
+__global__ void __launch_bounds__(kColThreads)
+LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
+                                  const T* __restrict__ kernel, int64_t R, int64_t S,
+                                  const float* __restrict__ step_ptr,
+                                  const int32_t* __restrict__ log2_ptr, int max_log2,
+                                  int qn, int qp, T* __restrict__ dk,
+                                  float* __restrict__ delta_sum) {
+  constexpr int kTiles = TR >= 8 ? 1 : 8 / TR;
+  constexpr int kRows = TR * kTiles;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
+  const int L = ClampedLog2(log2_ptr, max_log2);
+  const float step = *step_ptr;
+  const int64_t steps = CeilDivDev(R, kRows);
+  float acc = 0.0f;
+  if (c < S) {  // no early return: BlockSumToGlobal has a barrier
+    for (int64_t rs = blockIdx.y; rs < steps; rs += gridDim.y) {
+      const int64_t r0 = rs * kRows;
+      bool live[kTiles];
+      float kv[kRows], gv[kRows];
+#pragma unroll
+      for (int u = 0; u < kTiles; ++u) {
+        live[u] = r0 + u * TR < R;  // whole tiles: TR divides R
+#pragma unroll
+        for (int i = u * TR; i < (u + 1) * TR; ++i) {
+          kv[i] = 0.0f;
+          gv[i] = 0.0f;
+          if (live[u]) {
+            const int64_t e = (r0 + i) * S + c;
+            kv[i] = ToFloat(kernel[e]);
+            gv[i] = grad[e];
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kTiles; ++u) RegisterHadamard<TR>(kv + u * TR, L);
+#pragma unroll
+      for (int u = 0; u < kTiles; ++u) {
+        if (!live[u]) continue;
+#pragma unroll
+        for (int i = u * TR; i < (u + 1) * TR; ++i) {
+          const float v = kv[i] / step;
+          const float g = gv[i];
+          const bool inside = (v >= -qn) && (v <= qp);
+          const float delta = v < -qn ? -static_cast<float>(qn)
+                                      : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
+          acc = acc + g * delta;
+          gv[i] = inside ? g : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kTiles; ++u) RegisterHadamard<TR>(gv + u * TR, L);
+#pragma unroll
+      for (int u = 0; u < kTiles; ++u) {
+        if (!live[u]) continue;
+#pragma unroll
+        for (int i = u * TR; i < (u + 1) * TR; ++i) dk[(r0 + i) * S + c] = FromFloat<T>(gv[i]);
+      }
+    }
+  }
+  BlockSumToGlobal<kColThreads>(acc, delta_sum);  // any summation order is allowed
+}
+
+template <typename T>
+void LaunchWeightColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const float* grad,
+                            const T* kernel, int64_t R, int64_t S, const float* step,
+                            const int32_t* log2, int qn, int qp, T* dk, float* sum) {
+  switch (max_log2) {
+#define JINT4_WCOLS_CASE(LG)                                                             \
+  case LG:                                                                               \
+    LsqWeightBackwardColumnsRegKernel<T, 1 << LG><<<grid, kColThreads, 0, stream>>>(     \
+        grad, kernel, R, S, step, log2, max_log2, qn, qp, dk, sum);                      \
+    break;
+    JINT4_WCOLS_CASE(0)
+    JINT4_WCOLS_CASE(1)
+    JINT4_WCOLS_CASE(2)
+    JINT4_WCOLS_CASE(3)
+    JINT4_WCOLS_CASE(4)
+    JINT4_WCOLS_CASE(5)
+#undef JINT4_WCOLS_CASE
+    default: break;
+  }
 }
 
 // Kernel side: tiles of 2^max_log2 rows x kColTile / 2^max_log2 columns of
@@ -354,15 +640,35 @@ ffi::Error ResidualValuesImpl(cudaStream_t stream, ffi::AnyBuffer nibbles,
         nib, flg, Q, planes, total, qn, qp, vec, out);
     return CheckLaunch("residual_values kernel launch");
   }
+  const int32_t* rows_p = gather ? reinterpret_cast<const int32_t*>(rows.untyped_data()) : nullptr;
+  const bool groups = K % 8 == 0 && IsAligned(nib, 4);  // whole, aligned groups of 8
+  if (groups && transpose && T % 4 == 0 && IsAligned(out, 4)) {
+    const int64_t k_blocks = CeilDiv(K, kTrCols);
+    const int64_t t_blocks = CeilDiv(T, kTrRows);
+    if (k_blocks > 0x7FFFFFFF) return InvalidArgument("residual_values: too large");
+    const dim3 grid(static_cast<unsigned>(k_blocks),
+                    static_cast<unsigned>(t_blocks < 65535 ? t_blocks : 65535));
+    const bool wide = T % 16 == 0 && IsAligned(out, 16);
+    ResidualTransposeKernel<<<grid, kTrThreads, 0, stream>>>(nib, flg, Q, planes, K, T, rows_p,
+                                                             qn, qp, wide, out);
+    return CheckLaunch("residual_values (transposed) kernel launch");
+  }
+  if (groups && !transpose && IsAligned(out, 8)) {  // gather (the plain case is above)
+    const int64_t k_blocks = CeilDiv(K / 8, int64_t{kThreads} * kGatherGroups);
+    if (k_blocks > 0x7FFFFFFF) return InvalidArgument("residual_values: too large");
+    const dim3 grid(static_cast<unsigned>(k_blocks),
+                    static_cast<unsigned>(T < 65535 ? T : 65535));
+    ResidualGatherRowsKernel<<<grid, kThreads, 0, stream>>>(nib, flg, Q, planes, K, T, rows_p,
+                                                            qn, qp, out);
+    return CheckLaunch("residual_values (gathered rows) kernel launch");
+  }
   const int64_t k_tiles = CeilDiv(K, kTile);
   const int64_t t_tiles = CeilDiv(T, kTile);
   if (k_tiles > 0x7FFFFFFF) return InvalidArgument("residual_values: too large");
   const dim3 grid(static_cast<unsigned>(k_tiles),
                   static_cast<unsigned>(t_tiles < 65535 ? t_tiles : 65535));
   ResidualTileKernel<<<grid, kThreads, 0, stream>>>(
-      nib, flg, Q, planes, K, T,
-      gather ? reinterpret_cast<const int32_t*>(rows.untyped_data()) : nullptr, transpose,
-      qn, qp, out);
+      nib, flg, Q, planes, K, T, rows_p, transpose, qn, qp, out);
   return CheckLaunch("residual_values (tiled) kernel launch");
 }
 
@@ -373,11 +679,12 @@ ffi::Error LsqBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                            ffi::Result<ffi::AnyBuffer> delta_sum, int32_t qn,
                            int32_t qp, int32_t gather) {
   const FloatKind out_kind = KindOf(dt->element_type());
-  if (grad.element_type() != ffi::DataType::F32 || out_kind == FloatKind::kInvalid ||
+  const FloatKind grad_kind = KindOf(grad.element_type());
+  if (grad_kind == FloatKind::kInvalid || out_kind == FloatKind::kInvalid ||
       slots.element_type() != ffi::DataType::S32 ||
       log2_block.element_type() != ffi::DataType::S32 ||
       delta_sum->element_type() != ffi::DataType::F32) {
-    return InvalidArgument("lsq_backward: grad f32, slots s32, log2_block s32, dt f32/bf16/f16,"
+    return InvalidArgument("lsq_backward: grad f32/bf16/f16, slots s32, log2_block s32, dt f32/bf16/f16,"
                            " delta_sum f32");
   }
   auto gd = grad.dimensions();
@@ -399,19 +706,43 @@ ffi::Error LsqBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
   err = CheckCuda("lsq_backward memset", cudaMemsetAsync(sum, 0, sizeof(float), stream));
   if (err.failure()) return err;
   if (M * K == 0) return ffi::Error::Success();
-  const int64_t blocks = CeilDiv(M * K, kChunk);
-  if (blocks > 0x7FFFFFFF) return InvalidArgument("lsq_backward: too large");
+  const int64_t chunks = CeilDiv(M * K, kChunk);
+  if (chunks > 0x7FFFFFFF) return InvalidArgument("lsq_backward: too large");
+  // Full chunks with whole, aligned groups of 8: the register kernel; the
+  // rest (the partial last chunk, or everything otherwise): the general one.
   const bool vec = K % 8 == 0 && IsAligned(grad.untyped_data(), 16) &&
                    IsAligned(dt->untyped_data(), 16) && IsAligned(nibbles.untyped_data(), 4);
-  DispatchFloat(out_kind, [&](auto tag) {
-    using OutT = decltype(tag);
-    LsqBackwardKernel<OutT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        reinterpret_cast<const float*>(grad.untyped_data()), S,
-        gather ? reinterpret_cast<const int32_t*>(slots.untyped_data()) : nullptr, M, K,
-        reinterpret_cast<const uint8_t*>(nibbles.untyped_data()),
-        reinterpret_cast<const uint8_t*>(flags.untyped_data()), CeilDiv(M * K, 8), planes,
-        qn, qp, reinterpret_cast<const int32_t*>(log2_block.untyped_data()),
-        MaxLog2Block(K), vec, reinterpret_cast<OutT*>(dt->untyped_data()), sum);
+  const int64_t full = vec ? (M * K) / kChunk : 0;
+  const int32_t* slots_p = gather ? reinterpret_cast<const int32_t*>(slots.untyped_data()) : nullptr;
+  const uint8_t* nib_p = reinterpret_cast<const uint8_t*>(nibbles.untyped_data());
+  const uint8_t* flag_p = reinterpret_cast<const uint8_t*>(flags.untyped_data());
+  const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
+  const int64_t Q = CeilDiv(M * K, 8);
+  const int max_log2 = MaxLog2Block(K);
+  DispatchFloat(grad_kind, [&](auto gtag) {
+    using G = decltype(gtag);
+    const G* grad_p = reinterpret_cast<const G*>(grad.untyped_data());
+    DispatchFloat(out_kind, [&](auto tag) {
+      using OutT = decltype(tag);
+      OutT* dt_p = reinterpret_cast<OutT*>(dt->untyped_data());
+      if (full > 0) {
+        const unsigned fb = static_cast<unsigned>(CeilDiv(full, kChunksPerBlock));
+        if (gather) {
+          LsqBackwardChunksKernel<G, OutT, true><<<fb, kThreads, 0, stream>>>(
+              grad_p, slots_p, M, K, full, nib_p, flag_p, Q, planes, qn, qp, log2_p, max_log2,
+              dt_p, sum);
+        } else {
+          LsqBackwardChunksKernel<G, OutT, false><<<fb, kThreads, 0, stream>>>(
+              grad_p, slots_p, M, K, full, nib_p, flag_p, Q, planes, qn, qp, log2_p, max_log2,
+              dt_p, sum);
+        }
+      }
+      if (chunks > full) {
+        LsqBackwardKernel<G, OutT><<<static_cast<unsigned>(chunks - full), kThreads, 0, stream>>>(
+            grad_p, S, slots_p, M, K, nib_p, flag_p, Q, planes, qn, qp, log2_p, max_log2, full,
+            dt_p, sum);
+      }
+    });
   });
   return CheckLaunch("lsq_backward kernel launch");
 }
@@ -453,14 +784,31 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
   if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
     return InvalidArgument("lsq_weight_backward: too large");
   }
+  const float* grad_p = reinterpret_cast<const float*>(grad.untyped_data());
+  const float* step_p = reinterpret_cast<const float*>(step.untyped_data());
+  const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
+  // (ColumnTiling caps max_log2 at the static block, so a traced block
+  // larger than 32 rows takes the shared-memory kernel below.)
+  if (max_log2 <= 5) {
+    const int64_t col_blocks = CeilDiv(S, kColThreads);
+    const int rows_per_step = max_log2 >= 3 ? (1 << max_log2) : 8;  // the kernel's kRows
+    const int64_t steps = CeilDiv(R, rows_per_step);
+    if (col_blocks > 0x7FFFFFFF) return InvalidArgument("lsq_weight_backward: too large");
+    const dim3 rgrid(static_cast<unsigned>(col_blocks),
+                     static_cast<unsigned>(steps < 65535 ? steps : 65535));
+    DispatchFloat(kind, [&](auto tag) {
+      using T = decltype(tag);
+      LaunchWeightColumnsReg<T>(max_log2, rgrid, stream, grad_p,
+                                reinterpret_cast<const T*>(kernel.untyped_data()), R, S, step_p,
+                                log2_p, qn, qp, reinterpret_cast<T*>(dk->untyped_data()), sum);
+    });
+    return CheckLaunch("lsq_weight_backward kernel launch");
+  }
   DispatchFloat(kind, [&](auto tag) {
     using T = decltype(tag);
     LsqWeightBackwardKernel<T><<<grid, kThreads, 0, stream>>>(
-        reinterpret_cast<const float*>(grad.untyped_data()),
-        reinterpret_cast<const T*>(kernel.untyped_data()), R, S,
-        reinterpret_cast<const float*>(step.untyped_data()),
-        reinterpret_cast<const int32_t*>(log2_block.untyped_data()), max_log2, qn, qp,
-        reinterpret_cast<T*>(dk->untyped_data()), sum);
+        grad_p, reinterpret_cast<const T*>(kernel.untyped_data()), R, S, step_p, log2_p,
+        max_log2, qn, qp, reinterpret_cast<T*>(dk->untyped_data()), sum);
   });
   return CheckLaunch("lsq_weight_backward kernel launch");
 }
@@ -501,7 +849,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jint4_cuda_lsq_backward, jint4::cuda::LsqBackwardImpl,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Arg<xla::ffi::AnyBuffer>()     // grad f32[S, K]
+        .Arg<xla::ffi::AnyBuffer>()     // grad f32 | bf16 | f16 [S, K]
         .Arg<xla::ffi::AnyBuffer>()     // nibbles u8[P]
         .Arg<xla::ffi::AnyBuffer>()     // flags u8[F, Q]
         .Arg<xla::ffi::AnyBuffer>()     // slots s32[2, M] or [2, 0]
