@@ -41,11 +41,12 @@ if [ "$PHASE" != bench ] && [ -z "${SKIP_TESTS:-}" ]; then
 # Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
 # (test_matmul's many-key statistical tests vmap sequential FFI calls: CPU CI runs them.)
 # (The CPU handlers' own suite, tests/kernels/test_native.py, runs in CI.)
-JINT4_REQUIRE_NATIVE=1 timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -q --maxfail=20 tests/kernels/test_native_gpu.py \
-  "tests/kernels/test_native.py::test_bad_native_input_raises_clear_errors" \
-  tests/test_matmul.py -k "not unbiased and not variance" -p no:cacheprovider \
-  > "$OUT/tests.log" 2>&1
-summary "tests: $(tail -1 "$OUT/tests.log")"
+# TEST_FILES narrows the run (default: the GPU suite and test_matmul).
+JINT4_REQUIRE_NATIVE=1 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -rfE --maxfail=20 \
+  ${TEST_FILES:-tests/kernels/test_native_gpu.py \
+  tests/kernels/test_native.py::test_bad_native_input_raises_clear_errors tests/test_matmul.py} \
+  -k "not unbiased and not variance" -p no:cacheprovider > "$OUT/tests.log" 2>&1
+summary "tests: $(tail -1 "$OUT/tests.log") (progress lines with F: $(grep -c '^[.xsF]*F[.xsF]* *\[' "$OUT/tests.log"))"
 grep -E "FAILED|Error" "$OUT/tests.log" | head -20
 
 fi
