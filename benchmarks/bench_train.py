@@ -162,13 +162,18 @@ def run_one(args) -> dict:
   state = (params, opt_state)
   losses, times = [], []
   t0 = time.perf_counter()
-  *state, loss = train_step(*state, inputs, targets, k_quant)
+  # A fresh quantization key per step (fold_in of the step number), as a real
+  # training loop draws them: the stochastic rounding noise then averages out
+  # across steps instead of repeating.
+  step_keys = [jax.random.fold_in(k_quant, i) for i in range(1 + args.warmup + args.repeats)]
+  jax.block_until_ready(step_keys)
+  *state, loss = train_step(*state, inputs, targets, step_keys[0])
   jax.block_until_ready((state, loss))
   compile_s = time.perf_counter() - t0
   losses.append(float(loss))
   for i in range(args.warmup + args.repeats):
     t0 = time.perf_counter()
-    *state, loss = train_step(*state, inputs, targets, k_quant)
+    *state, loss = train_step(*state, inputs, targets, step_keys[1 + i])
     jax.block_until_ready((state, loss))
     if i >= args.warmup:
       times.append(1e3 * (time.perf_counter() - t0))

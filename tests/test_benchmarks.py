@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/bench_ops.py, bench_layer.py and bench_train.py.
+"""Smoke tests of benchmarks/bench_ops.py, bench_layer.py, bench_train.py and
+bench_loss.py.
 
 Each script runs as a subprocess at the tiniest settings, on the pure-JAX
 reference engine, and must write its JSON (expected keys, positive finite
@@ -93,3 +94,13 @@ def test_bench_ops(tmp_path):
   for v in report["engine_ops"].values():
     assert positive(v["native_ms"]) and positive(v["reference_ms"])
     assert v["faster"] in ("native", "reference")
+
+
+def test_bench_loss(tmp_path):
+  report = run_script("bench_loss.py", tmp_path, "--hidden", "128", "--layers", "1",
+                      "--seq-len", "16", "--batch", "2", "--vocab", "64", "--steps", "2")
+  assert report["settings"]["steps"] == 2
+  curves = report["losses"]
+  assert set(curves) == {"bf16", "int4 exact", "int4 nonzero", "int4 lss"}
+  for ys in curves.values():
+    assert len(ys) == 2 and all(positive(y) for y in ys)
