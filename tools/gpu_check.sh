@@ -5,6 +5,9 @@
 #   bash tools/gpu_check.sh [all|tests|bench]   # results under $OUT (or ./gpu_check_out)
 # "tests": build, suites, sanitizer, GEMM and operator benchmarks;
 # "bench": build, layer and train-step benchmarks; "all": both (over 10 min).
+# Knobs (environment): TEST_FILES, TEST_TIMEOUT, SKIP_TESTS, SKIP_PROBE,
+# SKIP_OPS, OPS_SHAPES, SKIP_GEMM, LAYER_HIDDEN / LAYER_TIMEOUT / LAYER_BUDGET,
+# SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET, NCU=1 / NCU_SHAPE.
 set -uo pipefail
 PHASE="${1:-all}"
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -86,8 +89,10 @@ else
   summary "compute-sanitizer not found"
 fi
 
-# Nsight Compute: every bench_ops stage's kernels at NCU_SHAPE (NCU=0 skips).
-if [ "${NCU:-1}" != 0 ] && command -v ncu >/dev/null; then
+# Nsight Compute (NCU=1): every bench_ops stage's kernels at NCU_SHAPE. It needs a
+# machine whose runtime lets ncu read the counters (device KINDS.md: the
+# Firecracker H100s); on an H200 under gVisor it hung until its timeout.
+if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   S=smsp__average_warps_issue_stalled_
   M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
   M=$M,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
