@@ -1,10 +1,11 @@
 // jint4_hadamard_quantize (CUDA). axis = 1 (activations): fused
 // block-diagonal Hadamard + LSQ quantize + packed backward residual + row
-// norms, one thread block per chunk of
-// kHqChunk = 2048 consecutive elements of the row-major x[M, K]. Full,
-// aligned chunks run in registers (HadamardQuantizeFullChunk: stages 0-7 in
-// registers and warp shuffles, 8-10 through one shared-memory pass); the
-// partial last chunk (and odd alignments) through shared memory.
+// norms over chunks of kHqChunk = 2048 consecutive elements of the
+// row-major x[M, K]. Full, aligned chunks run in registers,
+// kHqChunksPerBlock per block with all their loads issued first
+// (HadamardQuantizeChunksKernel: ChunkHadamard8, then QuantizeFullChunk);
+// the partial last chunk (and everything when a pointer is misaligned) runs
+// through shared memory (HadamardQuantizeKernel).
 //
 // Why flat chunks work: the Hadamard block 2^L divides K (L is clamped to the
 // largest such power, <= 10), so every flat index that is a multiple of 2^L
@@ -17,12 +18,14 @@
 // multiple of 8, so it owns whole nibble bytes and flag bytes; only the last
 // chunk has padding, which is exactly the README's zero padding.
 //
-// axis = 0 (a Flax kernel[D, C], Hadamard down each column):
-// HadamardQuantizeColumnsKernel stages a tile of 2^max_log2 rows (the static
-// block when known: log2_hint) x TC = 4096 / 2^max_log2 columns
+// axis = 0 (a Flax kernel[D, C], Hadamard down each column): blocks of at
+// most 32 rows (max_log2 <= 5) run HadamardQuantizeColumnsRegKernel, one
+// thread per column segment in registers; larger blocks take
+// HadamardQuantizeColumnsKernel, which stages a tile of 2^max_log2 rows (the
+// static block when known: log2_hint) x TC = 4096 / 2^max_log2 columns
 // column-major in shared memory, so each column segment is a run of whole
-// Hadamard blocks for the same ButterflyPass, and writes q as [R, S] or,
-// transposed, [S, R] (the forward GEMM's K-major operand) from the tile.
+// Hadamard blocks for the same ButterflyPass. Both write q as [R, S] or,
+// transposed, [S, R] (the forward GEMM's K-major operand).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -42,12 +45,13 @@ constexpr int kHqChunk = 2048;  // multiple of 1024 (largest block) and of 8
 static_assert(kHqChunk % 1024 == 0 && kHqChunk % 8 == 0, "chunk size");
 static_assert(kHqChunk == 8 * kHqThreads, "register path: 8 elements per thread");
 
-// Per-chunk row statistics for the residual's norms: the integer sum of q^2
-// and a non-finite flag per row the chunk touches, in shared memory, flushed
-// to global int32 accumulators.
+// Row statistics for the residual's norms: the integer sum of q^2 and a
+// non-finite flag per row, either per chunk in shared memory (first_row: the
+// chunk's first row; flushed to the global accumulators at the end) or
+// straight in the global int32 accumulators (first_row 0).
 struct RowStats {
-  int* sum;   // shared [rows of the chunk]
-  int* bad;   // shared
+  int* sum;   // [rows] from first_row
+  int* bad;
   int64_t first_row;
   int64_t K;
 
@@ -60,7 +64,7 @@ struct RowStats {
 };
 
 // Adds element k's (q^2, non-finite) of a thread's group starting at flat e0
-// to the row statistics, one shared atomic per row run.
+// to the row statistics, one atomic per row run.
 __device__ __forceinline__ void AccumulateRows(RowStats& st, int64_t e0, int n,
                                                const int* q2, const bool* nonfinite) {
   int64_t row = e0 / st.K;
@@ -233,85 +237,83 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
     __syncthreads();
   }
 
-  {
-    // General path through shared memory (partial last chunk, odd alignment).
-    for (int i = tid; i < len; i += kHqThreads) {
-      const float v = ToFloat(x[start + i]);
-      sx[i] = v;
-      if (with_residual && NonFinite(v)) {
-        atomicOr(&s_bad[(start + i) / K - stats.first_row], 1);
+  // General path through shared memory (partial last chunk, odd alignment).
+  for (int i = tid; i < len; i += kHqThreads) {
+    const float v = ToFloat(x[start + i]);
+    sx[i] = v;
+    if (with_residual && NonFinite(v)) {
+      atomicOr(&s_bad[(start + i) / K - stats.first_row], 1);
+    }
+  }
+  BlockHadamardSmem<kHqThreads>(sx, len, L);
+
+  // Groups of 4 consecutive elements per thread: one 4-byte store of q.
+  const bool q_aligned = (reinterpret_cast<uintptr_t>(q) & 3) == 0;
+  for (int i0 = tid * 4; i0 < len; i0 += kHqThreads * 4) {
+    const int n = len - i0 < 4 ? len - i0 : 4;
+    uint32_t packed = 0;
+    int q2[4] = {0, 0, 0, 0};
+    const bool none[4] = {false, false, false, false};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k < n) {
+        const int i = i0 + k;
+        const float v = sx[i] / step;
+        const int8_t qv = QuantizeCode(v, qn, qp);
+        q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
+        packed |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * k);
+        if (with_residual) {
+          const float u = Uniform(seed0, seed1, static_cast<uint32_t>(start + i));
+          int8_t code;
+          uint8_t fl;
+          EncodeBackwardState(v, u, qn, qp, &code, &fl);
+          scode[i] = code;
+          sflag[i] = fl;
+        }
       }
     }
-    BlockHadamardSmem<kHqThreads>(sx, len, L);
-
-    // Groups of 4 consecutive elements per thread: one 4-byte store of q.
-    const bool q_aligned = (reinterpret_cast<uintptr_t>(q) & 3) == 0;
-    for (int i0 = tid * 4; i0 < len; i0 += kHqThreads * 4) {
-      const int n = len - i0 < 4 ? len - i0 : 4;
-      uint32_t packed = 0;
-      int q2[4] = {0, 0, 0, 0};
-      const bool none[4] = {false, false, false, false};
+    if (n == 4 && q_aligned) {
+      *reinterpret_cast<uint32_t*>(q + start + i0) = packed;  // start + i0 % 4 == 0
+    } else {
+      for (int k = 0; k < n; ++k) q[start + i0 + k] = static_cast<int8_t>((packed >> (8 * k)) & 0xFF);
+    }
+    if (with_residual) AccumulateRows(stats, start + i0, n, q2, none);
+  }
+  if (with_residual) {
+    const int len8 = (len + 7) & ~7;  // <= kHqChunk
+    for (int i = len + tid; i < len8; i += kHqThreads) {
+      scode[i] = 0;  // padding bits are 0
+      sflag[i] = 0;
+    }
+    __syncthreads();
+    const int groups = len8 >> 3;
+    const bool nib_aligned = (reinterpret_cast<uintptr_t>(nibbles) & 3) == 0;
+    for (int g = tid; g < groups; g += kHqThreads) {
+      const int e = g << 3;
+      const int64_t nib0 = (start + e) >> 1;  // start + e is a multiple of 8
+      uint32_t nib = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        if (k < n) {
-          const int i = i0 + k;
-          const float v = sx[i] / step;
-          const int8_t qv = QuantizeCode(v, qn, qp);
-          q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
-          packed |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * k);
-          if (with_residual) {
-            const float u = Uniform(seed0, seed1, static_cast<uint32_t>(start + i));
-            int8_t code;
-            uint8_t fl;
-            EncodeBackwardState(v, u, qn, qp, &code, &fl);
-            scode[i] = code;
-            sflag[i] = fl;
-          }
-        }
+        const uint32_t lo = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k])) & 0xFu;
+        const uint32_t hi = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k + 1])) & 0xFu;
+        nib |= (lo | (hi << 4)) << (8 * k);
       }
-      if (n == 4 && q_aligned) {
-        *reinterpret_cast<uint32_t*>(q + start + i0) = packed;  // start + i0 % 4 == 0
+      if (e + 8 <= len && nib_aligned) {
+        *reinterpret_cast<uint32_t*>(nibbles + nib0) = nib;  // nib0 % 4 == 0
       } else {
-        for (int k = 0; k < n; ++k) q[start + i0 + k] = static_cast<int8_t>((packed >> (8 * k)) & 0xFF);
-      }
-      if (with_residual) AccumulateRows(stats, start + i0, n, q2, none);
-    }
-    if (with_residual) {
-      const int len8 = (len + 7) & ~7;  // <= kHqChunk
-      for (int i = len + tid; i < len8; i += kHqThreads) {
-        scode[i] = 0;  // padding bits are 0
-        sflag[i] = 0;
-      }
-      __syncthreads();
-      const int groups = len8 >> 3;
-      const bool nib_aligned = (reinterpret_cast<uintptr_t>(nibbles) & 3) == 0;
-      for (int g = tid; g < groups; g += kHqThreads) {
-        const int e = g << 3;
-        const int64_t nib0 = (start + e) >> 1;  // start + e is a multiple of 8
-        uint32_t nib = 0;
-#pragma unroll
         for (int k = 0; k < 4; ++k) {
-          const uint32_t lo = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k])) & 0xFu;
-          const uint32_t hi = static_cast<uint32_t>(static_cast<uint8_t>(scode[e + 2 * k + 1])) & 0xFu;
-          nib |= (lo | (hi << 4)) << (8 * k);
+          if (e + 2 * k < len) nibbles[nib0 + k] = static_cast<uint8_t>((nib >> (8 * k)) & 0xFF);
         }
-        if (e + 8 <= len && nib_aligned) {
-          *reinterpret_cast<uint32_t*>(nibbles + nib0) = nib;  // nib0 % 4 == 0
-        } else {
-          for (int k = 0; k < 4; ++k) {
-            if (e + 2 * k < len) nibbles[nib0 + k] = static_cast<uint8_t>((nib >> (8 * k)) & 0xFF);
-          }
-        }
-        uint32_t f0 = 0, f1 = 0;
-#pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          f0 |= static_cast<uint32_t>(sflag[e + b] & 1) << b;
-          f1 |= static_cast<uint32_t>((sflag[e + b] >> 1) & 1) << b;
-        }
-        const int64_t fb = (start + e) >> 3;
-        flags[fb] = static_cast<uint8_t>(f0);
-        if (planes == 2) flags[plane_stride + fb] = static_cast<uint8_t>(f1);
       }
+      uint32_t f0 = 0, f1 = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        f0 |= static_cast<uint32_t>(sflag[e + b] & 1) << b;
+        f1 |= static_cast<uint32_t>((sflag[e + b] >> 1) & 1) << b;
+      }
+      const int64_t fb = (start + e) >> 3;
+      flags[fb] = static_cast<uint8_t>(f0);
+      if (planes == 2) flags[plane_stride + fb] = static_cast<uint8_t>(f1);
     }
   }
   if (!with_residual) return;  // uniform across the block
