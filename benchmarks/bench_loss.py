@@ -29,8 +29,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
-import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402
@@ -61,32 +59,15 @@ def parse_args(argv=None):
 
 def losses(args, variant: str) -> list:
   """Training loss at every step of one variant."""
-  model = bench_train.GPT(args.vocab, args.hidden, args.layers, args.seq_len)
-  if variant != "bf16":
-    config = jint4.Int4Config(backward=variant.split()[1], engine=args.engine)
-    model = jint4.int4ify(model, config, keep=r"lm_head")
-  k_data, k_init, k_quant = jax.random.split(jax.random.key(0), 3)
-  data = jax.random.randint(k_data, (args.batch, args.seq_len + 1), 0, args.vocab)
-  inputs, targets = data[:, :-1], data[:, 1:]
-  params = model.init(k_init, inputs[:1])["params"]
-  tx = optax.adamw(args.lr, weight_decay=0.1,
-                   mask=lambda p: jax.tree_util.tree_map(lambda a: a.ndim >= 2, p))
-  opt_state = tx.init(params)
-
-  def loss_fn(params, key):
-    logits = model.apply({"params": params}, inputs, rngs={"quant": key})
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), targets).mean()
-
-  @jax.jit
-  def step(params, opt_state, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  out = []
+  config = (None if variant == "bf16" else
+            jint4.Int4Config(backward=variant.split()[1], engine=args.engine))
+  t = bench_train.training(bench_train.GPT(args.vocab, args.hidden, args.layers, args.seq_len),
+                           config=config, vocab=args.vocab, seq_len=args.seq_len,
+                           batch=args.batch, lr=args.lr)
+  params, opt_state, out = t.params, t.opt_state, []
   for i in range(args.steps):
-    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(k_quant, i))
+    params, opt_state, loss = t.train_step(params, opt_state, t.inputs, t.targets,
+                                           jax.random.fold_in(t.k_quant, i))
     out.append(float(loss))
   return out
 

@@ -48,6 +48,7 @@ width); prints a table. Never asserted by the tests.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -124,21 +125,32 @@ class GPT(nn.Module):
 # One (width, variant), in its own process.
 # ----------------------------------------------------------------------------
 
-def run_one(args) -> dict:
-  """Times the train step of one variant at one width; returns a JSON dict."""
-  variant, d = args._one, args.hidden[0]
-  model = GPT(args.vocab, d, args.layers, args.seq_len, args.attention)
-  if variant == "int4":
-    config = jint4.Int4Config(backward=args.backward, engine=args.engine)
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """A model, one fixed random batch and its jitted AdamW step."""
+  params: dict
+  opt_state: object
+  inputs: jax.Array
+  targets: jax.Array
+  k_quant: jax.Array       # base key of the per-step quantization keys
+  loss_fn: object          # (params, inputs, targets, key) -> loss
+  train_step: object       # (params, opt_state, inputs, targets, key) -> (params, opt_state, loss)
+
+
+def training(model, *, config=None, vocab, seq_len, batch, lr=1e-4) -> Training:
+  """``model`` (through ``jint4.int4ify`` when ``config`` is an Int4Config),
+  a random batch of ``batch`` sequences, its parameters, AdamW(lr) state and
+  the jitted train step (parameters and optimizer state donated). Shared by
+  bench_train.py and bench_loss.py."""
+  if config is not None:
     model = jint4.int4ify(model, config, keep=r"lm_head")
-  batch = args.tokens // args.seq_len
   k_data, k_init, k_quant = jax.random.split(jax.random.key(0), 3)
-  data = jax.random.randint(k_data, (batch, args.seq_len + 1), 0, args.vocab)
+  data = jax.random.randint(k_data, (batch, seq_len + 1), 0, vocab)
   inputs, targets = data[:, :-1], data[:, 1:]
   # One sequence is enough for init (and int4's step-size init) and keeps
   # init's memory out of the peak.
   params = jax.jit(model.init)(k_init, inputs[:1])["params"]
-  tx = optax.adamw(1e-4, weight_decay=0.1,
+  tx = optax.adamw(lr, weight_decay=0.1,
                    mask=lambda p: jax.tree_util.tree_map(lambda a: a.ndim >= 2, p))
   opt_state = jax.jit(tx.init)(params)
 
@@ -153,13 +165,27 @@ def run_one(args) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return Training(params=params, opt_state=opt_state, inputs=inputs, targets=targets,
+                  k_quant=k_quant, loss_fn=loss_fn, train_step=train_step)
+
+
+def run_one(args) -> dict:
+  """Times the train step of one variant at one width; returns a JSON dict."""
+  variant, d = args._one, args.hidden[0]
+  config = (jint4.Int4Config(backward=args.backward, engine=args.engine)
+            if variant == "int4" else None)
+  t = training(GPT(args.vocab, d, args.layers, args.seq_len, args.attention), config=config,
+               vocab=args.vocab, seq_len=args.seq_len, batch=args.tokens // args.seq_len)
+  params, inputs, targets, k_quant = t.params, t.inputs, t.targets, t.k_quant
+  loss_fn, train_step = t.loss_fn, t.train_step
+
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
   activation_bytes = whole_model_activation_bytes(loss_fn, params, inputs,
                                                   targets, k_quant)
   per_element = 2.0 if variant == "bf16" else int4_residual_bytes_per_element(
       d, args.backward, args.engine)
 
-  state = (params, opt_state)
+  state = (params, t.opt_state)
   losses, times = [], []
   t0 = time.perf_counter()
   # A fresh quantization key per step (fold_in of the step number), as a real

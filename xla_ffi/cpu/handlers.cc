@@ -156,7 +156,7 @@ ffi::Error ResidualValuesImpl(ffi::Buffer<ffi::U8> nibbles,
 }
 
 // ---------------------------------------------------------------------------
-// jint4_lsq_backward: grad f32[S,K], nibbles, flags, slots s32[2,M] (or
+// jint4_lsq_backward: grad (f32|bf16|f16)[S,K], nibbles, flags, slots s32[2,M] (or
 //   [2,0]), log2_block s32[] -> dt (f32|bf16|f16)[M,K], delta_sum f32[]
 //   attrs qn, qp, gather
 // ---------------------------------------------------------------------------
