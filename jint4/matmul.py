@@ -301,7 +301,7 @@ def _products_lss(ctx, g, qwt):
   n = g.shape[0]
   budget = lss.budget_rows(n, cfg.lss_budget)
   g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT])     # [2N, C]
-  u = eng.uniform(seeds[_SEED_SAMPLE], (2,))
+  u = eng.uniform24(seeds[_SEED_SAMPLE], 2)
   finite = jnp.isfinite(s_hi)
 
   def half_scale(index):

@@ -90,14 +90,17 @@ def test_quantized_gradients_are_unbiased(backward):
   samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
   for est, ref, name in zip(samples, exact, ("dx", "dw", "dsw")):
     est, ref = np.asarray(est), np.asarray(ref)
-    errors = []
+    errors, sems = [], []
     for m in (250, 1000, 4000):
       err = np.linalg.norm(est[:m].mean(0) - ref)
       sem = np.sqrt(est[:m].var(0).sum() / m)
       assert err <= 5 * sem + 1e-5 * np.linalg.norm(ref), (name, m, err, sem)
       errors.append(err)
+      sems.append(sem)
     if sem > 1e-6 * np.linalg.norm(ref):
-      assert errors[-1] < errors[0], name
+      # The 1/sqrt(n) rate: after 16x the samples the error sits well below
+      # the noise level of the first 250 (3 standard errors at m = 4000).
+      assert errors[-1] < 0.75 * sems[0], (name, errors, sems)
 
 
 def test_lss_variance_shrinks_with_budget():

@@ -26,7 +26,7 @@ from jint4.kernels import reference
 OPS = ("hadamard_quantize", "residual_values", "lsq_backward",
        "lsq_weight_backward", "bit_split", "bit_split_joined", "resplit_rows",
        "int_gemm")
-HELPERS = ("uniform", "seeds_from_key", "int_gemm_i32")
+HELPERS = ("uniform", "uniform24", "seeds_from_key", "int_gemm_i32")
 
 # Which engine "auto" runs each op with, per backend.
 # CPU (measured 2026-11-27, 2-core AMD EPYC, jax 0.12, 2048x1024 operands):

@@ -131,6 +131,7 @@ def _residual_shapes(size: int, qn: int):
 
 # Ops that are not FFI targets are the reference's own (cheap or host-side).
 uniform = reference.uniform
+uniform24 = reference.uniform24
 seeds_from_key = reference.seeds_from_key
 int_gemm_i32 = reference.int_gemm_i32
 pack_residual = reference.pack_residual

@@ -10,9 +10,15 @@ Operand layout: every GEMM takes both operands K-major, ``a[M, K] . b[N, K]^T``
 (the "TN" layout integer tensor cores run fastest; see HOPPER_NOTES.md).
 
 Randomness: stochastic rounding draws from `uniform`, a counter-based
-generator: element i of a tensor gets hash(i, seed), so the noise of an op is a
-pure function of (seed, element index) and a native kernel reproduces it bit
-for bit without reading a noise tensor.
+generator: element i of a tensor gets half of hash(i // 2, seed), so the noise
+of an op is a pure function of (seed, element index) and a native kernel
+reproduces it bit for bit without reading a noise tensor.
+
+Float contract (what the native kernels reproduce bit for bit, chosen to be
+cheap per element): the Hadamard runs as +-1 butterflies, (a + b, a - b) per
+stage, and its 2^(-L/2) is applied once at the end (`hadamard_scale`); the
+LSQ quantizer multiplies by one per-tensor factor fl(2^(-L/2) / step) instead
+of dividing every element.
 """
 
 from __future__ import annotations
@@ -43,16 +49,29 @@ def _mix32(h):
 
 
 def uniform(seed: jax.Array, shape) -> jax.Array:
-  """Counter-based uniform noise in [0, 1) with 24 random bits per element.
+  """Counter-based uniform noise in [0, 1) with 16 random bits per element.
 
-  u[i] = (mix(mix(i * golden + seed[0]) ^ seed[1]) >> 8) * 2^-24 for the
-  row-major flat index i (mod 2^32) and a uint32[2] seed.
+  One hash serves two neighbours: h_j = mix(mix(j * golden + seed[0]) ^
+  seed[1]) for the pair j = i // 2 of the row-major flat index i (mod 2^32),
+  and u[i] = (h_j & 0xFFFF) * 2^-16 for even i, (h_j >> 16) * 2^-16 for odd
+  i; seed is uint32[2]. Stochastic rounding with 16-bit noise is biased by
+  less than 2^-16 of a step.
   """
   seed = jnp.asarray(seed, jnp.uint32)
   size = int(np.prod(shape))
   idx = lax.iota(jnp.uint32, size)
-  h = _mix32(_mix32(idx * _GOLDEN + seed[0]) ^ seed[1])
-  return ((h >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)).reshape(shape)
+  h = _mix32(_mix32((idx >> 1) * _GOLDEN + seed[0]) ^ seed[1])
+  bits = jnp.where((idx & 1) == 0, h & np.uint32(0xFFFF), h >> 16)
+  return (bits.astype(jnp.float32) * np.float32(2.0 ** -16)).reshape(shape)
+
+
+def uniform24(seed: jax.Array, count: int) -> jax.Array:
+  """``count`` uniform numbers in [0, 1) with 24 random bits each (number j
+  from pair j of `uniform`: its low 16 bits, then 8 of its high ones), for
+  draws that need more resolution than 2^-16, such as the offsets of
+  systematic sampling."""
+  u = uniform(seed, (count, 2))
+  return u[:, 0] + jnp.floor(u[:, 1] * np.float32(256.0)) * np.float32(2.0 ** -24)
 
 
 def seeds_from_key(key: jax.Array, count: int) -> jax.Array:
@@ -61,13 +80,25 @@ def seeds_from_key(key: jax.Array, count: int) -> jax.Array:
 
 
 def apply_hadamard(t: jax.Array, block: Block, *, axis: int) -> jax.Array:
-  """Hb along ``axis`` in float32 (static block size or traced log2).
+  """The +-1 transform sqrt(2^L) Hb along ``axis`` in float32 (static block
+  size or traced log2 L).
 
-  Butterfly stages in a fixed order (stage 0 first, (a + b) * r and
-  (a - b) * r with r = float32(1 / sqrt(2))): this fixes the float rounding,
-  so the native engine's quantized integers match these bit for bit.
+  Butterfly stages in a fixed order (stage 0 first, a + b and a - b, no
+  scaling): this fixes the float rounding, so the native engine's quantized
+  integers match these bit for bit. Times `hadamard_scale` it is Hb.
   """
-  return hadamard.apply_block_hadamard(t, block, axis=axis, method="butterfly")
+  return hadamard.apply_block_hadamard(t, block, axis=axis, method="butterfly",
+                                       normalized=False)
+
+
+def hadamard_scale(block: Block, size: int) -> jax.Array:
+  """2^(-L/2) (float32) of `apply_hadamard` over a dim of ``size``."""
+  return hadamard.hadamard_scale(block, size)
+
+
+def quant_factor(block: Block, size: int, step: jax.Array) -> jax.Array:
+  """fl(2^(-L/2) / step): v = apply_hadamard(x) * quant_factor = T / step."""
+  return hadamard_scale(block, size) / step.astype(jnp.float32)
 
 
 class Residual(NamedTuple):
@@ -93,8 +124,9 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
 
   Hb runs along ``axis`` (1: the rows, as for activations x[M, K]; 0: the
   columns, as for a Flax kernel[D, C] whose contraction dim comes first), then
-  q = clamp(round((x Hb) / step), -qn, qp) as int8, written as [R, S] or, with
-  ``transpose``, as [S, R]. So a kernel[D, C] gives the forward GEMM operand
+  q = clamp(round(v), -qn, qp) as int8 with v = (x Hb) / step, computed as
+  apply_hadamard(x) * fl(2^(-L/2) / step) (the float contract above), written
+  as [R, S] or, with ``transpose``, as [S, R]. So a kernel[D, C] gives the forward GEMM operand
   [C, D] (axis=0, transpose) and the dX GEMM operand [D, C] (axis=0), both
   K-major, without a transpose kernel.
 
@@ -106,7 +138,7 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
     raise ValueError("hadamard_quantize keeps a residual only for axis=1"
                      " without transpose (activations).")
   xh = apply_hadamard(x.astype(jnp.float32), block, axis=axis)
-  v = xh / step.astype(jnp.float32)
+  v = xh * quant_factor(block, x.shape[axis], step)
   q = lsq.quantize(v, 1.0, qn=qn, qp=qp)
   q8 = jnp.where(jnp.isfinite(q), q, 0).astype(jnp.int8)
   if seed is None:
@@ -186,7 +218,8 @@ def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int,
     grad = _slot_sum(grad, slots)
   code, flags = unpack_residual(res, grad.shape, qn=qn)
   _, inside, delta_hat = lsq.decode_backward_state(code, flags, qn=qn, qp=qp)
-  dt = apply_hadamard(jnp.where(inside, grad, 0.0), block, axis=-1)
+  dt = (apply_hadamard(jnp.where(inside, grad, 0.0), block, axis=-1)
+        * hadamard_scale(block, grad.shape[-1]))
   return dt.astype(out_dtype), jnp.sum(grad * delta_hat)
 
 
@@ -195,18 +228,20 @@ def lsq_weight_backward(grad: jax.Array, kernel: jax.Array, step: jax.Array, *,
   """LSQ's backward for a kernel[D, C] quantized with Hb along axis 0.
 
   The kernel is a parameter, kept by the backward, so its STE mask and delta
-  are exact: with v = (kernel Hb) / step (Hb down each column, as
+  are exact: with v = (kernel Hb) / step (Hb down each column, computed as
   `hadamard_quantize(axis=0)`) and grad = dL/dW_hat in the Hadamard domain,
   float32 [D, C]:
   Returns (dK, delta_sum): dK = Hb^T (1[in range] * grad) along axis 0, in
   ``out_dtype`` (default: the kernel's dtype), and delta_sum = sum(grad *
   delta(v)), the un-scaled step-size gradient.
   """
-  v = apply_hadamard(kernel.astype(jnp.float32), block, axis=0) / step.astype(jnp.float32)
+  d = kernel.shape[0]
+  v = (apply_hadamard(kernel.astype(jnp.float32), block, axis=0)
+       * quant_factor(block, d, step))
   grad = grad.astype(jnp.float32)
   masked = jnp.where(lsq.in_range(v, qn=qn, qp=qp), grad, 0.0)
   delta_sum = jnp.sum(grad * lsq.delta(v, qn=qn, qp=qp))
-  dk = apply_hadamard(masked, block, axis=0)
+  dk = apply_hadamard(masked, block, axis=0) * hadamard_scale(block, d)
   return dk.astype(out_dtype or kernel.dtype), delta_sum
 
 

@@ -42,13 +42,18 @@ def hadamard_matrix(block: int, dtype=jnp.float32) -> jax.Array:
 
 
 def hadamard_transform(x: jax.Array, block: int, *, axis: int = -1,
-                       method: str = "matmul") -> jax.Array:
+                       method: str = "matmul", normalized: bool = True
+                       ) -> jax.Array:
   """Applies Hb (block size ``block``) along ``axis``; returns float32.
 
   Hb is symmetric and orthogonal, so the same call also applies Hb^T and the
-  inverse transform.
+  inverse transform. ``normalized=False`` (butterfly only) applies the +-1
+  matrix sqrt(block) Hb instead: stages (a + b, a - b), no rounding of the
+  1/sqrt(2) factors (the native engine's contract; see `hadamard_scale`).
   """
   _check_block(block)
+  if not normalized and method != "butterfly":
+    raise ValueError("normalized=False needs method='butterfly'.")
   axis = axis % x.ndim
   size = x.shape[axis]
   if size % block:
@@ -67,9 +72,10 @@ def hadamard_transform(x: jax.Array, block: int, *, axis: int = -1,
   elif method == "butterfly":
     y = x
     for stage in range(int(math.log2(block))):
-      y = _butterfly_stage(y, stage)
+      y = _butterfly_stage(y, stage, normalized)
   else:
     raise ValueError(f"method must be 'matmul' or 'butterfly'; got {method!r}.")
+
   return jnp.moveaxis(y, -1, axis)
 
 
@@ -82,7 +88,8 @@ def max_log2_block(size: int) -> int:
 
 
 def hadamard_transform_dynamic(x: jax.Array, log2_block: jax.Array, *,
-                               axis: int = -1) -> jax.Array:
+                               axis: int = -1, normalized: bool = True
+                               ) -> jax.Array:
   """Like `hadamard_transform` with a traced block size 2^log2_block.
 
   Applies butterfly stage j only where j < log2_block; stages commute (H_k is
@@ -94,30 +101,57 @@ def hadamard_transform_dynamic(x: jax.Array, log2_block: jax.Array, *,
   log2_block = jnp.asarray(log2_block, jnp.int32)
   y = x
   for stage in range(max_log2_block(x.shape[-1])):
-    y = jnp.where(stage < log2_block, _butterfly_stage(y, stage), y)
+    y = jnp.where(stage < log2_block, _butterfly_stage(y, stage, normalized), y)
   return jnp.moveaxis(y, -1, axis)
 
 
 def apply_block_hadamard(t: jax.Array, block, *, axis: int = -1,
-                         method: str = "matmul") -> jax.Array:
+                         method: str = "matmul", normalized: bool = True
+                         ) -> jax.Array:
   """Hb along ``axis`` for a static block size (int) or a traced log2 block.
 
   Dispatches to `hadamard_transform` (``method`` applies) or to
   `hadamard_transform_dynamic`; returns float32.
   """
   if isinstance(block, (int, np.integer)):
-    return hadamard_transform(t, int(block), axis=axis, method=method)
-  return hadamard_transform_dynamic(t, block, axis=axis)
+    return hadamard_transform(t, int(block), axis=axis, method=method,
+                              normalized=normalized)
+  return hadamard_transform_dynamic(t, block, axis=axis, normalized=normalized)
 
 
-def _butterfly_stage(x: jax.Array, stage: int) -> jax.Array:
-  """(a, b) -> ((a + b), (a - b)) / sqrt(2) on pairs at distance 2^stage."""
+def hadamard_scale(block, size: int) -> jax.Array:
+  """2^(-L/2) in float32 for block 2^L: Hb = hadamard_scale * (+-1 matrix).
+
+  1 or float32(1/sqrt(2)) times 2^-floor(L/2), an exact power of two, so
+  every engine rounds it alike (native: `HadamardScale`). ``block`` is a
+  static size or a traced log2 (clamped to [0, max_log2_block(size)], as the
+  transform's reachable stages).
+  """
+  table = np.array([np.float32(_INV_SQRT2 if k & 1 else 1.0) * np.float32(2.0 ** -(k // 2))
+                    for k in range(MAX_LOG2_BLOCK + 1)], np.float32)
+  if isinstance(block, (int, np.integer)):
+    _check_block(int(block))
+    if block > 2 ** MAX_LOG2_BLOCK:
+      raise ValueError(f"Hadamard block must be <= {2 ** MAX_LOG2_BLOCK}; got {block}.")
+    return jnp.float32(table[int(block).bit_length() - 1])
+  log2 = jnp.clip(jnp.asarray(block, jnp.int32), 0, max_log2_block(size))
+  return jnp.asarray(table)[log2]
+
+
+_INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
+
+
+def _butterfly_stage(x: jax.Array, stage: int, normalized: bool = True) -> jax.Array:
+  """(a, b) -> (a + b, a - b), times float32(1/sqrt(2)) when ``normalized``,
+  on pairs at distance 2^stage."""
   half = 2 ** stage
   lead, size = x.shape[:-1], x.shape[-1]
   x = x.reshape(*lead, size // (2 * half), 2, half)
   a, b = x[..., 0, :], x[..., 1, :]
-  r = np.float32(1.0 / math.sqrt(2.0))
-  return jnp.stack([(a + b) * r, (a - b) * r], axis=-2).reshape(*lead, size)
+  if not normalized:
+    return jnp.stack([a + b, a - b], axis=-2).reshape(*lead, size)
+  return jnp.stack([(a + b) * _INV_SQRT2, (a - b) * _INV_SQRT2],
+                   axis=-2).reshape(*lead, size)
 
 
 def search_hadamard_block(x: jax.Array, w: jax.Array, *, qn: int = 7,

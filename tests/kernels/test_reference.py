@@ -39,13 +39,30 @@ def test_uniform_range_dtype_and_resolution():
   assert u.shape == SHAPE and u.dtype == jnp.float32
   u = f64(u)
   assert u.min() >= 0.0 and u.max() < 1.0
+  k = u * 2 ** 16                 # 16 random bits: multiples of 2^-16
+  np.testing.assert_array_equal(k, np.round(k))
+  # Neighbours 2j, 2j + 1 share one 32-bit hash: the words are (nearly) all
+  # distinct (birthday bound: ~1 collision in 5 10^4 words).
+  words = k.astype(np.int64).ravel().reshape(-1, 2) @ np.array([1, 2 ** 16])
+  assert len(np.unique(words)) >= words.size - 5
+  # ... and every one of the 16 bits is a fair coin (Hoeffding, union bound).
+  bits = (k.astype(np.int64).ravel()[:, None] >> np.arange(16)) & 1
+  t = math.sqrt(math.log(2 * 16 / DELTA) / (2 * u.size))
+  assert np.all(np.abs(bits.mean(axis=0) - 0.5) <= t)
+
+
+def test_uniform24_resolution_and_range():
+  u = f64(jax.jit(ref.uniform24, static_argnums=1)(seed(1, 2), 50_000))
+  assert u.shape == (50_000,) and u.min() >= 0.0 and u.max() < 1.0
   k = u * 2 ** 24                 # 24 random bits: multiples of 2^-24
   np.testing.assert_array_equal(k, np.round(k))
-  assert len(np.unique(u)) > 0.99 * u.size
-  # ... and every one of the 24 bits is a fair coin (Hoeffding, union bound).
-  bits = (k.astype(np.int64).ravel()[:, None] >> np.arange(24)) & 1
+  bits = (k.astype(np.int64)[:, None] >> np.arange(24)) & 1
   t = math.sqrt(math.log(2 * 24 / DELTA) / (2 * u.size))
   assert np.all(np.abs(bits.mean(axis=0) - 0.5) <= t)
+  # Number j is built from pair j of `uniform` (low half, then 8 high bits).
+  pair = f64(uniform(seed(1, 2), (10, 2)))
+  np.testing.assert_array_equal(
+      u[:10], pair[:, 0] + np.floor(pair[:, 1] * 256) * 2.0 ** -24)
 
 
 def test_uniform_deterministic_and_seed_dependent():

@@ -4,14 +4,19 @@
 // (jint4/kernels/reference.py and jint4/quant/*.py) operation for operation, so
 // that the integer outputs (quantized codes, bit-split halves, packed
 // residuals) are bit-identical to the reference. Rules that keep it so:
-//   * float32 throughout, IEEE division and rounding (no fast-math);
+//   * float32 throughout, IEEE rounding (no fast-math);
 //   * the same operation order as the reference (comments give its line);
 //   * NaN handled explicitly (fmin/fmax would silently drop it).
+// The contract is chosen to be cheap per element on a GPU: the Hadamard runs
+// as +-1 butterflies with one scale at the end (HadamardScale), the LSQ
+// divide is one multiply by a per-tensor factor (QuantFactor), and one hash
+// gives the noise of two neighbouring elements (Uniform).
 #ifndef JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
 #define JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define JINT4_HD __host__ __device__ __forceinline__
@@ -21,7 +26,7 @@
 
 namespace jint4 {
 
-// float32(1 / sqrt(2)): the factor of every butterfly stage.
+// float32(1 / sqrt(2)): the orthonormal Hadamard's factor per stage.
 constexpr float kInvSqrt2 = 0.70710678118654752440f;
 // Bit splitting: t = G * (98 / max|G|), hi = round(t / 14), lo = t - 14 hi.
 constexpr float kSplitRange = 98.0f;
@@ -44,22 +49,55 @@ JINT4_HD uint32_t Mix32(uint32_t h) {
   return h;
 }
 
-// Counter-based uniform in [0, 1): reference.py `uniform`, element `index`
-// (the row-major flat index, mod 2^32) of a tensor drawn with `seed`.
-JINT4_HD float Uniform(uint32_t seed0, uint32_t seed1, uint32_t index) {
-  uint32_t h = Mix32(Mix32(index * 0x9E3779B9u + seed0) ^ seed1);
-  return static_cast<float>(h >> 8) * 5.9604644775390625e-08f;  // 2^-24
+// The hash of element pair `pair` (elements 2 pair and 2 pair + 1) of a
+// tensor drawn with `seed`: reference.py `_pair_hash`.
+JINT4_HD uint32_t PairHash(uint32_t seed0, uint32_t seed1, uint32_t pair) {
+  return Mix32(Mix32(pair * 0x9E3779B9u + seed0) ^ seed1);
 }
 
-// One butterfly pair of a Hadamard stage: hadamard.py `_butterfly_stage`.
+// 16 bits as a float in [0, 1): bits * 2^-16 (exact).
+JINT4_HD float Unit16(uint32_t bits) {
+  return static_cast<float>(bits & 0xFFFFu) * 1.52587890625e-05f;  // 2^-16
+}
+
+// Counter-based uniform in [0, 1) with 16 random bits: reference.py
+// `uniform`, element `index` (the row-major flat index, mod 2^32) of a tensor
+// drawn with `seed`: the low half of PairHash(index / 2) for an even index,
+// the high half for an odd one.
+JINT4_HD float Uniform(uint32_t seed0, uint32_t seed1, uint32_t index) {
+  const uint32_t h = PairHash(seed0, seed1, index >> 1);
+  return Unit16((index & 1u) ? (h >> 16) : h);
+}
+
+// Uniform of the elements 2 pair and 2 pair + 1 from one hash.
+JINT4_HD void UniformPair(uint32_t seed0, uint32_t seed1, uint32_t pair, float* u0,
+                          float* u1) {
+  const uint32_t h = PairHash(seed0, seed1, pair);
+  *u0 = Unit16(h);
+  *u1 = Unit16(h >> 16);
+}
+
+// One butterfly pair of a +-1 Hadamard stage, (a, b) -> (a + b, a - b):
+// hadamard.py `_butterfly_stage` with normalized=False. The orthonormal
+// transform is HadamardScale(L) times L such stages.
 JINT4_HD void Butterfly(float& a, float& b) {
-  float s = (a + b) * kInvSqrt2;
-  float d = (a - b) * kInvSqrt2;
+  const float s = a + b;
+  const float d = a - b;
   a = s;
   b = d;
 }
 
-// In-place block-diagonal Hadamard transform of `n` contiguous floats with
+// 2^(-L/2) in float32, exactly as reference.py `hadamard_scale`: 1 or
+// fl(1/sqrt(2)) times the power of two 2^-floor(L/2) (0 <= L <= 10).
+JINT4_HD float HadamardScale(int L) {
+  return ldexpf((L & 1) ? kInvSqrt2 : 1.0f, -(L >> 1));  // exact scaling
+}
+
+// The factor that maps the +-1 transform y of a tensor to v = T / step:
+// v = y * fl(HadamardScale(L) / step) (reference.py `hadamard_quantize`).
+JINT4_HD float QuantFactor(int L, float step) { return HadamardScale(L) / step; }
+
+// In-place block-diagonal +-1 Hadamard transform of `n` contiguous floats with
 // blocks of 2^log2_block; stage 0 (pairs at distance 1) first.
 JINT4_HD void HadamardInPlace(float* v, int64_t n, int log2_block) {
   for (int stage = 0; stage < log2_block; ++stage) {
@@ -83,11 +121,33 @@ JINT4_HD float Clamp(float v, float lo, float hi) {
   return v < lo ? lo : (v > hi ? hi : v);  // NaN passes through
 }
 
+// Round-half-even of a small float with the 1.5 * 2^23 shifter: for |c| <=
+// 2^21, c + 1.5 * 2^23 rounds c to an integer (IEEE nearest-even, as
+// RoundEven) and holds it in its low mantissa bits. Full-rate adds and
+// integer ops instead of the GPU's quarter-rate round and float-to-int
+// conversions. Clamping to integer bounds commutes with rounding, so
+// Clamp(RoundEven(v)) == rounded Clamp(v).
+struct SmallRound {
+  float value;  // the rounded float
+  int integer;  // the same as an int
+};
+JINT4_HD SmallRound RoundSmall(float c) {
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+  const float t = c + kShifter;
+  int32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_int(t);
+#else
+  std::memcpy(&bits, &t, sizeof(bits));
+#endif
+  return SmallRound{t - kShifter, bits - 0x4B400000};
+}
+
 // LSQ code of v = T / s: clamp(round(v), -qn, qp), NaN -> 0
 // (reference.py `hadamard_quantize`: where(isfinite(q), q, 0)).
 JINT4_HD int8_t QuantizeCode(float v, int qn, int qp) {
-  float q = Clamp(RoundEven(v), -static_cast<float>(qn), static_cast<float>(qp));
-  return q == q ? static_cast<int8_t>(q) : int8_t{0};
+  const float c = Clamp(v, -static_cast<float>(qn), static_cast<float>(qp));
+  return c == c ? static_cast<int8_t>(RoundSmall(c).integer) : int8_t{0};
 }
 
 // lsq.py `encode_backward_state` for one element: the 4-bit code and the
@@ -95,16 +155,18 @@ JINT4_HD int8_t QuantizeCode(float v, int qn, int qp) {
 // qn == 8: clipped).
 JINT4_HD void EncodeBackwardState(float v, float u, int qn, int qp,
                                   int8_t* code, uint8_t* flags) {
-  const float q = Clamp(RoundEven(v), -static_cast<float>(qn), static_cast<float>(qp));
+  const SmallRound r =
+      RoundSmall(Clamp(v, -static_cast<float>(qn), static_cast<float>(qp)));
+  const float q = r.value;
   const bool inside = (v >= -qn) && (v <= qp);
   const bool frac_bit = u < ((q - v) + 0.5f);
   const bool side_bit = v > 0.0f;
   const bool bit0 = inside ? frac_bit : side_bit;
   if (qn <= 7) {
-    *code = inside ? static_cast<int8_t>(q) : static_cast<int8_t>(kClipCode);
+    *code = inside ? static_cast<int8_t>(r.integer) : static_cast<int8_t>(kClipCode);
     *flags = static_cast<uint8_t>(bit0);
   } else {
-    *code = inside ? static_cast<int8_t>(q)
+    *code = inside ? static_cast<int8_t>(r.integer)
                    : static_cast<int8_t>(side_bit ? qp : -qn);
     *flags = static_cast<uint8_t>(bit0) | static_cast<uint8_t>((!inside) << 1);
   }
@@ -134,12 +196,14 @@ JINT4_HD int8_t NibbleToInt(uint8_t nibble) {
 }
 
 // bitsplit.py `bit_split` for one element, given f = 98 / safe_max.
+// (h and l are clamped, so only NaN is non-finite; both are small integers
+// when finite, converted with RoundSmall.)
 JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
   const float t = g * f;
-  const float h = Clamp(RoundEven(t * kInvSplitStep), -7.0f, 7.0f);
-  const float l = Clamp(floorf((t - kSplitStep * h) + u), -7.0f, 7.0f);
-  *hi = (h == h && h - h == 0.0f) ? static_cast<int8_t>(h) : int8_t{0};
-  *lo = (l == l && l - l == 0.0f) ? static_cast<int8_t>(l) : int8_t{0};
+  const SmallRound h = RoundSmall(Clamp(t * kInvSplitStep, -7.0f, 7.0f));
+  const float l = Clamp(floorf((t - kSplitStep * h.value) + u), -7.0f, 7.0f);
+  *hi = h.value == h.value ? static_cast<int8_t>(h.integer) : int8_t{0};
+  *lo = l == l ? static_cast<int8_t>(RoundSmall(l).integer) : int8_t{0};
 }
 
 // bitsplit.py: the divisor guard for max|G| (0, NaN or Inf -> 1).

@@ -219,19 +219,21 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
     std::vector<float> t(static_cast<size_t>(count));
     LoadFloats(x, type, 0, count, t.data());
     HadamardColumns(t.data(), r, s, log2_block);
+    const float factor = QuantFactor(log2_block, step);
     // Row tiles, so that the transposed stores run contiguously.
     constexpr int64_t kTile = 32;
     for (int64_t i0 = 0; i0 < r; i0 += kTile) {
       const int64_t i1 = std::min(r, i0 + kTile);
       for (int64_t j = 0; j < s; ++j) {
         for (int64_t i = i0; i < i1; ++i) {
-          store_q(i, j, QuantizeCode(t[static_cast<size_t>(i * s + j)] / step, qn, qp));
+          store_q(i, j, QuantizeCode(t[static_cast<size_t>(i * s + j)] * factor, qn, qp));
         }
       }
     }
     return;  // no residual for axis 0 (the handler checks)
   }
 
+  const float factor = QuantFactor(log2_block, step);
   std::vector<float> row(static_cast<size_t>(s));
   for (int64_t i = 0; i < r; ++i) {
     LoadFloats(x, type, i * s, s, row.data());
@@ -243,7 +245,7 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
     int64_t sum_sq = 0;  // exact
     for (int64_t j = 0; j < s; ++j) {
       const int64_t e = i * s + j;
-      const float v = row[j] / step;
+      const float v = row[j] * factor;
       const int8_t qv = QuantizeCode(v, qn, qp);
       store_q(i, j, qv);
       if (!residual) continue;
@@ -296,6 +298,7 @@ float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t
   const int64_t flag_bytes = FlagBytes(m * k);
   std::vector<float> row(static_cast<size_t>(k));
   std::vector<float> a(static_cast<size_t>(k)), b(static_cast<size_t>(k));
+  const float scale = HadamardScale(log2_block);
   double sum = 0.0;
   for (int64_t t = 0; t < m; ++t) {
     // grad rows widened to float32 (exact), as the reference's astype.
@@ -331,6 +334,7 @@ float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t
       sum += static_cast<double>(g * delta_hat);
     }
     HadamardInPlace(row.data(), k, log2_block);
+    for (int64_t c = 0; c < k; ++c) row[c] *= scale;
     StoreFloats(row.data(), k, dt_type, dt, t * k);
   }
   return static_cast<float>(sum);
@@ -349,20 +353,24 @@ float LsqWeightBackward(const float* grad, const void* kernel,
   std::vector<float> masked(static_cast<size_t>(n));
   const float lo = -static_cast<float>(qn);
   const float hi = static_cast<float>(qp);
+  const float factor = QuantFactor(log2_block, step);
+  const float scale = HadamardScale(log2_block);
   double sum = 0.0;
   for (int64_t r0 = 0; r0 < d; r0 += block) {
     LoadFloats(kernel, kernel_type, r0 * c, n, v.data());
     HadamardColumns(v.data(), block, c, log2_block);
     const float* g = grad + r0 * c;
     for (int64_t e = 0; e < n; ++e) {
-      // lsq.py in_range / delta of v = (kernel Hb) / step.
-      const float x = v[static_cast<size_t>(e)] / step;
+      // lsq.py in_range / delta of v = (kernel Hb) / step (the +-1 transform
+      // times QuantFactor, as the reference).
+      const float x = v[static_cast<size_t>(e)] * factor;
       const bool inside = (x >= lo) && (x <= hi);
       const float delta = x < lo ? lo : (x > hi ? hi : RoundEven(x) - x);
       masked[static_cast<size_t>(e)] = inside ? g[e] : 0.0f;
       sum += static_cast<double>(g[e] * delta);
     }
     HadamardColumns(masked.data(), block, c, log2_block);
+    for (int64_t e = 0; e < n; ++e) masked[static_cast<size_t>(e)] *= scale;
     StoreFloats(masked.data(), n, dk_type, dk, r0 * c);
   }
   return static_cast<float>(sum);

@@ -268,10 +268,12 @@ StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t s
       const int64_t e = r * C + c;
       const uint32_t e32 = static_cast<uint32_t>(e);
       uint32_t hw[2] = {0u, 0u}, lw[2] = {0u, 0u};
+      float noise[8];
+      Uniform8(seed0, seed1, e32, noise);  // e32 even: C % 8 == 0
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         int8_t h, l;
-        SplitValue(v[u][k], f, Uniform(seed0, seed1, e32 + static_cast<uint32_t>(k)), &h, &l);
+        SplitValue(v[u][k], f, noise[k], &h, &l);
         hw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(h)) << (8 * (k & 3));
         lw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(l)) << (8 * (k & 3));
         s_hi += static_cast<int>(h) * static_cast<int>(h);
@@ -451,10 +453,12 @@ JoinedTileKernel(Src src, int64_t R, int64_t C, const unsigned int* __restrict__
       const bool ok = col_ok && r < R;
       const uint32_t e32 = static_cast<uint32_t>(r * C + c);
       uint32_t vw[2] = {0u, 0u};
+      float noise[8];
+      Uniform8(seed0, seed1, e32, noise);  // e32 even: C % 8 == 0
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         int8_t h, l;
-        SplitValue(x[i][k], f, Uniform(seed0, seed1, e32 + static_cast<uint32_t>(k)), &h, &l);
+        SplitValue(x[i][k], f, noise[k], &h, &l);
         const uint32_t b =
             ok ? static_cast<uint32_t>(static_cast<uint8_t>(
                      static_cast<int8_t>(14 * static_cast<int>(h) + static_cast<int>(l))))

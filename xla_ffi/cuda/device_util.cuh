@@ -89,6 +89,16 @@ __device__ __forceinline__ void Store8(T* p, const float* v) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// u[k] = Uniform(seed, e32 + k) for k < 8 (flat index mod 2^32), e32 even:
+// one PairHash per two elements.
+__device__ __forceinline__ void Uniform8(uint32_t seed0, uint32_t seed1, uint32_t e32,
+                                         float* u) {
+#pragma unroll
+  for (int k = 0; k < 8; k += 2) {
+    UniformPair(seed0, seed1, (e32 + static_cast<uint32_t>(k)) >> 1, &u[k], &u[k + 1]);
+  }
+}
+
 __device__ __forceinline__ int WarpSumInt(int v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
@@ -207,17 +217,13 @@ __device__ __forceinline__ void BlockHadamardSmem(float* sx, int len, int L,
 
 // One butterfly of a stage whose pairs sit in lanes `lane` and `lane ^ m` of
 // a warp, element k of each: Butterfly(a, b) with a from the lower lane;
-// the lower lane keeps the sum, the upper one the difference.
+// the lower lane keeps the sum a + b = other + mine, the upper one the
+// difference a - b = other + (-mine) (IEEE: the same roundings), so one
+// sign flip and one add per element.
 __device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
   const float other = __shfl_xor_sync(0xffffffffu, mine, m);
-  if ((lane & m) == 0) {
-    float a = mine, b = other;
-    Butterfly(a, b);
-    return a;
-  }
-  float a = other, b = mine;
-  Butterfly(a, b);
-  return b;
+  const uint32_t flip = (lane & m) ? 0x80000000u : 0u;
+  return other + __uint_as_float(__float_as_uint(mine) ^ flip);
 }
 
 // HadamardInPlace (blocks of 2^L, L <= 10, 2^L <= 8 * kThreads) over a chunk

@@ -12,13 +12,14 @@
 //     (ResidualTileKernel), then written row- or column-wise.
 //   lsq_backward: chunks of 2048 elements of dT[M, K]; each element gathers
 //     its gradient (the kept-row slots), applies the STE mask and adds its
-//     delta term, then the chunk runs the block Hadamard and is stored in dT's
-//     dtype. Full chunks with K % 8 == 0 and aligned pointers:
+//     delta term, then the chunk runs the block +-1 Hadamard, is scaled by
+//     HadamardScale(L) and stored in dT's dtype. Full chunks with K % 8 == 0 and aligned pointers:
 //     LsqBackwardChunksKernel (two chunks per block, every load issued first,
 //     Hadamard in registers / warp shuffles: ChunkHadamard8); the rest
 //     (partial last chunk, ragged or misaligned): LsqBackwardKernel, through
 //     shared memory (the same Butterfly calls on the same values).
-//   lsq_weight_backward: Hadamard down the columns of kernel[D, C]; blocks of
+//   lsq_weight_backward: Hadamard down the columns of kernel[D, C] (v = +-1
+//     transform * QuantFactor; dk = +-1 transform * HadamardScale); blocks of
 //     at most 32 rows: one thread per column, tiles in registers
 //     (LsqWeightBackwardColumnsRegKernel); larger blocks: column tiles in
 //     shared memory (LsqWeightBackwardKernel).
@@ -305,6 +306,7 @@ LsqBackwardChunksKernel(const G* __restrict__ grad,
   constexpr int U = kChunksPerBlock;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * U;
   const int L = ClampedLog2(log2_ptr, max_log2);
+  const float scale = HadamardScale(L);
   bool live[U];
   int64_t e0[U];
 #pragma unroll
@@ -376,6 +378,8 @@ LsqBackwardChunksKernel(const G* __restrict__ grad,
       v[i] = inside ? g[j][i] : 0.0f;
     }
     ChunkHadamard8<kThreads>(v, L, sx);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= scale;
     Store8(dt + e0[j], v);
   }
   BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
@@ -427,7 +431,10 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
     }
   }
   BlockHadamardSmem<kThreads>(sx, len, L);
-  for (int i = threadIdx.x; i < len; i += kThreads) dt[start + i] = FromFloat<OutT>(sx[i]);
+  const float scale = HadamardScale(L);
+  for (int i = threadIdx.x; i < len; i += kThreads) {
+    dt[start + i] = FromFloat<OutT>(sx[i] * scale);
+  }
 
   BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
 }
@@ -436,7 +443,7 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
 // threads: consecutive columns, coalesced), kTiles consecutive tiles of TR =
 // 2^max_log2 rows per step (at least 8 rows, so enough loads are in flight).
 // It loads the TR kernel and TR grad values of each tile at once,
-// RegisterHadamard on the kernel, v = k / step, the delta term and the STE
+// RegisterHadamard on the kernel, v = k * QuantFactor, the delta term and the STE
 // mask as LsqWeightBackwardKernel, RegisterHadamard on the masked grad, and
 // stores the dk rows. Tiles past R (R % TR == 0) are skipped whole.
 constexpr int kColThreads = 256;
@@ -453,7 +460,8 @@ LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
   constexpr int kRows = TR * kTiles;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
   const int L = ClampedLog2(log2_ptr, max_log2);
-  const float step = *step_ptr;
+  const float factor = QuantFactor(L, *step_ptr);
+  const float scale = HadamardScale(L);
   const int64_t steps = CeilDivDev(R, kRows);
   float acc = 0.0f;
   if (c < S) {  // no early return: BlockSumToGlobal has a barrier
@@ -482,7 +490,7 @@ LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
         if (!live[u]) continue;
 #pragma unroll
         for (int i = u * TR; i < (u + 1) * TR; ++i) {
-          const float v = kv[i] / step;
+          const float v = kv[i] * factor;
           const float g = gv[i];
           const bool inside = (v >= -qn) && (v <= qp);
           const float delta = v < -qn ? -static_cast<float>(qn)
@@ -497,7 +505,9 @@ LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
       for (int u = 0; u < kTiles; ++u) {
         if (!live[u]) continue;
 #pragma unroll
-        for (int i = u * TR; i < (u + 1) * TR; ++i) dk[(r0 + i) * S + c] = FromFloat<T>(gv[i]);
+        for (int i = u * TR; i < (u + 1) * TR; ++i) {
+          dk[(r0 + i) * S + c] = FromFloat<T>(gv[i] * scale);
+        }
       }
     }
   }
@@ -542,7 +552,8 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
   const int TR = 1 << max_log2;
   const int TC = kColTile / TR;
   const int L = ClampedLog2(log2_ptr, max_log2);
-  const float step = *step_ptr;
+  const float factor = QuantFactor(L, *step_ptr);
+  const float scale = HadamardScale(L);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * TC;
   const int64_t row_tiles = R / TR;
   float acc = 0.0f;
@@ -560,7 +571,7 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
     BlockHadamardSmem<kThreads>(sk, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
       const int p = Padded(i, max_log2);
-      const float v = sk[p] / step;
+      const float v = sk[p] * factor;
       const float g = sg[p];
       const bool inside = (v >= -qn) && (v <= qp);
       const float delta = v < -qn ? -static_cast<float>(qn)
@@ -572,7 +583,9 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
       const int r = i / TC;
       const int c = i - r * TC;
-      if (c0 + c < S) dk[(r0 + r) * S + c0 + c] = FromFloat<T>(sg[Padded(c * TR + r, max_log2)]);
+      if (c0 + c < S) {
+        dk[(r0 + r) * S + c0 + c] = FromFloat<T>(sg[Padded(c * TR + r, max_log2)] * scale);
+      }
     }
     __syncthreads();
   }

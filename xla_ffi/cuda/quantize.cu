@@ -86,14 +86,25 @@ __device__ __forceinline__ void AccumulateRows(RowStats& st, int64_t e0, int n,
 }
 
 // AccumulateRows for a full warp whose lanes each hold 8 consecutive
-// elements: when all 256 lie in one row (K >= 256, the common case), one warp
-// reduction and one shared atomic instead of 32 contending ones.
-__device__ __forceinline__ void AccumulateRowsWarp(RowStats& st, int64_t e0, const int* q2,
-                                                   const bool* nonfinite) {
-  const int64_t row = e0 / st.K;
-  const bool single = (e0 + 7) / st.K == row;
-  const int64_t row0 = __shfl_sync(0xffffffffu, row, 0);
-  if (__all_sync(0xffffffffu, single && row == row0)) {
+// elements (the warp's 256 start at a multiple of 256): when all 256 lie in
+// one row, one warp reduction and one atomic instead of 32 contending ones.
+// k256 = K / 256 when K % 256 == 0 (and the element count < 2^40): then the
+// warp's elements always share row (e0 / 256) / k256, one 32-bit division;
+// 0: the general test with 64-bit divisions.
+__device__ __forceinline__ void AccumulateRowsWarp(RowStats& st, int64_t e0, uint32_t k256,
+                                                   const int* q2, const bool* nonfinite) {
+  int64_t row;
+  bool one_row;
+  if (k256 != 0) {
+    row = static_cast<uint32_t>(e0 >> 8) / k256;
+    one_row = true;
+  } else {
+    row = e0 / st.K;
+    const bool single = (e0 + 7) / st.K == row;
+    const int64_t row0 = __shfl_sync(0xffffffffu, row, 0);
+    one_row = __all_sync(0xffffffffu, single && row == row0);
+  }
+  if (one_row) {
     int sum = 0;
     bool bad = false;
 #pragma unroll
@@ -113,17 +124,17 @@ __device__ __forceinline__ bool NonFinite(float v) { return !isfinite(v); }
 
 // A full, aligned chunk whose 8 elements per thread (8t .. 8t+7) are
 // already in v (loaded by the caller, so that several chunks' loads are in
-// flight at once): ChunkHadamard8, then the quantize and the packing of the
-// thread's 8 elements: one 8-byte q store, one 4-byte nibble store, one flag
-// byte per plane, and the row statistics (RowStats in shared or global
-// memory). The same Butterfly calls on the same values as the shared-memory
-// path.
+// flight at once): ChunkHadamard8, v = y * factor (QuantFactor), then the
+// quantize and the packing of the thread's 8 elements (noise: one
+// UniformPair per two): one 8-byte q store, one 4-byte nibble store, one
+// flag byte per plane, and the row statistics. The same Butterfly calls on
+// the same values as the shared-memory path.
 template <bool kResidual>
 __device__ __forceinline__ void QuantizeFullChunk(
-    float* v, int64_t start, int L, float* sx, float step,
+    float* v, int64_t start, int L, float* sx, float factor,
     uint32_t seed0, uint32_t seed1, int qn, int qp, int planes,
     int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
-    uint8_t* __restrict__ flags, int64_t plane_stride, RowStats& stats) {
+    uint8_t* __restrict__ flags, int64_t plane_stride, uint32_t k256, RowStats& stats) {
   const int tid = threadIdx.x;
   bool nonfinite[8];
 #pragma unroll
@@ -134,17 +145,18 @@ __device__ __forceinline__ void QuantizeFullChunk(
   uint32_t qw[2] = {0u, 0u};
   uint32_t nib = 0, f0 = 0, f1 = 0;
   int q2[8];
+  float u[8];
+  if (kResidual) Uniform8(seed0, seed1, static_cast<uint32_t>(e0), u);
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const float vv = v[k] / step;
+    const float vv = v[k] * factor;
     const int8_t qv = QuantizeCode(vv, qn, qp);
     q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
     qw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (k & 3));
     if (kResidual) {
-      const float u = Uniform(seed0, seed1, static_cast<uint32_t>(e0 + k));
       int8_t code;
       uint8_t fl;
-      EncodeBackwardState(vv, u, qn, qp, &code, &fl);
+      EncodeBackwardState(vv, u[k], qn, qp, &code, &fl);
       nib |= (static_cast<uint32_t>(static_cast<uint8_t>(code)) & 0xFu) << (4 * k);
       f0 |= static_cast<uint32_t>(fl & 1) << k;
       f1 |= static_cast<uint32_t>((fl >> 1) & 1) << k;
@@ -155,7 +167,7 @@ __device__ __forceinline__ void QuantizeFullChunk(
     *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = nib;
     flags[e0 >> 3] = static_cast<uint8_t>(f0);
     if (planes == 2) flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
-    AccumulateRowsWarp(stats, e0, q2, nonfinite);
+    AccumulateRowsWarp(stats, e0, k256, q2, nonfinite);
   }
 }
 
@@ -175,7 +187,8 @@ HadamardQuantizeChunksKernel(const T* __restrict__ x, int64_t full_chunks, int64
                              int qn, int qp, int planes,
                              int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
                              uint8_t* __restrict__ flags, int64_t plane_stride,
-                             int* __restrict__ row_sum, int* __restrict__ row_bad) {
+                             uint32_t k256, int* __restrict__ row_sum,
+                             int* __restrict__ row_bad) {
   __shared__ __align__(16) float sx[kHqChunk];
   constexpr int U = kHqChunksPerBlock;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * U;
@@ -185,15 +198,16 @@ HadamardQuantizeChunksKernel(const T* __restrict__ x, int64_t full_chunks, int64
     if (first + j < full_chunks) Load8(x + (first + j) * kHqChunk + 8 * threadIdx.x, v[j]);
   }
   const int L = ClampedLog2(log2_ptr, max_log2);
-  const float step = *step_ptr;
+  const float factor = QuantFactor(L, *step_ptr);
   const uint32_t seed0 = kResidual ? seed[0] : 0u;
   const uint32_t seed1 = kResidual ? seed[1] : 0u;
   RowStats stats{row_sum, row_bad, 0, K};
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (first + j < full_chunks) {  // uniform across the block
-      QuantizeFullChunk<kResidual>(v[j], (first + j) * kHqChunk, L, sx, step, seed0, seed1,
-                                   qn, qp, planes, q, nibbles, flags, plane_stride, stats);
+      QuantizeFullChunk<kResidual>(v[j], (first + j) * kHqChunk, L, sx, factor, seed0, seed1,
+                                   qn, qp, planes, q, nibbles, flags, plane_stride, k256,
+                                   stats);
     }
   }
 }
@@ -223,7 +237,7 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
   const int tid = threadIdx.x;
 
   const int L = ClampedLog2(log2_ptr, max_log2);
-  const float step = *step_ptr;
+  const float factor = QuantFactor(L, *step_ptr);
   const uint32_t seed0 = seed[0];
   const uint32_t seed1 = seed[1];
 
@@ -258,7 +272,7 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
     for (int k = 0; k < 4; ++k) {
       if (k < n) {
         const int i = i0 + k;
-        const float v = sx[i] / step;
+        const float v = sx[i] * factor;
         const int8_t qv = QuantizeCode(v, qn, qp);
         q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
         packed |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * k);
@@ -351,7 +365,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
   const int TR = 1 << max_log2;
   const int TC = kColTile / TR;
   const int L = ClampedLog2(log2_ptr, max_log2);
-  const float step = *step_ptr;
+  const float factor = QuantFactor(L, *step_ptr);
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * TC;
   const int64_t row_tiles = R / TR;
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
@@ -368,7 +382,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
         const int c = i / TR;
         const int r = i - c * TR;
         if (c0 + c < S) {
-          q[(c0 + c) * R + r0 + r] = QuantizeCode(sx[Padded(i, max_log2)] / step, qn, qp);
+          q[(c0 + c) * R + r0 + r] = QuantizeCode(sx[Padded(i, max_log2)] * factor, qn, qp);
         }
       }
     } else {          // q[R, S]: runs of TC bytes along c
@@ -377,7 +391,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
         const int c = i - r * TC;
         if (c0 + c < S) {
           q[(r0 + r) * S + c0 + c] =
-              QuantizeCode(sx[Padded(c * TR + r, max_log2)] / step, qn, qp);
+              QuantizeCode(sx[Padded(c * TR + r, max_log2)] * factor, qn, qp);
         }
       }
     }
@@ -403,7 +417,7 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
   if (c >= S) return;
   const int L = ClampedLog2(log2_ptr, max_log2);
-  const float step = *step_ptr;
+  const float factor = QuantFactor(L, *step_ptr);
   const int64_t row_tiles = R / TR;
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const int64_t r0 = rt * TR;
@@ -413,7 +427,7 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
     RegisterHadamard<TR>(v, L);
     int8_t code[TR];
 #pragma unroll
-    for (int i = 0; i < TR; ++i) code[i] = QuantizeCode(v[i] / step, qn, qp);
+    for (int i = 0; i < TR; ++i) code[i] = QuantizeCode(v[i] * factor, qn, qp);
     if (!transpose) {
 #pragma unroll
       for (int i = 0; i < TR; ++i) q[(r0 + i) * S + c] = code[i];
@@ -571,6 +585,9 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
                        (reinterpret_cast<uintptr_t>(q_p) & 7) == 0 &&
                        (!with_residual || (reinterpret_cast<uintptr_t>(nib_p) & 3) == 0);
   const int64_t full = aligned ? total / kHqChunk : 0;
+  // Warps of 256 elements never straddle a row when K % 256 == 0.
+  const uint32_t k256 =
+      (S % 256 == 0 && (total >> 40) == 0) ? static_cast<uint32_t>(S / 256) : 0u;
   DispatchFloat(kind, [&](auto tag) {
     using T = decltype(tag);
     const T* x_p = reinterpret_cast<const T*>(x.untyped_data());
@@ -579,11 +596,11 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
       if (with_residual) {
         HadamardQuantizeChunksKernel<T, true><<<fb, kHqThreads, 0, stream>>>(
             x_p, full, S, step_p, seed_p, log2_p, max_log2, qn, qp, planes, q_p, nib_p,
-            flag_p, Q, row_sum, row_bad);
+            flag_p, Q, k256, row_sum, row_bad);
       } else {
         HadamardQuantizeChunksKernel<T, false><<<fb, kHqThreads, 0, stream>>>(
             x_p, full, S, step_p, seed_p, log2_p, max_log2, qn, qp, planes, q_p, nib_p,
-            flag_p, Q, row_sum, row_bad);
+            flag_p, Q, k256, row_sum, row_bad);
       }
     }
     if (chunks > full) {
