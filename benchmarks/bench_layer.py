@@ -20,8 +20,10 @@ sampling, the paper's default; ``nonzero``: bit splitting, all rows kept;
 
 How: for each shape, every case is compiled and warmed up first; then the
 timed runs go round robin over the cases of that shape (so load changes on a
-shared machine hit all alike), each synchronised with
-``jax.block_until_ready``; the median of ``--repeats`` runs is reported.
+shared machine hit all alike), each ``--calls`` back-to-back steps
+synchronised once with ``jax.block_until_ready`` (per-step time = sample /
+calls, as an asynchronously dispatched training loop runs); the median of
+``--repeats`` samples is reported.
 Speed-up = bf16 median / case median (> 1: INT4 faster).
 
 Shapes: ``--tokens`` x (D -> D) and ``--tokens`` x (D -> 4D) for each D of
@@ -76,6 +78,8 @@ def parse_args(argv=None):
                  help="comma-separated widths D, each timed as D -> D and"
                       " D -> 4D; default 1024,2048,4096,8192 on a GPU, 1024 on"
                       " a CPU")
+  p.add_argument("--calls", type=int, default=5,
+                 help="back-to-back steps per timed sample (one sync each)")
   p.add_argument("--repeats", type=int, default=15,
                  help="timed runs per case (the median is reported)")
   p.add_argument("--warmup", type=int, default=2,
@@ -99,8 +103,8 @@ def parse_args(argv=None):
   tokens, hidden = DEFAULTS.get(jax.default_backend(), DEFAULTS["cpu"])
   args.tokens = args.tokens or tokens
   args.hidden = args.hidden or hidden
-  if args.tokens < 1 or args.repeats < 1 or min(args.hidden) < 1:
-    p.error("--tokens, --repeats and --hidden must be positive")
+  if args.tokens < 1 or args.repeats < 1 or args.calls < 1 or min(args.hidden) < 1:
+    p.error("--tokens, --repeats, --calls and --hidden must be positive")
   return args
 
 
@@ -141,11 +145,14 @@ def residual_bytes_per_element(layer, params, d_in, key, rows=64):
   return (size[1] - size[0]) / (rows * d_in)
 
 
-def time_cases(steps: dict, repeats: int, warmup: int) -> dict:
-  """Median / min / max wall time of each jitted step, in ms.
+def time_cases(steps: dict, repeats: int, warmup: int, calls: int = 5) -> dict:
+  """Median / min / max per-step time of each jitted step, in ms.
 
-  Every case is compiled and warmed up first; the timed runs then go round
+  Every case is compiled and warmed up first; the timed samples then go round
   robin over the cases, so a change of machine load hits all of them alike.
+  A sample is ``calls`` back-to-back steps and one synchronization (JAX
+  dispatches asynchronously: a training loop does not wait on the host
+  between steps), divided by ``calls``.
   """
   out = {}
   for name, (step, args) in steps.items():
@@ -156,9 +163,13 @@ def time_cases(steps: dict, repeats: int, warmup: int) -> dict:
       jax.block_until_ready(step(*args))
   for _ in range(repeats):
     for name, (step, args) in steps.items():
+      # `calls` back-to-back steps, one sync (as a training loop dispatches).
       t0 = time.perf_counter()
-      jax.block_until_ready(step(*args))
-      out[name]["times_ms"].append(1e3 * (time.perf_counter() - t0))
+      result = None
+      for _ in range(calls):
+        result = step(*args)
+      jax.block_until_ready(result)
+      out[name]["times_ms"].append(1e3 * (time.perf_counter() - t0) / calls)
   for r in out.values():
     r.update(median_ms=statistics.median(r["times_ms"]),
              min_ms=min(r["times_ms"]), max_ms=max(r["times_ms"]))
@@ -172,7 +183,7 @@ def run_shape(args, d_in, d_out) -> list:
   for name, (layer, _) in cases.items():
     step, step_args, residual[name] = make_step(layer, args.tokens, d_in, d_out)
     steps[name] = (step, step_args)
-  timed = time_cases(steps, args.repeats, args.warmup)
+  timed = time_cases(steps, args.repeats, args.warmup, args.calls)
   base = timed[BF16]["median_ms"]
   flops = 3 * 2 * args.tokens * d_in * d_out  # forward, dX and dW GEMMs
   rows = []
@@ -233,6 +244,7 @@ def main(argv=None) -> int:
       "environment": env,
       "settings": {
           "tokens": args.tokens, "hidden": args.hidden, "repeats": args.repeats,
+          "calls_per_sample": args.calls,
           "warmup": args.warmup, "statistic": "median",
           "order": "round robin over the cases of a shape",
           "dtype": "bfloat16 inputs, params and outputs (both layers)",

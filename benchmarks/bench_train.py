@@ -209,6 +209,7 @@ def run_one(args) -> dict:
   median_ms = statistics.median(times)
   return {
       "variant": variant, "hidden": d, "environment": common.environment(args.engine),
+      "backward_run": jint4.matmul.backward_mode(config) if config else None,
       "n_params": int(n_params), "first_call_s": compile_s,
       "median_ms": median_ms, "min_ms": min(times), "max_ms": max(times),
       "times_ms": times, "tokens_per_s": args.tokens / (median_ms * 1e-3),
@@ -404,7 +405,7 @@ def parse_args(argv=None):
                  help="untimed steps after the compiling one")
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
                  help="Int4Config.engine of the int4 variant")
-  p.add_argument("--backward", default="lss",
+  p.add_argument("--backward", default="auto",
                  choices=jint4.config.BACKWARD_MODES,
                  help="Int4Config.backward of the int4 variant")
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),

@@ -213,7 +213,7 @@ def parse_args(argv=None):
   p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
   p.add_argument("--forward", default="hq", choices=jint4.config.FORWARD_MODES,
                  help="jint4 forward quantizer")
-  p.add_argument("--backward", default="lss",
+  p.add_argument("--backward", default="auto",
                  choices=jint4.config.BACKWARD_MODES,
                  help="jint4 gradient quantizer")
   p.add_argument("--log-every", type=int, default=0,

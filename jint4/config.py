@@ -8,8 +8,11 @@ arrays and no state, so it can be a static argument of `jax.jit` and of
 
 Defaults follow the paper (Xi, Li, Chen, Zhu, "Training Transformers with 4-bit
 Integers", NeurIPS 2023): Hadamard quantizer with LSQ step sizes in the forward
-pass (range [-7, 7], block 32), bit splitting plus leverage score sampling in the
-backward pass with a budget of N of the 2N bit-split rows.
+pass (range [-7, 7], block 32), bit splitting in the backward pass, with
+leverage score sampling (a budget of N of the 2N bit-split rows) where it pays:
+on GPUs with INT4 tensor cores. Elsewhere (Hopper, CPU) the INT4 operands run on
+INT8 engines, where the two bit-split halves cost one GEMM together, so sampling
+would save no work and only add variance: ``backward="auto"`` keeps every row.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import dataclasses
 from typing import Literal, Union
 
 ForwardMode = Literal["hq", "lsq", "none"]
-BackwardMode = Literal["lss", "nonzero", "exact", "luq", "minmax"]
+BackwardMode = Literal["auto", "lss", "nonzero", "exact", "luq", "minmax"]
 Engine = Literal["auto", "native", "reference"]
 
 FORWARD_MODES = ("hq", "lsq", "none")
-BACKWARD_MODES = ("lss", "nonzero", "exact", "luq", "minmax")
+BACKWARD_MODES = ("auto", "lss", "nonzero", "exact", "luq", "minmax")
 ENGINES = ("auto", "native", "reference")
 MAX_HADAMARD_BLOCK = 1024
 
@@ -36,10 +39,13 @@ class Int4Config:
       contraction dim, then LSQ on both operands (paper Sec. 4). ``"lsq"``:
       LSQ without the Hadamard transform (the paper's LSQ+LUQ baseline).
       ``"none"``: no quantization (float matmul).
-    backward: gradient quantizer. ``"lss"``: bit splitting + leverage score
-      sampling with a fixed budget (paper Sec. 5, default). ``"nonzero"``: bit
+    backward: gradient quantizer. ``"auto"`` (default): ``"lss"`` on GPUs with
+      INT4 tensor cores (compute capability 8.x), else ``"nonzero"`` (see
+      `jint4.kernels.int4_tensor_cores`). ``"lss"``: bit splitting + leverage
+      score sampling with a fixed budget (paper Sec. 5). ``"nonzero"``: bit
       splitting, every row with a non-zero score kept (the reference code's
-      behaviour; an INT8-accurate gradient from two INT4 GEMMs). ``"exact"``:
+      behaviour; an INT8-accurate gradient from two INT4 GEMMs, which INT8
+      tensor cores run as one on the joined digits). ``"exact"``:
       no gradient quantization (float products with the quantized forward
       operands). ``"luq"``: the LUQ baseline (Chmiel et al. 2021). ``"minmax"``:
       uniform min/max bins with stochastic rounding (the PTQ baseline).
@@ -61,7 +67,7 @@ class Int4Config:
   """
 
   forward: ForwardMode = "hq"
-  backward: BackwardMode = "lss"
+  backward: BackwardMode = "auto"
   qn: int = 7
   qp: int = 7
   hadamard_block: Union[int, Literal["auto"]] = 32

@@ -15,7 +15,8 @@ Backward (paper Sec. 5), G = dL/dY:
     dX = (1[in range] * dX_hat_h) Hb^T,   dW = (1[in range] * dW_hat_h) Hb^T
     ds = g * sum(dT_hat_h * delta)               (LSQ step-size gradients)
 
-Backward modes (`Int4Config.backward`):
+Backward modes (`Int4Config.backward`; "auto" picks "lss" on INT4 tensor
+cores, else "nonzero": `backward_mode`):
   "lss":     dX: keep B of the 2N bit-split rows (scores ||G2_i||), one INT4
              GEMM over the B kept rows with the 1/p_i and half scales applied
              per output row in the epilogue, scatter-added to their token.
@@ -223,7 +224,7 @@ def _backward(static, res, g):
   qwt, _ = eng.hadamard_quantize(kernel, sw32, block=block, qn=qn, qp=qp, axis=0)
   # Each mode gives dX_hat (as rows + optional token slots) and dW_hat[D, C],
   # both in the Hadamard domain.
-  dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[cfg.backward](ctx, g, qwt)
+  dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[backward_mode(cfg)](ctx, g, qwt)
 
   # Activation side, one fused pass: gather the kept rows to their token, STE
   # mask and step gradient from the residual, then Hb^T.
@@ -335,6 +336,17 @@ def _products_lss(ctx, g, qwt):
   qxt = ctx.qx(rows=index % n, transpose=True)                          # [D, S]
   dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo2 * ctx.sx, int4=False)    # [D, C]
   return part, slots, dwh_hat
+
+
+def backward_mode(config: Int4Config) -> str:
+  """The backward `config` runs on the default device: ``config.backward``,
+  with ``"auto"`` resolved to ``"lss"`` where INT4 tensor cores make the
+  sampled half-size GEMMs pay (`kernels.int4_tensor_cores`), else
+  ``"nonzero"`` (the joined bit-split GEMM costs the same as the sampled one
+  on INT8 engines, with no sampling variance)."""
+  if config.backward != "auto":
+    return config.backward
+  return "lss" if kernels.int4_tensor_cores() else "nonzero"
 
 
 _GRADIENT_PRODUCTS = {

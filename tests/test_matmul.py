@@ -112,7 +112,7 @@ def test_lss_variance_shrinks_with_budget():
   keys = jax.random.split(jax.random.key(4), 150)
   var = {}
   for budget in (0.25, 1.0, 2.0):
-    s = jax.jit(jax.vmap(lambda k: dw(Int4Config(lss_budget=budget), k)))(keys)
+    s = jax.jit(jax.vmap(lambda k: dw(Int4Config(backward="lss", lss_budget=budget), k)))(keys)
     var[budget] = float(jnp.var(s, axis=0).sum())
   assert var[0.25] > var[1.0] > var[2.0]
 
@@ -298,3 +298,27 @@ def test_config_validation():
   with pytest.raises(Exception):
     cfg.backward = "exact"  # frozen
   assert hash(cfg) == hash(Int4Config())
+
+
+def test_auto_backward_resolves_by_tensor_core_kind(monkeypatch):
+  """backward="auto" (the default): every bit-split row where INT4 values run
+  on INT8 engines (this CPU, Hopper), leverage score sampling on INT4 tensor
+  cores; the same gradients as naming the mode."""
+  from jint4 import kernels, matmul
+  assert Int4Config().backward == "auto"
+  x, w, sx, sw = _data()
+  ct = jax.random.normal(jax.random.key(5), (32, 16))
+  grad = lambda cfg: jax.grad(
+      lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=cfg) * ct),
+      argnums=(0, 1))(x, w)
+  for tensor_cores, mode in ((False, "nonzero"), (True, "lss")):
+    monkeypatch.setattr(kernels, "int4_tensor_cores", lambda t=tensor_cores: t)
+    assert matmul.backward_mode(Int4Config()) == mode
+    assert matmul.backward_mode(Int4Config(backward="exact")) == "exact"
+    auto, named = grad(Int4Config()), grad(Int4Config(backward=mode))
+    for a, b in zip(auto, named):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  monkeypatch.undo()
+  assert kernels.int4_tensor_cores() == (
+      jax.default_backend() == "gpu"
+      and str(jax.devices()[0].compute_capability).startswith("8."))

@@ -3,11 +3,13 @@
 # suites, compute-sanitizer on a small case, and the GPU benchmarks.
 # Usage (device machine, repo root, .whl/ carrying the nvidia-cutlass wheel):
 #   bash tools/gpu_check.sh [all|tests|bench]   # results under $OUT (or ./gpu_check_out)
-# "tests": build, suites, sanitizer, GEMM and operator benchmarks;
+# "tests": build, suites, sanitizer, operator benchmarks (SKIP_TESTS=1: only
+# the benchmarks);
 # "bench": build, layer and train-step benchmarks; "all": both (over 10 min).
 # Knobs (environment): TEST_FILES, TEST_TIMEOUT, SKIP_TESTS, SKIP_PROBE,
 # SKIP_OPS, OPS_SHAPES, SKIP_GEMM, LAYER_HIDDEN / LAYER_TIMEOUT / LAYER_BUDGET,
-# SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET, NCU=1 / NCU_SHAPE.
+# SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET, NCU=1 / NCU_SHAPE,
+# GEMM_SWEEP=1 / SWEEP_TIMEOUT / SWEEP_ARGS.
 set -uo pipefail
 PHASE="${1:-all}"
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -80,8 +82,10 @@ if [ -d .probe ] && [ -z "${SKIP_PROBE:-}" ]; then
   done
 fi
 
-if [ "$PHASE" != bench ] && [ -z "${SKIP_TESTS:-}" ]; then
-if command -v compute-sanitizer >/dev/null; then
+if [ "$PHASE" != bench ]; then
+if [ -n "${SKIP_TESTS:-}" ]; then
+  :
+elif command -v compute-sanitizer >/dev/null; then
   compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
     tests/kernels/test_native_gpu.py -k sanitizer -p no:cacheprovider > "$OUT/sanitizer.log" 2>&1
   summary "compute-sanitizer memcheck rc=$? ($(grep -c 'ERROR SUMMARY: 0 errors' "$OUT/sanitizer.log") clean summaries)"
@@ -106,6 +110,13 @@ if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   summary "ncu rc=$?"
   python3 tools/ncu_summary.py "$OUT/ncu.csv" > "$OUT/ncu_summary.txt" 2>&1
   cat "$OUT/ncu_summary.txt"
+fi
+
+# GEMM_SWEEP=1: the sm90 GEMM configs x tile-scheduler knobs (tools/gemm_sweep.py).
+if [ -n "${GEMM_SWEEP:-}" ]; then
+  timeout "${SWEEP_TIMEOUT:-200}" python3 tools/gemm_sweep.py --out "$OUT/gemm_sweep.json" \
+    ${SWEEP_ARGS:-} > "$OUT/gemm_sweep.log" 2>&1
+  summary "gemm_sweep rc=$?"; tail -45 "$OUT/gemm_sweep.log" | tee -a "$OUT/summary.txt"
 fi
 
 [ -n "${SKIP_OPS:-}" ] || bench benchmarks/bench_ops.py 130 --engine auto --repeats 10 \

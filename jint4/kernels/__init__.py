@@ -97,6 +97,22 @@ def get_engine(name: str = "auto"):
   return _namespace("auto", policy)
 
 
+def int4_tensor_cores() -> bool:
+  """True when the default device runs INT4 operands on INT4 tensor cores.
+
+  That is compute capability 8.x (A100, A10, L4, RTX 30/40): `mma.sync` with
+  s4 operands at twice the INT8 rate. Hopper emulates INT4 `mma.sync` in
+  software (HOPPER_NOTES.md), so INT4 values run on its INT8 tensor cores, as
+  on CPU: there the joined bit-split digits (14 hi + lo) cost one GEMM, the
+  same as the sampled rows of leverage score sampling, and
+  `Int4Config(backward="auto")` keeps every row.
+  """
+  if _backend() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  return str(capability).split(".")[0] == "8"
+
+
 def engine_info(name: str = "auto") -> dict:
   """Which implementation each op runs with for ``name``, and why."""
   backend = _backend()
