@@ -53,9 +53,15 @@ def main():
   p.add_argument("--quick", action="store_true")
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--engine", default="auto")
+  p.add_argument("--shapes", type=str, default=None,
+                 help="'M,N,K;M,N,K;...' instead of the default list")
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args()
   shapes = QUICK if args.quick or jax.default_backend() == "cpu" else PAPER
+  if args.shapes:
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s]
+    if any(len(s) != 3 or min(s) < 1 for s in shapes):
+      p.error("--shapes takes positive M,N,K triples separated by ';'")
   fns = cases(args.engine)
   rows = []
   print(f"{'M,N,K':>20} | " + " | ".join(f"{k:>26}" for k in fns))
@@ -75,9 +81,10 @@ def main():
     rows.append(row)
     print(f"{str((m, n, k)):>20} | " + " | ".join(
         f"{row[x]['median_ms']:8.3f}ms {row[x]['tops']:6.0f}T {row[x]['vs_bf16']:4.2f}x"
-        for x in fns))
-  name = f"bench_gemm_{jax.default_backend()}"
-  common.write(args.out_dir, name, {"environment": common.environment(), "rows": rows})
+        for x in fns), flush=True)
+    # Rewritten after every shape: an interrupted run keeps what it measured.
+    name = f"bench_gemm_{jax.default_backend()}"
+    common.write(args.out_dir, name, {"environment": common.environment(), "rows": rows})
   labels = [",".join(map(str, r["shape"])) for r in rows]
   common.bar_plot(args.out_dir, name, labels,
                   {k: [r[k]["vs_bf16"] for r in rows] for k in fns},

@@ -7,7 +7,8 @@
 # the benchmarks);
 # "bench": build, layer and train-step benchmarks; "all": both (over 10 min).
 # Knobs (environment): TEST_FILES, TEST_TIMEOUT, SKIP_TESTS, SKIP_PROBE,
-# SKIP_OPS, OPS_SHAPES, SKIP_GEMM, LAYER_HIDDEN / LAYER_TIMEOUT / LAYER_BUDGET,
+# SKIP_OPS, OPS_SHAPES, SKIP_GEMM, GEMM_SHAPES / GEMM_TIMEOUT, SKIP_LAYER, LAYER_HIDDEN / LAYER_TIMEOUT / LAYER_BUDGET,
+# SKIP_BAD_INPUT,
 # SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET, NCU=1 / NCU_SHAPE,
 # GEMM_SWEEP=1 / SWEEP_TIMEOUT / SWEEP_ARGS.
 set -uo pipefail
@@ -60,6 +61,7 @@ fi
 # and without the CUDA backend (where a crash happens, the last line says).
 python3 -c 'import re; s = open("tests/kernels/test_native.py").read(); print(re.search(r"_BAD_INPUT_SCRIPT = r?\"\"\"(.*?)\"\"\"", s, re.S).group(1))' > /tmp/bad_input.py
 for envs in "JAX_PLATFORMS=cpu" "JAX_PLATFORMS=cuda,cpu"; do
+  [ -n "${SKIP_BAD_INPUT:-}" ] && break
   env $envs timeout 120 python3 -X faulthandler -u /tmp/bad_input.py > /tmp/bad_input.log 2>&1
   summary "bad-input script [$envs]: rc=$? lines=$(grep -c ERROR /tmp/bad_input.log) last: $(grep -v '^ *File\|^  ' /tmp/bad_input.log | tail -2 | tr '\n' ' ' | cut -c1-300)"
   cp /tmp/bad_input.log "$OUT/bad_input_${envs#JAX_PLATFORMS=}.log"
@@ -123,13 +125,15 @@ fi
   --shapes "${OPS_SHAPES:-8192,8192,8192;16384,4096,16384}"
 fi
 if [ "$PHASE" != tests ]; then
-[ -n "${SKIP_GEMM:-}" ] || bench benchmarks/bench_gemm.py 120 --engine auto
-bench benchmarks/bench_layer.py "${LAYER_TIMEOUT:-260}" --engine auto \
+[ -n "${SKIP_GEMM:-}" ] || bench benchmarks/bench_gemm.py "${GEMM_TIMEOUT:-240}" --engine auto \
+  ${GEMM_SHAPES:+--shapes "$GEMM_SHAPES"}
+[ -n "${SKIP_LAYER:-}" ] || bench benchmarks/bench_layer.py "${LAYER_TIMEOUT:-260}" --engine auto \
   --hidden "${LAYER_HIDDEN:-1024,2048,4096}" --repeats 10 --budget-s "${LAYER_BUDGET:-200}"
 [ -n "${SKIP_TRAIN:-}" ] || bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
   --hidden "${TRAIN_HIDDEN:-2048,4096}" --repeats 5 --budget-s "${TRAIN_BUDGET:-200}"
 fi
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
-(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt ./*.json ./*.csv 2>/dev/null && rm -f ./*.log gpu.txt build_warnings.txt)
+(cd "$OUT" && shopt -s nullglob && tar czf logs.tgz ./*.log ./*.txt ./*.json ./*.csv;
+  rm -f ./*.log gpu.txt build_warnings.txt engine_info.json gemm_sweep.json)
 ls "$OUT"

@@ -316,3 +316,30 @@ def test_search_prefers_a_block_for_outliers(seed):
 def test_search_rejects_mismatched_kernel():
   with pytest.raises(ValueError, match="features"):
     hadamard.search_hadamard_block(jnp.ones((4, 16)), jnp.ones((8, 3)))
+
+
+@pytest.mark.parametrize("block", [1, 2, 8, 32, 128, 1024])
+def test_unnormalized_butterfly_times_scale_is_hb(block):
+  """The engines' contract: +-1 butterflies, then one factor 2^(-L/2)."""
+  x = jax.random.normal(jax.random.key(3), (4, 2048), jnp.float32)
+  pm = hadamard.hadamard_transform(x, block, method="butterfly", normalized=False)
+  # The +-1 matrix exactly (integer inputs: every partial sum is exact).
+  xi = jnp.round(x * 8)
+  pm_i = hadamard.hadamard_transform(xi, block, method="butterfly", normalized=False)
+  h = np.asarray(hadamard.hadamard_matrix(block, jnp.float32)) * math.sqrt(block)
+  ref = (np.asarray(xi).reshape(4, -1, block) @ np.round(h)).reshape(4, 2048)
+  np.testing.assert_array_equal(np.asarray(pm_i), ref)
+  scale = hadamard.hadamard_scale(block, 2048)
+  assert scale.dtype == jnp.float32
+  np.testing.assert_allclose(float(scale), block ** -0.5, rtol=1e-7)
+  np.testing.assert_allclose(np.asarray(pm * scale),
+                             np.asarray(hadamard.hadamard_transform(x, block)),
+                             rtol=1e-5, atol=1e-5)
+  # Traced log2 (clamped to the reachable stages) gives the same factor.
+  log2 = int(math.log2(block))
+  assert float(jax.jit(hadamard.hadamard_scale, static_argnums=1)(
+      jnp.int32(log2), 2048)) == float(scale)
+  assert float(hadamard.hadamard_scale(jnp.int32(log2 + 20), 2048)) == float(
+      hadamard.hadamard_scale(1024, 2048))
+  with pytest.raises(ValueError, match="butterfly"):
+    hadamard.hadamard_transform(x, block, method="matmul", normalized=False)
