@@ -50,6 +50,35 @@ __device__ __forceinline__ void DecodeInGroup(uint32_t nib, uint32_t f0, uint32_
   DecodeBackwardState(code, fl, qn, qp, qv, inside, delta_hat);
 }
 
+// The packed residual of the whole group of 8 elements at flat index e (a
+// multiple of 8; nibbles 4-byte aligned): its four nibble bytes (one 4-byte
+// load) and one flag byte per plane (f1 stays as it is for one plane), for
+// DecodeInGroup.
+__device__ __forceinline__ void LoadGroup(const uint8_t* __restrict__ nibbles,
+                                          const uint8_t* __restrict__ flags,
+                                          int64_t plane_stride, int planes, int64_t e,
+                                          uint32_t* nib, uint32_t* f0, uint32_t* f1) {
+  *nib = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
+  *f0 = flags[e >> 3];
+  if (planes == 2) *f1 = flags[plane_stride + (e >> 3)];
+}
+
+// The eight codes q of a group (DecodeInGroup), one byte each, element b in
+// byte b of the pair of words.
+__device__ __forceinline__ uint2 DecodeGroupQ(uint32_t nib, uint32_t f0, uint32_t f1, int qn,
+                                              int qp) {
+  uint32_t w[2] = {0u, 0u};
+#pragma unroll
+  for (int b = 0; b < 8; ++b) {
+    int8_t qv;
+    bool inside;
+    float dh;
+    DecodeInGroup(nib, f0, f1, b, qn, qp, &qv, &inside, &dh);
+    w[b >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (b & 3));
+  }
+  return make_uint2(w[0], w[1]);
+}
+
 // The group's nibble bytes (those past the end read as 0).
 __device__ __forceinline__ uint32_t LoadNibbles(const uint8_t* __restrict__ nibbles,
                                                 int64_t g, int64_t total, bool vec) {
@@ -77,20 +106,13 @@ ResidualValuesKernel(const uint8_t* __restrict__ nibbles,
     const uint32_t f1 = planes == 2 ? flags[plane_stride + g] : 0u;
     const uint32_t nib = LoadNibbles(nibbles, g, total, vec);
     const int64_t e0 = g << 3;
-    uint32_t out[2] = {0u, 0u};
-#pragma unroll
-    for (int b = 0; b < 8; ++b) {
-      int8_t qv;
-      bool inside;
-      float dh;
-      DecodeInGroup(nib, f0, f1, b, qn, qp, &qv, &inside, &dh);
-      out[b >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (b & 3));
-    }
+    const uint2 out = DecodeGroupQ(nib, f0, f1, qn, qp);
     if (vec && e0 + 8 <= total) {
-      *reinterpret_cast<uint2*>(q + e0) = make_uint2(out[0], out[1]);  // 8-aligned
+      *reinterpret_cast<uint2*>(q + e0) = out;  // 8-aligned
     } else {
       for (int b = 0; b < 8; ++b) {
-        if (e0 + b < total) q[e0 + b] = static_cast<int8_t>((out[b >> 2] >> (8 * (b & 3))) & 0xFFu);
+        const uint32_t word = b < 4 ? out.x : out.y;
+        if (e0 + b < total) q[e0 + b] = static_cast<int8_t>((word >> (8 * (b & 3))) & 0xFFu);
       }
     }
   }
@@ -198,11 +220,8 @@ ResidualTransposeKernel(const uint8_t* __restrict__ nibbles,
       nib[j] = 0u;
       f0[j] = 0u;
       f1[j] = 0u;
-      if (src[j] >= 0) {
-        const int64_t e = src[j] * K + k;  // a multiple of 8
-        nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
-        f0[j] = flags[e >> 3];
-        if (planes == 2) f1[j] = flags[plane_stride + (e >> 3)];
+      if (src[j] >= 0) {  // src[j] * K + k: a multiple of 8
+        LoadGroup(nibbles, flags, plane_stride, planes, src[j] * K + k, &nib[j], &f0[j], &f1[j]);
       }
     }
     if (col_ok) {
@@ -257,26 +276,15 @@ ResidualGatherRowsKernel(const uint8_t* __restrict__ nibbles,
       f0[j] = 0u;
       f1[j] = 0u;
       if (g < KG) {
-        const int64_t e = src * K + 8 * g;
-        nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
-        f0[j] = flags[e >> 3];
-        if (planes == 2) f1[j] = flags[plane_stride + (e >> 3)];
+        LoadGroup(nibbles, flags, plane_stride, planes, src * K + 8 * g, &nib[j], &f0[j], &f1[j]);
       }
     }
 #pragma unroll
     for (int j = 0; j < kGatherGroups; ++j) {
       const int64_t g = g0 + j * kThreads;
       if (g < KG) {
-        uint32_t w[2] = {0u, 0u};
-#pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          int8_t qv;
-          bool inside;
-          float dh;
-          DecodeInGroup(nib[j], f0[j], f1[j], b, qn, qp, &qv, &inside, &dh);
-          w[b >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (b & 3));
-        }
-        *reinterpret_cast<uint2*>(out + t * K + 8 * g) = make_uint2(w[0], w[1]);  // 8-aligned
+        *reinterpret_cast<uint2*>(out + t * K + 8 * g) =
+            DecodeGroupQ(nib[j], f0[j], f1[j], qn, qp);  // 8-aligned
       }
     }
   }
@@ -357,11 +365,7 @@ LsqBackwardChunksKernel(const G* __restrict__ grad,
     nib[j] = 0u;
     f0[j] = 0u;
     f1[j] = 0u;
-    if (live[j]) {
-      nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e0[j] >> 1));  // 4-aligned
-      f0[j] = flags[e0[j] >> 3];
-      if (planes == 2) f1[j] = flags[plane_stride + (e0[j] >> 3)];
-    }
+    if (live[j]) LoadGroup(nibbles, flags, plane_stride, planes, e0[j], &nib[j], &f0[j], &f1[j]);
   }
   float acc = 0.0f;
 #pragma unroll
