@@ -206,6 +206,11 @@ JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
   *lo = l == l ? static_cast<int8_t>(RoundSmall(l).integer) : int8_t{0};
 }
 
+// The joined digit 14 hi + lo (in [-98, 98]): reference.py `_join`.
+JINT4_HD int8_t JoinDigits(int8_t hi, int8_t lo) {
+  return static_cast<int8_t>(14 * static_cast<int>(hi) + static_cast<int>(lo));
+}
+
 // bitsplit.py: the divisor guard for max|G| (0, NaN or Inf -> 1).
 JINT4_HD float SafeMax(float m) {
   return (m > 0.0f && m - m == 0.0f) ? m : 1.0f;

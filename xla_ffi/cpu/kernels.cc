@@ -133,11 +133,6 @@ void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
   scales[1] = m * kInvSplitRange;
 }
 
-// The joined digit 14 hi + lo (in [-98, 98]), as reference._join.
-inline int8_t Join(int8_t hi, int8_t lo) {
-  return static_cast<int8_t>(int32_t{hi} * 14 + int32_t{lo});
-}
-
 // Hb down each column of t[rows, cols] (blocks of 2^log2_block dividing
 // rows): butterfly stage `stage` pairs rows at distance 2^stage, elementwise
 // over the columns (the same float operations per element as HadamardInPlace
@@ -403,7 +398,7 @@ void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
   WithLoader(g, type, c, [&](auto load) {
     SplitCore(r, c, load, seed0, seed1, scales,
               [&](int64_t i, int64_t j, int8_t hi, int8_t lo) {
-                const int8_t joined = Join(hi, lo);
+                const int8_t joined = JoinDigits(hi, lo);
                 if (v != nullptr) v[i * c + j] = joined;
                 if (vt != nullptr) vt[j * r + i] = joined;
               });
@@ -419,7 +414,7 @@ void ResplitRows(const int8_t* g2, int64_t c, const int32_t* rows,
   };
   SplitCore(num_rows, c, load, seed0, seed1, scales,
             [&](int64_t j, int64_t col, int8_t hi, int8_t lo) {
-              vt[col * num_rows + j] = Join(hi, lo);
+              vt[col * num_rows + j] = JoinDigits(hi, lo);
             });
 }
 

@@ -351,7 +351,7 @@ JoinedSplitKernel(Src src, int64_t R, int64_t C,
         int8_t h, l;
         SplitValue(src(r, c), f, Uniform(seed0, seed1, static_cast<uint32_t>(r * C + c)),
                    &h, &l);
-        j = static_cast<int8_t>(14 * static_cast<int>(h) + static_cast<int>(l));
+        j = JoinDigits(h, l);
         if (v != nullptr) v[r * C + c] = j;
       }
       tile[rr][cc] = j;
@@ -459,10 +459,8 @@ JoinedTileKernel(Src src, int64_t R, int64_t C, const unsigned int* __restrict__
       for (int k = 0; k < 8; ++k) {
         int8_t h, l;
         SplitValue(x[i][k], f, noise[k], &h, &l);
-        const uint32_t b =
-            ok ? static_cast<uint32_t>(static_cast<uint8_t>(
-                     static_cast<int8_t>(14 * static_cast<int>(h) + static_cast<int>(l))))
-               : 0u;
+        const uint32_t b = ok ? static_cast<uint32_t>(static_cast<uint8_t>(JoinDigits(h, l)))
+                              : 0u;
         word[k] |= b << (8 * i);
         vw[k >> 2] |= b << (8 * (k & 3));
       }
