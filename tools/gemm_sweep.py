@@ -4,8 +4,9 @@
 
 For every shape (M, N, K), in one process: XLA's bf16 dot (TN, bf16 out),
 XLA's int8 dot alone (TN, int32 out) and jint4's ``int_gemm`` (bf16 out,
-native engine) under every config of CONFIGS (JINT4_GEMM_SM90_CONFIG) x JINT4_GEMM_SWIZZLE x
-JINT4_GEMM_RASTER combination (xla_ffi/cuda/gemm_sm90.cu). The handler reads
+native engine) under every JINT4_GEMM_SWIZZLE x JINT4_GEMM_RASTER
+combination (xla_ffi/cuda/gemm_sm90.cu), per config of CONFIGS (today only
+the one compiled in; the handler reads no config variable). The handler reads
 those variables on every call and the handler is not captured into a CUDA
 graph (it declares no command-buffer trait), so one jitted function per
 shape serves them all: os.environ is changed between timings, nothing is
@@ -45,14 +46,15 @@ SHAPES = [(8192, 8192, 8192), (15360, 8704, 10752), (16384, 4096, 4096),
 # The config compiled in (gemm_sm90.cu). On 2026-11-28 (H200) this sweep also
 # ran 128x256_c2x1, 256x128_c2x1 (cooperative) and 128x128_c1x2_pingpong from
 # their own TUs: none beat it on the geometric mean over the shapes; they
-# were removed (a new one goes in its own TU, instantiating
-# gemm_sm90_impl.cuh, dispatched on JINT4_GEMM_SM90_CONFIG).
+# were removed. To compare a new one, instantiate gemm_sm90_impl.cuh in its
+# own TU, dispatch on a variable (e.g. JINT4_GEMM_SM90_CONFIG) in
+# gemm_sm90.cu, name it here and set that variable in set_knobs.
 CONFIGS = ["128x256_c1x2"]
 SWIZZLES = ["1", "2", "4", "8"]
 RASTERS = ["auto", "m", "n"]
 DEFAULT = (CONFIGS[0], "1", "auto")
 CHECK_SHAPES = [(512, 768, 1024), (333, 264, 1008)]
-KNOBS = ("JINT4_GEMM_SM90_CONFIG", "JINT4_GEMM_SWIZZLE", "JINT4_GEMM_RASTER")
+KNOBS = ("JINT4_GEMM_SWIZZLE", "JINT4_GEMM_RASTER")  # combo[1], combo[2]
 TN = (((1,), (1,)), ((), ()))
 
 
@@ -62,7 +64,7 @@ def fail(message: str):
 
 
 def set_knobs(combo):
-  for name, value in zip(KNOBS, combo):
+  for name, value in zip(KNOBS, combo[1:]):  # combo[0]: the config (compiled in)
     os.environ[name] = value
 
 

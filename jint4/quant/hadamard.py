@@ -127,18 +127,20 @@ def hadamard_scale(block, size: int) -> jax.Array:
   static size or a traced log2 (clamped to [0, max_log2_block(size)], as the
   transform's reachable stages).
   """
-  table = np.array([np.float32(_INV_SQRT2 if k & 1 else 1.0) * np.float32(2.0 ** -(k // 2))
-                    for k in range(MAX_LOG2_BLOCK + 1)], np.float32)
   if isinstance(block, (int, np.integer)):
     _check_block(int(block))
     if block > 2 ** MAX_LOG2_BLOCK:
       raise ValueError(f"Hadamard block must be <= {2 ** MAX_LOG2_BLOCK}; got {block}.")
-    return jnp.float32(table[int(block).bit_length() - 1])
+    return jnp.float32(_HADAMARD_SCALES[int(block).bit_length() - 1])
   log2 = jnp.clip(jnp.asarray(block, jnp.int32), 0, max_log2_block(size))
-  return jnp.asarray(table)[log2]
+  return jnp.asarray(_HADAMARD_SCALES)[log2]
 
 
 _INV_SQRT2 = np.float32(1.0 / math.sqrt(2.0))
+# hadamard_scale for L = 0 .. MAX_LOG2_BLOCK.
+_HADAMARD_SCALES = np.array(
+    [_INV_SQRT2 * np.float32(2.0 ** -(k // 2)) if k & 1 else np.float32(2.0 ** -(k // 2))
+     for k in range(MAX_LOG2_BLOCK + 1)], np.float32)
 
 
 def _butterfly_stage(x: jax.Array, stage: int, normalized: bool = True) -> jax.Array:
