@@ -4,8 +4,9 @@ The model below is ordinary Flax Linen code: every linear layer is a plain
 `nn.Dense`. `jint4.int4ify` turns it into an INT4-training model without
 touching that code: its Dense layers compute their forward and backward
 matmuls in 4-bit integers (Hadamard quantizer + LSQ step sizes forward, bit
-splitting + leverage score sampling backward; Xi et al. 2023). As in the paper,
-the LM head is kept in float (``keep=r"lm_head"``).
+splitting backward, with leverage score sampling on GPUs with INT4 tensor
+cores: ``backward="auto"``; Xi et al. 2023). As in the paper, the LM head is
+kept in float (``keep=r"lm_head"``).
 
 The script trains both models side by side, with the same initial weights, the
 same batches and the same `jax.jit` + `optax.adamw` loop, as a character-level
@@ -13,7 +14,7 @@ language model on Python source code that ships with the interpreter (a few
 standard-library modules), so it needs no download. Run it with
 
     PYTHONPATH=. python examples/train_transformer.py
-    PYTHONPATH=. python examples/train_transformer.py --backward nonzero
+    PYTHONPATH=. python examples/train_transformer.py --backward lss
 
 It prints train / eval loss every few steps for both models, and exits with
 status 1 if the INT4 model did not learn (final eval loss not below 90% of its
