@@ -361,6 +361,53 @@ def test_bit_split_bit_exact(shape, dtype):
     assert_same_floats(a, b)
 
 
+def _with_neighbours(values):
+  """values and their float32 neighbours on both sides."""
+  v = np.asarray(values, np.float32)
+  return np.concatenate([v, np.nextafter(v, np.float32(np.inf)),
+                         np.nextafter(v, np.float32(-np.inf))])
+
+
+def _as_matrix(values, cols):
+  """values padded with zeros to whole rows of `cols`."""
+  v = np.asarray(values, np.float32)
+  v = np.concatenate([v, np.zeros((-v.size) % cols, np.float32)])
+  return jnp.asarray(v.reshape(-1, cols))
+
+
+@pytest.mark.parametrize("qn,qp", [(7, 7), (8, 7), (1, 7), (3, 1)])
+def test_hadamard_quantize_rounding_and_clip_boundaries(qn, qp):
+  # Block 1 and step 1: v = x, so every rounding tie, clip edge and special
+  # value reaches QuantizeEncode (the handlers' one-pass form of
+  # QuantizeCode + EncodeBackwardState) exactly.
+  ties = _with_neighbours(np.arange(-40, 41) * 0.25)
+  specials = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e30, -1e30, 3e38, -3e38,
+              1e-40, -1e-40, 2.0 ** 22, -(2.0 ** 22), 1.5 * 2.0 ** 23]
+  x = _as_matrix(np.concatenate([ties, np.asarray(specials, np.float32)]), 64)
+  args = dict(block=1, qn=qn, qp=qp, seed=seed(11))
+  q_ref, r_ref = on_cpu(reference.hadamard_quantize, x, jnp.float32(1.0), **args)
+  q_nat, r_nat = on_cpu(native.hadamard_quantize, x, jnp.float32(1.0), **args)
+  assert_same_ints(q_nat, q_ref)
+  assert_same_ints(r_nat.nibbles, r_ref.nibbles)
+  assert_same_ints(r_nat.flags, r_ref.flags)
+  assert_same_floats(r_nat.norms, r_ref.norms)
+
+
+def test_bit_split_rounding_boundaries():
+  # max|g| = 98, so t = g * 98 / 98 = g: the hi ties (odd multiples of 7),
+  # the clip edges and every half-integer of [-98, 98] with its neighbours.
+  g = np.concatenate([_with_neighbours(np.arange(-196, 197) * 0.5), [98.0]])
+  g = _as_matrix(g, 16)
+  for fn in ("bit_split", "bit_split_joined"):
+    out_ref = on_cpu(getattr(reference, fn), g, seed(12))
+    out_nat = on_cpu(getattr(native, fn), g, seed(12))
+    for a, b in zip(out_nat, out_ref):
+      if a.dtype == jnp.int8:
+        assert_same_ints(a, b)
+      else:
+        assert_same_floats(a, b)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("special", [0.0, np.nan, np.inf])
 def test_bit_split_special_values(special, dtype):

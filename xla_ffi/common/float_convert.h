@@ -12,29 +12,9 @@
 #include <cstdint>
 #include <cstring>
 
-#include "jint4_math.h"  // JINT4_HD, RoundEven
+#include "jint4_math.h"  // JINT4_HD, RoundEven, FloatBits, BitsToFloat
 
 namespace jint4 {
-
-JINT4_HD uint32_t FloatBits(float v) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(v);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  return bits;
-#endif
-}
-
-JINT4_HD float BitsToFloat(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-#endif
-}
 
 // bfloat16 bits -> float32 (exact: the upper half of the float32).
 JINT4_HD float BF16BitsToFloat(uint16_t h) {

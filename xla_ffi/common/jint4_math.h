@@ -55,10 +55,34 @@ JINT4_HD uint32_t PairHash(uint32_t seed0, uint32_t seed1, uint32_t pair) {
   return Mix32(Mix32(pair * 0x9E3779B9u + seed0) ^ seed1);
 }
 
-// 16 bits as a float in [0, 1): bits * 2^-16 (exact).
-JINT4_HD float Unit16(uint32_t bits) {
-  return static_cast<float>(bits & 0xFFFFu) * 1.52587890625e-05f;  // 2^-16
+JINT4_HD uint32_t FloatBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+#endif
 }
+
+JINT4_HD float BitsToFloat(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+#endif
+}
+
+// 16 bits as a float in [0, 1): bits * 2^-16 (exact), formed as
+// (1 + bits * 2^-16) - 1: the 16 bits placed at the top of the mantissa of
+// 1.0f, then one exact subtraction (no int-to-float conversion). `bits7` is
+// the 16 bits already shifted left by 7 and masked (0x7FFF80).
+JINT4_HD float Unit16Shifted(uint32_t bits7) {
+  return BitsToFloat(0x3F800000u + bits7) - 1.0f;  // no carry: + is |
+}
+JINT4_HD float Unit16(uint32_t bits) { return Unit16Shifted((bits << 7) & 0x7FFF80u); }
 
 // Counter-based uniform in [0, 1) with 16 random bits: reference.py
 // `uniform`, element `index` (the row-major flat index, mod 2^32) of a tensor
@@ -73,8 +97,8 @@ JINT4_HD float Uniform(uint32_t seed0, uint32_t seed1, uint32_t index) {
 JINT4_HD void UniformPair(uint32_t seed0, uint32_t seed1, uint32_t pair, float* u0,
                           float* u1) {
   const uint32_t h = PairHash(seed0, seed1, pair);
-  *u0 = Unit16(h);
-  *u1 = Unit16(h >> 16);
+  *u0 = Unit16Shifted((h & 0xFFFFu) * 128u);
+  *u1 = Unit16Shifted((h >> 16) * 128u);
 }
 
 // One butterfly pair of a +-1 Hadamard stage, (a, b) -> (a + b, a - b):
@@ -127,12 +151,13 @@ JINT4_HD float Clamp(float v, float lo, float hi) {
 // integer ops instead of the GPU's quarter-rate round and float-to-int
 // conversions. Clamping to integer bounds commutes with rounding, so
 // Clamp(RoundEven(v)) == rounded Clamp(v).
+constexpr float kShifter = 12582912.0f;     // 1.5 * 2^23
+constexpr uint32_t kShifterBits = 0x4B400000u;  // its bit pattern
 struct SmallRound {
   float value;  // the rounded float
   int integer;  // the same as an int
 };
 JINT4_HD SmallRound RoundSmall(float c) {
-  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
   const float t = c + kShifter;
   int32_t bits;
 #if defined(__CUDA_ARCH__)
@@ -172,6 +197,46 @@ JINT4_HD void EncodeBackwardState(float v, float u, int qn, int qp,
   }
 }
 
+// QuantizeCode and EncodeBackwardState of one element at once, in the
+// operations a GPU runs cheaply; bit-identical to the two (tests compare
+// the handlers built on it with the reference):
+//   c = min(max(v, lo), hi) (NaN -> lo), t = c + kShifter: the bits of t
+//   carry round(c) in their low byte (kShifterBits has a zero low byte);
+//   inside <=> c == v (false for NaN); NaN gives the GEMM code 0.
+// lo = -qn, hi = qp; clip_code = qn <= 7 (clipped elements get kClipCode;
+// for qn == 8 their code is the clamp value, which c already is, NaN too).
+// v is an arithmetic result (v = y * factor), so a NaN is quiet: min/max of
+// a signalling NaN may differ between host libm and the GPU.
+struct ElementCodes {
+  uint32_t q_bits;     // low byte: QuantizeCode(v, qn, qp)
+  uint32_t code_bits;  // low byte: the residual's code (low nibble stored)
+  float q;             // QuantizeCode(v, qn, qp) as a float (exact)
+  bool bit0;           // flag bit 0
+  bool clipped;        // flag bit 1 (stored when qn == 8)
+};
+JINT4_HD ElementCodes QuantizeEncode(float v, float u, float lo, float hi, bool clip_code) {
+#if defined(__CUDA_ARCH__)
+  const float c = fminf(fmaxf(v, lo), hi);
+#else
+  const float c = std::fmin(std::fmax(v, lo), hi);
+#endif
+  const float t = c + kShifter;
+  const uint32_t r_bits = FloatBits(t);
+  const float r = t - kShifter;
+  const bool is_nan = v != v;
+  const uint32_t q_bits = is_nan ? kShifterBits : r_bits;
+  const bool inside = c == v;
+  const bool frac_bit = u < ((r - v) + 0.5f);
+  const bool side_bit = v > 0.0f;
+  ElementCodes out;
+  out.q_bits = q_bits;
+  out.code_bits = (inside || !clip_code) ? r_bits : (kShifterBits - 8u);  // kClipCode
+  out.q = BitsToFloat(q_bits) - kShifter;
+  out.bit0 = inside ? frac_bit : side_bit;
+  out.clipped = !inside;
+  return out;
+}
+
 // lsq.py `decode_backward_state`: the GEMM operand q, the STE mask and
 // the unbiased delta estimate.
 JINT4_HD void DecodeBackwardState(int8_t code, uint8_t flags, int qn, int qp,
@@ -195,20 +260,75 @@ JINT4_HD int8_t NibbleToInt(uint8_t nibble) {
   return static_cast<int8_t>(v > 7 ? v - 16 : v);
 }
 
-// bitsplit.py `bit_split` for one element, given f = 98 / safe_max.
-// (h and l are clamped, so only NaN is non-finite; both are small integers
-// when finite, converted with RoundSmall.)
-JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
+// floor(y) + kShifter for |y| < 2^22 (and +-Inf, NaN through): on the GPU
+// one add rounded toward -Inf (the integers near kShifter are 1 apart).
+JINT4_HD float FloorShifted(float y) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rd(y, kShifter);
+#else
+  return std::floor(y) + kShifter;  // exact: an integer plus kShifter
+#endif
+}
+
+// The bits of a float t = FloorShifted(y) (or t = c + kShifter) clamped to
+// those of kShifter + [lo, hi]: compared as int32, float bit patterns keep
+// the order of positive values and every negative one (sign bit) sorts
+// below, so +Inf lands on hi and -Inf on lo, as a float clamp would.
+JINT4_HD uint32_t ClampBits(uint32_t bits, int lo, int hi) {
+  const int32_t b = static_cast<int32_t>(bits);
+  const int32_t l = static_cast<int32_t>(kShifterBits) + lo;
+  const int32_t h = static_cast<int32_t>(kShifterBits) + hi;
+  return static_cast<uint32_t>(b < l ? l : (b > h ? h : b));
+}
+
+// bitsplit.py `bit_split` for one element, given f = 98 / safe_max, as
+// shifted digits: hi_bits / lo_bits are kShifterBits + hi / + lo (their
+// low bytes are the int8 digits, and the low byte of 14 hi_bits + lo_bits
+// is the joined digit 14 hi + lo); nan: t is NaN (both digits are then 0).
+//   t = g * f;  hi = round(clamp(t * fl(1/14), -7, 7))  (min/max: NaN -> -7,
+//   flagged by nan);  lo = clamp(floor((t - 14 hi) + u), -7, 7), the floor
+//   by FloorShifted and the clamp on the shifted bits (+-Inf land on +-7, as
+//   the reference's float clamp). t - 14 hi is one FMA: 14 hi is exact, so it
+//   rounds once, as the reference's subtraction.
+struct SplitDigits {
+  uint32_t hi_bits;
+  uint32_t lo_bits;
+  bool nan;
+};
+JINT4_HD SplitDigits SplitBits(float g, float f, float u) {
   const float t = g * f;
-  const SmallRound h = RoundSmall(Clamp(t * kInvSplitStep, -7.0f, 7.0f));
-  const float l = Clamp(floorf((t - kSplitStep * h.value) + u), -7.0f, 7.0f);
-  *hi = h.value == h.value ? static_cast<int8_t>(h.integer) : int8_t{0};
-  *lo = l == l ? static_cast<int8_t>(RoundSmall(l).integer) : int8_t{0};
+#if defined(__CUDA_ARCH__)
+  const float hc = fminf(fmaxf(t * kInvSplitStep, -7.0f), 7.0f);
+  const float th = hc + kShifter;
+  const float r = __fmaf_rn(-kSplitStep, th - kShifter, t);
+#else
+  const float hc = std::fmin(std::fmax(t * kInvSplitStep, -7.0f), 7.0f);
+  const float th = hc + kShifter;
+  const float r = std::fma(-kSplitStep, th - kShifter, t);
+#endif
+  SplitDigits d;
+  d.hi_bits = FloatBits(th);
+  d.lo_bits = ClampBits(FloatBits(FloorShifted(r + u)), -7, 7);
+  d.nan = t != t;
+  return d;
+}
+
+// The int8 digits of SplitBits (0 and 0 for NaN).
+JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
+  const SplitDigits d = SplitBits(g, f, u);
+  *hi = d.nan ? int8_t{0} : static_cast<int8_t>(d.hi_bits - kShifterBits);
+  *lo = d.nan ? int8_t{0} : static_cast<int8_t>(d.lo_bits - kShifterBits);
 }
 
 // The joined digit 14 hi + lo (in [-98, 98]): reference.py `_join`.
 JINT4_HD int8_t JoinDigits(int8_t hi, int8_t lo) {
   return static_cast<int8_t>(14 * static_cast<int>(hi) + static_cast<int>(lo));
+}
+
+// The joined digit of SplitBits in the low byte (0 for NaN): the low byte
+// of 14 hi_bits + lo_bits (15 kShifterBits has a zero low byte).
+JINT4_HD uint32_t JoinedBits(const SplitDigits& d) {
+  return d.nan ? 0u : 14u * d.hi_bits + d.lo_bits;
 }
 
 // bitsplit.py: the divisor guard for max|G| (0, NaN or Inf -> 1).

@@ -241,21 +241,24 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
     for (int64_t j = 0; j < s; ++j) {
       const int64_t e = i * s + j;
       const float v = row[j] * factor;
-      const int8_t qv = QuantizeCode(v, qn, qp);
+      if (!residual) {
+        store_q(i, j, QuantizeCode(v, qn, qp));
+        continue;
+      }
+      // The CUDA kernels' one-pass form (bit-identical to QuantizeCode +
+      // EncodeBackwardState), so the CPU tests check it against the reference.
+      const ElementCodes ec =
+          QuantizeEncode(v, Uniform(seed0, seed1, static_cast<uint32_t>(e)),
+                         -static_cast<float>(qn), static_cast<float>(qp), qn <= 7);
+      const int8_t qv = static_cast<int8_t>(ec.q_bits & 0xFFu);
       store_q(i, j, qv);
-      if (!residual) continue;
       sum_sq += int64_t{qv} * qv;
-      int8_t code;
-      uint8_t f;
-      EncodeBackwardState(v, Uniform(seed0, seed1, static_cast<uint32_t>(e)),
-                          qn, qp, &code, &f);
-      nibbles[e >> 1] |=
-          static_cast<uint8_t>((static_cast<uint8_t>(code) & 0xFu) << ((e & 1) * 4));
+      nibbles[e >> 1] |= static_cast<uint8_t>((ec.code_bits & 0xFu) << ((e & 1) * 4));
       const int bit = static_cast<int>(e & 7);
-      flags[e >> 3] |= static_cast<uint8_t>((f & 1u) << bit);
+      flags[e >> 3] |= static_cast<uint8_t>(static_cast<uint32_t>(ec.bit0) << bit);
       if (planes == 2) {
         flags[flag_bytes + (e >> 3)] |=
-            static_cast<uint8_t>(((f >> 1) & 1u) << bit);
+            static_cast<uint8_t>(static_cast<uint32_t>(ec.clipped) << bit);
       }
     }
     if (residual) {

@@ -444,27 +444,27 @@ JoinedTileKernel(Src src, int64_t R, int64_t C, const unsigned int* __restrict__
         for (int k = 0; k < 8; ++k) x[i][k] = 0.0f;
       }
     }
-    uint32_t word[8];  // word[k]: rows rb .. rb + 3 of column c + k
-#pragma unroll
-    for (int k = 0; k < 8; ++k) word[k] = 0u;
+    // word[k]: the joined digits of rows rb .. rb + 3 of column c + k, byte
+    // i = row rb + i, inserted row by row (one byte permute per element).
+    // Cells outside the tensor hold x = 0 and are never stored (v: `ok`; vt:
+    // StoreChunk16 stops at row R, and columns >= C are skipped).
+    uint32_t word[8];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t r = rb + i;
       const bool ok = col_ok && r < R;
       const uint32_t e32 = static_cast<uint32_t>(r * C + c);
-      uint32_t vw[2] = {0u, 0u};
       float noise[8];
       Uniform8(seed0, seed1, e32, noise);  // e32 even: C % 8 == 0
+      uint32_t jb[8];  // the row's joined digits (low bytes)
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        int8_t h, l;
-        SplitValue(x[i][k], f, noise[k], &h, &l);
-        const uint32_t b = ok ? static_cast<uint32_t>(static_cast<uint8_t>(JoinDigits(h, l)))
-                              : 0u;
-        word[k] |= b << (8 * i);
-        vw[k >> 2] |= b << (8 * (k & 3));
+        jb[k] = JoinedBits(SplitBits(x[i][k], f, noise[k]));
+        // Byte i of word[k] from jb[k]'s low byte (selector nibble 4 = b.byte0).
+        constexpr uint32_t kInsert[4] = {0x3214u, 0x3240u, 0x3410u, 0x4210u};
+        word[k] = i == 0 ? jb[k] : __byte_perm(word[k], jb[k], kInsert[i]);
       }
-      if (ok && v != nullptr) *reinterpret_cast<uint2*>(v + r * C + c) = make_uint2(vw[0], vw[1]);
+      if (ok && v != nullptr) *reinterpret_cast<uint2*>(v + r * C + c) = PackLowBytes8(jb);
     }
 #pragma unroll
     for (int k = 0; k < 8; ++k) sT[8 * cg + k][q ^ (cg << 2)] = word[k];

@@ -89,6 +89,19 @@ __device__ __forceinline__ void Store8(T* p, const float* v) {
   *reinterpret_cast<uint4*>(p) = raw;
 }
 
+// The low bytes of a, b, c, d as one word (a in byte 0): three byte
+// permutes. Codes computed as shifted floats (QuantizeEncode, SplitBits)
+// carry their int8 value in the low byte.
+__device__ __forceinline__ uint32_t PackLowBytes4(uint32_t a, uint32_t b, uint32_t c,
+                                                  uint32_t d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+}
+
+// Eight low bytes (element k at byte k) as two words.
+__device__ __forceinline__ uint2 PackLowBytes8(const uint32_t* b) {
+  return make_uint2(PackLowBytes4(b[0], b[1], b[2], b[3]), PackLowBytes4(b[4], b[5], b[6], b[7]));
+}
+
 // u[k] = Uniform(seed, e32 + k) for k < 8 (flat index mod 2^32), e32 even:
 // one PairHash per two elements.
 __device__ __forceinline__ void Uniform8(uint32_t seed0, uint32_t seed1, uint32_t e32,
@@ -217,13 +230,13 @@ __device__ __forceinline__ void BlockHadamardSmem(float* sx, int len, int L,
 
 // One butterfly of a stage whose pairs sit in lanes `lane` and `lane ^ m` of
 // a warp, element k of each: Butterfly(a, b) with a from the lower lane;
-// the lower lane keeps the sum a + b = other + mine, the upper one the
-// difference a - b = other + (-mine) (IEEE: the same roundings), so one
-// sign flip and one add per element.
+// the lower lane keeps the sum a + b = fma(mine, 1, other), the upper one
+// the difference a - b = fma(mine, -1, other): one FMA per element (one
+// rounding of the exact sum, as the add; signed zeros agree under
+// round-to-nearest), on the FMA pipe rather than an integer sign flip.
 __device__ __forceinline__ float ShuffleButterfly(float mine, int lane, int m) {
   const float other = __shfl_xor_sync(0xffffffffu, mine, m);
-  const uint32_t flip = (lane & m) ? 0x80000000u : 0u;
-  return other + __uint_as_float(__float_as_uint(mine) ^ flip);
+  return __fmaf_rn(mine, (lane & m) ? -1.0f : 1.0f, other);
 }
 
 // HadamardInPlace (blocks of 2^L, L <= 10, 2^L <= 8 * kThreads) over a chunk

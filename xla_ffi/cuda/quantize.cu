@@ -122,52 +122,91 @@ __device__ __forceinline__ void AccumulateRowsWarp(RowStats& st, int64_t e0, uin
 
 __device__ __forceinline__ bool NonFinite(float v) { return !isfinite(v); }
 
+// The low nibbles of the eight bytes of w (element k at byte k) as one
+// word, element k at bits 4k .. 4k + 3: each word's bytes 0 and 2 take the
+// nibbles of elements (0, 1) and (2, 3), then one byte permute joins them.
+__device__ __forceinline__ uint32_t PackNibbles8(uint2 w) {
+  const uint32_t x0 = (w.x & 0x0F0F0F0Fu) | ((w.x >> 4) & 0xF0F0F0F0u);
+  const uint32_t x1 = (w.y & 0x0F0F0F0Fu) | ((w.y >> 4) & 0xF0F0F0F0u);
+  return __byte_perm(x0, x1, 0x6420);
+}
+
 // A full, aligned chunk whose 8 elements per thread (8t .. 8t+7) are
 // already in v (loaded by the caller, so that several chunks' loads are in
-// flight at once): ChunkHadamard8, v = y * factor (QuantFactor), then the
-// quantize and the packing of the thread's 8 elements (noise: one
-// UniformPair per two): one 8-byte q store, one 4-byte nibble store, one
-// flag byte per plane, and the row statistics. The same Butterfly calls on
-// the same values as the shared-memory path.
-template <bool kResidual>
+// flight at once): ChunkHadamard8, v = y * factor (QuantFactor), then
+// QuantizeEncode per element (noise: one UniformPair per two), byte-permute
+// packing, one 8-byte q store, one 4-byte nibble store, one flag byte per
+// plane, and the row statistics. The same Butterfly calls on the same values
+// as the shared-memory path.
+// kWarpRows (K % 256 == 0): a warp's 256 elements lie in one row, so the
+// row statistics are one warp sum: the sum of q^2 accumulates in float
+// (exact: integers <= 8 * 64 per thread) and non-finite inputs are found by
+// an FMA chain of x * 0 (0 for finite x, NaN for NaN or +-Inf) instead of a
+// compare per element. Otherwise every element keeps its own q^2 and flag
+// for AccumulateRowsWarp's general path.
+template <bool kResidual, bool kWarpRows>
 __device__ __forceinline__ void QuantizeFullChunk(
     float* v, int64_t start, int L, float* sx, float factor,
     uint32_t seed0, uint32_t seed1, int qn, int qp, int planes,
     int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
     uint8_t* __restrict__ flags, int64_t plane_stride, uint32_t k256, RowStats& stats) {
   const int tid = threadIdx.x;
+  float poison = 0.0f;
   bool nonfinite[8];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) nonfinite[k] = NonFinite(v[k]);
+  for (int k = 0; k < 8; ++k) {
+    if (kResidual && kWarpRows) poison = __fmaf_rn(v[k], 0.0f, poison);
+    if (kResidual && !kWarpRows) nonfinite[k] = NonFinite(v[k]);
+  }
   ChunkHadamard8<kHqThreads>(v, L, sx);
 
   const int64_t e0 = start + 8 * tid;
-  uint32_t qw[2] = {0u, 0u};
-  uint32_t nib = 0, f0 = 0, f1 = 0;
-  int q2[8];
+  const float lo = -static_cast<float>(qn);
+  const float hi = static_cast<float>(qp);
+  const bool clip_code = qn <= 7;
   float u[8];
-  if (kResidual) Uniform8(seed0, seed1, static_cast<uint32_t>(e0), u);
+  if (kResidual) {
+    Uniform8(seed0, seed1, static_cast<uint32_t>(e0), u);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) u[k] = 0.0f;
+  }
+  uint32_t qb[8], cb[8];
+  uint32_t f0 = 0, f1 = 0;
+  float q2sum = 0.0f;
+  int q2[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const float vv = v[k] * factor;
-    const int8_t qv = QuantizeCode(vv, qn, qp);
-    q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
-    qw[k >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (k & 3));
-    if (kResidual) {
-      int8_t code;
-      uint8_t fl;
-      EncodeBackwardState(vv, u[k], qn, qp, &code, &fl);
-      nib |= (static_cast<uint32_t>(static_cast<uint8_t>(code)) & 0xFu) << (4 * k);
-      f0 |= static_cast<uint32_t>(fl & 1) << k;
-      f1 |= static_cast<uint32_t>((fl >> 1) & 1) << k;
+    const ElementCodes ec = QuantizeEncode(v[k] * factor, u[k], lo, hi, clip_code);
+    qb[k] = ec.q_bits;
+    cb[k] = ec.code_bits;
+    f0 |= static_cast<uint32_t>(ec.bit0) << k;
+    if (kWarpRows) {
+      q2sum = __fmaf_rn(ec.q, ec.q, q2sum);
+    } else {
+      q2[k] = __float2int_rn(ec.q * ec.q);
     }
   }
-  *reinterpret_cast<uint2*>(q + e0) = make_uint2(qw[0], qw[1]);
-  if (kResidual) {
-    *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = nib;
-    flags[e0 >> 3] = static_cast<uint8_t>(f0);
-    if (planes == 2) flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
-    AccumulateRowsWarp(stats, e0, k256, q2, nonfinite);
+  const uint2 qw = PackLowBytes8(qb);
+  *reinterpret_cast<uint2*>(q + e0) = qw;
+  if (!kResidual) return;
+  *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = PackNibbles8(PackLowBytes8(cb));
+  flags[e0 >> 3] = static_cast<uint8_t>(f0);
+  if (planes == 2) {  // qn == 8 only: the clipped bits (ElementCodes::clipped)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float vv = v[k] * factor;
+      f1 |= static_cast<uint32_t>(fminf(fmaxf(vv, lo), hi) != vv) << k;
+    }
+    flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
+  }
+  if (kWarpRows) {
+    const int64_t row = static_cast<uint32_t>(e0 >> 8) / k256;
+    const int sum = WarpSumInt(__float2int_rn(q2sum));
+    const bool bad = __any_sync(0xffffffffu, poison != poison);
+    if ((threadIdx.x & 31) == 0) stats.Add(row, sum, bad);
+  } else {
+    AccumulateRowsWarp(stats, e0, 0, q2, nonfinite);
   }
 }
 
@@ -178,7 +217,7 @@ __device__ __forceinline__ void QuantizeFullChunk(
 // and row).
 constexpr int kHqChunksPerBlock = 2;
 
-template <typename T, bool kResidual>
+template <typename T, bool kResidual, bool kWarpRows>
 __global__ void __launch_bounds__(kHqThreads)
 HadamardQuantizeChunksKernel(const T* __restrict__ x, int64_t full_chunks, int64_t K,
                              const float* __restrict__ step_ptr,
@@ -205,9 +244,9 @@ HadamardQuantizeChunksKernel(const T* __restrict__ x, int64_t full_chunks, int64
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (first + j < full_chunks) {  // uniform across the block
-      QuantizeFullChunk<kResidual>(v[j], (first + j) * kHqChunk, L, sx, factor, seed0, seed1,
-                                   qn, qp, planes, q, nibbles, flags, plane_stride, k256,
-                                   stats);
+      QuantizeFullChunk<kResidual, kWarpRows>(v[j], (first + j) * kHqChunk, L, sx, factor,
+                                              seed0, seed1, qn, qp, planes, q, nibbles, flags,
+                                              plane_stride, k256, stats);
     }
   }
 }
@@ -405,7 +444,8 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
 // flight at once, the Hadamard runs in registers (RegisterHadamard), and the
 // codes are stored as q[R, S] (one byte per row; a warp writes 32
 // consecutive bytes) or, transposed, q[S, R] (the thread's TR codes are
-// contiguous: 4-byte stores when TR >= 4).
+// contiguous: 16-byte stores when TR >= 16 and `wide` (R % 16 == 0, q
+// 16-byte aligned), else 4-byte stores when TR >= 4).
 constexpr int kColThreads = 256;
 
 template <typename T, int TR>
@@ -413,7 +453,8 @@ __global__ void __launch_bounds__(kColThreads)
 HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
                                  const float* __restrict__ step_ptr,
                                  const int32_t* __restrict__ log2_ptr, int max_log2,
-                                 int qn, int qp, int transpose, int8_t* __restrict__ q) {
+                                 int qn, int qp, int transpose, bool wide,
+                                 int8_t* __restrict__ q) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
   if (c >= S) return;
   const int L = ClampedLog2(log2_ptr, max_log2);
@@ -432,13 +473,25 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
 #pragma unroll
       for (int i = 0; i < TR; ++i) q[(r0 + i) * S + c] = code[i];
     } else if (TR >= 4) {  // c * R + r0 is a multiple of 4 (TR divides R)
-      uint32_t* out = reinterpret_cast<uint32_t*>(q + c * R + r0);
+      uint32_t words[TR >= 4 ? TR / 4 : 1];
 #pragma unroll
       for (int w = 0; w < TR / 4; ++w) {
-        out[w] = static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w])) |
-                 (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 1])) << 8) |
-                 (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 2])) << 16) |
-                 (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 3])) << 24);
+        words[w] = static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w])) |
+                   (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 1])) << 8) |
+                   (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 2])) << 16) |
+                   (static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w + 3])) << 24);
+      }
+      if (TR >= 16 && wide) {  // 16-byte stores: a warp's store covers half
+        // of each of its 32 sectors instead of an eighth (4-byte stores).
+        uint4* out = reinterpret_cast<uint4*>(q + c * R + r0);
+#pragma unroll
+        for (int w = 0; w < TR / 16; ++w) {
+          out[w] = make_uint4(words[4 * w], words[4 * w + 1], words[4 * w + 2], words[4 * w + 3]);
+        }
+      } else {
+        uint32_t* out = reinterpret_cast<uint32_t*>(q + c * R + r0);
+#pragma unroll
+        for (int w = 0; w < TR / 4; ++w) out[w] = words[w];
       }
     } else {
 #pragma unroll
@@ -450,12 +503,12 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
 template <typename T>
 void LaunchColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const T* x, int64_t R,
                       int64_t S, const float* step, const int32_t* log2, int qn, int qp,
-                      int transpose, int8_t* q) {
+                      int transpose, bool wide, int8_t* q) {
   switch (max_log2) {
 #define JINT4_COLS_CASE(LG)                                                            \
   case LG:                                                                             \
     HadamardQuantizeColumnsRegKernel<T, 1 << LG><<<grid, kColThreads, 0, stream>>>(   \
-        x, R, S, step, log2, max_log2, qn, qp, transpose, q);                          \
+        x, R, S, step, log2, max_log2, qn, qp, transpose, wide, q);                    \
     break;
     JINT4_COLS_CASE(0)
     JINT4_COLS_CASE(1)
@@ -544,12 +597,13 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
       const int64_t col_blocks = CeilDiv(S, kColThreads);
       const int64_t row_tiles = R >> max_log2;
       if (col_blocks > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
+      const bool wide = R % 16 == 0 && (reinterpret_cast<uintptr_t>(q_p) & 15) == 0;
       const dim3 rgrid(static_cast<unsigned>(col_blocks),
                        static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
       DispatchFloat(kind, [&](auto tag) {
         using T = decltype(tag);
         LaunchColumnsReg<T>(max_log2, rgrid, stream, reinterpret_cast<const T*>(x.untyped_data()),
-                            R, S, step_p, log2_p, qn, qp, transpose, q_p);
+                            R, S, step_p, log2_p, qn, qp, transpose, wide, q_p);
       });
       return CheckLaunch("hadamard_quantize (axis 0) kernel launch");
     }
@@ -593,15 +647,12 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
     const T* x_p = reinterpret_cast<const T*>(x.untyped_data());
     if (full > 0) {
       const unsigned fb = static_cast<unsigned>(CeilDiv(full, kHqChunksPerBlock));
-      if (with_residual) {
-        HadamardQuantizeChunksKernel<T, true><<<fb, kHqThreads, 0, stream>>>(
-            x_p, full, S, step_p, seed_p, log2_p, max_log2, qn, qp, planes, q_p, nib_p,
-            flag_p, Q, k256, row_sum, row_bad);
-      } else {
-        HadamardQuantizeChunksKernel<T, false><<<fb, kHqThreads, 0, stream>>>(
-            x_p, full, S, step_p, seed_p, log2_p, max_log2, qn, qp, planes, q_p, nib_p,
-            flag_p, Q, k256, row_sum, row_bad);
-      }
+      auto kernel = !with_residual ? HadamardQuantizeChunksKernel<T, false, false>
+                    : k256 != 0    ? HadamardQuantizeChunksKernel<T, true, true>
+                                   : HadamardQuantizeChunksKernel<T, true, false>;
+      kernel<<<fb, kHqThreads, 0, stream>>>(x_p, full, S, step_p, seed_p, log2_p, max_log2,
+                                            qn, qp, planes, q_p, nib_p, flag_p, Q, k256,
+                                            row_sum, row_bad);
     }
     if (chunks > full) {
       HadamardQuantizeKernel<T><<<static_cast<unsigned>(chunks - full), kHqThreads, 0, stream>>>(
