@@ -64,18 +64,18 @@ void RunQuantize(const Shape& s) {
     Buf flg0(XLA_FFI_DataType_U8, {1, 0}, nullptr);
     Buf norms0(XLA_FFI_DataType_F32, {0}, nullptr);
     const double bytes = D * C * ((bf16 ? 2.0 : 4.0) + 1.0);
-    Time(bf16 ? "hq w bf16 [D,C] -> [C,D]" : "hq w f32 [D,C] -> [C,D]", bytes, [&] {
-      FfiCheck(jint4::cuda::HadamardQuantizeImpl(0, Scratch(), k.any(), wstep_b.any(), seed_b.any(),
-                                                 log2_b.any(), qt.out(), nib0.out(), flg0.out(),
-                                                 norms0.out(), qn, qp, 0, 0, 1, 5),
-               "hq w t");
-    });
-    Time(bf16 ? "hq w bf16 [D,C] -> [D,C]" : "hq w f32 [D,C] -> [D,C]", bytes, [&] {
-      FfiCheck(jint4::cuda::HadamardQuantizeImpl(0, Scratch(), k.any(), wstep_b.any(), seed_b.any(),
-                                                 log2_b.any(), q.out(), nib0.out(), flg0.out(),
-                                                 norms0.out(), qn, qp, 0, 0, 0, 5),
-               "hq w");
-    });
+    for (int transpose = 1; transpose >= 0; --transpose) {
+      const std::string name = std::string("hq w ") + (bf16 ? "bf16" : "f32") +
+                               (transpose ? " [D,C] -> [C,D]" : " [D,C] -> [D,C]");
+      const Buf& out = transpose ? qt : q;
+      Time(name.c_str(), bytes, [&] {
+        FfiCheck(jint4::cuda::HadamardQuantizeImpl(0, Scratch(), k.any(), wstep_b.any(),
+                                                   seed_b.any(), log2_b.any(), out.out(),
+                                                   nib0.out(), flg0.out(), norms0.out(), qn, qp,
+                                                   0, 0, transpose, 5),
+                 "hq w");
+      });
+    }
     cudaFree(k.b.data);
     cudaFree(qt.b.data);
     cudaFree(q.b.data);
