@@ -192,11 +192,12 @@ __device__ __forceinline__ void QuantizeFullChunk(
   if (!kResidual) return;
   *reinterpret_cast<uint32_t*>(nibbles + (e0 >> 1)) = PackNibbles8(PackLowBytes8(cb));
   flags[e0 >> 3] = static_cast<uint8_t>(f0);
-  if (planes == 2) {  // qn == 8 only: the clipped bits (ElementCodes::clipped)
+  if (planes == 2) {  // qn == 8 only: ElementCodes::clipped, recomputed here
+    // rather than kept through the loop (8 live bits in the common qn <= 7 case)
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const float vv = v[k] * factor;
-      f1 |= static_cast<uint32_t>(fminf(fmaxf(vv, lo), hi) != vv) << k;
+      f1 |= static_cast<uint32_t>(ClampMinMax(vv, lo, hi) != vv) << k;
     }
     flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
   }
