@@ -311,11 +311,15 @@ JINT4_HD SplitDigits SplitBits(float g, float f, float u) {
   return d;
 }
 
-// The int8 digits of SplitBits (0 and 0 for NaN).
-JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
-  const SplitDigits d = SplitBits(g, f, u);
+// The int8 digits of SplitDigits (0 and 0 for NaN).
+JINT4_HD void DigitsToInt8(const SplitDigits& d, int8_t* hi, int8_t* lo) {
   *hi = d.nan ? int8_t{0} : static_cast<int8_t>(d.hi_bits - kShifterBits);
   *lo = d.nan ? int8_t{0} : static_cast<int8_t>(d.lo_bits - kShifterBits);
+}
+
+// The int8 digits of SplitBits.
+JINT4_HD void SplitValue(float g, float f, float u, int8_t* hi, int8_t* lo) {
+  DigitsToInt8(SplitBits(g, f, u), hi, lo);
 }
 
 // The joined digit 14 hi + lo (in [-98, 98]): reference.py `_join`.

@@ -99,10 +99,17 @@ void WithLoader(const void* g, FloatType type, int64_t cols, Fn fn) {
   }
 }
 
+// The joined digit 14 hi + lo of SplitBits as int8 (the low byte of JoinedBits).
+int8_t JoinedDigit(const SplitDigits& d) {
+  return static_cast<int8_t>(JoinedBits(d) & 0xFFu);
+}
+
 // Bit splitting of t[rows, cols] given by load(i, j) (bitsplit.py): m =
 // max|t| (NaN if any element is NaN, as the reference spells it out), then
-// SplitValue with the noise of flat index i * cols + j; emit(i, j, hi, lo)
-// per element; scales = {m * fl(1/7), m * fl(1/98)}.
+// SplitBits with the noise of flat index i * cols + j; emit(i, j, digits)
+// per element (the CUDA kernels' forms: DigitsToInt8 for the stacked halves,
+// JoinedBits for the joined digit, so the CPU tests check both against the
+// reference); scales = {m * fl(1/7), m * fl(1/98)}.
 template <typename Load, typename Emit>
 void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
                uint32_t seed1, float* scales, Emit emit) {
@@ -122,11 +129,8 @@ void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
   const float f = kSplitRange / SafeMax(m);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      int8_t hi, lo;
-      SplitValue(load(i, j), f,
-                 Uniform(seed0, seed1, static_cast<uint32_t>(i * cols + j)),
-                 &hi, &lo);
-      emit(i, j, hi, lo);
+      emit(i, j, SplitBits(load(i, j), f,
+                           Uniform(seed0, seed1, static_cast<uint32_t>(i * cols + j))));
     }
   }
   scales[0] = m * kInvSeven;
@@ -380,9 +384,8 @@ void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
   const int64_t count = r * c;
   WithLoader(g, type, c, [&](auto load) {
     SplitCore(r, c, load, seed0, seed1, scales,
-              [&](int64_t i, int64_t j, int8_t hi, int8_t lo) {
-                g2[i * c + j] = hi;
-                g2[count + i * c + j] = lo;
+              [&](int64_t i, int64_t j, const SplitDigits& d) {
+                DigitsToInt8(d, &g2[i * c + j], &g2[count + i * c + j]);
               });
   });
   for (int64_t half = 0; half < 2; ++half) {
@@ -400,8 +403,8 @@ void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
                     float* scales) {
   WithLoader(g, type, c, [&](auto load) {
     SplitCore(r, c, load, seed0, seed1, scales,
-              [&](int64_t i, int64_t j, int8_t hi, int8_t lo) {
-                const int8_t joined = JoinDigits(hi, lo);
+              [&](int64_t i, int64_t j, const SplitDigits& d) {
+                const int8_t joined = JoinedDigit(d);
                 if (v != nullptr) v[i * c + j] = joined;
                 if (vt != nullptr) vt[j * r + i] = joined;
               });
@@ -416,8 +419,8 @@ void ResplitRows(const int8_t* g2, int64_t c, const int32_t* rows,
            row_scale[j];
   };
   SplitCore(num_rows, c, load, seed0, seed1, scales,
-            [&](int64_t j, int64_t col, int8_t hi, int8_t lo) {
-              vt[col * num_rows + j] = JoinDigits(hi, lo);
+            [&](int64_t j, int64_t col, const SplitDigits& d) {
+              vt[col * num_rows + j] = JoinedDigit(d);
             });
 }
 
