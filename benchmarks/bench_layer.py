@@ -23,7 +23,11 @@ timed runs go round robin over the cases of that shape (so load changes on a
 shared machine hit all alike), each ``--calls`` back-to-back steps
 synchronised once with ``jax.block_until_ready`` (per-step time = sample /
 calls, as an asynchronously dispatched training loop runs); the median of
-``--repeats`` samples is reported.
+``--repeats`` samples is reported. The default of 20 calls per sample keeps
+the host's dispatch of a sample's first step (0.2-0.6 ms on the H200, with
+the device idle) and the switch from the previous case's executable a small
+share of the sample, as in a training loop that runs one step over and over
+(session 5 used 5 calls; see BENCHMARKS.md for what that cost).
 Speed-up = bf16 median / case median (> 1: INT4 faster).
 
 Shapes: ``--tokens`` x (D -> D) and ``--tokens`` x (D -> 4D) for each D of
@@ -78,7 +82,7 @@ def parse_args(argv=None):
                  help="comma-separated widths D, each timed as D -> D and"
                       " D -> 4D; default 1024,2048,4096,8192 on a GPU, 1024 on"
                       " a CPU")
-  p.add_argument("--calls", type=int, default=5,
+  p.add_argument("--calls", type=int, default=20,
                  help="back-to-back steps per timed sample (one sync each)")
   p.add_argument("--repeats", type=int, default=15,
                  help="timed runs per case (the median is reported)")

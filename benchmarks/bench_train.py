@@ -8,6 +8,9 @@ LM head, cross-entropy on random tokens), i.e. forward, backward and the
 state donated. Master weights are float32; every layer computes in bfloat16
 (Flax ``dtype=bfloat16``: Dense, Embed, LayerNorm; GELU, softmax and
 attention run on bfloat16 activations; the loss is taken on float32 logits).
+Attention is ``jax.nn.dot_product_attention`` with ``--attention``: ``auto``
+(default) picks cuDNN's fused flash attention on a GPU and XLA's on a CPU;
+``xla`` materialises the [T, T] scores (session 5's tables used it).
 
 Variants: ``bf16`` is that model as written (``nn.Dense`` everywhere);
 ``int4`` is the very same model passed through
@@ -20,9 +23,11 @@ with the internal ``--_one`` flag, printing one JSON line), so that the peak
 device memory, ``jax.devices()[0].memory_stats()["peak_bytes_in_use"]``, is
 that variant's own (null where the backend has no memory stats, e.g. CPU).
 In the subprocess the step is compiled by a first call, run ``--warmup``
-times, then timed ``--repeats`` times, each synchronised with
-``jax.block_until_ready``; the median is reported, as tokens/s = tokens per
-step / median step time. Ratio = int4 tokens/s / bf16 tokens/s (> 1: INT4
+times, then timed in ``--repeats`` samples of ``--calls`` back-to-back steps
+with one ``jax.block_until_ready`` each (per-step time = sample / calls: a
+training loop dispatches asynchronously, so the host's dispatch of a step
+overlaps the device's work on the previous one); the median is reported, as
+tokens/s = tokens per step / median step time. Ratio = int4 tokens/s / bf16 tokens/s (> 1: INT4
 faster). Also recorded per variant: bytes the linear layers' inputs keep for
 the backward (analytic: 7D input elements per token per block, at the bytes
 per element that the layer's vjp keeps, 2 for bf16 and jint4's residual
@@ -169,12 +174,20 @@ def training(model, *, config=None, vocab, seq_len, batch, lr=1e-4) -> Training:
                   k_quant=k_quant, loss_fn=loss_fn, train_step=train_step)
 
 
+def resolve_attention(name: str) -> str:
+  """The dot_product_attention implementation of ``--attention`` here."""
+  if name == "auto":
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+  return name
+
+
 def run_one(args) -> dict:
   """Times the train step of one variant at one width; returns a JSON dict."""
   variant, d = args._one, args.hidden[0]
+  attention = resolve_attention(args.attention)
   config = (jint4.Int4Config(backward=args.backward, engine=args.engine)
             if variant == "int4" else None)
-  t = training(GPT(args.vocab, d, args.layers, args.seq_len, args.attention), config=config,
+  t = training(GPT(args.vocab, d, args.layers, args.seq_len, attention), config=config,
                vocab=args.vocab, seq_len=args.seq_len, batch=args.tokens // args.seq_len)
   params, inputs, targets, k_quant = t.params, t.inputs, t.targets, t.k_quant
   loss_fn, train_step = t.loss_fn, t.train_step
@@ -191,18 +204,24 @@ def run_one(args) -> dict:
   # A fresh quantization key per step (fold_in of the step number), as a real
   # training loop draws them: the stochastic rounding noise then averages out
   # across steps instead of repeating.
-  step_keys = [jax.random.fold_in(k_quant, i) for i in range(1 + args.warmup + args.repeats)]
+  n_steps = 1 + args.warmup + args.repeats * args.calls
+  step_keys = [jax.random.fold_in(k_quant, i) for i in range(n_steps)]
   jax.block_until_ready(step_keys)
   *state, loss = train_step(*state, inputs, targets, step_keys[0])
   jax.block_until_ready((state, loss))
   compile_s = time.perf_counter() - t0
   losses.append(float(loss))
-  for i in range(args.warmup + args.repeats):
+  keys = iter(step_keys[1:])
+  for _ in range(args.warmup):
+    *state, loss = train_step(*state, inputs, targets, next(keys))
+  jax.block_until_ready((state, loss))
+  for _ in range(args.repeats):
+    # `calls` back-to-back steps, one sync (as a training loop dispatches).
     t0 = time.perf_counter()
-    *state, loss = train_step(*state, inputs, targets, step_keys[1 + i])
+    for _ in range(args.calls):
+      *state, loss = train_step(*state, inputs, targets, next(keys))
     jax.block_until_ready((state, loss))
-    if i >= args.warmup:
-      times.append(1e3 * (time.perf_counter() - t0))
+    times.append(1e3 * (time.perf_counter() - t0) / args.calls)
   losses.append(float(loss))
 
   stats = jax.devices()[0].memory_stats() or {}
@@ -210,6 +229,7 @@ def run_one(args) -> dict:
   return {
       "variant": variant, "hidden": d, "environment": common.environment(args.engine),
       "backward_run": jint4.matmul.backward_mode(config) if config else None,
+      "attention_run": attention,
       "n_params": int(n_params), "first_call_s": compile_s,
       "median_ms": median_ms, "min_ms": min(times), "max_ms": max(times),
       "times_ms": times, "tokens_per_s": args.tokens / (median_ms * 1e-3),
@@ -253,7 +273,8 @@ def run_child(args, width: int, variant: str) -> dict:
          "--seq-len", str(args.seq_len), "--tokens", str(args.tokens),
          "--vocab", str(args.vocab), "--repeats", str(args.repeats),
          "--warmup", str(args.warmup), "--engine", args.engine,
-         "--backward", args.backward, "--attention", args.attention]
+         "--backward", args.backward, "--attention", args.attention,
+         "--calls", str(args.calls)]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           timeout=args.child_timeout_s)
@@ -327,7 +348,7 @@ def main(argv=None) -> int:
                    " int4ify(model) vs the bf16 model",
       "environment": None,
       "settings": {k: getattr(args, k) for k in (
-          "hidden", "layers", "seq_len", "tokens", "vocab", "repeats",
+          "hidden", "layers", "seq_len", "tokens", "vocab", "repeats", "calls",
           "warmup", "engine", "backward", "attention", "budget_s", "small")},
       "results": [],
   }
@@ -399,8 +420,10 @@ def parse_args(argv=None):
   p.add_argument("--small", action="store_true",
                  help="tiny defaults for a CPU smoke run: " + ", ".join(
                      f"{k}={v}" for k, v in SMALL.items()))
-  p.add_argument("--repeats", type=int, default=10,
-                 help="timed steps per variant (the median is reported)")
+  p.add_argument("--repeats", type=int, default=5,
+                 help="timed samples per variant (the median is reported)")
+  p.add_argument("--calls", type=int, default=4,
+                 help="back-to-back steps per timed sample (one sync each)")
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps after the compiling one")
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
@@ -408,8 +431,9 @@ def parse_args(argv=None):
   p.add_argument("--backward", default="auto",
                  choices=jint4.config.BACKWARD_MODES,
                  help="Int4Config.backward of the int4 variant")
-  p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
-                 help="jax.nn.dot_product_attention implementation")
+  p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
+                 help="jax.nn.dot_product_attention implementation (auto:"
+                      " cudnn on a GPU, xla elsewhere)")
   p.add_argument("--budget-s", type=float, default=None,
                  help="soft wall-clock budget: no width is started after it"
                       " (the rest are recorded as skipped)")
@@ -429,8 +453,8 @@ def parse_args(argv=None):
   if args.seq_len < 1 or args.tokens < args.seq_len or args.tokens % args.seq_len:
     p.error(f"--tokens ({args.tokens}) must be a positive multiple of --seq-len"
             f" ({args.seq_len})")
-  if min(args.layers, args.vocab, args.repeats) < 1 or args.warmup < 0:
-    p.error("--layers, --vocab and --repeats must be >= 1, --warmup >= 0")
+  if min(args.layers, args.vocab, args.repeats, args.calls) < 1 or args.warmup < 0:
+    p.error("--layers, --vocab, --repeats and --calls must be >= 1, --warmup >= 0")
   return args
 
 

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+import jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,8 +65,9 @@ def test_bench_layer(tmp_path):
 def test_bench_train(tmp_path):
   report = run_script("bench_train.py", tmp_path, "--small", "--hidden", "128",
                       "--seq-len", "32", "--tokens", "64", "--vocab", "64",
-                      "--repeats", "1", "--warmup", "0")
+                      "--repeats", "1", "--warmup", "0", "--calls", "2")
   assert {"benchmark", "environment", "settings", "results"} <= set(report)
+  assert report["settings"]["calls"] == 2
   assert report["settings"]["layers"] == 1  # from --small
   (row,) = report["results"]
   assert row["hidden"] == 128 and row["heads"] == 1
@@ -77,6 +80,8 @@ def test_bench_train(tmp_path):
       assert positive(r[key]), (variant, key, r)
     assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
     assert "peak_bytes_in_use" in r
+    assert len(r["times_ms"]) == 1  # --repeats samples of --calls steps
+    assert r["attention_run"] == ("cudnn" if jax.default_backend() == "gpu" else "xla")
   assert (row["int4"]["linear_input_bytes_saved"]
           < row["bf16"]["linear_input_bytes_saved"])
 
