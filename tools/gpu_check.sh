@@ -52,10 +52,18 @@ summary "build warnings/errors lines: $(wc -l < "$OUT/build_warnings.txt") (C751
 [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit 1; }
 python3 -c 'import jint4, json; print(json.dumps(jint4.engine_info(), default=str))' | tee "$OUT/engine_info.json"
 
-# Benchmarks (each writes JSON + PNG under $OUT).
+# Benchmarks (each writes JSON + PNG under $OUT), with the card's clocks,
+# power and temperature logged every 0.5 s alongside (smi.csv: sustained
+# load may lower the clocks, which the benchmark tables alone do not show).
 bench() { local b=$1 t=$2; shift 2; [ -f "$b" ] || return 0
+  echo "# start $(basename "$b") $(date +%s.%N)" >> "$OUT/smi.csv"
   timeout "$t" python3 "$b" --out-dir "$OUT" "$@" > "$OUT/$(basename "$b" .py).log" 2>&1
   summary "$b rc=$?"; tail -25 "$OUT/$(basename "$b" .py).log" | tee -a "$OUT/summary.txt"; }
+SMI_Q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active
+nvidia-smi --query-gpu=$SMI_Q --format=csv > /dev/null 2>&1 || SMI_Q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
+nvidia-smi --query-gpu=$SMI_Q --format=csv -lms 500 >> "$OUT/smi.csv" 2>&1 &
+SMI_PID=$!
+trap 'kill $SMI_PID 2>/dev/null' EXIT
 
 if [ "$PHASE" != bench ] && [ -z "${SKIP_TESTS:-}" ]; then
 # Test suites: CPU handlers vs reference, then CUDA vs CPU vs reference.
@@ -136,8 +144,10 @@ if [ "$PHASE" != tests ]; then
 [ -n "${SKIP_TRAIN:-}" ] || bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
   --hidden "${TRAIN_HIDDEN:-2048,4096}" --repeats 5 --budget-s "${TRAIN_BUDGET:-200}"
 fi
+kill $SMI_PID 2>/dev/null
+summary "clocks (smi.csv): $(grep -c " MHz," "$OUT/smi.csv") readings, SM MHz min/max $(grep " MHz," "$OUT/smi.csv" | awk -F', ' '{print $2+0}' | sort -n | sed -n '1p;$p' | tr '\n' ' ')"
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
 (cd "$OUT" && shopt -s nullglob && tar czf logs.tgz ./*.log ./*.txt ./*.json ./*.csv;
-  rm -f ./*.log gpu.txt build_warnings.txt engine_info.json gemm_sweep.json)
+  rm -f ./*.log gpu.txt build_warnings.txt engine_info.json gemm_sweep.json smi.csv)
 ls "$OUT"
