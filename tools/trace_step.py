@@ -42,9 +42,7 @@ def layer_cases(args):
     step, step_args, _ = bench_layer.make_step(layer, n, d_in, d_out)
     out[name] = lambda step=step, a=step_args: step(*a)
     if args.hlo_dir:
-      os.makedirs(args.hlo_dir, exist_ok=True)
-      with open(os.path.join(args.hlo_dir, name.replace(" ", "_") + ".hlo.txt"), "w") as f:
-        f.write(step.lower(*step_args).compile().as_text())
+      write_hlo(args.hlo_dir, name, step.lower(*step_args).compile().as_text())
   return out
 
 
@@ -64,7 +62,17 @@ def train_cases(args):
       state[:] = new
       return loss
     out[variant] = run
+    if args.hlo_dir:
+      write_hlo(args.hlo_dir, variant, t.train_step.lower(
+          *state, t.inputs, t.targets, t.k_quant).compile().as_text())
   return out
+
+
+def write_hlo(hlo_dir, name, text):
+  """The optimized HLO: a trace's kernel names are its fusion names."""
+  os.makedirs(hlo_dir, exist_ok=True)
+  with open(os.path.join(hlo_dir, name.replace(" ", "_") + ".hlo.txt"), "w") as f:
+    f.write(text)
 
 
 def device_events(path):
@@ -145,7 +153,8 @@ def main(argv=None):
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                  help="train: jax.nn.dot_product_attention implementation")
   p.add_argument("--hlo-dir", default=None,
-                 help="layer: write each case's optimized HLO here")
+                 help="write each case's optimized HLO here (kernel names in the"
+                      " table are its fusion names)")
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--top", type=int, default=40)
   args = p.parse_args(argv)
