@@ -31,6 +31,7 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
+import common  # noqa: E402
 import jint4  # noqa: E402
 
 
@@ -52,9 +53,12 @@ def train_cases(args):
   for variant in ("bf16", "int4"):
     config = (jint4.Int4Config(backward=args.backward[0])
               if variant == "int4" else None)
-    model = bench_train.GPT(32000, args.hidden, 2, 2048, args.attention)
-    t = bench_train.training(model, config=config, vocab=32000, seq_len=2048,
-                             batch=16384 // 2048)
+    size = bench_train.DEFAULTS  # the benchmark's model, at width --hidden
+    model = bench_train.GPT(size["vocab"], args.hidden, size["layers"], size["seq_len"],
+                            args.attention)
+    t = bench_train.training(model, config=config, vocab=size["vocab"],
+                             seq_len=size["seq_len"],
+                             batch=size["tokens"] // size["seq_len"])
     state = [t.params, t.opt_state]
 
     def run(t=t, state=state):
@@ -90,27 +94,23 @@ def device_events(path):
   return events
 
 
-def wall_times(fn, calls=5, repeats=10):
-  """(median ms per call of `calls` back-to-back calls + one sync, median ms
-  for one call to return without a sync: the host's dispatch time)."""
-  samples, dispatch = [], []
+def dispatch_ms(fn, repeats=10):
+  """Median ms for one call to return after a sync, without waiting for its
+  result: the host's dispatch time, during which the device is idle."""
+  times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     out = fn()
-    dispatch.append(1e3 * (time.perf_counter() - t0))
-    for _ in range(calls - 1):
-      out = fn()
+    times.append(1e3 * (time.perf_counter() - t0))
     jax.block_until_ready(out)
-    samples.append(1e3 * (time.perf_counter() - t0) / calls)
-  return statistics.median(samples), statistics.median(dispatch)
+  return statistics.median(times)
 
 
 def trace_case(fn, steps):
-  jax.block_until_ready(fn())  # compile + warm
-  jax.block_until_ready(fn())
-  wall, dispatch = wall_times(fn)
+  jax.block_until_ready(fn())  # compile
+  wall = common.time_fn(fn, (), repeats=10, warmup=1, calls=5)["median_ms"]
   print(f"# wall {wall:.3f} ms/step (5 back-to-back calls, one sync), "
-        f"dispatch {dispatch:.3f} ms/call")
+        f"dispatch {dispatch_ms(fn):.3f} ms/call")
   d = tempfile.mkdtemp(prefix="jint4_trace_")
   with jax.profiler.trace(d):
     out = None
