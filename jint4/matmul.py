@@ -85,7 +85,9 @@ def int4_matmul(x: jax.Array, kernel: jax.Array, step_x: jax.Array,
     key: a JAX PRNG key for the stochastic rounding and sampling; the same key
       gives bit-identical results.
     config: the quantization recipe.
-    bias: optional [C], added in float (its gradient is the float row sum of G).
+    bias: optional [C], added in float32 inside the GEMM's dequantize epilogue
+      (before the one rounding to the output dtype); its gradient is the
+      float32 row sum of G.
     hadamard_log2_block: log2 of the Hadamard block as an int32 scalar (may be
       traced); required when ``config.hadamard_block == "auto"``, else unused.
   Returns:
@@ -101,16 +103,14 @@ def int4_matmul(x: jax.Array, kernel: jax.Array, step_x: jax.Array,
   else:
     block = config.hadamard_block if config.uses_hadamard else 1
     log2 = jnp.zeros((), jnp.int32)
+  if bias is not None and bias.shape != (c,):
+    raise ValueError(f"bias must have shape ({c},); got {bias.shape}.")
   static = _Static(config=config, block=block, x_dtype=np.dtype(x.dtype),
-                   out_dtype=np.dtype(out_dtype))
-  y = _int4_matmul_2d(x2, kernel, jnp.asarray(step_x), jnp.asarray(step_w),
-                      key, log2, static)
-  y = y.reshape(*lead, c)
-  if bias is not None:
-    if bias.shape != (c,):
-      raise ValueError(f"bias must have shape ({c},); got {bias.shape}.")
-    y = y + bias.astype(out_dtype)
-  return y
+                   out_dtype=np.dtype(out_dtype),
+                   bias_dtype=None if bias is None else np.dtype(bias.dtype))
+  y = _int4_matmul_2d(x2, kernel, bias, jnp.asarray(step_x),
+                      jnp.asarray(step_w), key, log2, static)
+  return y.reshape(*lead, c)
 
 
 def int4_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
@@ -152,22 +152,25 @@ class _Static:
   block: Optional[int]  # None: the traced log2 block is used
   x_dtype: np.dtype
   out_dtype: np.dtype
+  bias_dtype: Optional[np.dtype]  # None: no bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _int4_matmul_2d(x2, kernel, sx, sw, key, log2, static):
-  return _forward(x2, kernel, sx, sw, key, log2, static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _int4_matmul_2d(x2, kernel, bias, sx, sw, key, log2, static):
+  return _forward(x2, kernel, bias, sx, sw, key, log2, static)[0]
 
 
 def _block(static, log2):
   return static.block if static.block is not None else log2
 
 
-def _forward(x2, kernel, sx, sw, key, log2, static):
+def _forward(x2, kernel, bias, sx, sw, key, log2, static):
   cfg = static.config
   if not cfg.quantizes_forward:
     y = jnp.matmul(x2, kernel, precision=_HIGHEST,
                    preferred_element_type=jnp.float32)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
     return y.astype(static.out_dtype), (x2, kernel, sx, sw, key, log2)
   eng = kernels.get_engine(cfg.engine)
   seeds = eng.seeds_from_key(key, _NUM_SEEDS)
@@ -180,9 +183,13 @@ def _forward(x2, kernel, sx, sw, key, log2, static):
                                 qp=cfg.qp, axis=0, transpose=True)
   # Rows of x (columns of the kernel) holding NaN/Inf give NaN rows (columns)
   # of y, through the epilogue: row scale 1 or NaN (the residual's row norms
-  # carry the flag), column bias 0 or NaN.
+  # carry the flag), column bias 0 or NaN, plus the layer's bias (added in
+  # float32 before the one rounding to out_dtype, so no pass over y).
+  col_bias = _column_poison(kernel)
+  if bias is not None:
+    col_bias = col_bias + bias.astype(jnp.float32)
   y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=1.0 + res_x.norms * 0.0,
-                   col_bias=_column_poison(kernel), out_dtype=static.out_dtype)
+                   col_bias=col_bias, out_dtype=static.out_dtype)
   return y.astype(static.out_dtype), (res_x, kernel, sx, sw, key, log2)
 
 
@@ -195,6 +202,13 @@ def _column_poison(t):
   return jnp.where(jnp.all(jnp.isfinite(t), axis=0), 0.0, jnp.nan)
 
 
+def _bias_grad(g, bias_dtype):
+  """The bias gradient: the float32 row sum of G (None without a bias)."""
+  if bias_dtype is None:
+    return None
+  return jnp.sum(g.astype(jnp.float32), axis=0).astype(bias_dtype)
+
+
 def _backward(static, res, g):
   cfg = static.config
   if not cfg.quantizes_forward:
@@ -202,8 +216,9 @@ def _backward(static, res, g):
     g32 = g.astype(jnp.float32)
     dx = jnp.matmul(g32, kernel.astype(jnp.float32).T, precision=_HIGHEST)
     dk = jnp.matmul(x2.astype(jnp.float32).T, g32, precision=_HIGHEST)
-    return (dx.astype(x2.dtype), dk.astype(kernel.dtype), jnp.zeros_like(sx),
-            jnp.zeros_like(sw), None, None)
+    return (dx.astype(x2.dtype), dk.astype(kernel.dtype),
+            _bias_grad(g, static.bias_dtype), jnp.zeros_like(sx), jnp.zeros_like(sw),
+            None, None)
 
   res_x, kernel, sx, sw, key, log2 = res
   eng = kernels.get_engine(cfg.engine)
@@ -235,7 +250,7 @@ def _backward(static, res, g):
   dk, delta_sum_w = eng.lsq_weight_backward(dwh_hat, kernel, sw32, block=block,
                                             qn=qn, qp=qp)
   dsw = lsq.grad_scale(d * c, qp=qp) * delta_sum_w
-  return (dx, dk,
+  return (dx, dk, _bias_grad(g, static.bias_dtype),
           dsx.astype(sx.dtype).reshape(sx.shape),
           dsw.astype(sw.dtype).reshape(sw.shape), None, None)
 
@@ -358,8 +373,8 @@ _GRADIENT_PRODUCTS = {
 }
 
 _int4_matmul_2d.defvjp(
-    lambda x2, kernel, sx, sw, key, log2, static: _forward(
-        x2, kernel, sx, sw, key, log2, static),
+    lambda x2, kernel, bias, sx, sw, key, log2, static: _forward(
+        x2, kernel, bias, sx, sw, key, log2, static),
     _backward)
 
 

@@ -36,7 +36,8 @@ inline void FfiCheck(const ffi::Error& e, const char* what) {
   }
 }
 
-// A device tensor described as an XLA_FFI_Buffer.
+// A device tensor described as an XLA_FFI_Buffer; owns its device memory
+// (from DevAlloc / Random*; freed with the Buf).
 struct Buf {
   std::vector<int64_t> dims;
   XLA_FFI_Buffer b{};
@@ -48,6 +49,7 @@ struct Buf {
     b.rank = static_cast<int64_t>(dims.size());
     b.dims = dims.data();
   }
+  ~Buf() { cudaFree(b.data); }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
   ffi::AnyBuffer any() const { return ffi::AnyBuffer(&b); }

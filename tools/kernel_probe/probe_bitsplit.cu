@@ -20,9 +20,6 @@ void RunBitSplit(const Shape& s) {
                                              vt.out(), scales.out()),
              "split joined");
   });
-  cudaFree(g.b.data);
-  cudaFree(v.b.data);
-  cudaFree(vt.b.data);
 }
 
 }  // namespace probe

@@ -29,7 +29,6 @@ void RunLsq(const Shape& s) {
                                                qp, static_cast<int32_t>(N), 0, 1),
                "decode t");
     });
-    cudaFree(qt.b.data);
   }
   {
     Buf grad(XLA_FFI_DataType_BF16, {N, D}, RandomBf16(total, 6, 1.0f));
@@ -40,8 +39,17 @@ void RunLsq(const Shape& s) {
                                             log2_b.any(), dt.out(), dsum.out(), qn, qp, 0),
                "lsq backward");
     });
-    cudaFree(grad.b.data);
-    cudaFree(dt.b.data);
+  }
+  {  // bf16 kernel (what a bf16-compute model passes), f32 grad
+    Buf grad(XLA_FFI_DataType_F32, {D, C}, RandomF32(D * C, 7, 1.0f));
+    Buf k(XLA_FFI_DataType_BF16, {D, C}, RandomBf16(D * C, 8, 0.02f));
+    Buf dk(XLA_FFI_DataType_BF16, {D, C}, DevAlloc(2 * D * C));
+    Buf dsum(XLA_FFI_DataType_F32, {}, DevAlloc(4));
+    Time("lsq weight backward bf16 [D,C]", D * C * 8.0, [&] {
+      FfiCheck(jint4::cuda::LsqWeightBackwardImpl(0, grad.any(), k.any(), step_b.any(),
+                                                  log2_b.any(), dk.out(), dsum.out(), qn, qp, 5),
+               "lsq weight backward");
+    });
   }
   {
     Buf grad(XLA_FFI_DataType_F32, {D, C}, RandomF32(D * C, 7, 1.0f));
@@ -53,12 +61,7 @@ void RunLsq(const Shape& s) {
                                                   log2_b.any(), dk.out(), dsum.out(), qn, qp, 5),
                "lsq weight backward");
     });
-    cudaFree(grad.b.data);
-    cudaFree(k.b.data);
-    cudaFree(dk.b.data);
   }
-  cudaFree(nib.b.data);
-  cudaFree(flg.b.data);
 }
 
 }  // namespace probe

@@ -47,11 +47,6 @@ void RunQuantize(const Shape& s) {
                                                  norms0.out(), qn, qp, 0, 1, 0, 5),
                "hq x nores");
     });
-    cudaFree(x.b.data);
-    cudaFree(q.b.data);
-    cudaFree(nib.b.data);
-    cudaFree(flg.b.data);
-    cudaFree(norms.b.data);
   }
   // Weights: kernel [D, C] (f32 and bf16), Hadamard down the columns,
   // written [C, D] (forward) or [D, C] (backward).
@@ -76,9 +71,6 @@ void RunQuantize(const Shape& s) {
                  "hq w");
       });
     }
-    cudaFree(k.b.data);
-    cudaFree(qt.b.data);
-    cudaFree(q.b.data);
   }
 }
 
