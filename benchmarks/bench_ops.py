@@ -5,7 +5,8 @@ Fig. 6 (time breakdown). For x[N, D], a kernel[D, C] and an output gradient
 g[N, C] (bf16), each operator includes all of its quantization work:
 
   HQ-MM      y = x @ kernel:   quantize x (Hadamard + LSQ + residual),
-             quantize the kernel (transposed), INT4 GEMM + dequantize.
+             quantize the kernel (both layouts: [C, D] for this GEMM, and
+             [D, C], kept for the dX GEMM), INT4 GEMM + dequantize.
   LSS-Act    dX = g W:         bit split (stacked halves + norms), sampling,
              gather of the kept rows, INT4 GEMM (1/p row scales in the
              epilogue), scatter to tokens + STE mask + Hadamard^T (lsq_backward).
@@ -15,6 +16,8 @@ g[N, C] (bf16), each operator includes all of its quantization work:
              + Hadamard^T.
   BS-Act / BS-Weight: the same with every row kept (``backward="nonzero"``):
              one joined bit split (v and v^T) serves both GEMMs.
+The dX operators use the kernel's [D, C] codes from HQ-MM's pass, as the
+layer does.
 
 Each is timed whole (one jit) and per stage (one jit per stage, its inputs
 precomputed), against a bf16 dot of the same shape with bf16 output, all in
@@ -54,11 +57,8 @@ def _stages(eng, n, d, c):
   def quant_x(x, sx, seeds):
     return eng.hadamard_quantize(x, sx, block=BLOCK, qn=QN, qp=QP, seed=seeds[0])
 
-  def quant_w(w, sw):
-    return eng.hadamard_quantize(w, sw, block=BLOCK, qn=QN, qp=QP, axis=0, transpose=True)[0]
-
-  def quant_wt(w, sw):
-    return eng.hadamard_quantize(w, sw, block=BLOCK, qn=QN, qp=QP, axis=0)[0]
+  def quant_w(w, sw):  # both layouts: q_w^T is kept for the backward's dX GEMM
+    return eng.hadamard_quantize_weight(w, sw, block=BLOCK, qn=QN, qp=QP)
 
   def gemm_fwd(qx, qw, sx, sw, res, w):
     return eng.int_gemm(qx, qw, scale=sx * sw, row_scale=1.0 + res.norms * 0.0,
@@ -117,10 +117,9 @@ def _stages(eng, n, d, c):
 
   return {
       "HQ-MM": [("quantize x", quant_x, ("x", "sx", "seeds"), ("qx", "res")),
-                ("quantize w", quant_w, ("w", "sw"), ("qw",)),
+                ("quantize w (both layouts)", quant_w, ("w", "sw"), ("qw", "qwt")),
                 ("GEMM", gemm_fwd, ("qx", "qw", "sx", "sw", "res", "w"), ("y",))],
       "LSS-Act": [("bit split", split, ("g", "seeds"), ("g2", "s_hi", "s_lo", "norms")),
-                  ("quantize w^T", quant_wt, ("w", "sw"), ("qwt",)),
                   ("sampling", sample_act, ("norms", "seeds"), ("index", "weight")),
                   ("gather + GEMM", gemm_act,
                    ("g2", "index", "weight", "s_hi", "s_lo", "qwt", "sw"), ("part",)),
@@ -136,7 +135,6 @@ def _stages(eng, n, d, c):
                      ("LSQ bwd + H^T (w)", finish_weight, ("dw", "w", "sw"), ("dk", "dsw"))],
       "BS-Act": [("joined bit split", split_joined, ("g", "seeds"),
                   ("v", "vt", "s_hi_j", "s_lo_j")),
-                 ("quantize w^T", quant_wt, ("w", "sw"), ("qwt",)),
                  ("GEMM", gemm_bs_act, ("v", "qwt", "s_lo_j", "sw"), ("dxh",)),
                  ("LSQ bwd + H^T", finish_bs_act, ("dxh", "res"), ("dx_bs", "dsx_bs"))],
       "BS-Weight": [("decode x^T", decode_all, ("res",), ("qxt",)),
@@ -223,6 +221,8 @@ def compare_engines(n, d, c, repeats):
   cases = {
       "hadamard_quantize": lambda e: (lambda x: e.hadamard_quantize(
           x, jnp.float32(0.3), block=BLOCK, qn=QN, qp=QP, seed=seeds[0]), (x,)),
+      "hadamard_quantize_weight": lambda e: (lambda w: e.hadamard_quantize_weight(
+          w, jnp.float32(0.005), block=BLOCK, qn=QN, qp=QP), (w,)),
       "residual_values": lambda e: (lambda r: e.residual_values(
           r, (n, d), qn=QN, qp=QP, transpose=True), (res,)),
       "lsq_backward": lambda e: (lambda t, r: e.lsq_backward(

@@ -42,8 +42,10 @@ Saved for the backward, per element of X: its 4-bit code and one stochastic
 bit that encodes LSQ's delta without bias (`jint4.quant.lsq`): 0.625 bytes for
 the default range [-7, 7] (0.75 bytes for [-8, 7]), against 2 bytes of a
 bfloat16 activation; plus one float32 per token row (the row norm of q_x, the
-weight gradient's leverage scores and the row's non-finite flag). The kernel itself is a parameter and is kept by reference;
-the backward recomputes its quantization.
+weight gradient's leverage scores and the row's non-finite flag). The kernel
+itself is a parameter and is kept by reference, with its dX GEMM operand
+q_w^T (one int8 per weight, quantized by the forward's pass together with
+q_w), so the backward does not quantize the kernel again.
 
 Non-finite values stay visible: a NaN/Inf in a row of X makes that row of Y
 NaN, in a column of W that column, as a float matmul would; a NaN/Inf in G
@@ -178,9 +180,11 @@ def _forward(x2, kernel, bias, sx, sw, key, log2, static):
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
   qx, res_x = eng.hadamard_quantize(x2, sx32, block=block, qn=cfg.qn,
                                     qp=cfg.qp, seed=seeds[_SEED_RESIDUAL])
-  # kernel[D, C] -> q_w[C, D]: Hb along D, written K-major for the GEMM.
-  qw, _ = eng.hadamard_quantize(kernel, sw32, block=block, qn=cfg.qn,
-                                qp=cfg.qp, axis=0, transpose=True)
+  # kernel[D, C] -> q_w[C, D] (this GEMM's operand) and q_w^T[D, C] (the dX
+  # GEMM's), Hb along D, both K-major, in one pass; q_w^T is kept for the
+  # backward (1 byte per weight) instead of quantizing the kernel again.
+  qw, qwt = eng.hadamard_quantize_weight(kernel, sw32, block=block, qn=cfg.qn,
+                                         qp=cfg.qp)
   # Rows of x (columns of the kernel) holding NaN/Inf give NaN rows (columns)
   # of y, through the epilogue: row scale 1 or NaN (the residual's row norms
   # carry the flag), column bias 0 or NaN, plus the layer's bias (added in
@@ -190,7 +194,7 @@ def _forward(x2, kernel, bias, sx, sw, key, log2, static):
     col_bias = col_bias + bias.astype(jnp.float32)
   y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=1.0 + res_x.norms * 0.0,
                    col_bias=col_bias, out_dtype=static.out_dtype)
-  return y.astype(static.out_dtype), (res_x, kernel, sx, sw, key, log2)
+  return y.astype(static.out_dtype), (res_x, qwt, kernel, sx, sw, key, log2)
 
 
 _NUM_SEEDS = 6
@@ -220,7 +224,7 @@ def _backward(static, res, g):
             _bias_grad(g, static.bias_dtype), jnp.zeros_like(sx), jnp.zeros_like(sw),
             None, None)
 
-  res_x, kernel, sx, sw, key, log2 = res
+  res_x, qwt, kernel, sx, sw, key, log2 = res
   eng = kernels.get_engine(cfg.engine)
   seeds = eng.seeds_from_key(key, _NUM_SEEDS)
   block = _block(static, log2)
@@ -235,8 +239,7 @@ def _backward(static, res, g):
   ctx = _Context(eng=eng, cfg=cfg, seeds=seeds, res_x=res_x, shape_x=(n, d),
                  sx=sx32, sw=sw32, dxh_dtype=dxh_dtype)
 
-  # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C.
-  qwt, _ = eng.hadamard_quantize(kernel, sw32, block=block, qn=qn, qp=qp, axis=0)
+  # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C, from the forward.
   # Each mode gives dX_hat (as rows + optional token slots) and dW_hat[D, C],
   # both in the Hadamard domain.
   dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[backward_mode(cfg)](ctx, g, qwt)

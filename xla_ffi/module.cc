@@ -20,6 +20,7 @@ py::capsule Capsule(Fn* fn) {
 py::dict CpuTargets() {
   py::dict d;
   d["jint4_hadamard_quantize"] = Capsule(jint4_cpu_hadamard_quantize);
+  d["jint4_hadamard_quantize_weight"] = Capsule(jint4_cpu_hadamard_quantize_weight);
   d["jint4_residual_values"] = Capsule(jint4_cpu_residual_values);
   d["jint4_lsq_backward"] = Capsule(jint4_cpu_lsq_backward);
   d["jint4_lsq_weight_backward"] = Capsule(jint4_cpu_lsq_weight_backward);
@@ -34,6 +35,7 @@ py::dict CudaTargets() {
   py::dict d;
 #if defined(JINT4_WITH_CUDA)
   d["jint4_hadamard_quantize"] = Capsule(jint4_cuda_hadamard_quantize);
+  d["jint4_hadamard_quantize_weight"] = Capsule(jint4_cuda_hadamard_quantize_weight);
   d["jint4_residual_values"] = Capsule(jint4_cuda_residual_values);
   d["jint4_lsq_backward"] = Capsule(jint4_cuda_lsq_backward);
   d["jint4_lsq_weight_backward"] = Capsule(jint4_cuda_lsq_weight_backward);

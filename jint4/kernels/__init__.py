@@ -1,7 +1,7 @@
 """Engines behind jint4's fixed integer-op boundary.
 
 An engine exposes the ops of `jint4.kernels.reference` (`hadamard_quantize`,
-`residual_values`, `lsq_backward`, `lsq_weight_backward`, `bit_split`,
+`hadamard_quantize_weight`, `residual_values`, `lsq_backward`, `lsq_weight_backward`, `bit_split`,
 `bit_split_joined`, `resplit_rows`, `int_gemm`, plus the shared helpers
 `uniform`, `seeds_from_key`) with identical semantics. The algorithm
 (`jint4.matmul`) asks `get_engine` for one and never knows which it got.
@@ -23,9 +23,9 @@ import jax
 from jint4.kernels import native
 from jint4.kernels import reference
 
-OPS = ("hadamard_quantize", "residual_values", "lsq_backward",
-       "lsq_weight_backward", "bit_split", "bit_split_joined", "resplit_rows",
-       "int_gemm")
+OPS = ("hadamard_quantize", "hadamard_quantize_weight", "residual_values",
+       "lsq_backward", "lsq_weight_backward", "bit_split", "bit_split_joined",
+       "resplit_rows", "int_gemm")
 HELPERS = ("uniform", "uniform24", "seeds_from_key", "int_gemm_i32")
 
 # Which engine "auto" runs each op with, per backend.

@@ -177,6 +177,19 @@ def hadamard_quantize(x, step, *, block, qn: int, qp: int, seed=None,
   return q, (Residual(nibbles, flags, norms) if with_residual else None)
 
 
+def hadamard_quantize_weight(kernel, step, *, block, qn: int, qp: int):
+  """Native `reference.hadamard_quantize_weight` (one pass on CUDA)."""
+  d, c = kernel.shape
+  if isinstance(block, (int, np.integer)) and d % int(block):
+    raise ValueError(f"Hadamard block {block} does not divide dim 0 of"
+                     f" {kernel.shape}.")
+  return _call(
+      "jint4_hadamard_quantize_weight",
+      (jax.ShapeDtypeStruct((c, d), jnp.int8), jax.ShapeDtypeStruct((d, c), jnp.int8)),
+      _float_operand(kernel), jnp.asarray(step, jnp.float32).reshape(()), _log2(block),
+      qn=_i32(qn), qp=_i32(qp), log2_hint=_i32(_static_log2(block)))
+
+
 def residual_values(res: Residual, shape, *, qn: int, qp: int, rows=None,
                     transpose: bool = False):
   m, k = shape

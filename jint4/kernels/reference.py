@@ -149,6 +149,19 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
   return q8, pack_residual(code, flags, norms, qn=qn)
 
 
+def hadamard_quantize_weight(kernel: jax.Array, step: jax.Array, *, block: Block,
+                             qn: int, qp: int):
+  """A kernel[D, C]'s two GEMM operands from one quantization (Hb along D).
+
+  Returns ``(q_t, q)``: q_t[C, D] is the forward GEMM's operand and q[D, C]
+  the dX GEMM's, both K-major; the same codes as `hadamard_quantize` with
+  axis=0 and transpose True / False. The forward computes both, so the
+  backward does not quantize the kernel again.
+  """
+  q, _ = hadamard_quantize(kernel, step, block=block, qn=qn, qp=qp, axis=0)
+  return q.T, q
+
+
 def pack_residual(code: jax.Array, flags: jax.Array, norms: jax.Array, *,
                   qn: int) -> Residual:
   """Packs int8 codes in [-8, 7] two per byte and flag bits eight per byte."""

@@ -80,6 +80,22 @@ def test_hadamard_quantize_axis_and_transpose(shape, dtype):
         assert_same_ints(q_nat, q_ref)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", QUANT_SHAPES + [(24, 7), (1024, 3)], ids=str)
+def test_hadamard_quantize_weight_is_both_axis0_layouts(shape, dtype):
+  w = activations(shape, seed=12, specials=True).astype(dtype)
+  step = jnp.float32(0.31)
+  for log2 in log2_blocks(shape[0]):
+    args = dict(block=2 ** log2, qn=7, qp=7)
+    q_t, q = on_cpu(native.hadamard_quantize_weight, w, step, **args)
+    want, _ = on_cpu(reference.hadamard_quantize, w, step, axis=0, **args)
+    assert q_t.shape == shape[::-1] and q.shape == shape
+    assert_same_ints(q, want)
+    assert_same_ints(q_t, np.asarray(want).T)
+    for got, ref in zip((q_t, q), on_cpu(reference.hadamard_quantize_weight, w, step, **args)):
+      assert_same_ints(got, ref)
+
+
 def test_hadamard_quantize_traced_block():
   """A traced log2 block: along the rows (with a residual) and down the columns."""
   x = activations((16, 64))
@@ -91,7 +107,8 @@ def test_hadamard_quantize_traced_block():
       # A Flax kernel[D, C]: Hb down the columns, written [C, D].
       wq = mod.hadamard_quantize(w, jnp.float32(0.4), block=l, qn=7, qp=7, axis=0,
                                  transpose=True)[0]
-      return q, res, q_only, wq
+      both = mod.hadamard_quantize_weight(w, jnp.float32(0.4), block=l, qn=7, qp=7)
+      return q, res, q_only, wq, both
     return jax.jit(f)
   f_ref, f_nat = jitted(reference), jitted(native)   # one compile each
   with jax.default_device(CPU):
@@ -576,6 +593,12 @@ cases = {
   "log2_block_axis0": lambda: native.hadamard_quantize(
       jnp.ones((12, 4)), jnp.float32(1), block=jnp.int32(3), qn=7, qp=7, axis=0)[0],
   "residual_axis0": lambda: raw_quantize(x, axis=0, transpose=0),
+  "weight_quantize_log2_block": lambda: native.hadamard_quantize_weight(
+      jnp.ones((12, 4)), jnp.float32(1), block=jnp.int32(3), qn=7, qp=7)[0],
+  "weight_quantize_shape": lambda: native._call(
+      "jint4_hadamard_quantize_weight", (S((4, 8), jnp.int8), S((4, 8), jnp.int8)),
+      jnp.ones((8, 4)), jnp.float32(1), jnp.int32(0), qn=i32(7), qp=i32(7),
+      log2_hint=i32(-1))[0],
   "residual_transpose": lambda: raw_quantize(x, axis=1, transpose=1),
   "axis": lambda: raw_quantize(x, axis=2, transpose=0, with_residual=0),
   "x_dtype": lambda: raw_quantize(x.astype(jnp.int32), axis=1, transpose=0),
@@ -657,6 +680,9 @@ def test_bad_native_input_raises_clear_errors():
       "log2_block": ["jint4_hadamard_quantize", "does not divide"],
       "log2_block_axis0": ["does not divide", "dim 0"],
       "residual_axis0": ["residual", "axis=1"],
+      "weight_quantize_log2_block": ["jint4_hadamard_quantize_weight", "does not divide",
+                                     "dim 0 of x", "= 12"],
+      "weight_quantize_shape": ["jint4_hadamard_quantize_weight", "'q'", "[8,4]", "got [4,8]"],
       "residual_transpose": ["residual", "transpose=1"],
       "axis": ["'axis'", "got 2"],
       "x_dtype": ["'x'", "f32, bf16 or f16", "s32"],

@@ -84,6 +84,19 @@ def test_hadamard_quantize_columns(shape, transpose, dtype):
     assert_same_ints(q, q_ref)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(1, 7), (24, 5), (96, 33), (1024, 64), (2048, 3000),
+                                   (4096, 1024)], ids=str)
+def test_hadamard_quantize_weight(shape, dtype):
+  w = activations(shape, seed=5).astype(dtype) * 0.05
+  for log2 in sorted({0, largest_log2(shape[0])}):
+    (q_t, q), (q_t_ref, q_ref), _ = twins(native.hadamard_quantize_weight, w,
+                                          jnp.float32(0.01), cpu_handler=False,
+                                          block=2 ** log2, qn=7, qp=7)
+    assert_same_ints(q_t, q_t_ref)
+    assert_same_ints(q, q_ref)
+
+
 def test_hadamard_quantize_traced_block():
   x = activations((64, 256))
   f = lambda x, l: native.hadamard_quantize(x, jnp.float32(0.5), block=l, qn=7, qp=7,

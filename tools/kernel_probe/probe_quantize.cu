@@ -71,6 +71,14 @@ void RunQuantize(const Shape& s) {
                  "hq w");
       });
     }
+    // Both layouts in one pass (the forward's jint4_hadamard_quantize_weight).
+    Time((std::string("hq w ") + (bf16 ? "bf16" : "f32") + " [D,C] -> both").c_str(),
+         D * C * ((bf16 ? 2.0 : 4.0) + 2.0), [&] {
+           FfiCheck(jint4::cuda::HadamardQuantizeWeightImpl(0, k.any(), wstep_b.any(),
+                                                            log2_b.any(), qt.out(), q.out(),
+                                                            qn, qp, 5),
+                    "hq w both");
+         });
   }
 }
 

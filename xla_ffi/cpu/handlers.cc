@@ -106,6 +106,43 @@ ffi::Error HadamardQuantizeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
 }
 
 // ---------------------------------------------------------------------------
+// jint4_hadamard_quantize_weight
+//   x (f32|bf16|f16)[R,S], step f32[], log2_block s32[]
+//   -> q_t s8[S,R], q s8[R,S]; attrs qn, qp, log2_hint
+//   Both layouts of the axis-0 codes (the forward and the dX GEMM operands
+//   of a kernel[D, C]): two HadamardQuantize calls here (this handler is the
+//   tested twin; the CUDA one makes one pass).
+// ---------------------------------------------------------------------------
+ffi::Error HadamardQuantizeWeightImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
+                                      ffi::Buffer<ffi::S32> log2_block,
+                                      ffi::ResultBuffer<ffi::S8> q_t,
+                                      ffi::ResultBuffer<ffi::S8> q, int32_t qn, int32_t qp,
+                                      int32_t log2_hint) {
+  constexpr const char* kOp = "jint4_hadamard_quantize_weight";
+  JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
+  JINT4_CHECK_ARG(log2_hint >= -1 && log2_hint <= 10, kOp,
+                  ": attribute 'log2_hint' must be -1 or a log2 block in [0, 10]; got ",
+                  log2_hint);
+  JINT4_RETURN_IF_ERROR(CheckFloatType(x, kOp, "x"));
+  JINT4_RETURN_IF_ERROR(CheckRank(x, 2, kOp, "x"));
+  const int64_t r = x.dimensions()[0];
+  const int64_t s = x.dimensions()[1];
+  JINT4_RETURN_IF_ERROR(CheckElementCount(step, 1, kOp, "step"));
+  JINT4_RETURN_IF_ERROR(CheckElementCount(log2_block, 1, kOp, "log2_block"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*q_t, {s, r}, kOp, "q_t"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*q, {r, s}, kOp, "q"));
+  const int32_t log2 = log2_block.typed_data()[0];
+  JINT4_RETURN_IF_ERROR(CheckLog2Block(log2, r, "dim 0 of x", kOp));
+  for (int transpose = 0; transpose < 2; ++transpose) {
+    HadamardQuantize(x.untyped_data(), FloatTypeOf(x.element_type()), r, s,
+                     step.typed_data()[0], 0u, 0u, log2, qn, qp, /*axis=*/0,
+                     transpose != 0, transpose ? q_t->typed_data() : q->typed_data(),
+                     nullptr, nullptr, nullptr);
+  }
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
 // jint4_residual_values: nibbles u8[P], flags u8[F,Q], rows s32[T or 0]
 //   -> q s8[T,K] or [K,T]; attrs qn, qp, m, gather, transpose
 // ---------------------------------------------------------------------------
@@ -393,6 +430,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize,
                                   .Attr<int32_t>("with_residual")
                                   .Attr<int32_t>("axis")
                                   .Attr<int32_t>("transpose")
+                                  .Attr<int32_t>("log2_hint"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize_weight,
+                              jint4::cpu::HadamardQuantizeWeightImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()         // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // step
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // log2_block
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // q_t
+                                  .Ret<ffi::Buffer<ffi::S8>>()   // q
+                                  .Attr<int32_t>("qn")
+                                  .Attr<int32_t>("qp")
                                   .Attr<int32_t>("log2_hint"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_residual_values,

@@ -11,6 +11,7 @@
 #pragma GCC visibility push(default)
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize_weight);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_residual_values);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_lsq_backward);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(jint4_cpu_lsq_weight_backward);

@@ -397,8 +397,8 @@ __global__ void __launch_bounds__(kHqThreads)
 HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
                               const float* __restrict__ step_ptr,
                               const int32_t* __restrict__ log2_ptr, int max_log2,
-                              int qn, int qp, int transpose,
-                              int8_t* __restrict__ q) {
+                              int qn, int qp, int8_t* __restrict__ q_rows,
+                              int8_t* __restrict__ q_cols) {
   // Column c, row r of the tile at sx[Padded(c * TR + r)]: one pad float per
   // column, so the row-wise loads and stores hit distinct banks.
   __shared__ float sx[2 * kColTile];
@@ -417,20 +417,21 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
           c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
     }
     BlockHadamardSmem<kHqThreads>(sx, kColTile, L, max_log2);
-    if (transpose) {  // q[S, R]: runs of TR bytes along r
+    if (q_cols != nullptr) {  // q_cols[S, R]: runs of TR bytes along r
       for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
         const int c = i / TR;
         const int r = i - c * TR;
         if (c0 + c < S) {
-          q[(c0 + c) * R + r0 + r] = QuantizeCode(sx[Padded(i, max_log2)] * factor, qn, qp);
+          q_cols[(c0 + c) * R + r0 + r] = QuantizeCode(sx[Padded(i, max_log2)] * factor, qn, qp);
         }
       }
-    } else {          // q[R, S]: runs of TC bytes along c
+    }
+    if (q_rows != nullptr) {  // q_rows[R, S]: runs of TC bytes along c
       for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
         const int r = i / TC;
         const int c = i - r * TC;
         if (c0 + c < S) {
-          q[(r0 + r) * S + c0 + c] =
+          q_rows[(r0 + r) * S + c0 + c] =
               QuantizeCode(sx[Padded(c * TR + r, max_log2)] * factor, qn, qp);
         }
       }
@@ -443,10 +444,11 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
 // block): thread = one column c of one tile of TR = 2^max_log2 rows. Its TR
 // loads (consecutive threads: consecutive columns, coalesced) are all in
 // flight at once, the Hadamard runs in registers (RegisterHadamard), and the
-// codes are stored as q[R, S] (one byte per row; a warp writes 32
-// consecutive bytes) or, transposed, q[S, R] (the thread's TR codes are
-// contiguous: 16-byte stores when TR >= 16 and `wide` (R % 16 == 0, q
-// 16-byte aligned), else 4-byte stores when TR >= 4).
+// codes are stored as q_rows[R, S] (one byte per row; a warp writes 32
+// consecutive bytes) and/or q_cols[S, R] (the thread's TR codes are
+// contiguous: 16-byte stores when TR >= 16 and `wide` (R % 16 == 0, q_cols
+// 16-byte aligned), else 4-byte stores when TR >= 4); a null pointer skips
+// that layout.
 constexpr int kColThreads = 256;
 
 template <typename T, int TR>
@@ -454,8 +456,8 @@ __global__ void __launch_bounds__(kColThreads)
 HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
                                  const float* __restrict__ step_ptr,
                                  const int32_t* __restrict__ log2_ptr, int max_log2,
-                                 int qn, int qp, int transpose, bool wide,
-                                 int8_t* __restrict__ q) {
+                                 int qn, int qp, bool wide, int8_t* __restrict__ q_rows,
+                                 int8_t* __restrict__ q_cols) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
   if (c >= S) return;
   const int L = ClampedLog2(log2_ptr, max_log2);
@@ -470,11 +472,13 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
     int8_t code[TR];
 #pragma unroll
     for (int i = 0; i < TR; ++i) code[i] = QuantizeCode(v[i] * factor, qn, qp);
-    if (!transpose) {
+    if (q_rows != nullptr) {
 #pragma unroll
-      for (int i = 0; i < TR; ++i) q[(r0 + i) * S + c] = code[i];
-    } else if (TR >= 4) {  // c * R + r0 is a multiple of 4 (TR divides R)
-      uint32_t words[TR >= 4 ? TR / 4 : 1];
+      for (int i = 0; i < TR; ++i) q_rows[(r0 + i) * S + c] = code[i];
+    }
+    if (q_cols == nullptr) continue;
+    if constexpr (TR >= 4) {  // c * R + r0 is a multiple of 4 (TR divides R)
+      uint32_t words[TR / 4];
 #pragma unroll
       for (int w = 0; w < TR / 4; ++w) {
         words[w] = static_cast<uint32_t>(static_cast<uint8_t>(code[4 * w])) |
@@ -484,19 +488,19 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
       }
       if (TR >= 16 && wide) {  // 16-byte stores: a warp's store covers half
         // of each of its 32 sectors instead of an eighth (4-byte stores).
-        uint4* out = reinterpret_cast<uint4*>(q + c * R + r0);
+        uint4* out = reinterpret_cast<uint4*>(q_cols + c * R + r0);
 #pragma unroll
         for (int w = 0; w < TR / 16; ++w) {
           out[w] = make_uint4(words[4 * w], words[4 * w + 1], words[4 * w + 2], words[4 * w + 3]);
         }
       } else {
-        uint32_t* out = reinterpret_cast<uint32_t*>(q + c * R + r0);
+        uint32_t* out = reinterpret_cast<uint32_t*>(q_cols + c * R + r0);
 #pragma unroll
         for (int w = 0; w < TR / 4; ++w) out[w] = words[w];
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < TR; ++i) q[c * R + r0 + i] = code[i];
+      for (int i = 0; i < TR; ++i) q_cols[c * R + r0 + i] = code[i];
     }
   }
 }
@@ -504,12 +508,12 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
 template <typename T>
 void LaunchColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const T* x, int64_t R,
                       int64_t S, const float* step, const int32_t* log2, int qn, int qp,
-                      int transpose, bool wide, int8_t* q) {
+                      bool wide, int8_t* q_rows, int8_t* q_cols) {
   switch (max_log2) {
 #define JINT4_COLS_CASE(LG)                                                            \
   case LG:                                                                             \
     HadamardQuantizeColumnsRegKernel<T, 1 << LG><<<grid, kColThreads, 0, stream>>>(   \
-        x, R, S, step, log2, max_log2, qn, qp, transpose, wide, q);                    \
+        x, R, S, step, log2, max_log2, qn, qp, wide, q_rows, q_cols);                  \
     break;
     JINT4_COLS_CASE(0)
     JINT4_COLS_CASE(1)
@@ -520,6 +524,41 @@ void LaunchColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const T* x, 
 #undef JINT4_COLS_CASE
     default: break;
   }
+}
+
+// axis = 0 (Hadamard down the columns of x[R, S]) into q_rows[R, S] and/or
+// q_cols[S, R] (null: not written), one pass over x.
+ffi::Error QuantizeColumns(cudaStream_t stream, FloatKind kind, const void* x, int64_t R,
+                           int64_t S, const float* step_p, const int32_t* log2_p, int qn,
+                           int qp, int32_t log2_hint, int8_t* q_rows, int8_t* q_cols,
+                           const char* op) {
+  int max_log2;
+  dim3 grid;
+  if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
+    return InvalidArgument(std::string(op) + ": too large");
+  }
+  // (ColumnTiling caps max_log2 at the static block, so a traced block
+  // larger than 32 rows takes the shared-memory kernel below.)
+  if (max_log2 <= 5) {
+    const int64_t col_blocks = CeilDiv(S, kColThreads);
+    const int64_t row_tiles = R >> max_log2;
+    if (col_blocks > 0x7FFFFFFF) return InvalidArgument(std::string(op) + ": too large");
+    const bool wide = R % 16 == 0 && (reinterpret_cast<uintptr_t>(q_cols) & 15) == 0;
+    const dim3 rgrid(static_cast<unsigned>(col_blocks),
+                     static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
+    DispatchFloat(kind, [&](auto tag) {
+      using T = decltype(tag);
+      LaunchColumnsReg<T>(max_log2, rgrid, stream, reinterpret_cast<const T*>(x), R, S, step_p,
+                          log2_p, qn, qp, wide, q_rows, q_cols);
+    });
+    return CheckLaunch((std::string(op) + " (axis 0) kernel launch").c_str());
+  }
+  DispatchFloat(kind, [&](auto tag) {
+    using T = decltype(tag);
+    HadamardQuantizeColumnsKernel<T><<<grid, kHqThreads, 0, stream>>>(
+        reinterpret_cast<const T*>(x), R, S, step_p, log2_p, max_log2, qn, qp, q_rows, q_cols);
+  });
+  return CheckLaunch((std::string(op) + " (axis 0) kernel launch").c_str());
 }
 
 ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
@@ -587,34 +626,9 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
   const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
   int8_t* q_p = reinterpret_cast<int8_t*>(q->untyped_data());
   if (axis == 0) {
-    int max_log2;
-    dim3 grid;
-    if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
-      return InvalidArgument("hadamard_quantize: too large");
-    }
-    // (ColumnTiling caps max_log2 at the static block, so a traced block
-    // larger than 32 rows takes the shared-memory kernel below.)
-    if (max_log2 <= 5) {
-      const int64_t col_blocks = CeilDiv(S, kColThreads);
-      const int64_t row_tiles = R >> max_log2;
-      if (col_blocks > 0x7FFFFFFF) return InvalidArgument("hadamard_quantize: too large");
-      const bool wide = R % 16 == 0 && (reinterpret_cast<uintptr_t>(q_p) & 15) == 0;
-      const dim3 rgrid(static_cast<unsigned>(col_blocks),
-                       static_cast<unsigned>(row_tiles < 65535 ? row_tiles : 65535));
-      DispatchFloat(kind, [&](auto tag) {
-        using T = decltype(tag);
-        LaunchColumnsReg<T>(max_log2, rgrid, stream, reinterpret_cast<const T*>(x.untyped_data()),
-                            R, S, step_p, log2_p, qn, qp, transpose, wide, q_p);
-      });
-      return CheckLaunch("hadamard_quantize (axis 0) kernel launch");
-    }
-    DispatchFloat(kind, [&](auto tag) {
-      using T = decltype(tag);
-      HadamardQuantizeColumnsKernel<T><<<grid, kHqThreads, 0, stream>>>(
-          reinterpret_cast<const T*>(x.untyped_data()), R, S, step_p, log2_p,
-          max_log2, qn, qp, transpose, q_p);
-    });
-    return CheckLaunch("hadamard_quantize (axis 0) kernel launch");
+    return QuantizeColumns(stream, kind, x.untyped_data(), R, S, step_p, log2_p, qn, qp,
+                           log2_hint, transpose ? nullptr : q_p, transpose ? q_p : nullptr,
+                           "hadamard_quantize");
   }
 
   int* row_sum = nullptr;
@@ -670,6 +684,46 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
   return CheckLaunch("hadamard_quantize kernel launch");
 }
 
+// jint4_hadamard_quantize_weight: a Flax kernel[D, C]'s two GEMM operands in
+// one pass, Hb down its columns: q_t[C, D] (the forward's, K-major over D)
+// and q[D, C] (the dX GEMM's, K-major over C), the same codes as two
+// axis-0 jint4_hadamard_quantize calls (transpose 1 and 0).
+ffi::Error HadamardQuantizeWeightImpl(cudaStream_t stream, ffi::AnyBuffer x,
+                                      ffi::AnyBuffer step, ffi::AnyBuffer log2_block,
+                                      ffi::Result<ffi::AnyBuffer> q_t,
+                                      ffi::Result<ffi::AnyBuffer> q, int32_t qn, int32_t qp,
+                                      int32_t log2_hint) {
+  const FloatKind kind = KindOf(x.element_type());
+  if (kind == FloatKind::kInvalid || step.element_type() != ffi::DataType::F32 ||
+      log2_block.element_type() != ffi::DataType::S32 ||
+      q_t->element_type() != ffi::DataType::S8 || q->element_type() != ffi::DataType::S8) {
+    return InvalidArgument("hadamard_quantize_weight: x must be f32/bf16/f16, step f32,"
+                           " log2_block s32; results s8, s8");
+  }
+  if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
+    return InvalidArgument("hadamard_quantize_weight: need 0 <= qn <= 8, 0 <= qp <= 7");
+  }
+  auto dims = x.dimensions();
+  if (dims.size() != 2 || q_t->dimensions().size() != 2 || q->dimensions().size() != 2) {
+    return InvalidArgument("hadamard_quantize_weight: x, q_t and q must be rank 2");
+  }
+  const int64_t R = dims[0], S = dims[1];
+  if (q_t->dimensions()[0] != S || q_t->dimensions()[1] != R || q->dimensions()[0] != R ||
+      q->dimensions()[1] != S) {
+    return InvalidArgument("hadamard_quantize_weight: need q_t [S, R] and q [R, S] for x [R, S]");
+  }
+  if (step.element_count() < 1 || log2_block.element_count() < 1) {
+    return InvalidArgument("hadamard_quantize_weight: step and log2_block required");
+  }
+  if (R * S == 0) return ffi::Error::Success();
+  return QuantizeColumns(stream, kind, x.untyped_data(), R, S,
+                         reinterpret_cast<const float*>(step.untyped_data()),
+                         reinterpret_cast<const int32_t*>(log2_block.untyped_data()), qn, qp,
+                         log2_hint, reinterpret_cast<int8_t*>(q->untyped_data()),
+                         reinterpret_cast<int8_t*>(q_t->untyped_data()),
+                         "hadamard_quantize_weight");
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace jint4
@@ -692,4 +746,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<int32_t>("with_residual")
         .Attr<int32_t>("axis")
         .Attr<int32_t>("transpose")
+        .Attr<int32_t>("log2_hint"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    jint4_cuda_hadamard_quantize_weight, jint4::cuda::HadamardQuantizeWeightImpl,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Arg<xla::ffi::AnyBuffer>()     // x f32 | bf16 | f16 [R, S]
+        .Arg<xla::ffi::AnyBuffer>()     // step f32[]
+        .Arg<xla::ffi::AnyBuffer>()     // log2_block s32[]
+        .Ret<xla::ffi::AnyBuffer>()     // q_t s8[S, R]
+        .Ret<xla::ffi::AnyBuffer>()     // q s8[R, S]
+        .Attr<int32_t>("qn")
+        .Attr<int32_t>("qp")
         .Attr<int32_t>("log2_hint"));
