@@ -4,6 +4,8 @@
 #include "../../xla_ffi/cuda/lsq.cu"
 #include "probe.h"
 
+#include <string>
+
 namespace probe {
 
 void RunLsq(const Shape& s) {
@@ -40,23 +42,17 @@ void RunLsq(const Shape& s) {
                "lsq backward");
     });
   }
-  {  // bf16 kernel (what a bf16-compute model passes), f32 grad
+  // Kernel in bf16 (what a bf16-compute model passes) and f32; grad f32.
+  for (int bf16 = 1; bf16 >= 0; --bf16) {
+    const XLA_FFI_DataType t = bf16 ? XLA_FFI_DataType_BF16 : XLA_FFI_DataType_F32;
+    const int64_t es = bf16 ? 2 : 4;
     Buf grad(XLA_FFI_DataType_F32, {D, C}, RandomF32(D * C, 7, 1.0f));
-    Buf k(XLA_FFI_DataType_BF16, {D, C}, RandomBf16(D * C, 8, 0.02f));
-    Buf dk(XLA_FFI_DataType_BF16, {D, C}, DevAlloc(2 * D * C));
+    Buf k(t, {D, C}, bf16 ? RandomBf16(D * C, 8, 0.02f) : RandomF32(D * C, 8, 0.02f));
+    Buf dk(t, {D, C}, DevAlloc(es * D * C));
     Buf dsum(XLA_FFI_DataType_F32, {}, DevAlloc(4));
-    Time("lsq weight backward bf16 [D,C]", D * C * 8.0, [&] {
-      FfiCheck(jint4::cuda::LsqWeightBackwardImpl(0, grad.any(), k.any(), step_b.any(),
-                                                  log2_b.any(), dk.out(), dsum.out(), qn, qp, 5),
-               "lsq weight backward");
-    });
-  }
-  {
-    Buf grad(XLA_FFI_DataType_F32, {D, C}, RandomF32(D * C, 7, 1.0f));
-    Buf k(XLA_FFI_DataType_F32, {D, C}, RandomF32(D * C, 8, 0.02f));
-    Buf dk(XLA_FFI_DataType_F32, {D, C}, DevAlloc(4 * D * C));
-    Buf dsum(XLA_FFI_DataType_F32, {}, DevAlloc(4));
-    Time("lsq weight backward f32 [D,C]", D * C * 12.0, [&] {
+    const std::string name = std::string("lsq weight backward ") + (bf16 ? "bf16" : "f32") +
+                             " [D,C]";
+    Time(name.c_str(), D * C * (4.0 + 2.0 * es), [&] {
       FfiCheck(jint4::cuda::LsqWeightBackwardImpl(0, grad.any(), k.any(), step_b.any(),
                                                   log2_b.any(), dk.out(), dsum.out(), qn, qp, 5),
                "lsq weight backward");
