@@ -1,10 +1,11 @@
 """Engines behind jint4's fixed integer-op boundary.
 
 An engine exposes the ops of `jint4.kernels.reference` (`hadamard_quantize`,
-`hadamard_quantize_weight`, `residual_values`, `lsq_backward`, `lsq_weight_backward`, `bit_split`,
-`bit_split_joined`, `resplit_rows`, `int_gemm`, plus the shared helpers
-`uniform`, `seeds_from_key`) with identical semantics. The algorithm
-(`jint4.matmul`) asks `get_engine` for one and never knows which it got.
+`hadamard_quantize_weight`, `residual_values`, `lsq_backward`,
+`lsq_weight_backward`, `bit_split`, `bit_split_joined`, `resplit_rows`,
+`int_gemm`, plus the shared helpers `uniform`, `seeds_from_key`) with
+identical semantics. The algorithm (`jint4.matmul`) asks `get_engine` for
+one and never knows which it got.
 
 Engines: ``"reference"`` (pure JAX, runs anywhere), ``"native"`` (the XLA FFI
 handlers of xla_ffi/: CPU, and CUDA when built with nvcc) and ``"auto"``,
