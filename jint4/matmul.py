@@ -236,8 +236,10 @@ def _backward(static, res, g):
   # rounded to bfloat16 at the end anyway; half the bytes for the GEMM to
   # write and lsq_backward to read), else in float32.
   dxh_dtype = jnp.bfloat16 if static.x_dtype == jnp.bfloat16 else jnp.float32
+  # Likewise dW_hat for a bfloat16 kernel (dK is rounded to it at the end).
+  dwh_dtype = jnp.bfloat16 if kernel.dtype == jnp.bfloat16 else jnp.float32
   ctx = _Context(eng=eng, cfg=cfg, seeds=seeds, res_x=res_x, shape_x=(n, d),
-                 sx=sx32, sw=sw32, dxh_dtype=dxh_dtype)
+                 sx=sx32, sw=sw32, dxh_dtype=dxh_dtype, dwh_dtype=dwh_dtype)
 
   # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C, from the forward.
   # Each mode gives dX_hat (as rows + optional token slots) and dW_hat[D, C],
@@ -269,6 +271,7 @@ class _Context:
   sx: jax.Array
   sw: jax.Array
   dxh_dtype: object      # dtype of the integer GEMMs' dX_hat
+  dwh_dtype: object      # dtype of the integer GEMMs' dW_hat
 
   def qx(self, **kw):
     return self.eng.residual_values(self.res_x, self.shape_x, qn=self.cfg.qn,
@@ -310,7 +313,8 @@ def _products_nonzero(ctx, g, qwt):
   dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False,
                          out_dtype=ctx.dxh_dtype)                        # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]
-  dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo * ctx.sx, int4=False)     # [D, C]
+  dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo * ctx.sx, int4=False,
+                         out_dtype=ctx.dwh_dtype)                        # [D, C]
   return dxh_hat, None, dwh_hat
 
 
@@ -352,7 +356,8 @@ def _products_lss(ctx, g, qwt):
   vt, _, s_lo2 = eng.resplit_rows(g2, index, weight * half_scale(index),
                                   seeds[_SEED_RESPLIT])                 # [C, S]
   qxt = ctx.qx(rows=index % n, transpose=True)                          # [D, S]
-  dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo2 * ctx.sx, int4=False)    # [D, C]
+  dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo2 * ctx.sx, int4=False,
+                         out_dtype=ctx.dwh_dtype)                        # [D, C]
   return part, slots, dwh_hat
 
 

@@ -222,6 +222,12 @@ def lsq_backward(grad, res: Residual, *, qn: int, qp: int, slots=None, block=1,
   return dt.astype(out_dtype), delta_sum
 
 
+def _grad32_or_bf16(grad):
+  """A gradient operand as float32, or bfloat16 as it is (read as such)."""
+  grad = jnp.asarray(grad)
+  return grad if grad.dtype == jnp.bfloat16 else grad.astype(jnp.float32)
+
+
 def lsq_weight_backward(grad, kernel, step, *, block, qn: int, qp: int, out_dtype=None):
   d, c = kernel.shape
   if isinstance(block, (int, np.integer)) and d % int(block):
@@ -231,7 +237,7 @@ def lsq_weight_backward(grad, kernel, step, *, block, qn: int, qp: int, out_dtyp
       "jint4_lsq_weight_backward",
       (jax.ShapeDtypeStruct((d, c), kf.dtype),
        jax.ShapeDtypeStruct((), jnp.float32)),
-      grad.astype(jnp.float32), kf, jnp.asarray(step, jnp.float32).reshape(()),
+      _grad32_or_bf16(grad), kf, jnp.asarray(step, jnp.float32).reshape(()),
       _log2(block), qn=_i32(qn), qp=_i32(qp), log2_hint=_i32(_static_log2(block)))
   return dk.astype(out_dtype or kernel.dtype), delta_sum
 

@@ -242,8 +242,8 @@ def lsq_weight_backward(grad: jax.Array, kernel: jax.Array, step: jax.Array, *,
 
   The kernel is a parameter, kept by the backward, so its STE mask and delta
   are exact: with v = (kernel Hb) / step (Hb down each column, computed as
-  `hadamard_quantize(axis=0)`) and grad = dL/dW_hat in the Hadamard domain,
-  float32 [D, C]:
+  `hadamard_quantize(axis=0)`) and grad = dL/dW_hat in the Hadamard domain
+  [D, C] (float32 or bfloat16, widened to float32):
   Returns (dK, delta_sum): dK = Hb^T (1[in range] * grad) along axis 0, in
   ``out_dtype`` (default: the kernel's dtype), and delta_sum = sum(grad *
   delta(v)), the un-scaled step-size gradient.

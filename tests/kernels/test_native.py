@@ -281,6 +281,27 @@ def test_lsq_weight_backward(shape, dtype, qn, qp, step):
                              2 ** log2, qn, qp)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(64, 96), (96, 33)], ids=str)
+def test_lsq_weight_backward_bfloat16_grad(shape, dtype):
+  """A bfloat16 grad (the dW GEMM's output for a bfloat16 kernel) is read as
+  it is, widened exactly: the same results as its float32 copy."""
+  grad, kernel = _weight_operands(shape, dtype, seed_=3)
+  grad16 = grad.astype(jnp.bfloat16)
+  log2 = largest_log2(shape[0])
+  kw = dict(qn=7, qp=7, block=2 ** log2)
+  dk_nat, ds_nat = on_cpu(native.lsq_weight_backward, grad16, kernel, jnp.float32(0.25), **kw)
+  dk32, ds32 = on_cpu(native.lsq_weight_backward, grad16.astype(jnp.float32), kernel,
+                      jnp.float32(0.25), **kw)
+  dk_ref, ds_ref = on_cpu(reference.lsq_weight_backward, grad16, kernel,
+                          jnp.float32(0.25), **kw)
+  assert dk_nat.dtype == dtype
+  assert_same_floats(dk_nat, dk32)
+  assert_same_floats(ds_nat, ds32)
+  _check_weight_backward(dk_nat, ds_nat, dk_ref, ds_ref, grad16.astype(jnp.float32),
+                         kernel, 0.25, 2 ** log2, 7, 7)
+
+
 @pytest.mark.parametrize("kernel_dtype,dk_dtype", [(jnp.bfloat16, jnp.float32),
                                                    (jnp.float16, jnp.float32),
                                                    (jnp.float32, jnp.float16),
@@ -626,6 +647,8 @@ cases = {
   "weight_qn": lambda: raw_weight_backward(jnp.ones((4, 4)), jnp.ones((4, 4)), qn=9),
   "weight_kernel_dtype": lambda: raw_weight_backward(jnp.ones((4, 4)),
                                                      jnp.ones((4, 4), jnp.int32)),
+  "weight_grad_dtype": lambda: raw_weight_backward(jnp.ones((4, 4), jnp.float16),
+                                                   jnp.ones((4, 4))),
   "col_bias": lambda: native.int_gemm(
       jnp.ones((2, 4), jnp.int8), jnp.ones((3, 4), jnp.int8), scale=jnp.float32(1),
       col_bias=jnp.zeros((2,), jnp.float32)),
@@ -697,6 +720,8 @@ def test_bad_native_input_raises_clear_errors():
       "weight_grad_shape": ["jint4_lsq_weight_backward", "'grad'", "[8,4]", "got [8,5]"],
       "weight_log2_hint": ["jint4_lsq_weight_backward", "'log2_hint'", "got 11"],
       "weight_qn": ["jint4_lsq_weight_backward", "qn=9"],
+      "weight_grad_dtype": ["jint4_lsq_weight_backward", "'grad'", "float32 or bfloat16",
+                            "f16"],
       "weight_kernel_dtype": ["jint4_lsq_weight_backward", "'kernel'", "f32, bf16 or f16",
                               "s32"],
   }

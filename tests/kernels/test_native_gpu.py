@@ -155,9 +155,10 @@ def test_lsq_backward(shape, gather, out_dtype, grad_dtype):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(1, 1), (8, 3), (24, 5), (96, 33), (1024, 40),
                                    (4096, 1024)], ids=str)
-def test_lsq_weight_backward(shape, dtype):
+@pytest.mark.parametrize("grad_dtype", [jnp.float32, jnp.bfloat16], ids=dtype_id)
+def test_lsq_weight_backward(shape, dtype, grad_dtype):
   w = (activations(shape, seed=6) * 0.05).astype(dtype)
-  grad = activations(shape, seed=7)
+  grad = activations(shape, seed=7).astype(grad_dtype)
   for log2 in sorted({0, largest_log2(shape[0])}):
     (dk, ds), (dk_ref, ds_ref), _ = twins(native.lsq_weight_backward, grad, w,
                                           jnp.float32(0.02), block=2 ** log2, qn=7, qp=7,
@@ -166,7 +167,8 @@ def test_lsq_weight_backward(shape, dtype):
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(dk, np.float32), np.asarray(dk_ref, np.float32),
                                rtol=tol, atol=tol)
-    np.testing.assert_allclose(ds, ds_ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(grad).sum()))
+    np.testing.assert_allclose(ds, ds_ref, rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(grad.astype(jnp.float32)).sum()))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

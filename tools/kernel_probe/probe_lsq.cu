@@ -42,17 +42,22 @@ void RunLsq(const Shape& s) {
                "lsq backward");
     });
   }
-  // Kernel in bf16 (what a bf16-compute model passes) and f32; grad f32.
-  for (int bf16 = 1; bf16 >= 0; --bf16) {
+  // Kernel in bf16 (what a bf16-compute model passes) with a bf16 grad (the
+  // dW GEMM's output for it) and an f32 one; kernel and grad in f32.
+  for (int variant = 0; variant < 3; ++variant) {
+    const bool bf16 = variant < 2;
+    const bool grad16 = variant == 0;
     const XLA_FFI_DataType t = bf16 ? XLA_FFI_DataType_BF16 : XLA_FFI_DataType_F32;
     const int64_t es = bf16 ? 2 : 4;
-    Buf grad(XLA_FFI_DataType_F32, {D, C}, RandomF32(D * C, 7, 1.0f));
+    const int64_t gs = grad16 ? 2 : 4;
+    Buf grad(grad16 ? XLA_FFI_DataType_BF16 : XLA_FFI_DataType_F32, {D, C},
+             grad16 ? RandomBf16(D * C, 7, 1.0f) : RandomF32(D * C, 7, 1.0f));
     Buf k(t, {D, C}, bf16 ? RandomBf16(D * C, 8, 0.02f) : RandomF32(D * C, 8, 0.02f));
     Buf dk(t, {D, C}, DevAlloc(es * D * C));
     Buf dsum(XLA_FFI_DataType_F32, {}, DevAlloc(4));
     const std::string name = std::string("lsq weight backward ") + (bf16 ? "bf16" : "f32") +
-                             " [D,C]";
-    Time(name.c_str(), D * C * (4.0 + 2.0 * es), [&] {
+                             " [D,C] grad " + (grad16 ? "bf16" : "f32");
+    Time(name.c_str(), D * C * (gs + 2.0 * es), [&] {
       FfiCheck(jint4::cuda::LsqWeightBackwardImpl(0, grad.any(), k.any(), step_b.any(),
                                                   log2_b.any(), dk.out(), dsum.out(), qn, qp, 5),
                "lsq weight backward");

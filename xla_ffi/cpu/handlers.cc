@@ -24,6 +24,7 @@ using ffi_util::CheckQuantRange;
 using ffi_util::CheckRank;
 using ffi_util::CheckResidual;
 using ffi_util::CheckShape;
+using ffi_util::DataTypeName;
 using ffi_util::NumElements;
 using ffi_util::ShapeString;
 
@@ -245,12 +246,12 @@ ffi::Error LsqBackwardImpl(ffi::AnyBuffer grad,
 }
 
 // ---------------------------------------------------------------------------
-// jint4_lsq_weight_backward: grad f32[D,C], kernel (f32|bf16|f16)[D,C],
+// jint4_lsq_weight_backward: grad (f32|bf16)[D,C], kernel (f32|bf16|f16)[D,C],
 //   step f32[], log2_block s32[] -> dk (f32|bf16|f16)[D,C], delta_sum f32[]
 //   attrs qn, qp, log2_hint (the static log2 block or -1: a CUDA tiling hint,
 //   only validated here)
 // ---------------------------------------------------------------------------
-ffi::Error LsqWeightBackwardImpl(ffi::Buffer<ffi::F32> grad,
+ffi::Error LsqWeightBackwardImpl(ffi::AnyBuffer grad,
                                  ffi::AnyBuffer kernel,
                                  ffi::Buffer<ffi::F32> step,
                                  ffi::Buffer<ffi::S32> log2_block,
@@ -264,6 +265,10 @@ ffi::Error LsqWeightBackwardImpl(ffi::Buffer<ffi::F32> grad,
                   ffi_util::kMaxLog2Block, "]; got ", log2_hint);
   JINT4_RETURN_IF_ERROR(CheckFloatType(kernel, kOp, "kernel"));
   JINT4_RETURN_IF_ERROR(CheckRank(kernel, 2, kOp, "kernel"));
+  JINT4_CHECK_ARG(grad.element_type() == ffi::DataType::F32 ||
+                      grad.element_type() == ffi::DataType::BF16,
+                  kOp, ": 'grad' must be float32 or bfloat16; got ",
+                  DataTypeName(grad.element_type()), ". Cast it with grad.astype(jnp.float32).");
   const int64_t d = kernel.dimensions()[0];
   const int64_t c = kernel.dimensions()[1];
   JINT4_CHECK_ARG(grad.dimensions().size() == 2 && grad.dimensions()[0] == d &&
@@ -280,7 +285,7 @@ ffi::Error LsqWeightBackwardImpl(ffi::Buffer<ffi::F32> grad,
   JINT4_RETURN_IF_ERROR(
       CheckLog2Block(log2, d, "dim 0 of kernel (D, Hb down the columns)", kOp));
   delta_sum->typed_data()[0] = LsqWeightBackward(
-      grad.typed_data(), kernel.untyped_data(),
+      grad.untyped_data(), FloatTypeOf(grad.element_type()), kernel.untyped_data(),
       FloatTypeOf(kernel.element_type()), d, c, step.typed_data()[0], qn, qp,
       log2, FloatTypeOf(dk->element_type()), dk->untyped_data());
   return ffi::Error::Success();
@@ -474,7 +479,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_backward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_lsq_weight_backward,
                               jint4::cpu::LsqWeightBackwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // grad
+                                  .Arg<ffi::AnyBuffer>()         // grad
                                   .Arg<ffi::AnyBuffer>()         // kernel
                                   .Arg<ffi::Buffer<ffi::F32>>()  // step
                                   .Arg<ffi::Buffer<ffi::S32>>()  // log2_block

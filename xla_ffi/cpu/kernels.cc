@@ -342,7 +342,7 @@ float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t
   return static_cast<float>(sum);
 }
 
-float LsqWeightBackward(const float* grad, const void* kernel,
+float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kernel,
                         FloatType kernel_type, int64_t d, int64_t c, float step,
                         int qn, int qp, int log2_block, FloatType dk_type,
                         void* dk) {
@@ -353,6 +353,7 @@ float LsqWeightBackward(const float* grad, const void* kernel,
   const int64_t n = block * c;
   std::vector<float> v(static_cast<size_t>(n));
   std::vector<float> masked(static_cast<size_t>(n));
+  std::vector<float> g(static_cast<size_t>(n));
   const float lo = -static_cast<float>(qn);
   const float hi = static_cast<float>(qp);
   const float factor = QuantFactor(log2_block, step);
@@ -361,15 +362,16 @@ float LsqWeightBackward(const float* grad, const void* kernel,
   for (int64_t r0 = 0; r0 < d; r0 += block) {
     LoadFloats(kernel, kernel_type, r0 * c, n, v.data());
     HadamardColumns(v.data(), block, c, log2_block);
-    const float* g = grad + r0 * c;
+    LoadFloats(grad, grad_type, r0 * c, n, g.data());
     for (int64_t e = 0; e < n; ++e) {
       // lsq.py in_range / delta of v = (kernel Hb) / step (the +-1 transform
       // times QuantFactor, as the reference).
       const float x = v[static_cast<size_t>(e)] * factor;
       const bool inside = (x >= lo) && (x <= hi);
       const float delta = x < lo ? lo : (x > hi ? hi : RoundEven(x) - x);
-      masked[static_cast<size_t>(e)] = inside ? g[e] : 0.0f;
-      sum += static_cast<double>(g[e] * delta);
+      const float ge = g[static_cast<size_t>(e)];
+      masked[static_cast<size_t>(e)] = inside ? ge : 0.0f;
+      sum += static_cast<double>(ge * delta);
     }
     HadamardColumns(masked.data(), block, c, log2_block);
     for (int64_t e = 0; e < n; ++e) masked[static_cast<size_t>(e)] *= scale;

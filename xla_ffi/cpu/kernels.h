@@ -65,10 +65,10 @@ float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t
 // jint4_lsq_weight_backward: with v = H+-(kernel) * QuantFactor (kernel[d, c] of
 // `kernel_type`, Hb down each column in blocks of 2^log2_block dividing d, as
 // HadamardQuantize with axis 0), dk[d, c] = HadamardScale * H+-(inside(v) ?
-// grad : 0) down each
-// column, stored as `dk_type`; returns sum grad * delta(v) (lsq.py in_range
-// and delta; products in float32, summed in double).
-float LsqWeightBackward(const float* grad, const void* kernel,
+// grad : 0) down each column (grad[d, c] of `grad_type`, widened to float32),
+// stored as `dk_type`; returns sum grad * delta(v) (lsq.py in_range and
+// delta; products in float32, summed in double).
+float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kernel,
                         FloatType kernel_type, int64_t d, int64_t c, float step,
                         int qn, int qp, int log2_block, FloatType dk_type,
                         void* dk);

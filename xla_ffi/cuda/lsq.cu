@@ -456,9 +456,9 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
 // [4096, 16384], tools/kernel_probe, session 7.)
 constexpr int kColThreads = 256;
 
-template <typename T, int TR>
+template <typename T, typename G, int TR>
 __global__ void __launch_bounds__(kColThreads)
-LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
+LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
                                   const T* __restrict__ kernel, int64_t R, int64_t S,
                                   const float* __restrict__ step_ptr,
                                   const int32_t* __restrict__ log2_ptr, int max_log2,
@@ -487,7 +487,7 @@ LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
           if (live[u]) {
             const int64_t e = (r0 + i) * S + c;
             kv[i] = ToFloat(kernel[e]);
-            gv[i] = grad[e];
+            gv[i] = ToFloat(grad[e]);
           }
         }
       }
@@ -525,14 +525,14 @@ LsqWeightBackwardColumnsRegKernel(const float* __restrict__ grad,
   BlockSumToGlobal<kColThreads>(acc, delta_sum);  // any summation order is allowed
 }
 
-template <typename T>
-void LaunchWeightColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const float* grad,
+template <typename T, typename G>
+void LaunchWeightColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const G* grad,
                             const T* kernel, int64_t R, int64_t S, const float* step,
                             const int32_t* log2, int qn, int qp, T* dk, float* sum) {
   switch (max_log2) {
 #define JINT4_WCOLS_CASE(LG)                                                             \
   case LG:                                                                               \
-    LsqWeightBackwardColumnsRegKernel<T, 1 << LG><<<grid, kColThreads, 0, stream>>>(     \
+    LsqWeightBackwardColumnsRegKernel<T, G, 1 << LG><<<grid, kColThreads, 0, stream>>>(  \
         grad, kernel, R, S, step, log2, max_log2, qn, qp, dk, sum);                      \
     break;
     JINT4_WCOLS_CASE(0)
@@ -552,9 +552,9 @@ void LaunchWeightColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const 
 // one pad float per column (Padded) keeps the row-wise accesses conflict-free.
 constexpr int kColTile = 2048;
 
-template <typename T>
+template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads)
-LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ kernel,
+LsqWeightBackwardKernel(const G* __restrict__ grad, const T* __restrict__ kernel,
                         int64_t R, int64_t S, const float* __restrict__ step_ptr,
                         const int32_t* __restrict__ log2_ptr, int max_log2, int qn, int qp,
                         T* __restrict__ dk, float* __restrict__ delta_sum) {
@@ -577,7 +577,7 @@ LsqWeightBackwardKernel(const float* __restrict__ grad, const T* __restrict__ ke
       const int64_t e = (r0 + r) * S + c0 + c;
       const int p = Padded(c * TR + r, max_log2);
       sk[p] = in ? ToFloat(kernel[e]) : 0.0f;
-      sg[p] = in ? grad[e] : 0.0f;
+      sg[p] = in ? ToFloat(grad[e]) : 0.0f;
     }
     BlockHadamardSmem<kThreads>(sk, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
@@ -777,12 +777,13 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                                  ffi::Result<ffi::AnyBuffer> delta_sum, int32_t qn, int32_t qp,
                                  int32_t log2_hint) {
   const FloatKind kind = KindOf(kernel.element_type());
-  if (grad.element_type() != ffi::DataType::F32 || kind == FloatKind::kInvalid ||
+  const bool grad_bf16 = grad.element_type() == ffi::DataType::BF16;
+  if ((grad.element_type() != ffi::DataType::F32 && !grad_bf16) || kind == FloatKind::kInvalid ||
       dk->element_type() != kernel.element_type() ||
       step.element_type() != ffi::DataType::F32 ||
       log2_block.element_type() != ffi::DataType::S32 ||
       delta_sum->element_type() != ffi::DataType::F32) {
-    return InvalidArgument("lsq_weight_backward: grad f32, kernel f32/bf16/f16, dk of the"
+    return InvalidArgument("lsq_weight_backward: grad f32/bf16, kernel f32/bf16/f16, dk of the"
                            " kernel's dtype, step f32, log2_block s32, delta_sum f32");
   }
   if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
@@ -808,7 +809,7 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
   if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
     return InvalidArgument("lsq_weight_backward: too large");
   }
-  const float* grad_p = reinterpret_cast<const float*>(grad.untyped_data());
+  const void* grad_p = grad.untyped_data();
   const float* step_p = reinterpret_cast<const float*>(step.untyped_data());
   const int32_t* log2_p = reinterpret_cast<const int32_t*>(log2_block.untyped_data());
   // (ColumnTiling caps max_log2 at the static block, so a traced block
@@ -822,17 +823,32 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
                      static_cast<unsigned>(steps < 65535 ? steps : 65535));
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
-      LaunchWeightColumnsReg<T>(max_log2, rgrid, stream, grad_p,
-                                reinterpret_cast<const T*>(kernel.untyped_data()), R, S, step_p,
-                                log2_p, qn, qp, reinterpret_cast<T*>(dk->untyped_data()), sum);
+      const T* k_p = reinterpret_cast<const T*>(kernel.untyped_data());
+      T* dk_p = reinterpret_cast<T*>(dk->untyped_data());
+      if (grad_bf16) {
+        LaunchWeightColumnsReg<T>(max_log2, rgrid, stream,
+                                  static_cast<const __nv_bfloat16*>(grad_p), k_p, R, S, step_p,
+                                  log2_p, qn, qp, dk_p, sum);
+      } else {
+        LaunchWeightColumnsReg<T>(max_log2, rgrid, stream, static_cast<const float*>(grad_p),
+                                  k_p, R, S, step_p, log2_p, qn, qp, dk_p, sum);
+      }
     });
     return CheckLaunch("lsq_weight_backward kernel launch");
   }
   DispatchFloat(kind, [&](auto tag) {
     using T = decltype(tag);
-    LsqWeightBackwardKernel<T><<<grid, kThreads, 0, stream>>>(
-        grad_p, reinterpret_cast<const T*>(kernel.untyped_data()), R, S, step_p, log2_p,
-        max_log2, qn, qp, reinterpret_cast<T*>(dk->untyped_data()), sum);
+    const T* k_p = reinterpret_cast<const T*>(kernel.untyped_data());
+    T* dk_p = reinterpret_cast<T*>(dk->untyped_data());
+    if (grad_bf16) {
+      LsqWeightBackwardKernel<T><<<grid, kThreads, 0, stream>>>(
+          static_cast<const __nv_bfloat16*>(grad_p), k_p, R, S, step_p, log2_p, max_log2, qn, qp,
+          dk_p, sum);
+    } else {
+      LsqWeightBackwardKernel<T><<<grid, kThreads, 0, stream>>>(
+          static_cast<const float*>(grad_p), k_p, R, S, step_p, log2_p, max_log2, qn, qp, dk_p,
+          sum);
+    }
   });
   return CheckLaunch("lsq_weight_backward kernel launch");
 }
@@ -845,7 +861,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     jint4_cuda_lsq_weight_backward, jint4::cuda::LsqWeightBackwardImpl,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Arg<xla::ffi::AnyBuffer>()     // grad f32[D, C]
+        .Arg<xla::ffi::AnyBuffer>()     // grad f32 | bf16 [D, C]
         .Arg<xla::ffi::AnyBuffer>()     // kernel f32 | bf16 | f16 [D, C]
         .Arg<xla::ffi::AnyBuffer>()     // step f32[]
         .Arg<xla::ffi::AnyBuffer>()     // log2_block s32[]
