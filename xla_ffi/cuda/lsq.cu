@@ -40,20 +40,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 8192;
 
-// Decodes element b (0..7) of a group of 8: `nib` holds the group's four
-// nibble bytes (element b in bits 4b .. 4b+3), f0 / f1 its flag bytes.
-__device__ __forceinline__ void DecodeInGroup(uint32_t nib, uint32_t f0, uint32_t f1,
-                                              int b, int qn, int qp, int8_t* qv,
-                                              bool* inside, float* delta_hat) {
-  const int8_t code = NibbleToInt(static_cast<uint8_t>((nib >> (4 * b)) & 0xFu));
-  const uint8_t fl = static_cast<uint8_t>(((f0 >> b) & 1u) | (((f1 >> b) & 1u) << 1));
-  DecodeBackwardState(code, fl, qn, qp, qv, inside, delta_hat);
-}
-
 // The packed residual of the whole group of 8 elements at flat index e (a
 // multiple of 8; nibbles 4-byte aligned): its four nibble bytes (one 4-byte
-// load) and one flag byte per plane (f1 stays as it is for one plane), for
-// DecodeInGroup.
+// load) and one flag byte per plane (f1 stays as it is for one plane).
 __device__ __forceinline__ void LoadGroup(const uint8_t* __restrict__ nibbles,
                                           const uint8_t* __restrict__ flags,
                                           int64_t plane_stride, int planes, int64_t e,
@@ -63,20 +52,77 @@ __device__ __forceinline__ void LoadGroup(const uint8_t* __restrict__ nibbles,
   if (planes == 2) *f1 = flags[plane_stride + (e >> 3)];
 }
 
-// The eight codes q of a group (DecodeInGroup), one byte each, element b in
-// byte b of the pair of words.
-__device__ __forceinline__ uint2 DecodeGroupQ(uint32_t nib, uint32_t f0, uint32_t f1, int qn,
-                                              int qp) {
-  uint32_t w[2] = {0u, 0u};
-#pragma unroll
-  for (int b = 0; b < 8; ++b) {
-    int8_t qv;
-    bool inside;
-    float dh;
-    DecodeInGroup(nib, f0, f1, b, qn, qp, &qv, &inside, &dh);
-    w[b >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (b & 3));
-  }
-  return make_uint2(w[0], w[1]);
+// SWAR decoders of a group of 8 (the same values as DecodeInGroup, from a few
+// word operations per group instead of a dozen integer operations per
+// element; the integer pipe bounds these kernels on Hopper).
+
+// Elements 4h .. 4h+3 of a group as int8 q, element 4h + c in byte c:
+// the code nibbles spread to bytes and sign-extended (two's complement
+// nibble: bytes with bit 3 set get 0xF0); with one flag plane (qn <= 7) the
+// bytes whose nibble is kClipCode (unsigned 8) take bit0 ? qp : -qn (qp4 /
+// qn4: those values in every byte). Byte arithmetic never carries across
+// bytes: every byte stays below 0x100 (w ^ 8 <= 15, + 0x7F <= 0x8E; 8 * 0x1E =
+// 0xF0; the bit spread multiply places bits 0..3 of b at bits 0, 8, 16, 24
+// with no two partial products on one bit).
+__device__ __forceinline__ uint32_t DecodeHalfQ(uint32_t nib, uint32_t f0, int h, int qn,
+                                                uint32_t qp4, uint32_t qn4) {
+  const uint32_t x = __byte_perm(nib, 0u, h ? 0x3322 : 0x1100);  // nibble bytes b, b, b', b'
+  const uint32_t w = (x & 0x000F000Fu) | ((x >> 4) & 0x0F000F00u);  // one nibble per byte
+  const uint32_t q = w | ((w & 0x08080808u) * 0x1Eu);
+  if (qn > 7) return q;  // two planes: the code is q
+  const uint32_t inside_top = ((w ^ 0x08080808u) + 0x7F7F7F7Fu) & 0x80808080u;
+  const uint32_t clip_mask = ((~inside_top & 0x80808080u) >> 7) * 0xFFu;
+  const uint32_t bit0 = (((f0 >> (4 * h)) & 0xFu) * 0x00204081u) & 0x01010101u;
+  const uint32_t bit0_mask = bit0 * 0xFFu;
+  const uint32_t clip_value = (bit0_mask & qp4) | (~bit0_mask & qn4);
+  return (clip_mask & clip_value) | (~clip_mask & q);
+}
+
+// qp and -qn (as int8) in every byte, for DecodeHalfQ.
+__device__ __forceinline__ uint32_t ByteSplat(int v) {
+  return static_cast<uint32_t>(static_cast<uint8_t>(v)) * 0x01010101u;
+}
+
+// The eight codes q of a group, one byte each, element b in byte b of the
+// pair of words.
+__device__ __forceinline__ uint2 DecodeGroupQ(uint32_t nib, uint32_t f0, int qn, int qp) {
+  const uint32_t qp4 = ByteSplat(qp), qn4 = ByteSplat(-qn);
+  return make_uint2(DecodeHalfQ(nib, f0, 0, qn, qp4, qn4), DecodeHalfQ(nib, f0, 1, qn, qp4, qn4));
+}
+
+// Bit 4b + 3 set for each clipped element b of a group with one flag plane
+// (qn <= 7; the STE mask's zeros): its code nibble is kClipCode, 1000b
+// (low3 + 7 sets bit 3 of its nibble exactly when low3 != 0, and never
+// carries out of it).
+__device__ __forceinline__ uint32_t ClipTops(uint32_t nib) {
+  const uint32_t low3_nonzero = ((nib & 0x77777777u) + 0x77777777u) & 0x88888888u;
+  return nib & ~low3_nonzero & 0x88888888u;
+}
+
+// (x & mask) != 0 ? a : b, written in PTX so that the test stays one
+// logic-op-to-predicate (LLVM would rewrite a C++ bit test as shift, mask and
+// compare: three integer operations instead of one).
+template <uint32_t kMask>
+__device__ __forceinline__ float SelectIfBits(uint32_t x, float a, float b) {
+  float r;
+  asm("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\t"
+      "and.b32 t, %1, %2;\n\tsetp.ne.u32 p, t, 0;\n\tselp.f32 %0, %3, %4, p;\n\t}"
+      : "=f"(r) : "r"(x), "n"(kMask), "f"(a), "f"(b));
+  return r;
+}
+
+// Element i of a group with one flag plane (ClipTops): acc += g[i] *
+// delta_hat, v[i] = STE-masked g[i], delta_hat = clipped ? (bit0 ? qp : -qn)
+// : (bit0 ? 0.5 : -0.5) (DecodeBackwardState; qp_f = qp, qn_f = -qn).
+template <int i>
+__device__ __forceinline__ void DecodeMaskDelta(uint32_t tops, uint32_t f0, float qp_f,
+                                                float qn_f, const float* g, float* v,
+                                                float* acc) {
+  constexpr uint32_t kClip = 8u << (4 * i), kBit0 = 1u << i;
+  const float dh = SelectIfBits<kClip>(tops, SelectIfBits<kBit0>(f0, qp_f, qn_f),
+                                       SelectIfBits<kBit0>(f0, 0.5f, -0.5f));
+  *acc = *acc + g[i] * dh;
+  v[i] = SelectIfBits<kClip>(tops, 0.0f, g[i]);
 }
 
 // The group's nibble bytes (those past the end read as 0).
@@ -96,17 +142,15 @@ __device__ __forceinline__ uint32_t LoadNibbles(const uint8_t* __restrict__ nibb
 // vec: nibbles 4-byte aligned and q 8-byte aligned.
 __global__ void __launch_bounds__(kThreads)
 ResidualValuesKernel(const uint8_t* __restrict__ nibbles,
-                     const uint8_t* __restrict__ flags, int64_t plane_stride,
-                     int planes, int64_t total, int qn, int qp, bool vec,
+                     const uint8_t* __restrict__ flags, int64_t total, int qn, int qp, bool vec,
                      int8_t* __restrict__ q) {
   const int64_t groups = (total + 7) >> 3;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        g < groups; g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t f0 = flags[g];
-    const uint32_t f1 = planes == 2 ? flags[plane_stride + g] : 0u;
+    const uint32_t f0 = flags[g];  // (the q values need no second plane)
     const uint32_t nib = LoadNibbles(nibbles, g, total, vec);
     const int64_t e0 = g << 3;
-    const uint2 out = DecodeGroupQ(nib, f0, f1, qn, qp);
+    const uint2 out = DecodeGroupQ(nib, f0, qn, qp);
     if (vec && e0 + 8 <= total) {
       *reinterpret_cast<uint2*>(q + e0) = out;  // 8-aligned
     } else {
@@ -185,64 +229,89 @@ ResidualTileKernel(const uint8_t* __restrict__ nibbles,
 // 32 t each; lane l takes the 8 columns 8 (l >> 1) .. +7 of the 16 rows
 // 16 (l & 1) .. +15 of its warp's rows. Each thread issues all its loads
 // first (the 16 rows' sources, then per row one 4-byte nibble load and one
-// flag byte per plane: a whole group of 8 elements), then for each of its 8
-// columns decodes the 16 rows (DecodeInGroup), packs them into four words
-// along t, and stores them as out[k, t .. t+15]: one 16-byte store (wide) or
-// four 4-byte ones. Rows t >= T and columns k >= K are neither read nor
-// written.
+// flag byte: a whole group of 8 elements; q needs no second plane), decodes
+// each row's group to two words of q along k (DecodeGroupQ), transposes the
+// 16 x 8 bytes into words along t (4 x 4 byte transposes, 8 byte permutes
+// each), and stores them as out[k, t .. t+15] for each of its 8 columns: one
+// 16-byte store (wide) or four 4-byte ones. Rows t >= T and columns k >= K
+// are neither read nor written.
 constexpr int kTrThreads = 128;
 constexpr int kTrCols = 128;                 // k per block: 16 groups of 8
 constexpr int kTrRows = 32 * (kTrThreads / 32);  // t per block: 32 per warp
 
+// out[c] = byte c of each of a, b, c, d (a in byte 0): a 4 x 4 byte transpose.
+__device__ __forceinline__ void Transpose4x4(uint32_t a, uint32_t b, uint32_t c, uint32_t d,
+                                             uint32_t* out) {
+  const uint32_t ab01 = __byte_perm(a, b, 0x5140);  // a0 b0 a1 b1
+  const uint32_t cd01 = __byte_perm(c, d, 0x5140);
+  const uint32_t ab23 = __byte_perm(a, b, 0x7362);  // a2 b2 a3 b3
+  const uint32_t cd23 = __byte_perm(c, d, 0x7362);
+  out[0] = __byte_perm(ab01, cd01, 0x5410);  // a0 b0 c0 d0
+  out[1] = __byte_perm(ab01, cd01, 0x7632);
+  out[2] = __byte_perm(ab23, cd23, 0x5410);
+  out[3] = __byte_perm(ab23, cd23, 0x7632);
+}
+
 __global__ void __launch_bounds__(kTrThreads)
 ResidualTransposeKernel(const uint8_t* __restrict__ nibbles,
-                        const uint8_t* __restrict__ flags, int64_t plane_stride,
-                        int planes, int64_t K, int64_t T,
+                        const uint8_t* __restrict__ flags, int K, int T,
                         const int32_t* __restrict__ rows, int qn, int qp, bool wide,
                         int8_t* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kTrCols + 8 * (lane >> 1);
+  const int k = blockIdx.x * kTrCols + 8 * (lane >> 1);
   const bool col_ok = k < K;  // K % 8 == 0: the group is whole
-  const int64_t t_tiles = CeilDivDev(T, kTrRows);
-  for (int64_t tt = blockIdx.y; tt < t_tiles; tt += gridDim.y) {
-    const int64_t t0 = tt * kTrRows + 32 * warp + 16 * (lane & 1);
-    int64_t src[16];
+  // Row r's group: nib_col[r * K / 2] (4-aligned), flag_col[r * K / 8] (one
+  // wide multiply-add per address).
+  const uint8_t* nib_col = nibbles + (k >> 1);
+  const uint8_t* flag_col = flags + (k >> 3);
+  const uint32_t k_half = static_cast<uint32_t>(K) >> 1, k_eighth = static_cast<uint32_t>(K) >> 3;
+  const int t_tiles = (T + kTrRows - 1) / kTrRows;
+  for (int tt = blockIdx.y; tt < t_tiles; tt += gridDim.y) {
+    const int t0 = tt * kTrRows + 32 * warp + 16 * (lane & 1);
+    int src[16];
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      const int64_t t = t0 + j;
+      const int t = t0 + j;
       src[j] = -1;
-      if (col_ok && t < T) src[j] = rows != nullptr ? static_cast<int64_t>(rows[t]) : t;
+      if (col_ok && t < T) src[j] = rows != nullptr ? rows[t] : t;
     }
-    uint32_t nib[16], f0[16], f1[16];
+    uint32_t nib[16], f0[16];
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       nib[j] = 0u;
       f0[j] = 0u;
-      f1[j] = 0u;
-      if (src[j] >= 0) {  // src[j] * K + k: a multiple of 8
-        LoadGroup(nibbles, flags, plane_stride, planes, src[j] * K + k, &nib[j], &f0[j], &f1[j]);
+      if (src[j] >= 0) {
+        const uint32_t r = static_cast<uint32_t>(src[j]);
+        nib[j] = *reinterpret_cast<const uint32_t*>(nib_col + static_cast<uint64_t>(r) * k_half);
+        f0[j] = flag_col[static_cast<uint64_t>(r) * k_eighth];
       }
     }
     if (col_ok) {
+      uint2 q[16];  // row j: columns k .. k+3 (x), k+4 .. k+7 (y)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) q[j] = DecodeGroupQ(nib[j], f0[j], qn, qp);
+      uint32_t w[8][4];  // column k + b: rows t0 + 4m .. +3 in word m
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        uint32_t lo[4], hi[4];
+        Transpose4x4(q[4 * m].x, q[4 * m + 1].x, q[4 * m + 2].x, q[4 * m + 3].x, lo);
+        Transpose4x4(q[4 * m].y, q[4 * m + 1].y, q[4 * m + 2].y, q[4 * m + 3].y, hi);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          w[c][m] = lo[c];
+          w[4 + c][m] = hi[c];
+        }
+      }
 #pragma unroll
       for (int b = 0; b < 8; ++b) {
-        uint32_t w[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          int8_t qv;
-          bool inside;
-          float dh;
-          DecodeInGroup(nib[j], f0[j], f1[j], b, qn, qp, &qv, &inside, &dh);
-          w[j >> 2] |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * (j & 3));
-        }
-        int8_t* dst = out + (k + b) * T + t0;  // 4-byte aligned (T % 4 == 0)
+        int8_t* dst = out + static_cast<int64_t>(k + b) * T + t0;  // 4-aligned (T % 4 == 0)
         if (wide) {  // T % 16 == 0: the 16 rows are all in range or all out
-          if (t0 < T) *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+          if (t0 < T) *reinterpret_cast<uint4*>(dst) = make_uint4(w[b][0], w[b][1], w[b][2], w[b][3]);
         } else {  // T % 4 == 0: each word is all in range or all out
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (t0 + 4 * q < T) reinterpret_cast<uint32_t*>(dst)[q] = w[q];
+          for (int m = 0; m < 4; ++m) {
+            if (t0 + 4 * m < T) reinterpret_cast<uint32_t*>(dst)[m] = w[b][m];
           }
         }
       }
@@ -254,29 +323,29 @@ ResidualTransposeKernel(const uint8_t* __restrict__ nibbles,
 // K % 8 == 0, nibbles 4-byte and out 8-byte aligned. Block (x, y): groups
 // x * 1024 .. +1023 (8 elements each) of rows y, y + gridDim.y, ...; each
 // thread loads 4 groups of the row (stride kThreads groups; one 4-byte
-// nibble load and one flag byte per plane each) before decoding them, then
+// nibble load and one flag byte each; q needs no second plane) before decoding them, then
 // writes each group with one 8-byte store.
 constexpr int kGatherGroups = 4;
 
 __global__ void __launch_bounds__(kThreads)
 ResidualGatherRowsKernel(const uint8_t* __restrict__ nibbles,
-                         const uint8_t* __restrict__ flags, int64_t plane_stride,
-                         int planes, int64_t K, int64_t T,
+                         const uint8_t* __restrict__ flags, int64_t K, int64_t T,
                          const int32_t* __restrict__ rows, int qn, int qp,
                          int8_t* __restrict__ out) {
   const int64_t KG = K >> 3;  // groups per row
   const int64_t g0 = static_cast<int64_t>(blockIdx.x) * (kThreads * kGatherGroups) + threadIdx.x;
   for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
     const int64_t src = rows[t];
-    uint32_t nib[kGatherGroups], f0[kGatherGroups], f1[kGatherGroups];
+    uint32_t nib[kGatherGroups], f0[kGatherGroups];
 #pragma unroll
     for (int j = 0; j < kGatherGroups; ++j) {
       const int64_t g = g0 + j * kThreads;
       nib[j] = 0u;
       f0[j] = 0u;
-      f1[j] = 0u;
-      if (g < KG) {
-        LoadGroup(nibbles, flags, plane_stride, planes, src * K + 8 * g, &nib[j], &f0[j], &f1[j]);
+      if (g < KG) {  // src * K + 8 g: a multiple of 8, nibbles 4-aligned
+        const int64_t e = src * K + 8 * g;
+        nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));
+        f0[j] = flags[e >> 3];
       }
     }
 #pragma unroll
@@ -284,7 +353,7 @@ ResidualGatherRowsKernel(const uint8_t* __restrict__ nibbles,
       const int64_t g = g0 + j * kThreads;
       if (g < KG) {
         *reinterpret_cast<uint2*>(out + t * K + 8 * g) =
-            DecodeGroupQ(nib[j], f0[j], f1[j], qn, qp);  // 8-aligned
+            DecodeGroupQ(nib[j], f0[j], qn, qp);  // 8-aligned
       }
     }
   }
@@ -368,18 +437,37 @@ LsqBackwardChunksKernel(const G* __restrict__ grad,
     if (live[j]) LoadGroup(nibbles, flags, plane_stride, planes, e0[j], &nib[j], &f0[j], &f1[j]);
   }
   float acc = 0.0f;
+  const float qp_f = static_cast<float>(qp), qn_f = -static_cast<float>(qn);
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (!live[j]) continue;  // uniform: ChunkHadamard8's barriers are safe
     float v[8];
+    if (qn <= 7) {  // uniform
+      // DecodeBackwardState from two bit tests per element: clipped (the STE
+      // mask's zero, ClipTops) and bit0; delta_hat = clipped ? (bit0 ? qp :
+      // -qn) : bit0 - 0.5.
+      const uint32_t tops = ClipTops(nib[j]);
+      DecodeMaskDelta<0>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<1>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<2>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<3>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<4>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<5>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<6>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+      DecodeMaskDelta<7>(tops, f0[j], qp_f, qn_f, g[j], v, &acc);
+    } else {  // two flag planes (qn == 8)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      int8_t qv;
-      bool inside;
-      float dh;
-      DecodeInGroup(nib[j], f0[j], f1[j], i, qn, qp, &qv, &inside, &dh);
-      acc = acc + g[j][i] * dh;
-      v[i] = inside ? g[j][i] : 0.0f;
+      for (int i = 0; i < 8; ++i) {
+        const int8_t code = NibbleToInt(static_cast<uint8_t>((nib[j] >> (4 * i)) & 0xFu));
+        const uint8_t fl =
+            static_cast<uint8_t>(((f0[j] >> i) & 1u) | (((f1[j] >> i) & 1u) << 1));
+        int8_t qv;
+        bool inside;
+        float dh;
+        DecodeBackwardState(code, fl, qn, qp, &qv, &inside, &dh);
+        acc = acc + g[j][i] * dh;
+        v[i] = inside ? g[j][i] : 0.0f;
+      }
     }
     ChunkHadamard8<kThreads>(v, L, sx);
 #pragma unroll
@@ -525,10 +613,83 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
   BlockSumToGlobal<kColThreads>(acc, delta_sum);  // any summation order is allowed
 }
 
+// max_log2 == 5: the 32-row tile of a column split over two lanes of a warp
+// (lanes l and l ^ 16: rows 0-15 and 16-31 of the same column), so a thread
+// holds 16 kernel and 16 grad values and twice as many warps fit on an SM
+// (one thread per column needs about 100 registers at 32 rows, which held
+// that kernel to a quarter of the SM's warps: latency-bound). Block: 8 warps
+// x 16 consecutive columns. Hadamard stages 0-3 run in registers, stage 4
+// (rows i and i + 16) through one shuffle per value (ShuffleButterfly: the
+// Butterfly's sum or difference, bit-identical); otherwise as
+// LsqWeightBackwardColumnsRegKernel. R % 32 == 0.
+constexpr int kPairCols = kColThreads / 2;
+
 template <typename T, typename G>
-void LaunchWeightColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const G* grad,
+__global__ void __launch_bounds__(kColThreads)
+LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restrict__ kernel,
+                                   int64_t R, int64_t S, const float* __restrict__ step_ptr,
+                                   const int32_t* __restrict__ log2_ptr, int qn, int qp,
+                                   T* __restrict__ dk, float* __restrict__ delta_sum) {
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kPairCols + 16 * (threadIdx.x >> 5) +
+                    (lane & 15);
+  const bool col_ok = c < S;  // the same for both lanes of a column
+  const int L = ClampedLog2(log2_ptr, 5);
+  const float factor = QuantFactor(L, *step_ptr);
+  const float scale = HadamardScale(L);
+  const int64_t tiles = R >> 5;
+  float acc = 0.0f;
+  for (int64_t rt = blockIdx.y; rt < tiles; rt += gridDim.y) {  // uniform: shuffles below
+    const int64_t r0 = (rt << 5) + 16 * (lane >> 4);
+    float kv[16], gv[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      kv[i] = 0.0f;
+      gv[i] = 0.0f;
+      if (col_ok) {
+        const int64_t e = (r0 + i) * S + c;
+        kv[i] = ToFloat(kernel[e]);
+        gv[i] = ToFloat(grad[e]);
+      }
+    }
+    RegisterHadamard<16>(kv, L);
+    if (L > 4) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) kv[i] = ShuffleButterfly(kv[i], lane, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const float v = kv[i] * factor;
+      const float g = gv[i];
+      const bool inside = (v >= -qn) && (v <= qp);
+      const float delta = v < -qn ? -static_cast<float>(qn)
+                                  : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
+      acc = acc + g * delta;
+      gv[i] = inside ? g : 0.0f;
+    }
+    RegisterHadamard<16>(gv, L);
+    if (L > 4) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) gv[i] = ShuffleButterfly(gv[i], lane, 16);
+    }
+    if (col_ok) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) dk[(r0 + i) * S + c] = FromFloat<T>(gv[i] * scale);
+    }
+  }
+  BlockSumToGlobal<kColThreads>(acc, delta_sum);  // any summation order is allowed
+}
+
+// The register kernels for max_log2 <= 5 (grid: column blocks x row steps).
+template <typename T, typename G>
+void LaunchWeightColumnsReg(int max_log2, cudaStream_t stream, const G* grad,
                             const T* kernel, int64_t R, int64_t S, const float* step,
                             const int32_t* log2, int qn, int qp, T* dk, float* sum) {
+  const int64_t cols = max_log2 == 5 ? kPairCols : kColThreads;
+  const int rows_per_step = max_log2 >= 3 ? (1 << max_log2) : 8;  // the kernels' kRows
+  const int64_t steps = CeilDiv(R, rows_per_step);
+  const dim3 grid(static_cast<unsigned>(CeilDiv(S, cols)),
+                  static_cast<unsigned>(steps < 65535 ? steps : 65535));
   switch (max_log2) {
 #define JINT4_WCOLS_CASE(LG)                                                             \
   case LG:                                                                               \
@@ -540,8 +701,11 @@ void LaunchWeightColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const 
     JINT4_WCOLS_CASE(2)
     JINT4_WCOLS_CASE(3)
     JINT4_WCOLS_CASE(4)
-    JINT4_WCOLS_CASE(5)
 #undef JINT4_WCOLS_CASE
+    case 5:
+      LsqWeightBackwardColumnsPairKernel<T, G><<<grid, kColThreads, 0, stream>>>(
+          grad, kernel, R, S, step, log2, qn, qp, dk, sum);
+      break;
     default: break;
   }
 }
@@ -661,20 +825,21 @@ ffi::Error ResidualValuesImpl(cudaStream_t stream, ffi::AnyBuffer nibbles,
     const int64_t total = T * K;
     const bool vec = IsAligned(nib, 4) && IsAligned(out, 8);
     ResidualValuesKernel<<<GridFor(CeilDiv(total, 8)), kThreads, 0, stream>>>(
-        nib, flg, Q, planes, total, qn, qp, vec, out);
+        nib, flg, total, qn, qp, vec, out);
     return CheckLaunch("residual_values kernel launch");
   }
   const int32_t* rows_p = gather ? reinterpret_cast<const int32_t*>(rows.untyped_data()) : nullptr;
   const bool groups = K % 8 == 0 && IsAligned(nib, 4);  // whole, aligned groups of 8
-  if (groups && transpose && T % 4 == 0 && IsAligned(out, 4)) {
+  constexpr int64_t kInt32Max = 0x7FFFFFFF;
+  if (groups && transpose && T % 4 == 0 && IsAligned(out, 4) && K <= kInt32Max - kTrCols &&
+      T <= kInt32Max - kTrRows) {
     const int64_t k_blocks = CeilDiv(K, kTrCols);
     const int64_t t_blocks = CeilDiv(T, kTrRows);
-    if (k_blocks > 0x7FFFFFFF) return InvalidArgument("residual_values: too large");
     const dim3 grid(static_cast<unsigned>(k_blocks),
                     static_cast<unsigned>(t_blocks < 65535 ? t_blocks : 65535));
     const bool wide = T % 16 == 0 && IsAligned(out, 16);
-    ResidualTransposeKernel<<<grid, kTrThreads, 0, stream>>>(nib, flg, Q, planes, K, T, rows_p,
-                                                             qn, qp, wide, out);
+    ResidualTransposeKernel<<<grid, kTrThreads, 0, stream>>>(
+        nib, flg, static_cast<int>(K), static_cast<int>(T), rows_p, qn, qp, wide, out);
     return CheckLaunch("residual_values (transposed) kernel launch");
   }
   if (groups && !transpose && IsAligned(out, 8)) {  // gather (the plain case is above)
@@ -682,8 +847,8 @@ ffi::Error ResidualValuesImpl(cudaStream_t stream, ffi::AnyBuffer nibbles,
     if (k_blocks > 0x7FFFFFFF) return InvalidArgument("residual_values: too large");
     const dim3 grid(static_cast<unsigned>(k_blocks),
                     static_cast<unsigned>(T < 65535 ? T : 65535));
-    ResidualGatherRowsKernel<<<grid, kThreads, 0, stream>>>(nib, flg, Q, planes, K, T, rows_p,
-                                                            qn, qp, out);
+    ResidualGatherRowsKernel<<<grid, kThreads, 0, stream>>>(nib, flg, K, T, rows_p, qn, qp,
+                                                            out);
     return CheckLaunch("residual_values (gathered rows) kernel launch");
   }
   const int64_t k_tiles = CeilDiv(K, kTile);
@@ -815,23 +980,17 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
   // (ColumnTiling caps max_log2 at the static block, so a traced block
   // larger than 32 rows takes the shared-memory kernel below.)
   if (max_log2 <= 5) {
-    const int64_t col_blocks = CeilDiv(S, kColThreads);
-    const int rows_per_step = max_log2 >= 3 ? (1 << max_log2) : 8;  // the kernel's kRows
-    const int64_t steps = CeilDiv(R, rows_per_step);
-    if (col_blocks > 0x7FFFFFFF) return InvalidArgument("lsq_weight_backward: too large");
-    const dim3 rgrid(static_cast<unsigned>(col_blocks),
-                     static_cast<unsigned>(steps < 65535 ? steps : 65535));
+    if (CeilDiv(S, kPairCols) > 0x7FFFFFFF) return InvalidArgument("lsq_weight_backward: too large");
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       const T* k_p = reinterpret_cast<const T*>(kernel.untyped_data());
       T* dk_p = reinterpret_cast<T*>(dk->untyped_data());
       if (grad_bf16) {
-        LaunchWeightColumnsReg<T>(max_log2, rgrid, stream,
-                                  static_cast<const __nv_bfloat16*>(grad_p), k_p, R, S, step_p,
-                                  log2_p, qn, qp, dk_p, sum);
-      } else {
-        LaunchWeightColumnsReg<T>(max_log2, rgrid, stream, static_cast<const float*>(grad_p),
+        LaunchWeightColumnsReg<T>(max_log2, stream, static_cast<const __nv_bfloat16*>(grad_p),
                                   k_p, R, S, step_p, log2_p, qn, qp, dk_p, sum);
+      } else {
+        LaunchWeightColumnsReg<T>(max_log2, stream, static_cast<const float*>(grad_p), k_p, R, S,
+                                  step_p, log2_p, qn, qp, dk_p, sum);
       }
     });
     return CheckLaunch("lsq_weight_backward kernel launch");
