@@ -613,16 +613,35 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
   BlockSumToGlobal<kColThreads>(acc, delta_sum);  // any summation order is allowed
 }
 
-// max_log2 == 5: the 32-row tile of a column split over two lanes of a warp
-// (lanes l and l ^ 16: rows 0-15 and 16-31 of the same column), so a thread
-// holds 16 kernel and 16 grad values and twice as many warps fit on an SM
-// (one thread per column needs about 100 registers at 32 rows, which held
-// that kernel to a quarter of the SM's warps: latency-bound). Block: 8 warps
-// x 16 consecutive columns. Hadamard stages 0-3 run in registers, stage 4
-// (rows i and i + 16) through one shuffle per value (ShuffleButterfly: the
-// Butterfly's sum or difference, bit-identical); otherwise as
-// LsqWeightBackwardColumnsRegKernel. R % 32 == 0.
+// max_log2 == 5: the 32-row tile of a column split over two threads, rows
+// 0-15 in warps 0-3 and rows 16-31 in warps 4-7 (the same lane of warps w
+// and w + 4: the same column), so a thread holds 16 kernel and 16 grad
+// values and twice as many warps fit on an SM (one thread per column needs
+// about 100 registers at 32 rows, which held that kernel to a quarter of the
+// SM's warps: latency-bound). A warp's row access stays 32 consecutive
+// columns (two lanes per column within a warp, 16 columns per row access,
+// measured twice as slow for 16-bit types on an H200). Hadamard stages 0-3
+// run in registers, stage 4 (rows i and i + 16) through shared memory: the
+// lower thread keeps a + b, the upper one a - b (Butterfly's two results,
+// bit-identical); otherwise as LsqWeightBackwardColumnsRegKernel. Block: 128
+// columns. R % 32 == 0.
 constexpr int kPairCols = kColThreads / 2;
+
+// Stage 4 of a 32-row column split as above: v holds rows 16 upper .. +15;
+// x is the block's exchange buffer [2][16][kPairCols]. Starts and ends with
+// a barrier.
+__device__ __forceinline__ void ExchangeStage4(float* v, float (*x)[16][kPairCols], int upper,
+                                               int col) {
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 16; ++i) x[upper][i][col] = v[i];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const float other = x[1 - upper][i][col];
+    v[i] = upper ? other - v[i] : v[i] + other;
+  }
+}
 
 template <typename T, typename G>
 __global__ void __launch_bounds__(kColThreads)
@@ -630,17 +649,18 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
                                    int64_t R, int64_t S, const float* __restrict__ step_ptr,
                                    const int32_t* __restrict__ log2_ptr, int qn, int qp,
                                    T* __restrict__ dk, float* __restrict__ delta_sum) {
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kPairCols + 16 * (threadIdx.x >> 5) +
-                    (lane & 15);
-  const bool col_ok = c < S;  // the same for both lanes of a column
+  __shared__ float x[2][16][kPairCols];
+  const int upper = threadIdx.x >= kPairCols;  // warps 4-7: rows 16-31
+  const int col = threadIdx.x & (kPairCols - 1);
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kPairCols + col;
+  const bool col_ok = c < S;  // the same for both threads of a column
   const int L = ClampedLog2(log2_ptr, 5);
   const float factor = QuantFactor(L, *step_ptr);
   const float scale = HadamardScale(L);
   const int64_t tiles = R >> 5;
   float acc = 0.0f;
-  for (int64_t rt = blockIdx.y; rt < tiles; rt += gridDim.y) {  // uniform: shuffles below
-    const int64_t r0 = (rt << 5) + 16 * (lane >> 4);
+  for (int64_t rt = blockIdx.y; rt < tiles; rt += gridDim.y) {  // uniform: barriers below
+    const int64_t r0 = (rt << 5) + 16 * upper;
     float kv[16], gv[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
@@ -653,10 +673,7 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
       }
     }
     RegisterHadamard<16>(kv, L);
-    if (L > 4) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) kv[i] = ShuffleButterfly(kv[i], lane, 16);
-    }
+    if (L > 4) ExchangeStage4(kv, x, upper, col);  // L uniform
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const float v = kv[i] * factor;
@@ -668,10 +685,7 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
       gv[i] = inside ? g : 0.0f;
     }
     RegisterHadamard<16>(gv, L);
-    if (L > 4) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) gv[i] = ShuffleButterfly(gv[i], lane, 16);
-    }
+    if (L > 4) ExchangeStage4(gv, x, upper, col);
     if (col_ok) {
 #pragma unroll
       for (int i = 0; i < 16; ++i) dk[(r0 + i) * S + c] = FromFloat<T>(gv[i] * scale);
