@@ -339,7 +339,12 @@ def test_sanitizer_small_case():
   native.residual_values(res, (8, 64), qn=7, qp=7, rows=rows, transpose=True)
   native.lsq_backward(x, res, qn=7, qp=7, block=32, out_dtype=jnp.bfloat16)
   native.lsq_backward(x[:3], res, qn=7, qp=7, slots=random_slots(8, 3), block=32)
+  native.residual_values(res, (8, 64), qn=7, qp=7, rows=jnp.arange(16, dtype=jnp.int32) % 8,
+                         transpose=True)  # the wide transposed path
   native.lsq_weight_backward(x, x, jnp.float32(0.5), block=8, qn=7, qp=7)
+  w = activations((64, 40), seed=2)  # 32-row blocks: the two-thread-per-column path
+  native.lsq_weight_backward(w.astype(jnp.bfloat16), w.astype(jnp.bfloat16), jnp.float32(0.5),
+                             block=32, qn=7, qp=7)
   g2, _, _, _ = native.bit_split(x, seed())
   native.bit_split_joined(x, seed())
   native.resplit_rows(g2, rows, jnp.ones((3,), jnp.float32), seed())
