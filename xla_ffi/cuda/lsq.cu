@@ -661,16 +661,30 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
   float acc = 0.0f;
   for (int64_t rt = blockIdx.y; rt < tiles; rt += gridDim.y) {  // uniform: barriers below
     const int64_t r0 = (rt << 5) + 16 * upper;
+    // All 32 loads in flight before any is used (raw values first: converted
+    // on arrival, they would be issued pair by pair).
+    T kraw[16];
+    G graw[16];
+    if (col_ok) {
+      const T* kp = kernel + r0 * S + c;
+      const G* gp = grad + r0 * S + c;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        kraw[i] = kp[i * S];
+        graw[i] = gp[i * S];
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        kraw[i] = FromFloat<T>(0.0f);
+        graw[i] = FromFloat<G>(0.0f);
+      }
+    }
     float kv[16], gv[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      kv[i] = 0.0f;
-      gv[i] = 0.0f;
-      if (col_ok) {
-        const int64_t e = (r0 + i) * S + c;
-        kv[i] = ToFloat(kernel[e]);
-        gv[i] = ToFloat(grad[e]);
-      }
+      kv[i] = ToFloat(kraw[i]);
+      gv[i] = ToFloat(graw[i]);
     }
     RegisterHadamard<16>(kv, L);
     if (L > 4) ExchangeStage4(kv, x, upper, col);  // L uniform
