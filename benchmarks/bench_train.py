@@ -215,13 +215,15 @@ def run_one(args) -> dict:
   for _ in range(args.warmup):
     *state, loss = train_step(*state, inputs, targets, next(keys))
   jax.block_until_ready((state, loss))
+  windows = []
   for _ in range(args.repeats):
     # `calls` back-to-back steps, one sync (as a training loop dispatches).
-    t0 = time.perf_counter()
+    t0, w0 = time.perf_counter(), time.time()
     for _ in range(args.calls):
       *state, loss = train_step(*state, inputs, targets, next(keys))
     jax.block_until_ready((state, loss))
     times.append(1e3 * (time.perf_counter() - t0) / args.calls)
+    windows.append([w0, time.time()])
   losses.append(float(loss))
 
   stats = jax.devices()[0].memory_stats() or {}
@@ -232,7 +234,8 @@ def run_one(args) -> dict:
       "attention_run": attention,
       "n_params": int(n_params), "first_call_s": compile_s,
       "median_ms": median_ms, "min_ms": min(times), "max_ms": max(times),
-      "times_ms": times, "tokens_per_s": args.tokens / (median_ms * 1e-3),
+      "times_ms": times, "windows_s": windows,
+      "tokens_per_s": args.tokens / (median_ms * 1e-3),
       "loss_first": losses[0], "loss_last": losses[-1],
       "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
       "bytes_limit": stats.get("bytes_limit"),

@@ -97,24 +97,28 @@ def time_fn(fn, args, *, repeats: int = 20, warmup: int = 3, calls: int = 5) -> 
   median and min over the samples, and ``sync_median_ms``: the median of
   ``repeats`` single calls each synchronized on its own, which adds the
   host's dispatch and synchronization latency (tens of microseconds to a few
-  tenths of a millisecond) to every call.
+  tenths of a millisecond) to every call. ``windows_s``: each sample's
+  [start, end] in Unix seconds, to read a clock log against
+  (`tools/smi_by_case.py`).
   """
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
-  times, sync = [], []
+  times, sync, windows = [], [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, w0 = time.perf_counter(), time.time()
     out = None
     for _ in range(calls):
       out = fn(*args)
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) * 1e3 / calls)
+    windows.append([w0, time.time()])
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     sync.append((time.perf_counter() - t0) * 1e3)
   return {"median_ms": statistics.median(times), "min_ms": min(times),
-          "sync_median_ms": statistics.median(sync), "calls_per_sample": calls}
+          "sync_median_ms": statistics.median(sync), "calls_per_sample": calls,
+          "windows_s": windows}
 
 
 def write(out_dir: str, name: str, payload: dict) -> str:

@@ -57,6 +57,8 @@ def test_bench_layer(tmp_path):
                 "residual_bytes_per_input_element"):
       assert positive(r[key]), (key, r)
     assert len(r["times_ms"]) == 1
+    ((start, end),) = r["windows_s"]  # the sample's wall-clock window
+    assert 0 < end - start < 600
   bf16 = [r for r in rows if r["case"] == "bf16 nn.Dense"]
   assert all(r["speedup_vs_bf16"] == 1.0 for r in bf16)
   assert all(r["residual_bytes_per_input_element"] == 2.0 for r in bf16)
@@ -81,6 +83,7 @@ def test_bench_train(tmp_path):
     assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
     assert "peak_bytes_in_use" in r
     assert len(r["times_ms"]) == 1  # --repeats samples of --calls steps
+    assert len(r["windows_s"]) == 1 and r["windows_s"][0][0] < r["windows_s"][0][1]
     assert r["attention_run"] == ("cudnn" if jax.default_backend() == "gpu" else "xla")
   assert (row["int4"]["linear_input_bytes_saved"]
           < row["bf16"]["linear_input_bytes_saved"])
@@ -109,3 +112,40 @@ def test_bench_loss(tmp_path):
   assert set(curves) == {"bf16", "int4 exact", "int4 nonzero", "int4 lss"}
   for ys in curves.values():
     assert len(ys) == 2 and all(positive(y) for y in ys)
+
+
+def test_smi_by_case_joins_clock_log_and_sample_windows():
+  """tools/smi_by_case.py: readings inside a case's sample windows only, the
+  log's local-time offset from the start markers, the power-cap bit."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "smi_by_case", os.path.join(ROOT, "tools", "smi_by_case.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  # A log two hours ahead of UTC; the marker at Unix 1000.2, the first
+  # reading after it (logged 1000.5 UTC) at local 7200 + 1000.5.
+  base = 1000.5
+  local = lambda t: __import__("datetime").datetime.fromtimestamp(
+      t + 7200, __import__("datetime").timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+  lines = ["timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], "
+           "power.draw [W], temperature.gpu, clocks_event_reasons.active",
+           "# start bench_layer.py 1000.2"]
+  rows = [(0.0, 1980, 120.0, 0x0), (0.5, 1500, 700.0, 0x4), (1.0, 1400, 690.0, 0x4),
+          (1.5, 1900, 400.0, 0x0), (2.0, 1980, 110.0, 0x0)]
+  for dt, mhz, watts, reason in rows:
+    lines.append(f"{local(base + dt)}, {mhz} MHz, 3201 MHz, {watts:.2f} W, 40, 0x{reason:016x}")
+  readings, markers = tool.parse_smi(lines)
+  assert len(readings) == 5 and len(markers) == 1
+  offset = tool.clock_offset(markers)
+  assert offset == -7200.0
+  s = tool.summarize(readings, offset, [[base + 0.4, base + 1.6]])
+  assert s["readings"] == 3
+  assert s["sm_mhz_median"] == 1500 and s["sm_mhz_min"] == 1400
+  assert s["watts_max"] == 700.0
+  assert abs(s["power_capped_share"] - 2 / 3) < 1e-9
+  assert tool.summarize(readings, offset, [[base + 5, base + 6]]) == {"readings": 0}
+  report = {"results": [{"shape": [64, 64, 64], "case": "int4 nonzero",
+                         "windows_s": [[base + 0.4, base + 1.6]]},
+                        {"hidden": 128, "bf16": {"windows_s": [[base, base + 0.1]]}}]}
+  assert [label for label, _ in tool.cases(report)] == ["[64, 64, 64] int4 nonzero",
+                                                        "128 bf16"]

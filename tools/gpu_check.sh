@@ -146,6 +146,9 @@ if [ "$PHASE" != tests ]; then
 fi
 kill $SMI_PID 2>/dev/null
 summary "clocks (smi.csv): $(grep -c " MHz," "$OUT/smi.csv") readings, SM MHz min/max $(grep " MHz," "$OUT/smi.csv" | awk -F', ' '{print $2+0}' | sort -n | sed -n '1p;$p' | tr '\n' ' ')"
+# The clocks and power inside each benchmark case's timed samples.
+ls "$OUT"/bench_*_gpu.json > /dev/null 2>&1 && python3 tools/smi_by_case.py "$OUT/smi.csv" \
+  "$OUT"/bench_*_gpu.json 2>&1 | tee -a "$OUT/summary.txt"
 cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
 (cd "$OUT" && shopt -s nullglob && tar czf logs.tgz ./*.log ./*.txt ./*.json ./*.csv;
