@@ -531,6 +531,18 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
   BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
 }
 
+// LSQ's backward for one kernel element with v = its column transform *
+// QuantFactor and g its grad: adds g * delta(v) to *acc and returns the
+// STE-masked g (lsq.py in_range and delta: inside [-qn, qp]; delta = the clip
+// value outside, RoundEven(v) - v inside).
+__device__ __forceinline__ float WeightMaskDelta(float v, float g, int qn, int qp, float* acc) {
+  const bool inside = (v >= -qn) && (v <= qp);
+  const float delta = v < -qn ? -static_cast<float>(qn)
+                              : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
+  *acc = *acc + g * delta;
+  return inside ? g : 0.0f;
+}
+
 // axis-0 register path (max_log2 <= 5): thread = column c (consecutive
 // threads: consecutive columns, coalesced), kTiles consecutive tiles of TR =
 // 2^max_log2 rows per step (at least 8 rows, so enough loads are in flight).
@@ -586,13 +598,7 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
         if (!live[u]) continue;
 #pragma unroll
         for (int i = u * TR; i < (u + 1) * TR; ++i) {
-          const float v = kv[i] * factor;
-          const float g = gv[i];
-          const bool inside = (v >= -qn) && (v <= qp);
-          const float delta = v < -qn ? -static_cast<float>(qn)
-                                      : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
-          acc = acc + g * delta;
-          gv[i] = inside ? g : 0.0f;
+          gv[i] = WeightMaskDelta(kv[i] * factor, gv[i], qn, qp, &acc);
         }
       }
       T out[kRows];
@@ -689,15 +695,7 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
     RegisterHadamard<16>(kv, L);
     if (L > 4) ExchangeStage4(kv, x, upper, col);  // L uniform
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const float v = kv[i] * factor;
-      const float g = gv[i];
-      const bool inside = (v >= -qn) && (v <= qp);
-      const float delta = v < -qn ? -static_cast<float>(qn)
-                                  : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
-      acc = acc + g * delta;
-      gv[i] = inside ? g : 0.0f;
-    }
+    for (int i = 0; i < 16; ++i) gv[i] = WeightMaskDelta(kv[i] * factor, gv[i], qn, qp, &acc);
     RegisterHadamard<16>(gv, L);
     if (L > 4) ExchangeStage4(gv, x, upper, col);
     if (col_ok) {
@@ -774,13 +772,7 @@ LsqWeightBackwardKernel(const G* __restrict__ grad, const T* __restrict__ kernel
     BlockHadamardSmem<kThreads>(sk, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
       const int p = Padded(i, max_log2);
-      const float v = sk[p] * factor;
-      const float g = sg[p];
-      const bool inside = (v >= -qn) && (v <= qp);
-      const float delta = v < -qn ? -static_cast<float>(qn)
-                                  : (v > qp ? static_cast<float>(qp) : RoundEven(v) - v);
-      acc = acc + g * delta;
-      sg[p] = inside ? g : 0.0f;
+      sg[p] = WeightMaskDelta(sk[p] * factor, sg[p], qn, qp, &acc);
     }
     BlockHadamardSmem<kThreads>(sg, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
