@@ -1,7 +1,8 @@
 // jint4_residual_values, jint4_lsq_backward and jint4_lsq_weight_backward
 // (CUDA): decoders of the packed residual (README layout: nibble of element 2j
 // in the low half of byte j; bit b of byte j of flag plane p = bit p of
-// element 8j + b) and the LSQ backward of the weight.
+// element 8j + b) and the LSQ backward of the weight. Whole groups of 8
+// decode with word operations (DecodeGroupQ, ClipTops).
 //   residual_values, plain: groups of 8 consecutive elements per thread (one
 //     flag byte, four nibble bytes), grid-stride (ResidualValuesKernel).
 //     With K % 8 == 0 and aligned pointers: transposed output (gathered or
@@ -13,16 +14,18 @@
 //   lsq_backward: chunks of 2048 elements of dT[M, K]; each element gathers
 //     its gradient (the kept-row slots), applies the STE mask and adds its
 //     delta term, then the chunk runs the block +-1 Hadamard, is scaled by
-//     HadamardScale(L) and stored in dT's dtype. Full chunks with K % 8 == 0 and aligned pointers:
-//     LsqBackwardChunksKernel (two chunks per block, every load issued first,
-//     Hadamard in registers / warp shuffles: ChunkHadamard8); the rest
+//     HadamardScale(L) and stored in dT's dtype. Full chunks with K % 8 ==
+//     0 and aligned pointers: LsqBackwardChunksKernel (two chunks per block,
+//     every load issued first, Hadamard in registers / warp shuffles:
+//     ChunkHadamard8); the rest
 //     (partial last chunk, ragged or misaligned): LsqBackwardKernel, through
 //     shared memory (the same Butterfly calls on the same values).
 //   lsq_weight_backward: Hadamard down the columns of kernel[D, C] (v = +-1
 //     transform * QuantFactor; dk = +-1 transform * HadamardScale); blocks of
-//     at most 32 rows: one thread per column, tiles in registers
-//     (LsqWeightBackwardColumnsRegKernel); larger blocks: column tiles in
-//     shared memory (LsqWeightBackwardKernel).
+//     at most 16 rows: one thread per column, tiles in registers
+//     (LsqWeightBackwardColumnsRegKernel); 32 rows: two threads per column,
+//     16 rows each (LsqWeightBackwardColumnsPairKernel); larger blocks:
+//     column tiles in shared memory (LsqWeightBackwardKernel).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -543,7 +546,8 @@ __device__ __forceinline__ float WeightMaskDelta(float v, float g, int qn, int q
   return inside ? g : 0.0f;
 }
 
-// axis-0 register path (max_log2 <= 5): thread = column c (consecutive
+// axis-0 register path (max_log2 <= 4; 32 rows: the pair kernel below):
+// thread = column c (consecutive
 // threads: consecutive columns, coalesced), kTiles consecutive tiles of TR =
 // 2^max_log2 rows per step (at least 8 rows, so enough loads are in flight).
 // It loads the TR kernel and TR grad values of each tile at once (the first
