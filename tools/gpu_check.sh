@@ -9,7 +9,7 @@
 # Knobs (environment): TEST_FILES, TEST_TIMEOUT, SKIP_TESTS, SKIP_PROBE,
 # SKIP_OPS, OPS_SHAPES, SKIP_GEMM, GEMM_SHAPES / GEMM_TIMEOUT, SKIP_LAYER, LAYER_HIDDEN / LAYER_TIMEOUT / LAYER_BUDGET,
 # SKIP_BAD_INPUT,
-# LAYER_ARGS, SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET,
+# LAYER_ARGS, SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET / TRAIN_REPEATS,
 # NCU=1 (tools/kernel_probe's knobs: NCU_SHAPE, NCU_ARGS, PROBE_SHAPES),
 # GEMM_SWEEP=1 / SWEEP_TIMEOUT / SWEEP_ARGS.
 set -uo pipefail
@@ -24,7 +24,7 @@ if [ "$PHASE" = four ]; then
   : "${OPS_SHAPES:=8192,8192,8192}" "${GEMM_SHAPES:=8192,8192,8192;15360,8704,10752}"
   : "${GEMM_TIMEOUT:=110}" "${LAYER_HIDDEN:=2048,4096}" "${LAYER_ARGS:=--backward nonzero}"
   : "${LAYER_TIMEOUT:=150}" "${LAYER_BUDGET:=120}" "${TRAIN_HIDDEN:=2048,4096,5120}"
-  : "${TRAIN_TIMEOUT:=180}" "${TRAIN_BUDGET:=150}"
+  : "${TRAIN_TIMEOUT:=195}" "${TRAIN_BUDGET:=160}"
   PHASE=all
 fi
 OUT="${OUT:-$PWD/gpu_check_out}"
@@ -142,7 +142,7 @@ if [ "$PHASE" != tests ]; then
   --hidden "${LAYER_HIDDEN:-1024,2048,4096}" --repeats 10 --budget-s "${LAYER_BUDGET:-200}" \
   ${LAYER_ARGS:-}
 [ -n "${SKIP_TRAIN:-}" ] || bench benchmarks/bench_train.py "${TRAIN_TIMEOUT:-240}" --engine auto \
-  --hidden "${TRAIN_HIDDEN:-2048,4096}" --repeats 5 --budget-s "${TRAIN_BUDGET:-200}"
+  --hidden "${TRAIN_HIDDEN:-2048,4096}" --repeats "${TRAIN_REPEATS:-9}" --budget-s "${TRAIN_BUDGET:-200}"
 fi
 kill $SMI_PID 2>/dev/null
 summary "clocks (smi.csv): $(grep -c " MHz," "$OUT/smi.csv") readings, SM MHz min/max $(grep " MHz," "$OUT/smi.csv" | awk -F', ' '{print $2+0}' | sort -n | sed -n '1p;$p' | tr '\n' ' ')"
