@@ -43,21 +43,30 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 8192;
 
-// The packed residual of the whole group of 8 elements at flat index e (a
-// multiple of 8; nibbles 4-byte aligned): its four nibble bytes (one 4-byte
-// load) and one flag byte per plane (f1 stays as it is for one plane).
+// The codes and first flag plane of the whole group of 8 elements at flat
+// index e (a multiple of 8; nibbles 4-byte aligned): its four nibble bytes
+// (one 4-byte load) and its flag byte. Enough for the q values (DecodeGroupQ).
+__device__ __forceinline__ void LoadCodes(const uint8_t* __restrict__ nibbles,
+                                          const uint8_t* __restrict__ flags, int64_t e,
+                                          uint32_t* nib, uint32_t* f0) {
+  *nib = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
+  *f0 = flags[e >> 3];
+}
+
+// LoadCodes plus the second flag plane's byte (f1 stays as it is for one
+// plane): the STE mask and delta of two-plane residuals need it.
 __device__ __forceinline__ void LoadGroup(const uint8_t* __restrict__ nibbles,
                                           const uint8_t* __restrict__ flags,
                                           int64_t plane_stride, int planes, int64_t e,
                                           uint32_t* nib, uint32_t* f0, uint32_t* f1) {
-  *nib = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));  // 4-aligned
-  *f0 = flags[e >> 3];
+  LoadCodes(nibbles, flags, e, nib, f0);
   if (planes == 2) *f1 = flags[plane_stride + (e >> 3)];
 }
 
-// SWAR decoders of a group of 8 (the same values as DecodeInGroup, from a few
-// word operations per group instead of a dozen integer operations per
-// element; the integer pipe bounds these kernels on Hopper).
+// SWAR decoders of a group of 8 (the same values as DecodeBackwardState of
+// each element, from a few word operations per group instead of a dozen
+// integer operations per element; the integer pipe bounds these kernels on
+// Hopper).
 
 // Elements 4h .. 4h+3 of a group as int8 q, element 4h + c in byte c:
 // the code nibbles spread to bytes and sign-extended (two's complement
@@ -345,11 +354,7 @@ ResidualGatherRowsKernel(const uint8_t* __restrict__ nibbles,
       const int64_t g = g0 + j * kThreads;
       nib[j] = 0u;
       f0[j] = 0u;
-      if (g < KG) {  // src * K + 8 g: a multiple of 8, nibbles 4-aligned
-        const int64_t e = src * K + 8 * g;
-        nib[j] = *reinterpret_cast<const uint32_t*>(nibbles + (e >> 1));
-        f0[j] = flags[e >> 3];
-      }
+      if (g < KG) LoadCodes(nibbles, flags, src * K + 8 * g, &nib[j], &f0[j]);
     }
 #pragma unroll
     for (int j = 0; j < kGatherGroups; ++j) {
