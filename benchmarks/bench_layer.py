@@ -167,14 +167,9 @@ def time_cases(steps: dict, repeats: int, warmup: int, calls: int = 5) -> dict:
       jax.block_until_ready(step(*args))
   for _ in range(repeats):
     for name, (step, args) in steps.items():
-      # `calls` back-to-back steps, one sync (as a training loop dispatches).
-      t0, w0 = time.perf_counter(), time.time()
-      result = None
-      for _ in range(calls):
-        result = step(*args)
-      jax.block_until_ready(result)
-      out[name]["times_ms"].append(1e3 * (time.perf_counter() - t0) / calls)
-      out[name]["windows_s"].append([w0, time.time()])
+      ms, window = common.sample(step, args, calls)
+      out[name]["times_ms"].append(ms)
+      out[name]["windows_s"].append(window)
   for r in out.values():
     r.update(median_ms=statistics.median(r["times_ms"]),
              min_ms=min(r["times_ms"]), max_ms=max(r["times_ms"]))

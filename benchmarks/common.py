@@ -88,6 +88,20 @@ def residual_bytes(fn, *args) -> int:
                      leaf.dtype, jax.dtypes.prng_key)))
 
 
+def sample(fn, args, calls: int):
+  """One timed sample: ``calls`` back-to-back calls of fn(*args) and one
+  synchronization (JAX dispatches asynchronously: a training loop does not
+  wait on the host between steps). Returns (ms per call, [start, end] of the
+  sample in Unix seconds, to read a clock log against:
+  `tools/smi_by_case.py`)."""
+  t0, w0 = time.perf_counter(), time.time()
+  out = None
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return 1e3 * (time.perf_counter() - t0) / calls, [w0, time.time()]
+
+
 def time_fn(fn, args, *, repeats: int = 20, warmup: int = 3, calls: int = 5) -> dict:
   """Per-call time (ms) of fn(*args) as a training loop sees it.
 
@@ -98,20 +112,15 @@ def time_fn(fn, args, *, repeats: int = 20, warmup: int = 3, calls: int = 5) -> 
   ``repeats`` single calls each synchronized on its own, which adds the
   host's dispatch and synchronization latency (tens of microseconds to a few
   tenths of a millisecond) to every call. ``windows_s``: each sample's
-  [start, end] in Unix seconds, to read a clock log against
-  (`tools/smi_by_case.py`).
+  [start, end] in Unix seconds (`sample`).
   """
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times, sync, windows = [], [], []
   for _ in range(repeats):
-    t0, w0 = time.perf_counter(), time.time()
-    out = None
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) * 1e3 / calls)
-    windows.append([w0, time.time()])
+    ms, window = sample(fn, args, calls)
+    times.append(ms)
+    windows.append(window)
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
