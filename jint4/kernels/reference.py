@@ -39,28 +39,43 @@ Block = Union[int, jax.Array]  # static block size, or traced int32 log2(block)
 _GOLDEN = np.uint32(0x9E3779B9)
 
 
-def _mix32(h):
-  """lowbias32 (C. Wellons): a fast 32-bit integer hash with good avalanche."""
-  h = h ^ (h >> 16)
-  h = h * np.uint32(0x7FEB352D)
-  h = h ^ (h >> 15)
-  h = h * np.uint32(0x846CA68B)
-  return h ^ (h >> 16)
+_HASH_MUL = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+
+
+def _mul_fold(x, c: int):
+  """The 64-bit product x * c (uint32 x, constant c) folded to 32 bits: its
+  low word xor its high word. The high word from 16-bit limbs (uint32
+  arithmetic only: no 64-bit types needed)."""
+  x = jnp.asarray(x, jnp.uint32)
+  cl, ch = np.uint32(c & 0xFFFF), np.uint32(c >> 16)
+  xl, xh = x & np.uint32(0xFFFF), x >> 16
+  lh, hl = xl * ch, xh * cl
+  mid = ((xl * cl) >> 16) + (lh & np.uint32(0xFFFF)) + (hl & np.uint32(0xFFFF))
+  high = xh * ch + (lh >> 16) + (hl >> 16) + (mid >> 16)
+  return (x * np.uint32(c)) ^ high
+
+
+def _pair_hash(seed: jax.Array, pair: jax.Array) -> jax.Array:
+  """The hash of element pair ``pair`` of a tensor drawn with ``seed``
+  (uint32[2]): three `_mul_fold` rounds over the Weyl sequence pair * golden
+  + seed[0], with seed[1] xored in after the first."""
+  h = _mul_fold(pair * _GOLDEN + seed[0], _HASH_MUL[0]) ^ seed[1]
+  return _mul_fold(_mul_fold(h, _HASH_MUL[1]), _HASH_MUL[2])
 
 
 def uniform(seed: jax.Array, shape) -> jax.Array:
   """Counter-based uniform noise in [0, 1) with 16 random bits per element.
 
-  One hash serves two neighbours: h_j = mix(mix(j * golden + seed[0]) ^
-  seed[1]) for the pair j = i // 2 of the row-major flat index i (mod 2^32),
-  and u[i] = (h_j & 0xFFFF) * 2^-16 for even i, (h_j >> 16) * 2^-16 for odd
-  i; seed is uint32[2]. Stochastic rounding with 16-bit noise is biased by
-  less than 2^-16 of a step.
+  One hash serves two neighbours: h_j = `_pair_hash`(seed, j) for the pair
+  j = i // 2 of the row-major flat index i (mod 2^32), and u[i] = (h_j &
+  0xFFFF) * 2^-16 for even i, (h_j >> 16) * 2^-16 for odd i; seed is
+  uint32[2]. Stochastic rounding with 16-bit noise is biased by less than
+  2^-16 of a step.
   """
   seed = jnp.asarray(seed, jnp.uint32)
   size = int(np.prod(shape))
   idx = lax.iota(jnp.uint32, size)
-  h = _mix32(_mix32((idx >> 1) * _GOLDEN + seed[0]) ^ seed[1])
+  h = _pair_hash(seed, idx >> 1)
   bits = jnp.where((idx & 1) == 0, h & np.uint32(0xFFFF), h >> 16)
   return (bits.astype(jnp.float32) * np.float32(2.0 ** -16)).reshape(shape)
 

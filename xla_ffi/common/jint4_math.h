@@ -9,8 +9,9 @@
 //   * NaN handled explicitly (fmin/fmax would silently drop it).
 // The contract is chosen to be cheap per element on a GPU: the Hadamard runs
 // as +-1 butterflies with one scale at the end (HadamardScale), the LSQ
-// divide is one multiply by a per-tensor factor (QuantFactor), and one hash
-// gives the noise of two neighbouring elements (Uniform).
+// divide is one multiply by a per-tensor factor (QuantFactor), and one hash,
+// built from wide multiplies, gives the noise of two neighbouring elements
+// (Uniform).
 #ifndef JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
 #define JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
 
@@ -39,20 +40,28 @@ constexpr float kInvSeven = static_cast<float>(1.0 / 7.0);
 // The 4-bit code a [-7, 7] quantizer never uses; marks a clipped element.
 constexpr int kClipCode = -8;
 
-// lowbias32 (C. Wellons): reference.py `_mix32`.
-JINT4_HD uint32_t Mix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x7FEB352Du;
-  h ^= h >> 15;
-  h *= 0x846CA68Bu;
-  h ^= h >> 16;
-  return h;
+// The 32 x 32 -> 64-bit product x * c folded to 32 bits, low word xor high
+// word: reference.py `_mul_fold`. One wide multiply (on a GPU the
+// multiply-add pipe, not the integer-logic one that bounds the kernels which
+// draw noise) and one xor.
+JINT4_HD uint32_t MulFold(uint32_t x, uint32_t c) {
+  const uint64_t p = static_cast<uint64_t>(x) * c;
+  return static_cast<uint32_t>(p) ^ static_cast<uint32_t>(p >> 32);
 }
 
+// Odd multipliers of the three MulFold rounds of PairHash.
+constexpr uint32_t kHashMul0 = 0x9E3779B1u;
+constexpr uint32_t kHashMul1 = 0x85EBCA77u;
+constexpr uint32_t kHashMul2 = 0xC2B2AE3Du;
+
 // The hash of element pair `pair` (elements 2 pair and 2 pair + 1) of a
-// tensor drawn with `seed`: reference.py `_pair_hash`.
+// tensor drawn with `seed`: reference.py `_pair_hash`. Three MulFold rounds
+// over the Weyl sequence pair * golden + seed0, seed1 mixed in after the
+// first (two of the GPU's integer-logic operations per pair: the folds'
+// xors, the one with seed1 fused into a three-input xor).
 JINT4_HD uint32_t PairHash(uint32_t seed0, uint32_t seed1, uint32_t pair) {
-  return Mix32(Mix32(pair * 0x9E3779B9u + seed0) ^ seed1);
+  const uint32_t h = MulFold(pair * 0x9E3779B9u + seed0, kHashMul0) ^ seed1;
+  return MulFold(MulFold(h, kHashMul1), kHashMul2);
 }
 
 JINT4_HD uint32_t FloatBits(float f) {
@@ -97,8 +106,20 @@ JINT4_HD float Uniform(uint32_t seed0, uint32_t seed1, uint32_t index) {
 JINT4_HD void UniformPair(uint32_t seed0, uint32_t seed1, uint32_t pair, float* u0,
                           float* u1) {
   const uint32_t h = PairHash(seed0, seed1, pair);
+#if defined(__CUDA_ARCH__)
+  // The same bits through multiply-adds (the GPU's multiply-add pipe; the
+  // shift-and-mask form runs on its integer-logic pipe, which bounds the
+  // kernels that draw noise): hi(x * 2^16) = x >> 16 (PTX, so that it stays
+  // a multiply), then bits * 128 + 0x3F800000 = 1 + bits * 2^-16 as a float.
+  uint32_t lo16, hi16;
+  asm("mul.hi.u32 %0, %1, 65536;" : "=r"(hi16) : "r"(h));
+  asm("mul.hi.u32 %0, %1, 65536;" : "=r"(lo16) : "r"(h * 65536u));
+  *u0 = BitsToFloat(lo16 * 128u + 0x3F800000u) - 1.0f;
+  *u1 = BitsToFloat(hi16 * 128u + 0x3F800000u) - 1.0f;
+#else
   *u0 = Unit16Shifted((h & 0xFFFFu) * 128u);
   *u1 = Unit16Shifted((h >> 16) * 128u);
+#endif
 }
 
 // One butterfly pair of a +-1 Hadamard stage, (a, b) -> (a + b, a - b):
