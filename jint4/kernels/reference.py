@@ -139,7 +139,7 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
 
   Hb runs along ``axis`` (1: the rows, as for activations x[M, K]; 0: the
   columns, as for a Flax kernel[D, C] whose contraction dim comes first), then
-  q = clamp(round(v), -qn, qp) as int8 with v = (x Hb) / step, computed as
+  q = clamp(round(v), -qn, qp) as int8 (a NaN v gives -qn) with v = (x Hb) / step, computed as
   apply_hadamard(x) * fl(2^(-L/2) / step) (the float contract above), written
   as [R, S] or, with ``transpose``, as [S, R]. So a kernel[D, C] gives the forward GEMM operand
   [C, D] (axis=0, transpose) and the dX GEMM operand [D, C] (axis=0), both
@@ -155,7 +155,7 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
   xh = apply_hadamard(x.astype(jnp.float32), block, axis=axis)
   v = xh * quant_factor(block, x.shape[axis], step)
   q = lsq.quantize(v, 1.0, qn=qn, qp=qp)
-  q8 = jnp.where(jnp.isfinite(q), q, 0).astype(jnp.int8)
+  q8 = jnp.where(jnp.isnan(q), -qn, q).astype(jnp.int8)  # NaN: the clamp's low end
   if seed is None:
     return (q8.T if transpose else q8), None
   code, flags = lsq.encode_backward_state(v, uniform(seed, v.shape), qn=qn, qp=qp)

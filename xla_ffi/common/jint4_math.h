@@ -184,11 +184,14 @@ JINT4_HD SmallRound RoundSmall(float c) {
                     static_cast<int32_t>(FloatBits(t)) - static_cast<int32_t>(kShifterBits)};
 }
 
-// LSQ code of v = T / s: clamp(round(v), -qn, qp), NaN -> 0
-// (reference.py `hadamard_quantize`: where(isfinite(q), q, 0)).
+// LSQ code of v = T / s: clamp(round(v), -qn, qp), NaN -> -qn
+// (reference.py `hadamard_quantize`: where(isnan(q), -qn, q), what the GPU's
+// min/max clamp gives a NaN; the row or column holding it is NaN-poisoned
+// through the GEMM epilogue anyway, and the residual decodes a NaN element
+// as -qn too).
 JINT4_HD int8_t QuantizeCode(float v, int qn, int qp) {
   const float c = Clamp(v, -static_cast<float>(qn), static_cast<float>(qp));
-  return c == c ? static_cast<int8_t>(RoundSmall(c).integer) : int8_t{0};
+  return c == c ? static_cast<int8_t>(RoundSmall(c).integer) : static_cast<int8_t>(-qn);
 }
 
 // lsq.py `encode_backward_state` for one element: the 4-bit code and the
@@ -228,7 +231,7 @@ JINT4_HD float ClampMinMax(float v, float lo, float hi) {
 // the handlers built on it with the reference):
 //   c = min(max(v, lo), hi) (NaN -> lo), t = c + kShifter: the bits of t
 //   carry round(c) in their low byte (kShifterBits has a zero low byte);
-//   inside <=> c == v (false for NaN); NaN gives the GEMM code 0.
+//   inside <=> c == v (false for NaN); NaN gives the GEMM code -qn (c = lo).
 // lo = -qn, hi = qp; clip_code = qn <= 7 (clipped elements get kClipCode;
 // for qn == 8 their code is the clamp value, which c already is, NaN too).
 // v is an arithmetic result (v = y * factor), so a NaN is quiet: min/max of
@@ -245,15 +248,14 @@ JINT4_HD ElementCodes QuantizeEncode(float v, float u, float lo, float hi, bool 
   const float t = c + kShifter;
   const uint32_t r_bits = FloatBits(t);
   const float r = t - kShifter;
-  const bool is_nan = v != v;
-  const uint32_t q_bits = is_nan ? kShifterBits : r_bits;
+  const uint32_t q_bits = r_bits;
   const bool inside = c == v;
   const bool frac_bit = u < ((r - v) + 0.5f);
   const bool side_bit = v > 0.0f;
   ElementCodes out;
   out.q_bits = q_bits;
   out.code_bits = (inside || !clip_code) ? r_bits : (kShifterBits - 8u);  // kClipCode
-  out.q = BitsToFloat(q_bits) - kShifter;
+  out.q = r;
   out.bit0 = inside ? frac_bit : side_bit;
   out.clipped = !inside;
   return out;
