@@ -240,6 +240,7 @@ struct ElementCodes {
   uint32_t q_bits;     // low byte: QuantizeCode(v, qn, qp)
   uint32_t code_bits;  // low byte: the residual's code (low nibble stored)
   float q;             // QuantizeCode(v, qn, qp) as a float (exact)
+  uint32_t bit0_word;  // flag bit 0 in bit 31
   bool bit0;           // flag bit 0
   bool clipped;        // flag bit 1 (stored when qn == 8)
 };
@@ -250,13 +251,18 @@ JINT4_HD ElementCodes QuantizeEncode(float v, float u, float lo, float hi, bool 
   const float r = t - kShifter;
   const uint32_t q_bits = r_bits;
   const bool inside = c == v;
-  const bool frac_bit = u < ((r - v) + 0.5f);
-  const bool side_bit = v > 0.0f;
+  // bit0 = inside ? u < (r - v) + 0.5 : v > 0, as the sign of one float
+  // difference (adds instead of two compares and a select of booleans):
+  // u < d <=> u - d < 0 (rounding never flips a sign, and u == d gives +0;
+  // no flush to zero); outside, v > 0 <=> 0 - c < 0 (c = hi or lo: v's side;
+  // a NaN v has c = lo, so false, as v > 0).
+  const float d = (r - v) + 0.5f;
   ElementCodes out;
   out.q_bits = q_bits;
   out.code_bits = (inside || !clip_code) ? r_bits : (kShifterBits - 8u);  // kClipCode
   out.q = r;
-  out.bit0 = inside ? frac_bit : side_bit;
+  out.bit0_word = FloatBits(inside ? u - d : 0.0f - c);
+  out.bit0 = (out.bit0_word >> 31) != 0u;
   out.clipped = !inside;
   return out;
 }

@@ -131,6 +131,14 @@ __device__ __forceinline__ uint32_t PackNibbles8(uint2 w) {
   return __byte_perm(x0, x1, 0x6420);
 }
 
+// acc + (bit 31 of w) << k, on the multiply-add pipe (PTX, so that the
+// high-word multiply stays one): hi(w * 2) is w's bit 31.
+__device__ __forceinline__ uint32_t Bit31Into(uint32_t w, int k, uint32_t acc) {
+  uint32_t bit;
+  asm("mul.hi.u32 %0, %1, 2;" : "=r"(bit) : "r"(w));
+  return bit * (1u << k) + acc;
+}
+
 // A full, aligned chunk whose 8 elements per thread (8t .. 8t+7) are
 // already in v (loaded by the caller, so that several chunks' loads are in
 // flight at once): ChunkHadamard8, v = y * factor (QuantFactor), then
@@ -180,7 +188,7 @@ __device__ __forceinline__ void QuantizeFullChunk(
     const ElementCodes ec = QuantizeEncode(v[k] * factor, u[k], lo, hi, clip_code);
     qb[k] = ec.q_bits;
     cb[k] = ec.code_bits;
-    f0 |= static_cast<uint32_t>(ec.bit0) << k;
+    f0 = Bit31Into(ec.bit0_word, k, f0);
     if (kWarpRows) {
       q2sum = __fmaf_rn(ec.q, ec.q, q2sum);
     } else {
