@@ -4,9 +4,8 @@
 
 For every shape (M, N, K), in one process: XLA's bf16 dot (TN, bf16 out),
 XLA's int8 dot alone (TN, int32 out) and jint4's ``int_gemm`` (bf16 out,
-native engine) under every JINT4_GEMM_SWIZZLE x JINT4_GEMM_RASTER
-combination (xla_ffi/cuda/gemm_sm90.cu), per config of CONFIGS (today only
-the one compiled in; the handler reads no config variable). The handler reads
+native engine) under every JINT4_GEMM_SM90_CONFIG x JINT4_GEMM_SWIZZLE x
+JINT4_GEMM_RASTER combination (xla_ffi/cuda/gemm_sm90.cu). The handler reads
 those variables on every call and the handler is not captured into a CUDA
 graph (it declares no command-buffer trait), so one jitted function per
 shape serves them all: os.environ is changed between timings, nothing is
@@ -43,18 +42,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = [(8192, 8192, 8192), (15360, 8704, 10752), (16384, 4096, 4096),
           (4096, 4096, 16384), (16384, 16384, 4096), (16384, 4096, 16384)]
-# The config compiled in (gemm_sm90.cu). On 2026-11-28 (H200) this sweep also
-# ran 128x256_c2x1, 256x128_c2x1 (cooperative) and 128x128_c1x2_pingpong from
-# their own TUs: none beat it on the geometric mean over the shapes; they
-# were removed. To compare a new one, instantiate gemm_sm90_impl.cuh in its
-# own TU, dispatch on a variable (e.g. JINT4_GEMM_SM90_CONFIG) in
-# gemm_sm90.cu, name it here and set that variable in set_knobs.
-CONFIGS = ["128x256_c1x2"]
+# The configs compiled in (gemm_sm90*.cu), by their JINT4_GEMM_SM90_CONFIG
+# names; the first is the one the reference combination forces.
+CONFIGS = ["128x256_c1x2", "128x256_c2x1", "256x128_c2x1", "256x128_c1x2",
+           "128x128_c1x2_pingpong"]
 SWIZZLES = ["1", "2", "4", "8"]
 RASTERS = ["auto", "m", "n"]
 DEFAULT = (CONFIGS[0], "1", "auto")
+# No variable set: the handler's own choice per shape (gemm_sm90.cu's
+# DefaultChoice); timed as one more combination.
+HANDLER = ("handler", "-", "-")
 CHECK_SHAPES = [(512, 768, 1024), (333, 264, 1008)]
-KNOBS = ("JINT4_GEMM_SWIZZLE", "JINT4_GEMM_RASTER")  # combo[1], combo[2]
+KNOBS = ("JINT4_GEMM_SM90_CONFIG", "JINT4_GEMM_SWIZZLE", "JINT4_GEMM_RASTER")  # combo
 TN = (((1,), (1,)), ((), ()))
 
 
@@ -64,8 +63,11 @@ def fail(message: str):
 
 
 def set_knobs(combo):
-  for name, value in zip(KNOBS, combo[1:]):  # combo[0]: the config (compiled in)
-    os.environ[name] = value
+  for name, value in zip(KNOBS, combo):
+    if combo == HANDLER:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
 
 
 def label(combo) -> str:
@@ -180,6 +182,8 @@ def main():
   p.add_argument("--batches", type=int, default=3)
   p.add_argument("--shapes", default=None,
                  help="M,N,K;M,N,K;... (default: the six sweep shapes)")
+  p.add_argument("--configs", default=None,
+                 help="comma-separated subset of CONFIGS (default: all)")
   p.add_argument("--no-raster", action="store_true",
                  help="only raster auto for the non-default configs (shorter)")
   args = p.parse_args()
@@ -196,8 +200,13 @@ def main():
   saved = {name: os.environ.get(name) for name in KNOBS}
   shapes = SHAPES if args.shapes is None else [
       tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";") if s.strip()]
-  combos = [c for c in itertools.product(CONFIGS, SWIZZLES, RASTERS)
-            if not (args.no_raster and c[0] != DEFAULT[0] and c[2] != "auto")]
+  configs = CONFIGS if args.configs is None else args.configs.split(",")
+  unknown = sorted(set(configs) - set(CONFIGS))
+  if unknown:
+    fail(f"--configs: unknown {unknown}; compiled: {CONFIGS}")
+  combos = [DEFAULT] + [c for c in itertools.product(configs, SWIZZLES, RASTERS)
+                        if c != DEFAULT and not (args.no_raster and c[0] != DEFAULT[0]
+                                                 and c[2] != "auto")] + [HANDLER]
   t_start = time.perf_counter()
 
   check = correctness(jax, jnp, eng, combos)
@@ -233,7 +242,7 @@ def main():
         t = time_case(jax, int_gemm, (qa, qb), args.repeats, args.batches)
       except Exception as e:  # reported, the sweep goes on
         t = {"error": repr(e)}
-      t.update(config=combo[0], swizzle=int(combo[1]), raster=combo[2])
+      t.update(config=combo[0], swizzle=combo[1], raster=combo[2])
       cases.append(t)
     del qa, qb
     for t in [row["xla bf16"], row["xla int8"]] + cases:
@@ -256,7 +265,10 @@ def main():
                      f"  {c['vs_int8']:4.2f}x int8  (sync {c['sync_tops']:5.0f} T)")
     if default is not None and "stream_ms" in default:
       print(f"  {'default ' + label(DEFAULT):<40} {fmt(default)}")
-    for cfg in CONFIGS:
+    handler = next((c for c in ok if c["config"] == HANDLER[0]), None)
+    if handler is not None:
+      print(f"  {'handler (no variable set)':<40} {fmt(handler)}")
+    for cfg in configs:
       mine = [c for c in ok if c["config"] == cfg]
       if mine:
         best = min(mine, key=lambda c: c["stream_ms"])

@@ -24,6 +24,10 @@ def _gpus():
     return []
 
 
+def _is_sm90():
+  return str(getattr(_gpus()[0], "compute_capability", "")) == "9.0"
+
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not _gpus(), reason="needs a CUDA GPU")]
 
@@ -251,6 +255,63 @@ def test_int_gemm_other_paths_on_this_gpu(path, int4, monkeypatch):
   out = on_gpu(lambda a, b: native.int_gemm(a, b, scale=jnp.float32(1.0), int4=int4), a, b)
   np.testing.assert_array_equal(np.asarray(out, np.int64),
                                 np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
+
+
+# The sm_90a GEMM configs compiled in (xla_ffi/cuda/gemm_sm90.cu's kConfigs).
+SM90_CONFIGS = ["128x256_c1x2", "128x256_c2x1", "256x128_c2x1", "256x128_c1x2",
+                "128x128_c1x2_pingpong"]
+
+
+@pytest.mark.parametrize("config", SM90_CONFIGS)
+def test_int_gemm_every_sm90_config(config, monkeypatch):
+  """Each compiled sm_90a config, forced through JINT4_GEMM_SM90_CONFIG (read
+  per call), with a non-default tile scheduler: exact int32 products, and the
+  f32 / bf16 epilogue bit-identical to the CPU twin's. Shapes cover partial
+  tiles in M, N and K and more tiles than SMs."""
+  if not _is_sm90():
+    pytest.skip("the sm_90a configs run on compute 9.0 only")
+  monkeypatch.setenv("JINT4_GEMM_SM90_CONFIG", config)
+  monkeypatch.setenv("JINT4_GEMM_SWIZZLE", "2")
+  for m, n, k in [(333, 264, 1008), (2304, 2560, 512)]:
+    a, b = int_operand((m, k), 1, -98, 98), int_operand((n, k), 2)
+    out = on_gpu(lambda a, b: native.int_gemm(a, b, scale=jnp.float32(1.0), int4=False), a, b)
+    np.testing.assert_array_equal(np.asarray(out, np.int64),
+                                  np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
+    rs = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2, m), jnp.float32)
+    cb = jnp.asarray(np.random.default_rng(4).normal(0, 10, n), jnp.float32)
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+      kw = dict(scale=jnp.float32(0.0123), row_scale=rs, col_bias=cb, out_dtype=out_dtype,
+                int4=False)
+      g = on_gpu(native.int_gemm, a, b, **kw)
+      ref = on_cpu(native.int_gemm, a, b, **kw)
+      np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(ref).view(np.uint8))
+
+
+def test_int_gemm_default_choice_on_a_long_walk(monkeypatch):
+  """At N = 12288 (the raster walks 12288 rows of B per band) the handler
+  picks 128x256 cluster 2x1 with swizzle 8: exact int32 products, and
+  bit-identical to the forced 128x256 cluster 1x2 config."""
+  if not _is_sm90():
+    pytest.skip("the sm_90a configs run on compute 9.0 only")
+  m, n, k = 6144, 12288, 64
+  a, b = int_operand((m, k), 1, -98, 98), int_operand((n, k), 2)
+  gemm = lambda a, b: native.int_gemm(a, b, scale=jnp.float32(1.0), int4=False)  # noqa: E731
+  monkeypatch.delenv("JINT4_GEMM_SM90_CONFIG", raising=False)
+  monkeypatch.delenv("JINT4_GEMM_SWIZZLE", raising=False)
+  out = on_gpu(gemm, a, b)
+  want = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T  # exact: |sums| < 2^16
+  np.testing.assert_array_equal(out, want)
+  monkeypatch.setenv("JINT4_GEMM_SM90_CONFIG", "128x256_c1x2")
+  np.testing.assert_array_equal(on_gpu(gemm, a, b), out)
+
+
+def test_int_gemm_unknown_sm90_config_is_a_clear_error(monkeypatch):
+  if not _is_sm90():
+    pytest.skip("the sm_90a configs run on compute 9.0 only")
+  monkeypatch.setenv("JINT4_GEMM_SM90_CONFIG", "64x64_typo")
+  a = int_operand((256, 256), 1)
+  with pytest.raises(Exception, match="64x64_typo.*unset it or use one of: 128x256_c1x2"):
+    on_gpu(lambda a: native.int_gemm(a, a, scale=jnp.float32(1.0)), a)
 
 
 def test_every_output_element_is_written():

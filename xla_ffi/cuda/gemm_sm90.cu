@@ -2,28 +2,40 @@
 // warp-specialized persistent kernels) with an epilogue visitor tree
 // computing out = ((float(acc) * scale) * row_scale[m]) + col_bias[n], f32 or
 // bf16. The template lives in gemm_sm90_impl.cuh (parameterized by tile,
-// cluster and schedules, for experiments); this TU instantiates the config
-// in use, 128x256x128, cluster 1x2, cooperative, with f32 and bf16 outputs.
+// cluster and schedules); each compiled config has its own TU (this one holds
+// 128x256x128, cluster 1x2, cooperative) and Sm90Gemm picks one per call.
 //
-// Tile-scheduler knobs (environment, read on every call, silent: nothing is
-// logged; an unset or invalid value means the default):
+// The choice (DefaultChoice): 128x256, cluster 1x2, swizzle 1 everywhere but
+// where one operand is streamed whole through every wave of tiles. CUTLASS's
+// raster order walks the longer tile dimension inside each band of the other,
+// so each wave of 132 tiles reads the whole operand along the walk (B[N, K]
+// when walking N); when that extent is >= 12288 rows, the config is 128x256
+// with cluster 2x1 (the pair of CTAs shares, i.e. multicasts, its B tile)
+// and swizzle 8 (the walk covers 8 bands at a time). Measured by
+// tools/gemm_sweep.py (H200, 2026-11-28, back-to-back calls, 5 configs x
+// swizzle x raster at the GEMM shapes of a hidden-4096 train step plus 8192^3
+// and 15360x8704x10752): 16384x16384x4096 1.623 -> 1.490 ms, 16384x12288x4096
+// 1.149 -> 1.140 ms; on every other shape 128x256 cluster 1x2 swizzle 1 was
+// the best or within 3% of it (the sweep's spread).
+//
+// Knobs (environment, read on every call):
+//   JINT4_GEMM_SM90_CONFIG  forces a compiled config by name (kConfigs; an
+//                           unknown name is an error that lists them); its
+//                           scheduler then starts from CUTLASS's defaults
 //   JINT4_GEMM_SWIZZLE      the persistent tile scheduler's max swizzle size,
-//                           1, 2, 4 or 8 (default 1, CUTLASS's default)
-//   JINT4_GEMM_RASTER       the scheduler's raster order: auto (default,
-//                           CUTLASS's heuristic: along M when there are more
-//                           N tiles than M tiles, else along N), m, n
-// The outputs are bit-identical across knobs. tools/gemm_sweep.py times them.
-// Measured by that sweep (H200, 2026-11-28, six shapes from 8192^3 to
-// 16384x16384x4096, back-to-back calls): this config with the defaults had
-// the best geometric mean (1454 TOPS; XLA's int8 dot alone ~1440-1590)
-// against 128x256 cluster 2x1, 256x128 cluster 2x1 (cooperative) and 128x128
-// ping-pong, each under every knob; the best per shape was at most 9% faster.
-// The kernel bodies are guarded by CUTLASS itself (ENABLE_SM90_KERNEL_LEVEL,
-// i.e. __CUDA_ARCH_FEAT_SM90_ALL): the sm_80 device pass compiles them to a
-// stub that never runs (the dispatcher only calls this on compute 9.0).
+//                           1, 2, 4 or 8 (an invalid value: the default)
+//   JINT4_GEMM_RASTER       the scheduler's raster order: auto (CUTLASS's
+//                           heuristic: along M when there are more N tiles
+//                           than M tiles, else along N), m, n
+// The outputs are bit-identical across configs and knobs
+// (tests/kernels/test_native_gpu.py). The kernel bodies are guarded by CUTLASS
+// itself (ENABLE_SM90_KERNEL_LEVEL, i.e. __CUDA_ARCH_FEAT_SM90_ALL): the sm_80
+// device pass compiles them to a stub that never runs (the dispatcher only
+// calls this on compute 9.0).
 #include <cuda_runtime.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -47,8 +59,57 @@ GemmStatus Sm90Gemm128x256C1x2(const Sm90GemmArgs& args, const Sm90Sched& sched,
 
 namespace {
 
-Sm90Sched RequestedSched() {
+struct NamedConfig {
+  const char* name;
+  Sm90ConfigFn run;
+};
+
+// The compiled configs; JINT4_GEMM_SM90_CONFIG names one (tools/gemm_sweep.py).
+constexpr NamedConfig kConfigs[] = {
+    {"128x256_c1x2", &Sm90Gemm128x256C1x2},
+    {"128x256_c2x1", &Sm90Gemm128x256C2x1},
+    {"256x128_c2x1", &Sm90Gemm256x128C2x1},
+    {"256x128_c1x2", &Sm90Gemm256x128C1x2},
+    {"128x128_c1x2_pingpong", &Sm90Gemm128x128C1x2Pingpong},
+};
+
+struct Choice {
+  Sm90ConfigFn run;
   Sm90Sched sched;
+};
+
+// The config and scheduler for a problem (see the top of this file).
+Choice DefaultChoice(const Sm90GemmArgs& args) {
+  const int64_t tiles_m = (args.M + 127) / 128, tiles_n = (args.N + 255) / 256;
+  const int64_t walked = tiles_n > tiles_m ? args.M : args.N;  // CUTLASS's raster heuristic
+  Sm90Sched sched;
+  if (walked >= 12288) {
+    sched.max_swizzle = 8;
+    return {&Sm90Gemm128x256C2x1, sched};
+  }
+  return {&Sm90Gemm128x256C1x2, sched};
+}
+
+// JINT4_GEMM_SM90_CONFIG, then the scheduler knobs, over DefaultChoice;
+// false and a message for a config name that is not compiled in.
+bool RequestedChoice(const Sm90GemmArgs& args, Choice* choice, std::string* message) {
+  *choice = DefaultChoice(args);
+  const char* env = std::getenv("JINT4_GEMM_SM90_CONFIG");
+  if (env != nullptr && *env != '\0') {
+    std::string names;
+    const NamedConfig* found = nullptr;
+    for (const NamedConfig& c : kConfigs) {
+      if (std::strcmp(env, c.name) == 0) found = &c;
+      names += std::string(names.empty() ? "" : ", ") + c.name;
+    }
+    if (found == nullptr) {
+      *message = std::string("JINT4_GEMM_SM90_CONFIG='") + env +
+                 "' names no compiled GEMM config; unset it or use one of: " + names;
+      return false;
+    }
+    *choice = {found->run, Sm90Sched{}};
+  }
+  Sm90Sched& sched = choice->sched;
   if (const char* env = std::getenv("JINT4_GEMM_SWIZZLE")) {
     char* end = nullptr;
     errno = 0;
@@ -61,8 +122,9 @@ Sm90Sched RequestedSched() {
     using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
     if (std::strcmp(env, "m") == 0) sched.raster = Raster::AlongM;
     if (std::strcmp(env, "n") == 0) sched.raster = Raster::AlongN;
+    if (std::strcmp(env, "auto") == 0) sched.raster = Raster::Heuristic;
   }
-  return sched;
+  return true;
 }
 
 }  // namespace
@@ -71,7 +133,9 @@ bool Sm90GemmAvailable() { return true; }
 
 GemmStatus Sm90Gemm(const Sm90GemmArgs& args, const ScratchFn& scratch,
                     cudaStream_t stream, std::string* message) {
-  return Sm90Gemm128x256C1x2(args, RequestedSched(), scratch, stream, message);
+  Choice choice;
+  if (!RequestedChoice(args, &choice, message)) return GemmStatus::kError;
+  return choice.run(args, choice.sched, scratch, stream, message);
 }
 
 #else  // !JINT4_HAVE_SM90_GEMM

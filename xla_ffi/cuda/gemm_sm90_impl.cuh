@@ -1,7 +1,7 @@
 // The sm_90a CUTLASS 3.x INT8 x INT8 -> INT32 TN GEMM template, parameterized
-// by CTA tile, cluster and schedules (tools/gemm_sweep.py compared several);
-// gemm_sm90.cu instantiates the one in use. Put another config in its own TU
-// so that a parallel build compiles them side by side.
+// by CTA tile, cluster and schedules (tools/gemm_sweep.py compares them);
+// each compiled config is instantiated in its own gemm_sm90*.cu, so that a
+// parallel build compiles them side by side, and gemm_sm90.cu picks one.
 //
 // Without CUTLASS 3 sm90 support (CUTLASS_ARCH_MMA_SM90_SUPPORTED, a property
 // of the compiler, so the same in the host and every device pass) nothing
@@ -52,9 +52,25 @@ struct Sm90Sched {
       cutlass::gemm::kernel::detail::RasterOrderOptions::Heuristic;
 };
 
-// gemm_sm90.cu: 128x256x128, cluster 1x2, cooperative (the config in use).
+// The compiled configs, one TU each (gemm_sm90*.cu), so that a parallel build
+// compiles them side by side; gemm_sm90.cu picks one per call.
+using Sm90ConfigFn = GemmStatus (*)(const Sm90GemmArgs&, const Sm90Sched&, const ScratchFn&,
+                                    cudaStream_t, std::string*);
+// CTA tile 128x256x128, cluster 1x2, cooperative (gemm_sm90.cu).
 GemmStatus Sm90Gemm128x256C1x2(const Sm90GemmArgs&, const Sm90Sched&, const ScratchFn&,
                                cudaStream_t, std::string*);
+// CTA tile 128x256x128, cluster 2x1, cooperative (gemm_sm90_128x256_c2x1.cu).
+GemmStatus Sm90Gemm128x256C2x1(const Sm90GemmArgs&, const Sm90Sched&, const ScratchFn&,
+                               cudaStream_t, std::string*);
+// CTA tile 256x128x128, cluster 2x1, cooperative (gemm_sm90_256x128.cu).
+GemmStatus Sm90Gemm256x128C2x1(const Sm90GemmArgs&, const Sm90Sched&, const ScratchFn&,
+                               cudaStream_t, std::string*);
+// CTA tile 256x128x128, cluster 1x2, cooperative (gemm_sm90_256x128.cu).
+GemmStatus Sm90Gemm256x128C1x2(const Sm90GemmArgs&, const Sm90Sched&, const ScratchFn&,
+                               cudaStream_t, std::string*);
+// CTA tile 128x128x128, cluster 1x2, ping-pong (gemm_sm90_128x128_pingpong.cu).
+GemmStatus Sm90Gemm128x128C1x2Pingpong(const Sm90GemmArgs&, const Sm90Sched&,
+                                       const ScratchFn&, cudaStream_t, std::string*);
 
 namespace sm90 {
 

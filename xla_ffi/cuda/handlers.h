@@ -13,7 +13,7 @@
 // All integer attributes are int32. Scalars (step, scale, log2_block, seeds)
 // stay in device memory; no handler synchronizes with the host.
 //
-// Sources: quantize.cu lsq.cu bitsplit.cu gemm.cu gemm_sm90.cu gemm_sm80.cu
+// Sources: quantize.cu lsq.cu bitsplit.cu gemm.cu gemm_sm90*.cu gemm_sm80.cu
 // (+ headers cuda_common.h cuda_ffi.h gemm_kernels.h).
 //
 // nvcc flags used (nvcc 13.0), for every .cu of this folder (compile each
@@ -26,7 +26,7 @@
 // where <jaxlib>/include is the FFI headers of jaxlib 0.10.2 (FFI API 0.3; also
 // checked against 0.12's API 0.5) and <cutlass> =
 // <site-packages>/cutlass_library/source (nvidia-cutlass 4.2.0.0; only
-// gemm_sm90.cu and gemm_sm80.cu include it).
+// gemm_sm90*.cu and gemm_sm80.cu include it).
 //   * -DNDEBUG is required: without it ptxas serializes the sm_90a wgmma
 //     (warning C7510) and the GEMM loses up to 30%.
 //   * -fmad=false is required for quantize.cu / lsq.cu / bitsplit.cu (keeps
@@ -45,8 +45,9 @@
 //   * Do not pass -use_fast_math / --ftz=true / -prec-div=false /
 //     -prec-sqrt=false.
 // Compile times on this 2-core machine (wall, both archs): quantize 12 s,
-// lsq 13 s, bitsplit 12 s, gemm 16 s, gemm_sm80 21 s, gemm_sm90 ~110 s
-// (two CUTLASS 3 instantiations); ~3 min serial in total.
+// lsq 13 s, bitsplit 12 s, gemm 16 s, gemm_sm80 21 s, and about 110 s for
+// each of the four gemm_sm90*.cu (two or four CUTLASS 3 instantiations each;
+// a parallel build runs them side by side); ~9 min serial in total.
 #ifndef JINT4_XLA_FFI_CUDA_HANDLERS_H_
 #define JINT4_XLA_FFI_CUDA_HANDLERS_H_
 
