@@ -153,4 +153,9 @@ cat "$OUT/summary.txt"
 # At most 8 files come back from the device: pack the logs into one.
 (cd "$OUT" && shopt -s nullglob && tar czf logs.tgz ./*.log ./*.txt ./*.json ./*.csv;
   rm -f ./*.log gpu.txt build_warnings.txt engine_info.json gemm_sweep.json smi.csv)
+# Still more than 8 (e.g. all four benchmarks' JSON + PNG): one all.tgz beside
+# summary.txt (files a caller wrote to $OUT before this script stay out).
+(cd "$OUT" && shopt -s nullglob && files=(./*) && [ ${#files[@]} -gt 8 ] &&
+  tar czf all.tgz ./bench_*.json ./bench_*.png logs.tgz &&
+  rm -f ./bench_*.json ./bench_*.png logs.tgz)
 ls "$OUT"
