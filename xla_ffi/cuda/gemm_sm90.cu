@@ -48,14 +48,7 @@ namespace cuda {
 
 #if defined(JINT4_HAVE_SM90_GEMM)
 
-GemmStatus Sm90Gemm128x256C1x2(const Sm90GemmArgs& args, const Sm90Sched& sched,
-                               const ScratchFn& scratch, cudaStream_t stream,
-                               std::string* message) {
-  using Cfg = sm90::Config<cute::Shape<cute::_128, cute::_256, cute::_128>,
-                           cute::Shape<cute::_1, cute::_2, cute::_1>, sm90::Cooperative,
-                           sm90::CooperativeEpilogue>;
-  return sm90::RunConfig<Cfg>(args, sched, scratch, stream, message);
-}
+JINT4_SM90_GEMM_CONFIG(Sm90Gemm128x256C1x2, 128, 256, 1, 2, Cooperative)
 
 namespace {
 

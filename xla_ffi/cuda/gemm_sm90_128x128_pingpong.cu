@@ -7,14 +7,7 @@ namespace jint4 {
 namespace cuda {
 
 #if defined(JINT4_HAVE_SM90_GEMM)
-GemmStatus Sm90Gemm128x128C1x2Pingpong(const Sm90GemmArgs& args, const Sm90Sched& sched,
-                                       const ScratchFn& scratch, cudaStream_t stream,
-                                       std::string* message) {
-  using Cfg = sm90::Config<cute::Shape<cute::_128, cute::_128, cute::_128>,
-                           cute::Shape<cute::_1, cute::_2, cute::_1>, sm90::Pingpong,
-                           sm90::PingpongEpilogue>;
-  return sm90::RunConfig<Cfg>(args, sched, scratch, stream, message);
-}
+JINT4_SM90_GEMM_CONFIG(Sm90Gemm128x128C1x2Pingpong, 128, 128, 1, 2, Pingpong)
 #endif
 
 }  // namespace cuda

@@ -201,6 +201,19 @@ using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingpongEpilogue = cutlass::epilogue::TmaWarpSpecialized;
 
 }  // namespace sm90
+
+// Defines one of the config functions declared above: CTA tile TM x TN x 128,
+// cluster CM x CN, mainloop / epilogue schedules sm90::SCHED /
+// sm90::SCHED##Epilogue (Cooperative or Pingpong). Used inside namespace
+// jint4::cuda, once per gemm_sm90*.cu.
+#define JINT4_SM90_GEMM_CONFIG(FN, TM, TN, CM, CN, SCHED)                                  \
+  GemmStatus FN(const Sm90GemmArgs& args, const Sm90Sched& sched, const ScratchFn& scratch, \
+                cudaStream_t stream, std::string* message) {                              \
+    using Cfg = sm90::Config<cute::Shape<cute::Int<TM>, cute::Int<TN>, cute::_128>,        \
+                             cute::Shape<cute::Int<CM>, cute::Int<CN>, cute::_1>,          \
+                             sm90::SCHED, sm90::SCHED##Epilogue>;                          \
+    return sm90::RunConfig<Cfg>(args, sched, scratch, stream, message);                    \
+  }
 }  // namespace cuda
 }  // namespace jint4
 
