@@ -183,13 +183,13 @@ def _forward(x2, kernel, bias, sx, sw, key, log2, static):
   # kernel[D, C] -> q_w[C, D] (this GEMM's operand) and q_w^T[D, C] (the dX
   # GEMM's), Hb along D, both K-major, in one pass; q_w^T is kept for the
   # backward (1 byte per weight) instead of quantizing the kernel again.
-  qw, qwt = eng.hadamard_quantize_weight(kernel, sw32, block=block, qn=cfg.qn,
-                                         qp=cfg.qp)
   # Rows of x (columns of the kernel) holding NaN/Inf give NaN rows (columns)
   # of y, through the epilogue: row scale 1 or NaN (the residual's row norms
-  # carry the flag), column bias 0 or NaN, plus the layer's bias (added in
-  # float32 before the one rounding to out_dtype, so no pass over y).
-  col_bias = _column_poison(kernel)
+  # carry the flag), column bias 0 or NaN (col_poison, from the same pass over
+  # the kernel), plus the layer's bias (added in float32 before the one
+  # rounding to out_dtype, so no pass over y).
+  qw, qwt, col_bias = eng.hadamard_quantize_weight(kernel, sw32, block=block, qn=cfg.qn,
+                                                   qp=cfg.qp)
   if bias is not None:
     col_bias = col_bias + bias.astype(jnp.float32)
   y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=1.0 + res_x.norms * 0.0,
@@ -199,11 +199,6 @@ def _forward(x2, kernel, bias, sx, sw, key, log2, static):
 
 _NUM_SEEDS = 6
 _SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE = range(5)
-
-
-def _column_poison(t):
-  """0 for columns of t that are all finite, NaN for columns with NaN or Inf."""
-  return jnp.where(jnp.all(jnp.isfinite(t), axis=0), 0.0, jnp.nan)
 
 
 def _bias_grad(g, bias_dtype):

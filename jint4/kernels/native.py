@@ -185,7 +185,8 @@ def hadamard_quantize_weight(kernel, step, *, block, qn: int, qp: int):
                      f" {kernel.shape}.")
   return _call(
       "jint4_hadamard_quantize_weight",
-      (jax.ShapeDtypeStruct((c, d), jnp.int8), jax.ShapeDtypeStruct((d, c), jnp.int8)),
+      (jax.ShapeDtypeStruct((c, d), jnp.int8), jax.ShapeDtypeStruct((d, c), jnp.int8),
+       jax.ShapeDtypeStruct((c,), jnp.float32)),
       _float_operand(kernel), jnp.asarray(step, jnp.float32).reshape(()), _log2(block),
       qn=_i32(qn), qp=_i32(qp), log2_hint=_i32(_static_log2(block)))
 

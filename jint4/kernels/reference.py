@@ -168,13 +168,17 @@ def hadamard_quantize_weight(kernel: jax.Array, step: jax.Array, *, block: Block
                              qn: int, qp: int):
   """A kernel[D, C]'s two GEMM operands from one quantization (Hb along D).
 
-  Returns ``(q_t, q)``: q_t[C, D] is the forward GEMM's operand and q[D, C]
-  the dX GEMM's, both K-major; the same codes as `hadamard_quantize` with
-  axis=0 and transpose True / False. The forward computes both, so the
-  backward does not quantize the kernel again.
+  Returns ``(q_t, q, col_poison)``: q_t[C, D] is the forward GEMM's operand
+  and q[D, C] the dX GEMM's, both K-major; the same codes as
+  `hadamard_quantize` with axis=0 and transpose True / False. The forward
+  computes both, so the backward does not quantize the kernel again.
+  col_poison[C] (float32) is NaN for the columns of the kernel holding a NaN
+  or Inf, else 0: the forward GEMM's column bias, so that such a column of
+  the output is NaN (a NaN quantizes to a finite code).
   """
   q, _ = hadamard_quantize(kernel, step, block=block, qn=qn, qp=qp, axis=0)
-  return q.T, q
+  col_poison = jnp.where(jnp.all(jnp.isfinite(kernel), axis=0), 0.0, jnp.nan)
+  return q.T, q, col_poison.astype(jnp.float32)
 
 
 def pack_residual(code: jax.Array, flags: jax.Array, norms: jax.Array, *,

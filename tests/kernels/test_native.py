@@ -87,13 +87,31 @@ def test_hadamard_quantize_weight_is_both_axis0_layouts(shape, dtype):
   step = jnp.float32(0.31)
   for log2 in log2_blocks(shape[0]):
     args = dict(block=2 ** log2, qn=7, qp=7)
-    q_t, q = on_cpu(native.hadamard_quantize_weight, w, step, **args)
+    q_t, q, poison = on_cpu(native.hadamard_quantize_weight, w, step, **args)
     want, _ = on_cpu(reference.hadamard_quantize, w, step, axis=0, **args)
     assert q_t.shape == shape[::-1] and q.shape == shape
     assert_same_ints(q, want)
     assert_same_ints(q_t, np.asarray(want).T)
-    for got, ref in zip((q_t, q), on_cpu(reference.hadamard_quantize_weight, w, step, **args)):
-      assert_same_ints(got, ref)
+    ref = on_cpu(reference.hadamard_quantize_weight, w, step, **args)
+    for got, want_q in zip((q_t, q), ref[:2]):
+      assert_same_ints(got, want_q)
+    assert poison.shape == (shape[1],) and poison.dtype == np.float32
+    assert_same_floats(poison, ref[2])
+
+
+def test_weight_column_poison_marks_exactly_the_nonfinite_columns():
+  """col_poison: NaN where a column holds a NaN, +Inf or -Inf (in any row),
+  0 elsewhere; both engines, every float dtype."""
+  w = np.array(activations((64, 48), seed=3), np.float32)
+  w[0, 5], w[17, 9], w[63, 47], w[40, 9] = np.nan, np.inf, -np.inf, np.nan
+  want = np.where(np.isfinite(w).all(axis=0), 0.0, np.nan).astype(np.float32)
+  assert np.isnan(want).sum() == 3
+  for dtype in FLOAT_DTYPES:
+    for mod in (native, reference):
+      for block in (1, 32, 64):
+        _, _, poison = on_cpu(mod.hadamard_quantize_weight, jnp.asarray(w, dtype),
+                              jnp.float32(0.2), block=block, qn=7, qp=7)
+        np.testing.assert_array_equal(poison, want)
 
 
 def test_hadamard_quantize_traced_block():
@@ -617,7 +635,13 @@ cases = {
   "weight_quantize_log2_block": lambda: native.hadamard_quantize_weight(
       jnp.ones((12, 4)), jnp.float32(1), block=jnp.int32(3), qn=7, qp=7)[0],
   "weight_quantize_shape": lambda: native._call(
-      "jint4_hadamard_quantize_weight", (S((4, 8), jnp.int8), S((4, 8), jnp.int8)),
+      "jint4_hadamard_quantize_weight", (S((4, 8), jnp.int8), S((4, 8), jnp.int8),
+                                         S((4,), jnp.float32)),
+      jnp.ones((8, 4)), jnp.float32(1), jnp.int32(0), qn=i32(7), qp=i32(7),
+      log2_hint=i32(-1))[0],
+  "weight_poison_shape": lambda: native._call(
+      "jint4_hadamard_quantize_weight", (S((4, 8), jnp.int8), S((8, 4), jnp.int8),
+                                         S((8,), jnp.float32)),
       jnp.ones((8, 4)), jnp.float32(1), jnp.int32(0), qn=i32(7), qp=i32(7),
       log2_hint=i32(-1))[0],
   "residual_transpose": lambda: raw_quantize(x, axis=1, transpose=1),
@@ -706,6 +730,7 @@ def test_bad_native_input_raises_clear_errors():
       "weight_quantize_log2_block": ["jint4_hadamard_quantize_weight", "does not divide",
                                      "dim 0 of x", "= 12"],
       "weight_quantize_shape": ["jint4_hadamard_quantize_weight", "'q'", "[8,4]", "got [4,8]"],
+      "weight_poison_shape": ["jint4_hadamard_quantize_weight", "col_poison", "[4]"],
       "residual_transpose": ["residual", "transpose=1"],
       "axis": ["'axis'", "got 2"],
       "x_dtype": ["'x'", "f32, bf16 or f16", "s32"],

@@ -92,13 +92,16 @@ def test_hadamard_quantize_columns(shape, transpose, dtype):
 @pytest.mark.parametrize("shape", [(1, 7), (24, 5), (96, 33), (1024, 64), (2048, 3000),
                                    (4096, 1024)], ids=str)
 def test_hadamard_quantize_weight(shape, dtype):
-  w = activations(shape, seed=5).astype(dtype) * 0.05
+  w = activations(shape, seed=5, specials=True) * 0.05
+  w = w.at[-1, -1].set(jnp.nan).astype(dtype)  # the last row tile, the last column too
   for log2 in sorted({0, largest_log2(shape[0])}):
-    (q_t, q), (q_t_ref, q_ref), _ = twins(native.hadamard_quantize_weight, w,
-                                          jnp.float32(0.01), cpu_handler=False,
-                                          block=2 ** log2, qn=7, qp=7)
+    (q_t, q, poison), (q_t_ref, q_ref, poison_ref), _ = twins(
+        native.hadamard_quantize_weight, w, jnp.float32(0.01), cpu_handler=False,
+        block=2 ** log2, qn=7, qp=7)
     assert_same_ints(q_t, q_t_ref)
     assert_same_ints(q, q_ref)
+    assert_same_floats(poison, poison_ref)
+    assert np.isnan(poison[-1])
 
 
 def test_hadamard_quantize_traced_block():

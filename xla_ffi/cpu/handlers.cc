@@ -109,16 +109,18 @@ ffi::Error HadamardQuantizeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
 // ---------------------------------------------------------------------------
 // jint4_hadamard_quantize_weight
 //   x (f32|bf16|f16)[R,S], step f32[], log2_block s32[]
-//   -> q_t s8[S,R], q s8[R,S]; attrs qn, qp, log2_hint
+//   -> q_t s8[S,R], q s8[R,S], col_poison f32[S]; attrs qn, qp, log2_hint
 //   Both layouts of the axis-0 codes (the forward and the dX GEMM operands
 //   of a kernel[D, C]): two HadamardQuantize calls here (this handler is the
-//   tested twin; the CUDA one makes one pass).
+//   tested twin; the CUDA one makes one pass), and the column poison (NaN
+//   where a column holds a NaN or Inf, else 0: the GEMM's column bias).
 // ---------------------------------------------------------------------------
 ffi::Error HadamardQuantizeWeightImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> step,
                                       ffi::Buffer<ffi::S32> log2_block,
                                       ffi::ResultBuffer<ffi::S8> q_t,
-                                      ffi::ResultBuffer<ffi::S8> q, int32_t qn, int32_t qp,
-                                      int32_t log2_hint) {
+                                      ffi::ResultBuffer<ffi::S8> q,
+                                      ffi::ResultBuffer<ffi::F32> col_poison, int32_t qn,
+                                      int32_t qp, int32_t log2_hint) {
   constexpr const char* kOp = "jint4_hadamard_quantize_weight";
   JINT4_RETURN_IF_ERROR(CheckQuantRange(qn, qp, kOp));
   JINT4_CHECK_ARG(log2_hint >= -1 && log2_hint <= 10, kOp,
@@ -132,6 +134,7 @@ ffi::Error HadamardQuantizeWeightImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> st
   JINT4_RETURN_IF_ERROR(CheckElementCount(log2_block, 1, kOp, "log2_block"));
   JINT4_RETURN_IF_ERROR(CheckShape(*q_t, {s, r}, kOp, "q_t"));
   JINT4_RETURN_IF_ERROR(CheckShape(*q, {r, s}, kOp, "q"));
+  JINT4_RETURN_IF_ERROR(CheckShape(*col_poison, {s}, kOp, "col_poison"));
   const int32_t log2 = log2_block.typed_data()[0];
   JINT4_RETURN_IF_ERROR(CheckLog2Block(log2, r, "dim 0 of x", kOp));
   for (int transpose = 0; transpose < 2; ++transpose) {
@@ -140,6 +143,8 @@ ffi::Error HadamardQuantizeWeightImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> st
                      transpose != 0, transpose ? q_t->typed_data() : q->typed_data(),
                      nullptr, nullptr, nullptr);
   }
+  ColumnPoison(x.untyped_data(), FloatTypeOf(x.element_type()), r, s,
+               col_poison->typed_data());
   return ffi::Error::Success();
 }
 
@@ -445,6 +450,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_hadamard_quantize_weight,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // log2_block
                                   .Ret<ffi::Buffer<ffi::S8>>()   // q_t
                                   .Ret<ffi::Buffer<ffi::S8>>()   // q
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // col_poison
                                   .Attr<int32_t>("qn")
                                   .Attr<int32_t>("qp")
                                   .Attr<int32_t>("log2_hint"));

@@ -196,6 +196,17 @@ void StoreFloats(const float* src, int64_t n, FloatType type, void* dst,
   }
 }
 
+void ColumnPoison(const void* x, FloatType type, int64_t r, int64_t s, float* out) {
+  std::vector<float> row(static_cast<size_t>(s));
+  for (int64_t j = 0; j < s; ++j) out[j] = 0.0f;
+  for (int64_t i = 0; i < r; ++i) {
+    LoadFloats(x, type, i * s, s, row.data());
+    for (int64_t j = 0; j < s; ++j) {
+      if (!std::isfinite(row[j])) out[j] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+}
+
 void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
                       float step, uint32_t seed0, uint32_t seed1,
                       int log2_block, int qn, int qp, int axis, bool transpose,

@@ -42,6 +42,10 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
                       int8_t* q, uint8_t* nibbles, uint8_t* flags,
                       float* norms);
 
+// The column poison of x[r, s] (of `type`): out[j] = NaN if x[:, j] holds a
+// NaN or Inf, else 0 (jint4_hadamard_quantize_weight's third result).
+void ColumnPoison(const void* x, FloatType type, int64_t r, int64_t s, float* out);
+
 // jint4_residual_values: of the packed residual of an [m, k] tensor, row t of
 // the result is source row rows[t] (rows non-null, t < num_rows) or t
 // (rows null, num_rows = m); q[t, c] = DecodeBackwardState(...).q, written

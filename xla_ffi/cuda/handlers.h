@@ -4,7 +4,7 @@
 // bit_split also Ctx<ScratchAllocator>; contexts take no operand), then exactly
 // the operands, results and attributes of the README table, in order:
 //   jint4_cuda_hadamard_quantize   (x, step, seed, log2_block) -> (q, nibbles, flags); attrs qn, qp, with_residual
-//   jint4_cuda_hadamard_quantize_weight (x, step, log2_block) -> (q_t, q);              attrs qn, qp, log2_hint
+//   jint4_cuda_hadamard_quantize_weight (x, step, log2_block) -> (q_t, q, col_poison);  attrs qn, qp, log2_hint
 //   jint4_cuda_residual_values     (nibbles, flags) -> (q);                             attrs qn, qp
 //   jint4_cuda_lsq_backward        (grad, nibbles, flags) -> (dt, delta_sum);           attrs qn, qp
 //   jint4_cuda_bit_split           (g, seed) -> (hi, lo, scales, hi_norm, lo_norm)

@@ -45,6 +45,9 @@ constexpr int kHqChunk = 2048;  // multiple of 1024 (largest block) and of 8
 static_assert(kHqChunk % 1024 == 0 && kHqChunk % 8 == 0, "chunk size");
 static_assert(kHqChunk == 8 * kHqThreads, "register path: 8 elements per thread");
 
+// The NaN of a poisoned row norm or weight column.
+__device__ __forceinline__ float QuietNaN() { return __int_as_float(0x7FC00000); }
+
 // Row statistics for the residual's norms: the integer sum of q^2 and a
 // non-finite flag per row, either per chunk in shared memory (first_row: the
 // chunk's first row; flushed to the global accumulators at the end) or
@@ -392,7 +395,7 @@ RowNormsKernel(int64_t rows, const int* __restrict__ row_sum,
                const int* __restrict__ row_bad, float* __restrict__ norms) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        r < rows; r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    norms[r] = row_bad[r] ? __int_as_float(0x7FC00000) : sqrtf(static_cast<float>(row_sum[r]));
+    norms[r] = row_bad[r] ? QuietNaN() : sqrtf(static_cast<float>(row_sum[r]));
   }
 }
 
@@ -406,7 +409,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
                               const float* __restrict__ step_ptr,
                               const int32_t* __restrict__ log2_ptr, int max_log2,
                               int qn, int qp, int8_t* __restrict__ q_rows,
-                              int8_t* __restrict__ q_cols) {
+                              int8_t* __restrict__ q_cols, float* __restrict__ col_poison) {
   // Column c, row r of the tile at sx[Padded(c * TR + r)]: one pad float per
   // column, so the row-wise loads and stores hit distinct banks.
   __shared__ float sx[2 * kColTile];
@@ -421,8 +424,9 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
     for (int i = threadIdx.x; i < kColTile; i += kHqThreads) {
       const int r = i / TC;
       const int c = i - r * TC;
-      sx[Padded(c * TR + r, max_log2)] =
-          c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
+      const float f = c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
+      if (col_poison != nullptr && !isfinite(f)) col_poison[c0 + c] = QuietNaN();
+      sx[Padded(c * TR + r, max_log2)] = f;
     }
     BlockHadamardSmem<kHqThreads>(sx, kColTile, L, max_log2);
     if (q_cols != nullptr) {  // q_cols[S, R]: runs of TR bytes along r
@@ -465,17 +469,20 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
                                  const float* __restrict__ step_ptr,
                                  const int32_t* __restrict__ log2_ptr, int max_log2,
                                  int qn, int qp, bool wide, int8_t* __restrict__ q_rows,
-                                 int8_t* __restrict__ q_cols) {
+                                 int8_t* __restrict__ q_cols, float* __restrict__ col_poison) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kColThreads + threadIdx.x;
   if (c >= S) return;
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
   const int64_t row_tiles = R / TR;
+  bool bad = false;  // a NaN or Inf among this thread's elements of column c
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
     const int64_t r0 = rt * TR;
     float v[TR];
 #pragma unroll
     for (int i = 0; i < TR; ++i) v[i] = ToFloat(x[(r0 + i) * S + c]);
+#pragma unroll
+    for (int i = 0; i < TR; ++i) bad |= !isfinite(v[i]);
     RegisterHadamard<TR>(v, L);
     int8_t code[TR];
 #pragma unroll
@@ -511,17 +518,18 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
       for (int i = 0; i < TR; ++i) q_cols[c * R + r0 + i] = code[i];
     }
   }
+  if (bad && col_poison != nullptr) col_poison[c] = QuietNaN();
 }
 
 template <typename T>
 void LaunchColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const T* x, int64_t R,
                       int64_t S, const float* step, const int32_t* log2, int qn, int qp,
-                      bool wide, int8_t* q_rows, int8_t* q_cols) {
+                      bool wide, int8_t* q_rows, int8_t* q_cols, float* col_poison) {
   switch (max_log2) {
 #define JINT4_COLS_CASE(LG)                                                            \
   case LG:                                                                             \
     HadamardQuantizeColumnsRegKernel<T, 1 << LG><<<grid, kColThreads, 0, stream>>>(   \
-        x, R, S, step, log2, max_log2, qn, qp, wide, q_rows, q_cols);                  \
+        x, R, S, step, log2, max_log2, qn, qp, wide, q_rows, q_cols, col_poison);      \
     break;
     JINT4_COLS_CASE(0)
     JINT4_COLS_CASE(1)
@@ -535,11 +543,13 @@ void LaunchColumnsReg(int max_log2, dim3 grid, cudaStream_t stream, const T* x, 
 }
 
 // axis = 0 (Hadamard down the columns of x[R, S]) into q_rows[R, S] and/or
-// q_cols[S, R] (null: not written), one pass over x.
+// q_cols[S, R] (null: not written), one pass over x; col_poison (null: not
+// written; else zeroed by the caller) gets NaN at every column holding a NaN
+// or Inf.
 ffi::Error QuantizeColumns(cudaStream_t stream, FloatKind kind, const void* x, int64_t R,
                            int64_t S, const float* step_p, const int32_t* log2_p, int qn,
                            int qp, int32_t log2_hint, int8_t* q_rows, int8_t* q_cols,
-                           const char* op) {
+                           float* col_poison, const char* op) {
   int max_log2;
   dim3 grid;
   if (!ColumnTiling(R, S, log2_hint, kColTile, &max_log2, &grid)) {
@@ -557,14 +567,15 @@ ffi::Error QuantizeColumns(cudaStream_t stream, FloatKind kind, const void* x, i
     DispatchFloat(kind, [&](auto tag) {
       using T = decltype(tag);
       LaunchColumnsReg<T>(max_log2, rgrid, stream, reinterpret_cast<const T*>(x), R, S, step_p,
-                          log2_p, qn, qp, wide, q_rows, q_cols);
+                          log2_p, qn, qp, wide, q_rows, q_cols, col_poison);
     });
     return CheckLaunch((std::string(op) + " (axis 0) kernel launch").c_str());
   }
   DispatchFloat(kind, [&](auto tag) {
     using T = decltype(tag);
     HadamardQuantizeColumnsKernel<T><<<grid, kHqThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x), R, S, step_p, log2_p, max_log2, qn, qp, q_rows, q_cols);
+        reinterpret_cast<const T*>(x), R, S, step_p, log2_p, max_log2, qn, qp, q_rows, q_cols,
+        col_poison);
   });
   return CheckLaunch((std::string(op) + " (axis 0) kernel launch").c_str());
 }
@@ -636,7 +647,7 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
   if (axis == 0) {
     return QuantizeColumns(stream, kind, x.untyped_data(), R, S, step_p, log2_p, qn, qp,
                            log2_hint, transpose ? nullptr : q_p, transpose ? q_p : nullptr,
-                           "hadamard_quantize");
+                           nullptr, "hadamard_quantize");
   }
 
   int* row_sum = nullptr;
@@ -699,14 +710,16 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
 ffi::Error HadamardQuantizeWeightImpl(cudaStream_t stream, ffi::AnyBuffer x,
                                       ffi::AnyBuffer step, ffi::AnyBuffer log2_block,
                                       ffi::Result<ffi::AnyBuffer> q_t,
-                                      ffi::Result<ffi::AnyBuffer> q, int32_t qn, int32_t qp,
-                                      int32_t log2_hint) {
+                                      ffi::Result<ffi::AnyBuffer> q,
+                                      ffi::Result<ffi::AnyBuffer> col_poison, int32_t qn,
+                                      int32_t qp, int32_t log2_hint) {
   const FloatKind kind = KindOf(x.element_type());
   if (kind == FloatKind::kInvalid || step.element_type() != ffi::DataType::F32 ||
       log2_block.element_type() != ffi::DataType::S32 ||
-      q_t->element_type() != ffi::DataType::S8 || q->element_type() != ffi::DataType::S8) {
+      q_t->element_type() != ffi::DataType::S8 || q->element_type() != ffi::DataType::S8 ||
+      col_poison->element_type() != ffi::DataType::F32) {
     return InvalidArgument("hadamard_quantize_weight: x must be f32/bf16/f16, step f32,"
-                           " log2_block s32; results s8, s8");
+                           " log2_block s32; results s8, s8, f32");
   }
   if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
     return InvalidArgument("hadamard_quantize_weight: need 0 <= qn <= 8, 0 <= qp <= 7");
@@ -717,18 +730,26 @@ ffi::Error HadamardQuantizeWeightImpl(cudaStream_t stream, ffi::AnyBuffer x,
   }
   const int64_t R = dims[0], S = dims[1];
   if (q_t->dimensions()[0] != S || q_t->dimensions()[1] != R || q->dimensions()[0] != R ||
-      q->dimensions()[1] != S) {
-    return InvalidArgument("hadamard_quantize_weight: need q_t [S, R] and q [R, S] for x [R, S]");
+      q->dimensions()[1] != S || col_poison->dimensions().size() != 1 ||
+      col_poison->dimensions()[0] != S) {
+    return InvalidArgument("hadamard_quantize_weight: need q_t [S, R], q [R, S] and"
+                           " col_poison [S] for x [R, S]");
   }
   if (step.element_count() < 1 || log2_block.element_count() < 1) {
     return InvalidArgument("hadamard_quantize_weight: step and log2_block required");
+  }
+  float* poison = reinterpret_cast<float*>(col_poison->untyped_data());
+  if (S > 0) {  // 0 everywhere; the kernels store NaN at non-finite columns
+    ffi::Error err = CheckCuda("hadamard_quantize_weight memset",
+                               cudaMemsetAsync(poison, 0, S * sizeof(float), stream));
+    if (err.failure()) return err;
   }
   if (R * S == 0) return ffi::Error::Success();
   return QuantizeColumns(stream, kind, x.untyped_data(), R, S,
                          reinterpret_cast<const float*>(step.untyped_data()),
                          reinterpret_cast<const int32_t*>(log2_block.untyped_data()), qn, qp,
                          log2_hint, reinterpret_cast<int8_t*>(q->untyped_data()),
-                         reinterpret_cast<int8_t*>(q_t->untyped_data()),
+                         reinterpret_cast<int8_t*>(q_t->untyped_data()), poison,
                          "hadamard_quantize_weight");
 }
 
@@ -765,6 +786,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()     // log2_block s32[]
         .Ret<xla::ffi::AnyBuffer>()     // q_t s8[S, R]
         .Ret<xla::ffi::AnyBuffer>()     // q s8[R, S]
+        .Ret<xla::ffi::AnyBuffer>()     // col_poison f32[S]
         .Attr<int32_t>("qn")
         .Attr<int32_t>("qp")
         .Attr<int32_t>("log2_hint"));
