@@ -64,6 +64,7 @@ import numpy as np
 
 from jint4 import kernels
 from jint4.config import Int4Config
+from jint4.quant import bitsplit
 from jint4.quant import hadamard
 from jint4.quant import lsq
 from jint4.quant import lss
@@ -304,7 +305,10 @@ def _products_nonzero(ctx, g, qwt):
   (exact int32; `reference.bit_split_joined`).
   """
   eng = ctx.eng
-  v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT])
+  # max|G| here, in XLA, so that it can join the fusion that produces G (one
+  # read of G fewer than the handler's own max pass).
+  v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT],
+                                        abs_max=bitsplit.abs_max(g))
   dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False,
                          out_dtype=ctx.dxh_dtype)                        # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]

@@ -254,14 +254,16 @@ def bit_split(g, seed):
   return g2, scales[0], scales[1], norms
 
 
-def bit_split_joined(g, seed):
+def bit_split_joined(g, seed, abs_max=None):
   r, c = g.shape
   v, vt, scales = _call(
       "jint4_bit_split_joined",
       (jax.ShapeDtypeStruct((r, c), jnp.int8),
        jax.ShapeDtypeStruct((c, r), jnp.int8),
        jax.ShapeDtypeStruct((2,), jnp.float32)),
-      _float_operand(g), jnp.asarray(seed, jnp.uint32))
+      _float_operand(g), jnp.asarray(seed, jnp.uint32),
+      (jnp.zeros((0,), jnp.float32) if abs_max is None
+       else jnp.asarray(abs_max, jnp.float32).reshape(())))
   return v, vt, scales[0], scales[1]
 
 

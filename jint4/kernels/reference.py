@@ -298,7 +298,7 @@ def bit_split(g: jax.Array, seed: jax.Array):
   return jnp.concatenate([hi, lo]), s_hi, s_lo, norms
 
 
-def bit_split_joined(g: jax.Array, seed: jax.Array):
+def bit_split_joined(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None):
   """Bit splitting with the halves joined for one GEMM: v = 14 hi + lo.
 
   s_hi (hi A) + s_lo (lo A) = s_lo (v A) up to float rounding, with v in
@@ -307,9 +307,11 @@ def bit_split_joined(g: jax.Array, seed: jax.Array):
   INT4 GEMMs of bit splitting in one pass, bit-identical in its int32
   accumulator. Returns (v [R, C], v^T [C, R], scale_hi, scale_lo), int8:
   v^T is the K-major operand of the GEMM that reduces over the rows.
+  ``abs_max``: max|g| (`quant.bitsplit.abs_max`) when the caller has it, so
+  that XLA may compute it inside the fusion that produces g; used as given.
   """
   hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(
-      g.astype(jnp.float32), uniform(seed, g.shape))
+      g.astype(jnp.float32), uniform(seed, g.shape), abs_max)
   v = _join(hi, lo)
   return v, v.T, s_hi, s_lo
 

@@ -34,20 +34,28 @@ INV_RANGE = np.float32(1.0 / 98.0)   # s_lo = M / 98
 INV_SEVEN = np.float32(1.0 / 7.0)    # s_hi = 14 s_lo = M / 7
 
 
-def bit_split(g: jax.Array, u: jax.Array):
+def abs_max(g: jax.Array) -> jax.Array:
+  """max|G| as a float32 scalar, NaN if any element is NaN (0 for an empty G).
+
+  Spelled out because some XLA CPU reductions drop NaN from max.
+  """
+  g = g.astype(jnp.float32)
+  return jnp.where(jnp.any(jnp.isnan(g)), jnp.nan, jnp.max(jnp.abs(g), initial=0.0))
+
+
+def bit_split(g: jax.Array, u: jax.Array, m: jax.Array | None = None):
   """Splits G into two INT4 halves.
 
   Args:
     g: the gradient (any shape, any float dtype).
     u: uniform noise in [0, 1), g's shape, for the stochastic rounding.
+    m: `abs_max(g)` when the caller has it (used as given), else None.
   Returns:
     (hi, lo, scale_hi, scale_lo) with hi, lo int8 in [-7, 7] and float32 scalar
     scales such that G ~= scale_hi * hi + scale_lo * lo.
   """
   g = g.astype(jnp.float32)
-  # max|G|, NaN if any element is NaN (spelled out: some XLA CPU reductions
-  # drop NaN from max).
-  m = jnp.where(jnp.any(jnp.isnan(g)), jnp.nan, jnp.max(jnp.abs(g), initial=0.0))
+  m = abs_max(g) if m is None else jnp.asarray(m, jnp.float32).reshape(())
   safe_m = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
   t = g * (RANGE / safe_m)
   # Divisions by constants are written as products with the float32

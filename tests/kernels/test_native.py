@@ -17,7 +17,7 @@ import pytest
 import jint4
 from jint4 import kernels
 from jint4.kernels import native, reference
-from jint4.quant import hadamard
+from jint4.quant import bitsplit, hadamard
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         WEIGHT_SHAPES, activations, assert_same_floats,
                                         assert_same_ints, dtype_id, int_operand,
@@ -497,6 +497,31 @@ def test_bit_split_joined(shape, dtype):
   assert np.abs(np.asarray(v, np.int32)).max(initial=0) <= 98
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("special", [None, 0.0, np.nan, np.inf])
+def test_bit_split_joined_with_given_abs_max(special, dtype):
+  """abs_max = quant.bitsplit.abs_max(g) given by the caller: bit-identical to
+  the split that computes it, in both engines (NaN, Inf and all-zero g too);
+  any other value is used as given, the same way in both engines."""
+  g = activations((24, 40), seed=2) * 1e-2
+  if special == 0.0:
+    g = jnp.zeros_like(g)
+  elif special is not None:
+    g = g.at[5, 7].set(special)
+  g = g.astype(dtype)
+  m = on_cpu(bitsplit.abs_max, g)
+  own = on_cpu(native.bit_split_joined, g, seed(3))
+  for mod in (native, reference):
+    given = on_cpu(lambda g, m: mod.bit_split_joined(g, seed(3), abs_max=m), g, m)
+    for a, b in zip(given, own):
+      assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+  for other in (2.0 * np.abs(np.asarray(m, np.float32)) + 1.0, -1.0):
+    nat, ref = (on_cpu(lambda g, m: mod.bit_split_joined(g, seed(3), abs_max=m), g,
+                       jnp.float32(other)) for mod in (native, reference))
+    for a, b in zip(nat, ref):
+      assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 24), (33, 96), (64, 1024)], ids=str)
 def test_resplit_rows(shape):
   r2, c = 2 * shape[0], shape[1]
@@ -656,6 +681,10 @@ cases = {
   "resplit_rows": lambda: native.resplit_rows(
       jnp.ones((4, 5), jnp.int8), jnp.asarray([0, -1], jnp.int32),
       jnp.ones((2,), jnp.float32), seed)[0],
+  "abs_max_shape": lambda: native._call(
+      "jint4_bit_split_joined", (S((4, 8), jnp.int8), S((8, 4), jnp.int8),
+                                 S((2,), jnp.float32)),
+      jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32))[0],
   "int4_attr": lambda: native._call(
       "jint4_int_gemm", S((2, 3), jnp.float32), jnp.ones((2, 4), jnp.int8),
       jnp.ones((3, 4), jnp.int8), jnp.float32(1), jnp.ones((2,), jnp.float32),
@@ -738,6 +767,7 @@ def test_bad_native_input_raises_clear_errors():
       "residual_size": ["jint4_residual_values", "[5, 16]", "u8[40]"],
       "slots": ["jint4_lsq_backward", "slots[0][3] = 3", "out of range"],
       "resplit_rows": ["jint4_resplit_rows", "rows[1] = -1", "out of range"],
+      "abs_max_shape": ["jint4_bit_split_joined", "'abs_max'", "got [2]"],
       "int4_attr": ["'int4'", "0 or 1"],
       "col_bias": ["jint4_int_gemm", "'col_bias'", "[3]", "got [2]"],
       "weight_log2_block": ["jint4_lsq_weight_backward", "does not divide",

@@ -11,6 +11,7 @@ import pytest
 
 import jint4
 from jint4.kernels import native, reference
+from jint4.quant import bitsplit
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         activations, assert_same_floats,
                                         assert_same_ints, dtype_id, int_operand,
@@ -197,6 +198,10 @@ def test_bit_split_joined(shape, dtype):
   assert_same_ints(v, ref[0])
   assert_same_ints(vt, ref[1])
   assert_same_floats(s_lo, ref[3])
+  # With max|g| given by the caller (XLA's reduction on the GPU): the same.
+  given = on_gpu(lambda g: native.bit_split_joined(g, seed(4), abs_max=bitsplit.abs_max(g)), g)
+  for a, b in zip(given, ref):
+    assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (33, 96), (1000, 300), (4096, 1024)], ids=str)

@@ -320,10 +320,12 @@ ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
 }
 
 // ---------------------------------------------------------------------------
-// jint4_bit_split_joined: g (f32|bf16|f16)[R,C], seed u32[2]
-//   -> v s8[R,C], vt s8[C,R], scales f32[2]
+// jint4_bit_split_joined: g (f32|bf16|f16)[R,C], seed u32[2], abs_max f32[]
+//   or f32[0] -> v s8[R,C], vt s8[C,R], scales f32[2]
+//   abs_max: the caller's max|g| (used as given), or empty: computed here.
 // ---------------------------------------------------------------------------
 ffi::Error BitSplitJoinedImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
+                              ffi::Buffer<ffi::F32> abs_max,
                               ffi::ResultBuffer<ffi::S8> v,
                               ffi::ResultBuffer<ffi::S8> vt,
                               ffi::ResultBuffer<ffi::F32> scales) {
@@ -336,10 +338,12 @@ ffi::Error BitSplitJoinedImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
   JINT4_RETURN_IF_ERROR(CheckShape(*v, {r, c}, kOp, "v"));
   JINT4_RETURN_IF_ERROR(CheckShape(*vt, {c, r}, kOp, "vt"));
   JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
+  JINT4_CHECK_ARG(abs_max.element_count() <= 1, kOp, ": 'abs_max' must be f32[] (max|g|)"
+                  " or empty; got ", ShapeString(abs_max.dimensions()));
   const uint32_t* sd = seed.typed_data();
   BitSplitJoined(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0],
-                 sd[1], v->typed_data(), vt->typed_data(),
-                 scales->typed_data());
+                 sd[1], v->typed_data(), vt->typed_data(), scales->typed_data(),
+                 abs_max.element_count() == 1 ? abs_max.typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
@@ -508,6 +512,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split_joined,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()           // g
                                   .Arg<ffi::Buffer<ffi::U32>>()    // seed
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // abs_max
                                   .Ret<ffi::Buffer<ffi::S8>>()     // v
                                   .Ret<ffi::Buffer<ffi::S8>>()     // vt
                                   .Ret<ffi::Buffer<ffi::F32>>());  // scales

@@ -112,10 +112,11 @@ int8_t JoinedDigit(const SplitDigits& d) {
 // reference); scales = {m * fl(1/7), m * fl(1/98)}.
 template <typename Load, typename Emit>
 void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
-               uint32_t seed1, float* scales, Emit emit) {
+               uint32_t seed1, float* scales, Emit emit,
+               const float* given_max = nullptr) {
   float m = 0.0f;
   bool nan = false;
-  for (int64_t i = 0; i < rows && !nan; ++i) {
+  for (int64_t i = 0; i < rows && !nan && given_max == nullptr; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       const float a = std::fabs(load(i, j));
       if (a != a) {
@@ -126,6 +127,7 @@ void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
     }
   }
   if (nan) m = std::numeric_limits<float>::quiet_NaN();
+  if (given_max != nullptr) m = *given_max;
   const float f = kSplitRange / SafeMax(m);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
@@ -413,14 +415,16 @@ void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
 
 void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
                     uint32_t seed0, uint32_t seed1, int8_t* v, int8_t* vt,
-                    float* scales) {
+                    float* scales, const float* abs_max) {
   WithLoader(g, type, c, [&](auto load) {
-    SplitCore(r, c, load, seed0, seed1, scales,
-              [&](int64_t i, int64_t j, const SplitDigits& d) {
-                const int8_t joined = JoinedDigit(d);
-                if (v != nullptr) v[i * c + j] = joined;
-                if (vt != nullptr) vt[j * r + i] = joined;
-              });
+    SplitCore(
+        r, c, load, seed0, seed1, scales,
+        [&](int64_t i, int64_t j, const SplitDigits& d) {
+          const int8_t joined = JoinedDigit(d);
+          if (v != nullptr) v[i * c + j] = joined;
+          if (vt != nullptr) vt[j * r + i] = joined;
+        },
+        abs_max);
   });
 }
 

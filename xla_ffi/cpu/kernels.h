@@ -85,9 +85,11 @@ void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
 
 // jint4_bit_split_joined on g[r, c]: v[r, c] = vt[c, r] = 14 hi + lo;
 // scales[2] = {s_hi, s_lo}. Either of v, vt may be null (not written).
+// abs_max: the caller's m = max|g| (NaN if g holds a NaN), used as given;
+// null: computed here.
 void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
                     uint32_t seed0, uint32_t seed1, int8_t* v, int8_t* vt,
-                    float* scales);
+                    float* scales, const float* abs_max = nullptr);
 
 // jint4_resplit_rows: t[j, :] = float(g2[rows[j], :]) * row_scale[j] for
 // g2[*, c] and j < num_rows; vt[c, num_rows] = the joined bit split of t,

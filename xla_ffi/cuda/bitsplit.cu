@@ -642,8 +642,10 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   return CheckLaunch("bit_split kernel launch");
 }
 
+// abs_max: f32[] holding the caller's m = max|g| (NaN if g holds a NaN; the
+// passes read it in place of the max pass), or f32[0]: pass 0 and pass 1 run.
 ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                              ffi::AnyBuffer g, ffi::AnyBuffer seed,
+                              ffi::AnyBuffer g, ffi::AnyBuffer seed, ffi::AnyBuffer abs_max,
                               ffi::Result<ffi::AnyBuffer> v, ffi::Result<ffi::AnyBuffer> vt,
                               ffi::Result<ffi::AnyBuffer> scales) {
   FloatKind kind;
@@ -656,10 +658,19 @@ ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
     return InvalidArgument("bit_split_joined: results must be v s8[R, C], vt s8[C, R],"
                            " scales f32[2]");
   }
-  unsigned int* max_bits;
-  int* sums;
-  err = Scratch(scratch, stream, 0, &max_bits, &sums);
-  if (err.failure()) return err;
+  if (abs_max.element_type() != ffi::DataType::F32 || abs_max.element_count() > 1) {
+    return InvalidArgument("bit_split_joined: abs_max must be f32[] (max|g|) or f32[0]");
+  }
+  const bool given = abs_max.element_count() == 1;
+  unsigned int* max_bits = nullptr;
+  if (given) {  // read only (the max pass is the only writer)
+    max_bits = const_cast<unsigned int*>(
+        reinterpret_cast<const unsigned int*>(abs_max.untyped_data()));
+  } else {
+    int* sums;
+    err = Scratch(scratch, stream, 0, &max_bits, &sums);
+    if (err.failure()) return err;
+  }
   const uint32_t* sd = reinterpret_cast<const uint32_t*>(seed.untyped_data());
   if (R * C > 0) {
     if (CeilDiv(C, kTile) > 0x7FFFFFFF) return InvalidArgument("bit_split_joined: too large");
@@ -673,10 +684,10 @@ ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
       DenseSource<T> src{reinterpret_cast<const T*>(g.untyped_data()), C};
       int8_t* vp = reinterpret_cast<int8_t*>(v->untyped_data());
       int8_t* vtp = reinterpret_cast<int8_t*>(vt->untyped_data());
-      if (aligned) {
+      if (!given && aligned) {
         AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(
             src.g, R * C, max_bits);
-      } else {
+      } else if (!given) {
         AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
       }
       if (vec) {
@@ -771,6 +782,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::ScratchAllocator>()
         .Arg<xla::ffi::AnyBuffer>()     // g f32 | bf16 | f16 [R, C]
         .Arg<xla::ffi::AnyBuffer>()     // seed u32[2]
+        .Arg<xla::ffi::AnyBuffer>()     // abs_max f32[] or f32[0]
         .Ret<xla::ffi::AnyBuffer>()     // v s8[R, C]
         .Ret<xla::ffi::AnyBuffer>()     // vt s8[C, R]
         .Ret<xla::ffi::AnyBuffer>()     // scales f32[2]
