@@ -41,6 +41,14 @@ inline ffi::Error InvalidArgument(const std::string& msg) {
   return ffi::Error::InvalidArgument("jint4 CUDA: " + msg);
 }
 
+// The integer grid [-qn, qp] of the codes: 1 <= qn <= 8, 1 <= qp <= 7 (as
+// the CPU handlers check it).
+inline ffi::Error CheckQuantRange(int32_t qn, int32_t qp, const std::string& op) {
+  if (qn >= 1 && qn <= 8 && qp >= 1 && qp <= 7) return ffi::Error::Success();
+  return InvalidArgument(op + ": attributes need 1 <= qn <= 8 and 1 <= qp <= 7; got qn=" +
+                         std::to_string(qn) + ", qp=" + std::to_string(qp));
+}
+
 // Scratch device memory for the duration of the handler (stream-ordered use
 // only). 16-byte aligned: XLA rejects any alignment above 16 ("Unsupported
 // alignment"); 16 is what TMA needs (XLA's GPU allocator gives 256 in

@@ -799,9 +799,8 @@ LsqWeightBackwardKernel(const G* __restrict__ grad, const T* __restrict__ kernel
 // Checks the residual buffers against the element count; returns planes.
 ffi::Error CheckResidual(const char* op, ffi::AnyBuffer nibbles, ffi::AnyBuffer flags,
                          int64_t total, int32_t qn, int32_t qp, int* planes) {
-  if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
-    return InvalidArgument(std::string(op) + ": need 0 <= qn <= 8, 0 <= qp <= 7");
-  }
+  ffi::Error range = CheckQuantRange(qn, qp, op);
+  if (range.failure()) return range;
   if (nibbles.element_type() != ffi::DataType::U8 ||
       flags.element_type() != ffi::DataType::U8) {
     return InvalidArgument(std::string(op) + ": nibbles and flags must be uint8");
@@ -980,9 +979,8 @@ ffi::Error LsqWeightBackwardImpl(cudaStream_t stream, ffi::AnyBuffer grad,
     return InvalidArgument("lsq_weight_backward: grad f32/bf16, kernel f32/bf16/f16, dk of the"
                            " kernel's dtype, step f32, log2_block s32, delta_sum f32");
   }
-  if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
-    return InvalidArgument("lsq_weight_backward: need 0 <= qn <= 8, 0 <= qp <= 7");
-  }
+  ffi::Error range = CheckQuantRange(qn, qp, "lsq_weight_backward");
+  if (range.failure()) return range;
   auto gd = grad.dimensions();
   auto kd = kernel.dimensions();
   auto dd = dk->dimensions();

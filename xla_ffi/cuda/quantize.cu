@@ -600,9 +600,8 @@ ffi::Error HadamardQuantizeImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
     return InvalidArgument("hadamard_quantize: x must be f32/bf16/f16, step f32, seed u32,"
                            " log2_block s32; results s8, u8, u8, f32");
   }
-  if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
-    return InvalidArgument("hadamard_quantize: need 0 <= qn <= 8, 0 <= qp <= 7");
-  }
+  ffi::Error range = CheckQuantRange(qn, qp, "hadamard_quantize");
+  if (range.failure()) return range;
   if ((axis != 0 && axis != 1) || (transpose != 0 && transpose != 1)) {
     return InvalidArgument("hadamard_quantize: axis and transpose must be 0 or 1");
   }
@@ -721,9 +720,8 @@ ffi::Error HadamardQuantizeWeightImpl(cudaStream_t stream, ffi::AnyBuffer x,
     return InvalidArgument("hadamard_quantize_weight: x must be f32/bf16/f16, step f32,"
                            " log2_block s32; results s8, s8, f32");
   }
-  if (qn < 0 || qn > 8 || qp < 0 || qp > 7) {
-    return InvalidArgument("hadamard_quantize_weight: need 0 <= qn <= 8, 0 <= qp <= 7");
-  }
+  ffi::Error range = CheckQuantRange(qn, qp, "hadamard_quantize_weight");
+  if (range.failure()) return range;
   auto dims = x.dimensions();
   if (dims.size() != 2 || q_t->dimensions().size() != 2 || q->dimensions().size() != 2) {
     return InvalidArgument("hadamard_quantize_weight: x, q_t and q must be rank 2");
