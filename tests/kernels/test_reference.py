@@ -16,8 +16,7 @@ from jint4.kernels import reference as ref
 from jint4.quant import bitsplit
 from jint4.quant import hadamard
 from jint4.quant import lsq
-
-DELTA = 1e-6   # allowed probability that a statistical check fails by chance
+from tests.stats import hoeffding_tol
 
 
 def f64(a):
@@ -47,7 +46,7 @@ def test_uniform_range_dtype_and_resolution():
   assert len(np.unique(words)) >= words.size - 5
   # ... and every one of the 16 bits is a fair coin (Hoeffding, union bound).
   bits = (k.astype(np.int64).ravel()[:, None] >> np.arange(16)) & 1
-  t = math.sqrt(math.log(2 * 16 / DELTA) / (2 * u.size))
+  t = hoeffding_tol(1.0, u.size, 16)
   assert np.all(np.abs(bits.mean(axis=0) - 0.5) <= t)
 
 
@@ -57,7 +56,7 @@ def test_uniform24_resolution_and_range():
   k = u * 2 ** 24                 # 24 random bits: multiples of 2^-24
   np.testing.assert_array_equal(k, np.round(k))
   bits = (k.astype(np.int64)[:, None] >> np.arange(24)) & 1
-  t = math.sqrt(math.log(2 * 24 / DELTA) / (2 * u.size))
+  t = hoeffding_tol(1.0, u.size, 24)
   assert np.all(np.abs(bits.mean(axis=0) - 0.5) <= t)
   # Number j is built from pair j of `uniform` (low half, then 8 high bits).
   pair = f64(uniform(seed(1, 2), (10, 2)))
@@ -92,7 +91,7 @@ def test_uniform_moments():
   n = u.size
   # Hoeffding: u in [0, 1], (u - 1/2)^2 in [0, 1/4], decile indicators in
   # [0, 1]; a union bound over the 12 checks.
-  t = math.sqrt(math.log(2 * 12 / DELTA) / (2 * n))
+  t = hoeffding_tol(1.0, n, 12)
   assert abs(u.mean() - 0.5) <= t
   assert abs(np.mean((u - 0.5) ** 2) - 1 / 12) <= 0.25 * t
   # Each decile holds ~10%.

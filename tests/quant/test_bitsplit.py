@@ -1,16 +1,14 @@
 """Tests for bit splitting of the output gradient (jint4.quant.bitsplit)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jint4.quant import bitsplit
+from tests.stats import hoeffding_tol
 
 N_DRAWS = 6000       # noise draws for the unbiasedness test
-DELTA = 1e-6         # allowed probability that a correct quantizer fails
 
 split = jax.jit(bitsplit.bit_split)
 
@@ -30,13 +28,6 @@ def make_grad(seed, shape=(32, 24), dtype=jnp.float32):
 def noise(seed, shape):
   """Uniform [0, 1) float32 noise (numpy: no PRNG compile on the CPU)."""
   return jnp.asarray(np.random.default_rng(seed).random(shape, np.float32))
-
-
-def hoeffding_tol(gap, n_draws, n_elems, delta=DELTA):
-  """Per-element bound on |mean of n draws in an interval of width gap - E|
-  holding for all n_elems elements with probability >= 1 - delta (Hoeffding
-  plus a union bound): the 1/sqrt(n) rate."""
-  return gap * math.sqrt(math.log(2 * n_elems / delta) / (2 * n_draws))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

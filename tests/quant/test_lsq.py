@@ -13,10 +13,10 @@ import pytest
 from jax.test_util import check_grads
 
 from jint4.quant import lsq
+from tests.stats import hoeffding_tol
 
 RANGES = [(7, 7), (8, 7)]
 N_DRAWS = 6000       # noise draws for the unbiasedness test
-DELTA = 1e-6         # allowed probability that a correct encoder fails
 
 
 def f64(a):
@@ -249,16 +249,6 @@ def test_encode_with_extreme_noise_rounds_delta_down_or_up():
   np.testing.assert_array_equal(lo, np.full(5, 0.5))
   np.testing.assert_array_equal(hi, np.full(5, -0.5))
   assert (lo >= d).all() and (hi <= d).all()
-
-
-def hoeffding_tol(gap, n_draws, n_elems, delta=DELTA):
-  """|mean of n bounded draws - E| bound holding for all n_elems w.p. 1-delta.
-
-  Each delta_hat lies in [-1/2, 1/2] (gap 1, variance <= 1/4), so by
-  Hoeffding and a union bound t = gap sqrt(ln(2 n_elems / delta) / (2 n)):
-  the 1/sqrt(n) rate.
-  """
-  return gap * math.sqrt(math.log(2 * n_elems / delta) / (2 * n_draws))
 
 
 @pytest.mark.parametrize("qn, qp", RANGES)

@@ -1,7 +1,6 @@
 """Tests for the min-max stochastic quantizer baseline (jint4.quant.minmax)."""
 
 from functools import partial
-import math
 
 import jax
 import jax.numpy as jnp
@@ -9,20 +8,9 @@ import numpy as np
 import pytest
 
 from jint4.quant.minmax import minmax_quantize
+from tests.stats import hoeffding_tol
 
 N_DRAWS = 8000       # noise draws for the unbiasedness test
-DELTA = 1e-6         # allowed probability that a correct quantizer fails
-
-
-def hoeffding_tol(gap, n_draws, n_elems, delta=DELTA):
-  """Per-element tolerance for |mean of n_draws samples - g|.
-
-  Each sample lies in [lo, hi] (gap = hi - lo), so by Hoeffding
-  P(|mean - E| >= t) <= 2 exp(-2 n t^2 / gap^2); a union bound over n_elems
-  elements gives failure probability <= delta for
-  t = gap * sqrt(ln(2 n_elems / delta) / (2 n)), i.e. the 1/sqrt(n) rate.
-  """
-  return gap * math.sqrt(math.log(2 * n_elems / delta) / (2 * n_draws))
 
 
 def grid(g, bits):
