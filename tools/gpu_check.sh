@@ -11,7 +11,7 @@
 # SKIP_BAD_INPUT,
 # LAYER_ARGS, SKIP_TRAIN, TRAIN_HIDDEN / TRAIN_TIMEOUT / TRAIN_BUDGET / TRAIN_REPEATS,
 # NCU=1 (tools/kernel_probe's knobs: NCU_SHAPE, NCU_ARGS, PROBE_SHAPES),
-# GEMM_SWEEP=1 / SWEEP_TIMEOUT / SWEEP_ARGS.
+# GEMM_SWEEP=1 / SWEEP_TIMEOUT / SWEEP_ARGS, TRACE=1 / TRACE_TIMEOUT.
 set -uo pipefail
 PHASE="${1:-all}"
 # "four": the four benchmark scripts in one device call (about 8 minutes,
@@ -123,6 +123,19 @@ fi
 # (device KINDS.md: Firecracker).
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
   OUT="$OUT" NCU=1 bash tools/kernel_probe/run.sh 2>&1 | tail -5 | tee -a "$OUT/summary.txt"
+fi
+
+# TRACE=1: where the device time of the 4096 -> 4096 layer step and of the
+# hidden-4096 train step (cuDNN attention) goes (tools/trace_step.py), with
+# the optimized HLO of each (which XLA fusions ran): trace_{layer,train}.txt,
+# hlo.tgz.
+if [ -n "${TRACE:-}" ]; then
+  for what in layer train; do
+    timeout "${TRACE_TIMEOUT:-150}" python3 tools/trace_step.py $what --attention cudnn \
+      --hlo-dir "/tmp/hlo_$what" > "$OUT/trace_$what.txt" 2>&1
+    summary "trace $what rc=$? ($(grep -c 'us ' "$OUT/trace_$what.txt") kernel rows)"
+  done
+  (cd /tmp && tar czf "$OUT/hlo.tgz" hlo_layer hlo_train 2>/dev/null)
 fi
 
 # GEMM_SWEEP=1: the sm90 GEMM configs x tile-scheduler knobs (tools/gemm_sweep.py).
