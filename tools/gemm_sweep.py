@@ -39,13 +39,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jint4.kernels import native  # noqa: E402
 
 SHAPES = [(8192, 8192, 8192), (15360, 8704, 10752), (16384, 4096, 4096),
           (4096, 4096, 16384), (16384, 16384, 4096), (16384, 4096, 16384)]
 # The configs compiled in (gemm_sm90*.cu), by their JINT4_GEMM_SM90_CONFIG
 # names; the first is the one the reference combination forces.
-CONFIGS = ["128x256_c1x2", "128x256_c2x1", "256x128_c2x1", "256x128_c1x2",
-           "128x128_c1x2_pingpong"]
+CONFIGS = list(native.SM90_GEMM_CONFIGS)
 SWIZZLES = ["1", "2", "4", "8"]
 RASTERS = ["auto", "m", "n"]
 DEFAULT = (CONFIGS[0], "1", "auto")
@@ -110,7 +110,6 @@ def check_environment(jax):
     eng = kernels.get_engine("native")
   except RuntimeError as e:
     fail(str(e))
-  from jint4.kernels import native
   if not native.has_cuda():
     fail(f"the native engine has no CUDA handlers: {native.build_info()}")
   return eng

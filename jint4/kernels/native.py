@@ -28,6 +28,12 @@ import numpy as np
 from jint4.kernels import reference
 from jint4.kernels.reference import Residual
 
+# The sm_90a GEMM configs the CUDA build compiles, in the order of
+# xla_ffi/cuda/gemm_sm90.cu's kConfigs: the values JINT4_GEMM_SM90_CONFIG
+# takes (xla_ffi/README.md, "GEMM knobs").
+SM90_GEMM_CONFIGS = ("128x256_c1x2", "128x256_c2x1", "256x128_c2x1", "256x128_c1x2",
+                     "128x128_c1x2_pingpong")
+
 try:  # the compiled extension is optional
   _ext = importlib.import_module("jint4._jint4_native")
   _IMPORT_ERROR: Optional[BaseException] = None

@@ -4,6 +4,8 @@ Integer outputs must be bit-identical; float outputs equal to float rounding.
 Run on the H100/H200 machine by tools/gpu_check.sh; skipped without a GPU.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -265,12 +267,7 @@ def test_int_gemm_other_paths_on_this_gpu(path, int4, monkeypatch):
                                 np.asarray(a, np.int64) @ np.asarray(b, np.int64).T)
 
 
-# The sm_90a GEMM configs compiled in (xla_ffi/cuda/gemm_sm90.cu's kConfigs).
-SM90_CONFIGS = ["128x256_c1x2", "128x256_c2x1", "256x128_c2x1", "256x128_c1x2",
-                "128x128_c1x2_pingpong"]
-
-
-@pytest.mark.parametrize("config", SM90_CONFIGS)
+@pytest.mark.parametrize("config", native.SM90_GEMM_CONFIGS)
 def test_int_gemm_every_sm90_config(config, monkeypatch):
   """Each compiled sm_90a config, forced through JINT4_GEMM_SM90_CONFIG (read
   per call), with a non-default tile scheduler: exact int32 products, and the
@@ -314,11 +311,13 @@ def test_int_gemm_default_choice_on_a_long_walk(monkeypatch):
 
 
 def test_int_gemm_unknown_sm90_config_is_a_clear_error(monkeypatch):
+  """The error lists the compiled configs: exactly native.SM90_GEMM_CONFIGS."""
   if not _is_sm90():
     pytest.skip("the sm_90a configs run on compute 9.0 only")
   monkeypatch.setenv("JINT4_GEMM_SM90_CONFIG", "64x64_typo")
   a = int_operand((256, 256), 1)
-  with pytest.raises(Exception, match="64x64_typo.*unset it or use one of: 128x256_c1x2"):
+  names = re.escape(", ".join(native.SM90_GEMM_CONFIGS))
+  with pytest.raises(Exception, match=f"64x64_typo.*unset it or use one of: {names}(?!, )"):
     on_gpu(lambda a: native.int_gemm(a, a, scale=jnp.float32(1.0)), a)
 
 

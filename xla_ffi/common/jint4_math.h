@@ -249,7 +249,6 @@ JINT4_HD ElementCodes QuantizeEncode(float v, float u, float lo, float hi, bool 
   const float t = c + kShifter;
   const uint32_t r_bits = FloatBits(t);
   const float r = t - kShifter;
-  const uint32_t q_bits = r_bits;
   const bool inside = c == v;
   // bit0 = inside ? u < (r - v) + 0.5 : v > 0, as the sign of one float
   // difference (adds instead of two compares and a select of booleans):
@@ -258,7 +257,7 @@ JINT4_HD ElementCodes QuantizeEncode(float v, float u, float lo, float hi, bool 
   // a NaN v has c = lo, so false, as v > 0).
   const float d = (r - v) + 0.5f;
   ElementCodes out;
-  out.q_bits = q_bits;
+  out.q_bits = r_bits;
   out.code_bits = (inside || !clip_code) ? r_bits : (kShifterBits - 8u);  // kClipCode
   out.q = r;
   out.bit0_word = FloatBits(inside ? u - d : 0.0f - c);
