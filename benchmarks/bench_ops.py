@@ -84,7 +84,10 @@ def _stages(eng, n, d, c):
 
   def sample_weight(norms, res, seeds):
     u = eng.uniform(seeds[2], (2,))
-    return lss.sample_rows(norms * jnp.concatenate([res.norms, res.norms]), budget, u[1])
+    # As the layer does: the kept rows are the GEMM's reduction dim, padded
+    # to a multiple of 16 (B + 1 slots would make every stage below unaligned).
+    return lss.pad_slots(*lss.sample_rows(
+        norms * jnp.concatenate([res.norms, res.norms]), budget, u[1]))
 
   def resplit(g2, index2, weight2, s_hi, s_lo, seeds):
     return eng.resplit_rows(g2, index2, weight2 * jnp.where(index2 >= n, s_lo, s_hi),

@@ -348,10 +348,8 @@ def _products_lss(ctx, g, qwt):
   x_norm = ctx.res_x.norms
   index, weight = lss.sample_rows(g2_norm * jnp.concatenate([x_norm, x_norm]),
                                   budget, u[1])
-  # The kept rows are this GEMM's reduction dim: pad it to a multiple of 16
-  # (empty slots: weight 0) so the GEMM needs no padded operand copies.
-  pad = (-index.shape[0]) % 16
-  index, weight = jnp.pad(index, (0, pad)), jnp.pad(weight, (0, pad))
+  # The kept rows are this GEMM's reduction dim: aligned (empty slots).
+  index, weight = lss.pad_slots(index, weight)
   vt, _, s_lo2 = eng.resplit_rows(g2, index, weight * half_scale(index),
                                   seeds[_SEED_RESPLIT])                 # [C, S]
   qxt = ctx.qx(rows=index % n, transpose=True)                          # [D, S]

@@ -130,3 +130,17 @@ def systematic_sample(p: jax.Array, budget: int, u0: jax.Array):
 def sample_rows(scores: jax.Array, budget: int, u0: jax.Array):
   """`inclusion_probabilities` then `systematic_sample`: (index, weight)."""
   return systematic_sample(inclusion_probabilities(scores, budget), budget, u0)
+
+
+def pad_slots(index: jax.Array, weight: jax.Array, multiple: int = 16):
+  """Appends empty slots (index 0, weight 0) up to a multiple of ``multiple``.
+
+  Where the kept rows are a GEMM's reduction dim, a multiple of 16 keeps the
+  int8 operands' rows 16-byte aligned (`num_slots` is B + 1 in practice, so
+  without it an [8192, 8193] operand would be copied into a padded scratch).
+  Empty slots add nothing to the estimate.
+  """
+  if multiple < 1:
+    raise ValueError(f"pad_slots: multiple must be >= 1; got {multiple}")
+  pad = (-index.shape[0]) % multiple
+  return jnp.pad(index, (0, pad)), jnp.pad(weight, (0, pad))
