@@ -85,7 +85,7 @@ def _stages(eng, n, d, c):
   def sample_weight(norms, res, seeds):
     u = eng.uniform(seeds[2], (2,))
     # As the layer does: the kept rows are the GEMM's reduction dim, padded
-    # to a multiple of 16 (B + 1 slots would make every stage below unaligned).
+    # to its K tile (B + 1 slots would make every stage below unaligned).
     return lss.pad_slots(*lss.sample_rows(
         norms * jnp.concatenate([res.norms, res.norms]), budget, u[1]))
 

@@ -348,7 +348,7 @@ def _products_lss(ctx, g, qwt):
   x_norm = ctx.res_x.norms
   index, weight = lss.sample_rows(g2_norm * jnp.concatenate([x_norm, x_norm]),
                                   budget, u[1])
-  # The kept rows are this GEMM's reduction dim: aligned (empty slots).
+  # The kept rows are this GEMM's reduction dim: padded to its K tile.
   index, weight = lss.pad_slots(index, weight)
   vt, _, s_lo2 = eng.resplit_rows(g2, index, weight * half_scale(index),
                                   seeds[_SEED_RESPLIT])                 # [C, S]

@@ -135,12 +135,13 @@ def test_pad_slots_appends_empty_slots_that_change_nothing():
   index, weight = lss.sample_rows(c, 16, jnp.float32(0.3))
   a = jnp.asarray(np.random.default_rng(0).normal(size=(c.shape[0], 3)), jnp.float32)
   padded_index, padded_weight = lss.pad_slots(index, weight)
-  assert padded_index.shape[0] % 16 == 0 and padded_index.shape[0] >= index.shape[0]
+  assert padded_index.shape[0] % 128 == 0 and padded_index.shape[0] >= index.shape[0]
   assert padded_index.shape == padded_weight.shape
   np.testing.assert_array_equal(padded_index[:index.shape[0]], index)
   np.testing.assert_array_equal(padded_weight[index.shape[0]:], 0.0)
   np.testing.assert_array_equal(np.einsum("r,ri->i", padded_weight, a[padded_index]),
                                 np.einsum("r,ri->i", weight, a[index]))
   assert lss.pad_slots(padded_index, padded_weight)[0].shape == padded_index.shape
+  assert lss.pad_slots(index, weight, 16)[0].shape == (-(-index.shape[0] // 16) * 16,)
   with pytest.raises(ValueError, match="multiple must be >= 1"):
     lss.pad_slots(index, weight, 0)
