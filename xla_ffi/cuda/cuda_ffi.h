@@ -11,6 +11,7 @@
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
+#include "../common/ffi_util.h"
 #include "cuda_common.h"
 
 namespace jint4 {
@@ -41,12 +42,10 @@ inline ffi::Error InvalidArgument(const std::string& msg) {
   return ffi::Error::InvalidArgument("jint4 CUDA: " + msg);
 }
 
-// The integer grid [-qn, qp] of the codes: 1 <= qn <= 8, 1 <= qp <= 7 (as
-// the CPU handlers check it).
+// The integer grid [-qn, qp] of the codes: the CPU handlers' check
+// (ffi_util::CheckQuantRange), with this file's "jint4 CUDA: " prefix.
 inline ffi::Error CheckQuantRange(int32_t qn, int32_t qp, const std::string& op) {
-  if (qn >= 1 && qn <= 8 && qp >= 1 && qp <= 7) return ffi::Error::Success();
-  return InvalidArgument(op + ": attributes need 1 <= qn <= 8 and 1 <= qp <= 7; got qn=" +
-                         std::to_string(qn) + ", qp=" + std::to_string(qp));
+  return ffi_util::CheckQuantRange(qn, qp, ("jint4 CUDA: " + op).c_str());
 }
 
 // Scratch device memory for the duration of the handler (stream-ordered use
