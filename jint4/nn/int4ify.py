@@ -19,7 +19,7 @@ classifier / LM head in float: ``int4ify(model, keep=r"lm_head|classifier")``.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import flax.linen as nn
 from flax import nnx
