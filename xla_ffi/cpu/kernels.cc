@@ -104,30 +104,32 @@ int8_t JoinedDigit(const SplitDigits& d) {
   return static_cast<int8_t>(JoinedBits(d) & 0xFFu);
 }
 
+// max|t| of t[rows, cols] given by load(i, j), NaN if any element is NaN
+// (as bitsplit.abs_max spells it out).
+template <typename Load>
+float AbsMax(int64_t rows, int64_t cols, Load load) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const float a = std::fabs(load(i, j));
+      if (a != a) return std::numeric_limits<float>::quiet_NaN();
+      if (a > m) m = a;
+    }
+  }
+  return m;
+}
+
 // Bit splitting of t[rows, cols] given by load(i, j) (bitsplit.py): m =
-// max|t| (NaN if any element is NaN, as the reference spells it out), then
-// SplitBits with the noise of flat index i * cols + j; emit(i, j, digits)
-// per element (the CUDA kernels' forms: DigitsToInt8 for the stacked halves,
-// JoinedBits for the joined digit, so the CPU tests check both against the
-// reference); scales = {m * fl(1/7), m * fl(1/98)}.
+// *given_max when the caller has it, else AbsMax; then SplitBits with the
+// noise of flat index i * cols + j; emit(i, j, digits) per element (the CUDA
+// kernels' forms: DigitsToInt8 for the stacked halves, JoinedBits for the
+// joined digit, so the CPU tests check both against the reference); scales =
+// {m * fl(1/7), m * fl(1/98)}.
 template <typename Load, typename Emit>
 void SplitCore(int64_t rows, int64_t cols, Load load, uint32_t seed0,
                uint32_t seed1, float* scales, Emit emit,
                const float* given_max = nullptr) {
-  float m = 0.0f;
-  bool nan = false;
-  for (int64_t i = 0; i < rows && !nan && given_max == nullptr; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const float a = std::fabs(load(i, j));
-      if (a != a) {
-        nan = true;
-        break;
-      }
-      if (a > m) m = a;
-    }
-  }
-  if (nan) m = std::numeric_limits<float>::quiet_NaN();
-  if (given_max != nullptr) m = *given_max;
+  const float m = given_max != nullptr ? *given_max : AbsMax(rows, cols, load);
   const float f = kSplitRange / SafeMax(m);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
