@@ -3,17 +3,26 @@
 Implements Xi, Li, Chen, Zhu, "Training Transformers with 4-bit Integers"
 (NeurIPS 2023): a Hadamard quantizer with learned step sizes in the forward
 pass, bit splitting and leverage score sampling in the backward pass.
+
+The public surface is this module's ``__all__``; the quantizers themselves
+(LSQ, the block Hadamard transform, bit splitting, leverage score sampling
+and the baselines) are `jint4.quant`, for research use.
 """
 
+from jint4 import quant
 from jint4.config import Int4Config
 from jint4.kernels import engine_info
+from jint4.matmul import backward_mode
 from jint4.matmul import int4_dot_general
 from jint4.matmul import int4_matmul
+from jint4.nn.calibrate import calibrate
 from jint4.nn.int4ify import Int4Model
 from jint4.nn.int4ify import int4ify
 from jint4.nn.linen import Int4Dense
 from jint4.nn.nnx import Int4Linear
 from jint4.nn.nnx import QuantState
+from jint4.quant_init import QuantInit
+from jint4.quant_init import init_step_sizes
 
 __version__ = "0.1.0"
 
@@ -22,9 +31,14 @@ __all__ = [
     "Int4Dense",
     "Int4Linear",
     "Int4Model",
+    "QuantInit",
     "QuantState",
+    "backward_mode",
+    "calibrate",
     "engine_info",
+    "init_step_sizes",
     "int4_dot_general",
     "int4_matmul",
     "int4ify",
+    "quant",
 ]

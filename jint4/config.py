@@ -21,12 +21,13 @@ import dataclasses
 from typing import Literal, Union
 
 ForwardMode = Literal["hq", "lsq", "none"]
-BackwardMode = Literal["auto", "lss", "nonzero", "exact", "luq", "minmax"]
-Engine = Literal["auto", "native", "reference"]
+BackwardMode = Literal["auto", "lss", "bitsplit", "exact", "luq", "minmax"]
+EngineChoice = Literal["auto", "native", "reference"]
 
 FORWARD_MODES = ("hq", "lsq", "none")
-BACKWARD_MODES = ("auto", "lss", "nonzero", "exact", "luq", "minmax")
+BACKWARD_MODES = ("auto", "lss", "bitsplit", "exact", "luq", "minmax")
 ENGINES = ("auto", "native", "reference")
+_RENAMED = {"backward": {"nonzero": "bitsplit"}}
 MAX_HADAMARD_BLOCK = 1024
 
 
@@ -40,12 +41,13 @@ class Int4Config:
       LSQ without the Hadamard transform (the paper's LSQ+LUQ baseline).
       ``"none"``: no quantization (float matmul).
     backward: gradient quantizer. ``"auto"`` (default): ``"lss"`` on GPUs with
-      INT4 tensor cores (compute capability 8.x), else ``"nonzero"`` (see
-      `jint4.kernels.int4_tensor_cores`). ``"lss"``: bit splitting + leverage
-      score sampling with a fixed budget (paper Sec. 5). ``"nonzero"``: bit
-      splitting, every row with a non-zero score kept (the reference code's
-      behaviour; an INT8-accurate gradient from two INT4 GEMMs, which INT8
-      tensor cores run as one on the joined digits). ``"exact"``:
+      INT4 tensor cores (compute capability 8.x), else ``"bitsplit"``,
+      decided per platform when the program is lowered (see
+      `jint4.matmul.backward_mode`). ``"lss"``: bit splitting + leverage
+      score sampling with a fixed budget (paper Sec. 5). ``"bitsplit"``: bit
+      splitting with every row kept (the paper's reference code; an
+      INT8-accurate gradient from two INT4 GEMMs, which INT8 tensor cores run
+      as one on the joined digits). ``"exact"``:
       no gradient quantization (float products with the quantized forward
       operands). ``"luq"``: the LUQ baseline (Chmiel et al. 2021). ``"minmax"``:
       uniform min/max bins with stochastic rounding (the PTQ baseline).
@@ -59,11 +61,11 @@ class Int4Config:
     warmup_steps: pre-training warm-up: for this many training steps the step
       sizes follow the init rule ``2 mean|T| / sqrt(qp)`` of the current batch
       instead of being learned (needs the ``quant_state`` collection mutable).
-    engine: which engine runs the integer work: ``"auto"`` (per op, the
-      faster of native and pure JAX on this backend; pure JAX with one warning
-      when the native extension is missing), ``"native"`` (the XLA FFI
-      handlers; an error when unusable) or ``"reference"`` (pure JAX, exact,
-      runs anywhere).
+    engine: which engine runs the integer work: ``"auto"`` (per op and
+      platform, the faster of native and pure JAX; pure JAX with one warning
+      where the native handlers cannot run), ``"native"`` (the XLA FFI
+      handlers; an error where they cannot run) or ``"reference"`` (pure JAX,
+      exact, runs anywhere). `jint4.engine_info()` shows the choice and why.
   """
 
   forward: ForwardMode = "hq"
@@ -73,7 +75,7 @@ class Int4Config:
   hadamard_block: Union[int, Literal["auto"]] = 32
   lss_budget: float = 1.0
   warmup_steps: int = 0
-  engine: Engine = "auto"
+  engine: EngineChoice = "auto"
 
   def __post_init__(self):
     _check_choice("forward", self.forward, FORWARD_MODES)
@@ -112,6 +114,9 @@ class Int4Config:
 
 
 def _check_choice(name, value, choices):
+  renamed = _RENAMED.get(name, {}).get(value)
+  if renamed:
+    raise ValueError(f"Int4Config.{name}={value!r} is now called {renamed!r}.")
   if value not in choices:
     raise ValueError(
         f"Int4Config.{name} must be one of {choices}; got {value!r}.")

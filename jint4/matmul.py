@@ -16,7 +16,7 @@ Backward (paper Sec. 5), G = dL/dY:
     ds = g * sum(dT_hat_h * delta)               (LSQ step-size gradients)
 
 Backward modes (`Int4Config.backward`; "auto" picks "lss" on INT4 tensor
-cores, else "nonzero": `backward_mode`):
+cores, else "bitsplit": `backward_mode`, per platform):
   "lss":     dX: keep B of the 2N bit-split rows (scores ||G2_i||), one INT4
              GEMM over the B kept rows with the 1/p_i and half scales applied
              per output row in the epilogue, scatter-added to their token.
@@ -25,7 +25,7 @@ cores, else "nonzero": `backward_mode`):
              epilogue: the weighted kept rows are bit-split again (unbiased),
              and the hi/lo GEMM pair over the B kept rows runs joined (below).
              B = ceil(lss_budget * N).
-  "nonzero": bit splitting, every row kept: the hi/lo GEMM pair of each
+  "bitsplit": bit splitting, every row kept: the hi/lo GEMM pair of each
              gradient runs joined, one GEMM per gradient.
   Joined pairs: s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A), since
   s_hi = 14 s_lo, and 14 hi + lo is an exact integer in [-98, 98]: one GEMM on
@@ -35,8 +35,9 @@ cores, else "nonzero": `backward_mode`):
   "exact":   float G against the dequantized forward operands.
   "luq", "minmax": the paper's gradient-quantizer baselines, in float.
 
-Every integer GEMM and quantize step goes through the engine returned by
-`jint4.kernels.get_engine`; this module only decides what to compute.
+Every integer GEMM and quantize step goes through an `Engine`, handed in per
+platform by `jint4.kernels.run_per_platform` when XLA lowers the program;
+this module only decides what to compute.
 
 Saved for the backward, per element of X: its 4-bit code and one stochastic
 bit that encodes LSQ's delta without bias (`jint4.quant.lsq`): 0.625 bytes for
@@ -62,8 +63,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jint4 import kernels
 from jint4.config import Int4Config
+from jint4.kernels import contract
+from jint4.kernels.engine import Engine
+from jint4.kernels.engine import get_engine
+from jint4.kernels.engine import run_per_platform
 from jint4.quant import bitsplit
 from jint4.quant import hadamard
 from jint4.quant import lsq
@@ -108,6 +112,14 @@ def int4_matmul(x: jax.Array, kernel: jax.Array, step_x: jax.Array,
     log2 = jnp.zeros((), jnp.int32)
   if bias is not None and bias.shape != (c,):
     raise ValueError(f"bias must have shape ({c},); got {bias.shape}.")
+  if x2.shape[0] == 0 or c == 0:
+    # No tokens (or no outputs): nothing to quantize, and every gradient is
+    # an empty sum. The float product has the right shapes and zero
+    # gradients, as nn.Dense gives.
+    y = jnp.matmul(x2, kernel, preferred_element_type=jnp.float32)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype).reshape(*lead, c)
   static = _Static(config=config, block=block, x_dtype=np.dtype(x.dtype),
                    out_dtype=np.dtype(out_dtype),
                    bias_dtype=None if bias is None else np.dtype(bias.dtype))
@@ -175,8 +187,16 @@ def _forward(x2, kernel, bias, sx, sw, key, log2, static):
     if bias is not None:
       y = y + bias.astype(jnp.float32)
     return y.astype(static.out_dtype), (x2, kernel, sx, sw, key, log2)
-  eng = kernels.get_engine(cfg.engine)
-  seeds = eng.seeds_from_key(key, _NUM_SEEDS)
+  y, res_x, qwt = run_per_platform(
+      cfg.engine, functools.partial(_quantized_forward, static=static),
+      x2, kernel, bias, sx, sw, key, log2)
+  return y, (res_x, qwt, kernel, sx, sw, key, log2)
+
+
+def _quantized_forward(eng: Engine, x2, kernel, bias, sx, sw, key, log2, *,
+                       static):
+  cfg = static.config
+  seeds = contract.seeds_from_key(key, _NUM_SEEDS)
   block = _block(static, log2)
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
   qx, res_x = eng.hadamard_quantize(x2, sx32, block=block, qn=cfg.qn,
@@ -185,17 +205,17 @@ def _forward(x2, kernel, bias, sx, sw, key, log2, static):
   # GEMM's), Hb along D, both K-major, in one pass; q_w^T is kept for the
   # backward (1 byte per weight) instead of quantizing the kernel again.
   # Rows of x (columns of the kernel) holding NaN/Inf give NaN rows (columns)
-  # of y, through the epilogue: row scale 1 or NaN (the residual's row norms
-  # carry the flag), column bias 0 or NaN (col_poison, from the same pass over
-  # the kernel), plus the layer's bias (added in float32 before the one
-  # rounding to out_dtype, so no pass over y).
-  qw, qwt, col_bias = eng.hadamard_quantize_weight(kernel, sw32, block=block, qn=cfg.qn,
-                                                   qp=cfg.qp)
+  # of y, through the epilogue: row scale 1 or NaN (the residual's row flag),
+  # column bias 0 or NaN (col_poison, from the same pass over the kernel),
+  # plus the layer's bias (added in float32 before the one rounding to
+  # out_dtype, so no pass over y).
+  qw, qwt, col_bias = eng.hadamard_quantize_weight(kernel, sw32, block=block,
+                                                   qn=cfg.qn, qp=cfg.qp)
   if bias is not None:
     col_bias = col_bias + bias.astype(jnp.float32)
-  y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=1.0 + res_x.norms * 0.0,
+  y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=res_x.row_flag,
                    col_bias=col_bias, out_dtype=static.out_dtype)
-  return y.astype(static.out_dtype), (res_x, qwt, kernel, sx, sw, key, log2)
+  return y.astype(static.out_dtype), res_x, qwt
 
 
 _NUM_SEEDS = 6
@@ -219,10 +239,19 @@ def _backward(static, res, g):
     return (dx.astype(x2.dtype), dk.astype(kernel.dtype),
             _bias_grad(g, static.bias_dtype), jnp.zeros_like(sx), jnp.zeros_like(sw),
             None, None)
-
   res_x, qwt, kernel, sx, sw, key, log2 = res
-  eng = kernels.get_engine(cfg.engine)
-  seeds = eng.seeds_from_key(key, _NUM_SEEDS)
+  dx, dk, dsx, dsw = run_per_platform(
+      cfg.engine, functools.partial(_quantized_backward, static=static),
+      g, res_x, qwt, kernel, sx, sw, key, log2)
+  return (dx, dk, _bias_grad(g, static.bias_dtype),
+          dsx.astype(sx.dtype).reshape(sx.shape),
+          dsw.astype(sw.dtype).reshape(sw.shape), None, None)
+
+
+def _quantized_backward(eng: Engine, g, res_x, qwt, kernel, sx, sw, key, log2,
+                        *, static):
+  cfg = static.config
+  seeds = contract.seeds_from_key(key, _NUM_SEEDS)
   block = _block(static, log2)
   qn, qp = cfg.qn, cfg.qp
   n, c = g.shape
@@ -240,7 +269,8 @@ def _backward(static, res, g):
   # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C, from the forward.
   # Each mode gives dX_hat (as rows + optional token slots) and dW_hat[D, C],
   # both in the Hadamard domain.
-  dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[backward_mode(cfg)](ctx, g, qwt)
+  mode = backward_mode(cfg, engine=eng)
+  dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[mode](ctx, g, qwt)
 
   # Activation side, one fused pass: gather the kept rows to their token, STE
   # mask and step gradient from the residual, then Hb^T.
@@ -251,18 +281,16 @@ def _backward(static, res, g):
   dk, delta_sum_w = eng.lsq_weight_backward(dwh_hat, kernel, sw32, block=block,
                                             qn=qn, qp=qp)
   dsw = lsq.grad_scale(d * c, qp=qp) * delta_sum_w
-  return (dx, dk, _bias_grad(g, static.bias_dtype),
-          dsx.astype(sx.dtype).reshape(sx.shape),
-          dsw.astype(sw.dtype).reshape(sw.shape), None, None)
+  return dx, dk, dsx, dsw
 
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
   """What every gradient-product mode may use."""
-  eng: object
+  eng: Engine
   cfg: Int4Config
   seeds: jax.Array
-  res_x: object          # the activation residual (q_x, mask, delta, norms)
+  res_x: contract.Residual   # the activation residual (codes, flags, norms)
   shape_x: Tuple[int, int]
   sx: jax.Array
   sw: jax.Array
@@ -288,16 +316,16 @@ def _products_exact(ctx, g, qwt):
 
 
 def _products_luq(ctx, g, qwt):
-  u = ctx.eng.uniform(ctx.seeds[_SEED_BASELINE], g.shape)
+  u = contract.uniform(ctx.seeds[_SEED_BASELINE], g.shape)
   return _products_float(ctx, luq_quantize(g.astype(jnp.float32), u), qwt)
 
 
 def _products_minmax(ctx, g, qwt):
-  u = ctx.eng.uniform(ctx.seeds[_SEED_BASELINE], g.shape)
+  u = contract.uniform(ctx.seeds[_SEED_BASELINE], g.shape)
   return _products_float(ctx, minmax_quantize(g.astype(jnp.float32), u), qwt)
 
 
-def _products_nonzero(ctx, g, qwt):
+def _products_bitsplit(ctx, g, qwt):
   """Bit splitting, every row kept: one GEMM per gradient on joined digits.
 
   s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A): the two INT4 GEMMs of
@@ -305,10 +333,10 @@ def _products_nonzero(ctx, g, qwt):
   (exact int32; `reference.bit_split_joined`).
   """
   eng = ctx.eng
-  # max|G| here, in XLA, so that it can join the fusion that produces G (one
-  # read of G fewer than the handler's own max pass).
-  v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT],
-                                        abs_max=bitsplit.abs_max(g))
+  # max|G| in XLA where the engine wants it there: it can then join the
+  # fusion that produces G (one read of G fewer than the handler's own pass).
+  abs_max = bitsplit.abs_max(g) if eng.abs_max_in_xla else None
+  v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT], abs_max=abs_max)
   dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False,
                          out_dtype=ctx.dxh_dtype)                        # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]
@@ -323,7 +351,7 @@ def _products_lss(ctx, g, qwt):
   n = g.shape[0]
   budget = lss.budget_rows(n, cfg.lss_budget)
   g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT])     # [2N, C]
-  u = eng.uniform24(seeds[_SEED_SAMPLE], 2)
+  u = contract.uniform24(seeds[_SEED_SAMPLE], 2)
   finite = jnp.isfinite(s_hi)
 
   def half_scale(index):
@@ -348,8 +376,8 @@ def _products_lss(ctx, g, qwt):
   x_norm = ctx.res_x.norms
   index, weight = lss.sample_rows(g2_norm * jnp.concatenate([x_norm, x_norm]),
                                   budget, u[1])
-  # The kept rows are this GEMM's reduction dim: padded to its K tile.
-  index, weight = lss.pad_slots(index, weight)
+  # The kept rows are this GEMM's reduction dim: padded to the engine's K tile.
+  index, weight = lss.pad_slots(index, weight, eng.gemm_k_multiple)
   vt, _, s_lo2 = eng.resplit_rows(g2, index, weight * half_scale(index),
                                   seeds[_SEED_RESPLIT])                 # [C, S]
   qxt = ctx.qx(rows=index % n, transpose=True)                          # [D, S]
@@ -358,22 +386,29 @@ def _products_lss(ctx, g, qwt):
   return part, slots, dwh_hat
 
 
-def backward_mode(config: Int4Config) -> str:
-  """The backward `config` runs on the default device: ``config.backward``,
-  with ``"auto"`` resolved to ``"lss"`` where INT4 tensor cores make the
-  sampled half-size GEMMs pay (`kernels.int4_tensor_cores`), else
-  ``"nonzero"`` (the joined bit-split GEMM costs the same as the sampled one
-  on INT8 engines, with no sampling variance)."""
+def backward_mode(config: Int4Config, platform: Optional[str] = None, *,
+                  engine: Optional[Engine] = None) -> str:
+  """The backward ``config`` runs: ``config.backward``, with ``"auto"``
+  resolved to ``"lss"`` where INT4 tensor cores make the sampled half-size
+  GEMMs pay (`Engine.int4_tensor_cores`), else ``"bitsplit"`` (the joined
+  bit-split GEMM costs what the sampled one does on INT8 engines, with no
+  sampling variance).
+
+  Resolved per platform when the program is lowered; ``platform`` (default:
+  the default backend's) or ``engine`` say which one to report.
+  """
   if config.backward != "auto":
     return config.backward
-  return "lss" if kernels.int4_tensor_cores() else "nonzero"
+  if engine is None:
+    engine = get_engine(config.engine, platform)
+  return "lss" if engine.int4_tensor_cores else "bitsplit"
 
 
 _GRADIENT_PRODUCTS = {
     "exact": _products_exact,
     "luq": _products_luq,
     "minmax": _products_minmax,
-    "nonzero": _products_nonzero,
+    "bitsplit": _products_bitsplit,
     "lss": _products_lss,
 }
 

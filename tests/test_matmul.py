@@ -74,7 +74,7 @@ def test_exact_backward_matches_autodiff_of_fake_quant_twin():
   assert abs(float(jnp.mean(dsx)) - float(r[2])) < 5 * sem + 1e-6
 
 
-@pytest.mark.parametrize("backward", ["lss", "nonzero"])
+@pytest.mark.parametrize("backward", ["lss", "bitsplit"])
 def test_quantized_gradients_are_unbiased(backward):
   """Mean over keys -> the exact-mode gradient, at the 1/sqrt(n) rate."""
   x, w, sx, sw = _data(n=32, d=32, c=16, seed=1)
@@ -246,7 +246,7 @@ def test_nonfinite_values_stay_visible():
   assert bool(jnp.all(jnp.isnan(y[3]))) and bool(jnp.all(jnp.isfinite(jnp.delete(y, 3, 0))))
   y = int4_matmul(x, w.at[2, 7].set(jnp.inf), sx, sw, KEY)
   assert bool(jnp.all(jnp.isnan(y[:, 7])))
-  for backward in ("lss", "nonzero", "exact"):
+  for backward in ("lss", "bitsplit", "exact"):
     cfg = Int4Config(backward=backward)
     ct = jnp.zeros((32, 16)).at[0, 0].set(jnp.nan)
     _, vjp = jax.vjp(lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg), x, w)
@@ -254,7 +254,7 @@ def test_nonfinite_values_stay_visible():
     assert bool(jnp.any(jnp.isnan(gx))) and bool(jnp.any(jnp.isnan(gw))), backward
 
 
-@pytest.mark.parametrize("backward", ["lss", "nonzero", "exact", "luq", "minmax"])
+@pytest.mark.parametrize("backward", ["lss", "bitsplit", "exact", "luq", "minmax"])
 def test_zero_gradient_gives_zero_gradients(backward):
   x, w, sx, sw = _data()
   cfg = Int4Config(backward=backward)
@@ -309,21 +309,25 @@ def test_auto_backward_resolves_by_tensor_core_kind(monkeypatch):
   """backward="auto" (the default): every bit-split row where INT4 values run
   on INT8 engines (this CPU, Hopper), leverage score sampling on INT4 tensor
   cores; the same gradients as naming the mode."""
-  from jint4 import kernels, matmul
+  from jint4 import matmul
+  from jint4.kernels import engine as engine_lib
   assert Int4Config().backward == "auto"
   x, w, sx, sw = _data()
   ct = jax.random.normal(jax.random.key(5), (32, 16))
   grad = lambda cfg: jax.grad(
       lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=cfg) * ct),
       argnums=(0, 1))(x, w)
-  for tensor_cores, mode in ((False, "nonzero"), (True, "lss")):
-    monkeypatch.setattr(kernels, "int4_tensor_cores", lambda t=tensor_cores: t)
-    assert matmul.backward_mode(Int4Config()) == mode
-    assert matmul.backward_mode(Int4Config(backward="exact")) == "exact"
-    auto, named = grad(Int4Config()), grad(Int4Config(backward=mode))
-    for a, b in zip(auto, named):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  monkeypatch.undo()
-  assert kernels.int4_tensor_cores() == (
-      jax.default_backend() == "gpu"
-      and str(jax.devices()[0].compute_capability).startswith("8."))
+  try:
+    for tensor_cores, mode in ((False, "bitsplit"), (True, "lss")):
+      monkeypatch.setattr(engine_lib, "_int4_tensor_cores",
+                          lambda platform, t=tensor_cores: t)
+      engine_lib.get_engine.cache_clear()
+      assert matmul.backward_mode(Int4Config()) == mode
+      assert matmul.backward_mode(Int4Config(backward="exact")) == "exact"
+      auto, named = grad(Int4Config()), grad(Int4Config(backward=mode))
+      for a, b in zip(auto, named):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  finally:
+    monkeypatch.undo()
+    engine_lib.get_engine.cache_clear()
+  assert engine_lib.get_engine("auto", "cpu").int4_tensor_cores is False

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jint4.kernels import reference
-from jint4.kernels.reference import Residual
+from jint4.kernels.contract import Residual
 
 # The sm_90a GEMM configs the CUDA build compiles, in the order of
 # xla_ffi/cuda/gemm_sm90.cu's kConfigs: the values JINT4_GEMM_SM90_CONFIG
@@ -133,15 +132,6 @@ def _static_log2(block) -> int:
 def _residual_shapes(size: int, qn: int):
   planes = 1 if qn <= 7 else 2
   return (-(-size // 2),), (planes, -(-size // 8))
-
-
-# Ops that are not FFI targets are the reference's own (cheap or host-side).
-uniform = reference.uniform
-uniform24 = reference.uniform24
-seeds_from_key = reference.seeds_from_key
-int_gemm_i32 = reference.int_gemm_i32
-pack_residual = reference.pack_residual
-unpack_residual = reference.unpack_residual
 
 
 def _float_operand(x):

@@ -128,7 +128,7 @@ def _replace_nnx_linears(node: Any, config: Int4Config, keep, path) -> None:
   for name, child in items:
     child_path = path + (str(name),)
     if type(child) is nnx.Linear and not keep("/".join(child_path)):
-      setter(name, _linear_to_int4(child, config))
+      setter(name, _linear_to_int4(child, config, "/".join(child_path)))
     elif isinstance(child, (nnx.Module, list, dict)) or _is_nnx_container(child):
       _replace_nnx_linears(child, config, keep, child_path)
 
@@ -139,7 +139,8 @@ def _is_nnx_container(node):
              if isinstance(cls, type))
 
 
-def _linear_to_int4(linear: "nnx.Linear", config: Int4Config) -> Int4Linear:
+def _linear_to_int4(linear: "nnx.Linear", config: Int4Config,
+                    path: str) -> Int4Linear:
   kernel = linear.kernel[...]
   layer = Int4Linear(
       linear.in_features, linear.out_features, use_bias=linear.use_bias,
@@ -147,5 +148,5 @@ def _linear_to_int4(linear: "nnx.Linear", config: Int4Config) -> Int4Linear:
       kernel_init=lambda *_: kernel,
       bias_init=(lambda *_: linear.bias[...]) if linear.use_bias else
       nnx.initializers.zeros_init(),
-      rngs=nnx.Rngs(0))
+      name=path, rngs=nnx.Rngs(0))
   return layer

@@ -4,8 +4,9 @@ Same constructor arguments and parameter names as `nn.Dense` (``kernel`` of
 shape (in, out), ``bias``), plus the quantizer state:
 
   params/step_size_x, params/step_size_w   learned LSQ step sizes (scalars),
-      initialised by s0 = 2 mean|T Hb| / sqrt(Qp) on the first batch and on the
-      initial kernel (paper Sec. 4.1).
+      initialised by `jint4.init_step_sizes` (s0 = 2 mean|T Hb| / sqrt(Qp)) on
+      the init batch and the initial kernel (paper Sec. 4.1); after loading
+      other kernels, `jint4.calibrate` sets them again.
   quant_state/hadamard_log2_block          only with hadamard_block="auto": the
       block chosen by the per-layer search at init.
   quant_state/step, step_ratio_x, step_ratio_w   only with warmup_steps > 0.
@@ -20,11 +21,14 @@ Warm-up (paper, pre-training): with ``config.warmup_steps = K > 0`` the step
 sizes follow the init rule of the current batch for the first K calls made
 with the ``quant_state`` collection mutable (``model.apply(variables, x,
 mutable=['quant_state'])``, as for BatchNorm's statistics); learning then
-continues from the last warm-up value.
+continues from the last warm-up value. A call without it mutable warns once
+per layer: the counter cannot advance then.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import zlib
 from typing import Any, Callable, Optional
 
@@ -34,8 +38,7 @@ import jax.numpy as jnp
 
 from jint4.config import Int4Config
 from jint4.matmul import int4_matmul
-from jint4.quant import hadamard
-from jint4.quant import lsq
+from jint4.quant_init import init_step_sizes
 
 QUANT_STATE = "quant_state"
 default_kernel_init = nn.initializers.lecun_normal()
@@ -91,55 +94,89 @@ def int4_dense(module: nn.Module, inputs: jax.Array, *, features: int,
                         (jnp.shape(inputs)[-1], features), param_dtype)
   bias = (module.param("bias", bias_init, (features,), param_dtype)
           if use_bias else None)
+  # Integer inputs are cast to the parameters' dtype, as nn.Dense does.
   inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias,
                                                  dtype=dtype)
+  with layer_errors(layer_path(module)):
+    return _quantized_dense(module, inputs, kernel, bias, config, rng_collection)
+
+
+def _quantized_dense(module, inputs, kernel, bias, config, rng_collection):
   key = _quant_key(module, inputs, kernel, rng_collection)
   if not config.quantizes_forward:
     return int4_matmul(inputs, kernel, jnp.float32(1), jnp.float32(1), key,
                        config=config, bias=bias)
-
   log2 = None
-  block = config.hadamard_block if config.uses_hadamard else 1
-  if config.uses_hadamard and block == "auto":
+  if config.uses_hadamard and config.hadamard_block == "auto":
     log2 = module.variable(
         QUANT_STATE, "hadamard_log2_block",
-        lambda: hadamard.search_hadamard_block(
-            inputs, kernel, qn=config.qn, qp=config.qp)).value
-    block = log2
+        lambda: init_step_sizes(inputs, kernel, config).log2_block).value
 
-  def rule_x():
-    return lsq.init_step_size(hadamard.apply_block_hadamard(inputs, block, axis=-1), qp=config.qp)
+  def initial():
+    return init_step_sizes(inputs, kernel, config, log2_block=log2)
 
-  def rule_w():
-    return lsq.init_step_size(hadamard.apply_block_hadamard(kernel, block, axis=0), qp=config.qp)
-
-  step_x = module.param("step_size_x", lambda _: rule_x())
-  step_w = module.param("step_size_w", lambda _: rule_w())
+  step_x = module.param("step_size_x", lambda _: initial().step_x)
+  step_w = module.param("step_size_w", lambda _: initial().step_w)
   if config.warmup_steps:
-    step_x, step_w = _warmup(module, config.warmup_steps, step_x, step_w,
-                             rule_x, rule_w)
+    step_x, step_w = _warmup(module, config.warmup_steps, step_x, step_w, initial)
   return int4_matmul(inputs, kernel, step_x, step_w, key, config=config,
                      bias=bias, hadamard_log2_block=log2)
 
 
-def _warmup(module, steps, step_x, step_w, rule_x, rule_w):
+def layer_path(module: nn.Module) -> str:
+  """A Linen module's path, "/"-joined ("Dense_0" style names)."""
+  return "/".join(map(str, module.path)) or type(module).__name__
+
+
+@contextlib.contextmanager
+def layer_errors(path: str):
+  """Prefixes a layer's bad-input errors with the layer's path."""
+  try:
+    yield
+  except (ValueError, TypeError) as e:
+    # Only the plain types: subclasses (JAX's tracer errors) have their own
+    # constructors and messages.
+    if type(e) not in (ValueError, TypeError) or str(e).startswith(f"{path}: "):
+      raise
+    raise type(e)(f"{path}: {e}") from e
+
+
+_warned_frozen: set = set()
+
+
+def _warmup(module, steps, step_x, step_w, initial):
   """Step sizes during and after the paper's pre-training warm-up."""
   counter = module.variable(QUANT_STATE, "step", lambda: jnp.zeros((), jnp.int32))
   ratio_x = module.variable(QUANT_STATE, "step_ratio_x",
                             lambda: jnp.ones((), jnp.float32))
   ratio_w = module.variable(QUANT_STATE, "step_ratio_w",
                             lambda: jnp.ones((), jnp.float32))
+  advance = module.is_mutable_collection(QUANT_STATE) and not module.is_initializing()
+  path = layer_path(module)
+  if not advance and not module.is_initializing() and path not in _warned_frozen:
+    # Without the collection mutable the counter cannot advance: during the
+    # warm-up the steps would follow the init rule forever and never learn.
+    _warned_frozen.add(path)
+    warnings.warn(
+        f"{path}: Int4Config(warmup_steps={steps}) but the {QUANT_STATE!r}"
+        " collection is not mutable, so the warm-up counter does not advance"
+        " and, while it lasts, the step sizes follow the init rule instead of"
+        f" being learned. Train with apply(..., mutable=[{QUANT_STATE!r}]) and"
+        " keep the returned state (fine to ignore for evaluation).",
+        RuntimeWarning, stacklevel=2)
   warm = counter.value < steps
+  rules = initial()
   out = []
-  for param, ratio, rule in ((step_x, ratio_x, rule_x), (step_w, ratio_w, rule_w)):
-    rule_value = jax.lax.stop_gradient(rule())
+  for param, ratio, rule in ((step_x, ratio_x, rules.step_x),
+                             (step_w, ratio_w, rules.step_w)):
+    rule_value = jax.lax.stop_gradient(rule)
     # During warm-up s follows the rule and is not learned; afterwards it is
     # the learned parameter rescaled to continue from the last warm-up value.
     out.append(jnp.where(warm, rule_value, param * ratio.value))
-    if module.is_mutable_collection(QUANT_STATE) and not module.is_initializing():
+    if advance:
       ratio.value = jnp.where(
           warm, rule_value / jax.lax.stop_gradient(param), ratio.value)
-  if module.is_mutable_collection(QUANT_STATE) and not module.is_initializing():
+  if advance:
     counter.value = counter.value + 1
   return out
 

@@ -3,15 +3,17 @@
 Same constructor arguments and parameter names as `nnx.Linear` (``kernel`` of
 shape (in, out), ``bias``) plus the quantizer state: the learned LSQ step sizes
 ``step_size_x`` / ``step_size_w`` (`nnx.Param`) and, as `QuantState`
-variables, the Hadamard block of ``hadamard_block="auto"``.
+variables, ``calibrated`` (0 until the step sizes are set) and the Hadamard
+block in use (``hadamard_log2_block``, searched with ``hadamard_block="auto"``).
 
-NNX builds parameters before any data is seen, so ``step_size_w`` is set from
-the initial kernel at construction (s0 = 2 mean|W Hb| / sqrt(Qp)) while
-``step_size_x`` (and the "auto" block) are set by the first call, from the
-first batch (paper Sec. 4.1). Make that first call outside a gradient
-transformation, e.g. one forward pass on a sample batch before training
-(`Int4Linear.calibrate` / `jint4.calibrate` do it for a whole model); a call
-made before then uses the init rule on its batch without learning the step.
+NNX builds parameters before any data is seen, so the step sizes are set by
+`jint4.init_step_sizes` (s0 = 2 mean|T Hb| / sqrt(Qp), paper Sec. 4.1) on the
+first batch the layer sees and its kernel at that time, eager or traced: the
+first call uses the init values and passes their gradient on to the step
+parameters, and stores the init values (NNX transforms such as `nnx.jit` and
+`nnx.value_and_grad` carry that update out; with `nnx.split` / `nnx.merge`
+keep the state the call returns). `Int4Linear.calibrate(batch)` and
+`jint4.calibrate(model, batch)` set them again, e.g. after loading kernels.
 
 Randomness: ``rngs=nnx.Rngs(params=0, quant=1)`` gives the layer a ``quant``
 stream (also accepted per call); without one the key is derived from the bits
@@ -30,19 +32,22 @@ from flax import nnx
 from jint4.config import Int4Config
 from jint4.matmul import int4_matmul
 from jint4.nn.linen import data_key
-from jint4.quant import hadamard
-from jint4.quant import lsq
+from jint4.nn.linen import layer_errors
+from jint4.quant_init import init_step_sizes
 
 _data = getattr(nnx, "data", lambda value: value)
 default_kernel_init = nnx.initializers.lecun_normal()
 
 
 class QuantState(nnx.Variable):
-  """Non-learned quantizer state (chosen Hadamard block)."""
+  """Non-learned quantizer state (whether the steps are set, the block)."""
 
 
 class Int4Linear(nnx.Module):
-  """A linear transformation applied over the last dimension, in INT4."""
+  """A linear transformation applied over the last dimension, in INT4.
+
+  ``name``: the layer's path for error messages (`int4ify` sets it).
+  """
 
   def __init__(self, in_features: int, out_features: int, *,
                use_bias: bool = True, dtype: Optional[Any] = None,
@@ -50,6 +55,7 @@ class Int4Linear(nnx.Module):
                kernel_init: Callable = default_kernel_init,
                bias_init: Callable = nnx.initializers.zeros_init(),
                config: Int4Config = Int4Config(),
+               name: Optional[str] = None,
                rngs: nnx.Rngs):
     del precision  # the products are exact integer GEMMs
     if not isinstance(config, Int4Config):
@@ -63,78 +69,64 @@ class Int4Linear(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.config = config
-    kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-    self.kernel = nnx.Param(kernel)
+    self.name = name or f"Int4Linear({in_features} -> {out_features})"
+    self.kernel = nnx.Param(
+        kernel_init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else _data(None))
     self.quant_rngs = (rngs["quant"].fork() if "quant" in rngs else _data(None))
     if config.quantizes_forward:
-      auto = config.uses_hadamard and config.hadamard_block == "auto"
-      self.hadamard_log2_block = QuantState(jnp.full((), -1 if auto else 0,
-                                                     jnp.int32))
-      block = self._static_block()
-      self.step_size_w = nnx.Param(
-          lsq.init_step_size(hadamard.hadamard_transform(
-              kernel, 1 if block is None else block, axis=0), qp=config.qp)
-          if block is not None else jnp.zeros((), jnp.float32))
       self.step_size_x = nnx.Param(jnp.zeros((), jnp.float32))
-
-  def _static_block(self):
-    cfg = self.config
-    if not cfg.uses_hadamard:
-      return 1
-    return None if cfg.hadamard_block == "auto" else cfg.hadamard_block
+      self.step_size_w = nnx.Param(jnp.zeros((), jnp.float32))
+      self.hadamard_log2_block = QuantState(jnp.zeros((), jnp.int32))
+      self.calibrated = QuantState(jnp.zeros((), jnp.int32))
 
   def calibrate(self, inputs: jax.Array) -> None:
-    """Sets the data-dependent state (step_size_x, the "auto" block) from a
-    batch, as the first call does. Call it outside jax transformations."""
-    self._initialize(jnp.asarray(inputs))
+    """Sets the step sizes (and the "auto" block) from a batch and the
+    current kernel, as the first call does."""
+    if self.config.quantizes_forward:
+      self.calibrated[...] = jnp.zeros((), jnp.int32)
+      self._steps(self._promote(jnp.asarray(inputs))[0], self.kernel[...])
 
-  def _initialize(self, inputs):
-    cfg = self.config
+  def _promote(self, inputs):
     kernel = self.kernel[...]
-    block = self._static_block()
-    if block is None:
-      log2 = hadamard.search_hadamard_block(inputs, kernel, qn=cfg.qn, qp=cfg.qp)
-      self.hadamard_log2_block[...] = log2
-      self.step_size_w[...] = lsq.init_step_size(
-          hadamard.hadamard_transform_dynamic(kernel, log2, axis=0), qp=cfg.qp)
-      xh = hadamard.hadamard_transform_dynamic(inputs, log2, axis=-1)
-    else:
-      xh = hadamard.hadamard_transform(inputs, block, axis=-1)
-    self.step_size_x[...] = lsq.init_step_size(xh, qp=cfg.qp)
+    bias = self.bias[...] if self.bias is not None else None
+    # Integer inputs are cast to the parameters' dtype, as nnx.Linear does.
+    return nnx.nn.dtypes.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+
+  def _steps(self, inputs, kernel):
+    """(step_x, step_w, log2 block) for this call; the first one (flag
+    ``calibrated`` still 0, eager or traced) initialises them."""
+    params = (self.step_size_x[...], self.step_size_w[...],
+              self.hadamard_log2_block[...])
+    flag = self.calibrated[...]
+    if not isinstance(flag, jax.core.Tracer) and int(flag):
+      return params
+    init = init_step_sizes(inputs, kernel, self.config)
+    ready = flag > 0
+    # The init value now, with the gradient passed on to the parameter.
+    steps = tuple(jnp.where(ready, p, i + (p - jax.lax.stop_gradient(p)))
+                  for p, i in zip(params[:2], init[:2]))
+    log2 = jnp.where(ready, params[2], init.log2_block)
+    self.step_size_x[...] = jnp.where(ready, params[0], init.step_x)
+    self.step_size_w[...] = jnp.where(ready, params[1], init.step_w)
+    self.hadamard_log2_block[...] = log2
+    self.calibrated[...] = jnp.ones((), jnp.int32)
+    return steps + (log2,)
 
   def __call__(self, inputs: jax.Array, *,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-    inputs = jnp.asarray(inputs)
+    inputs, kernel, bias = self._promote(jnp.asarray(inputs))
     cfg = self.config
-    kernel = self.kernel[...]
-    bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = nnx.nn.dtypes.promote_dtype(
-        (inputs, kernel, bias), dtype=self.dtype)
-    key = self._key(rngs, inputs, kernel)
-    if not cfg.quantizes_forward:
-      return int4_matmul(inputs, kernel, jnp.float32(1), jnp.float32(1), key,
-                         config=cfg, bias=bias)
-    if isinstance(self.step_size_x[...], jax.core.Tracer):
-      step_x = self.step_size_x[...]
-      ready = step_x > 0
-    else:
-      if float(self.step_size_x[...]) <= 0:
-        self._initialize(inputs)
-      step_x, ready = self.step_size_x[...], True
-    if ready is not True:
-      block = self._static_block()
-      if block is None:
-        block = jnp.maximum(self.hadamard_log2_block[...], 0)
-      fallback = lsq.init_step_size(
-          hadamard.apply_block_hadamard(inputs, block, axis=-1), qp=cfg.qp)
-      step_x = jnp.where(ready, step_x, jax.lax.stop_gradient(fallback))
-    log2 = self.hadamard_log2_block[...] if self._static_block() is None else None
-    if log2 is not None:
-      log2 = jnp.maximum(log2, 0)
-    return int4_matmul(inputs, kernel, step_x, self.step_size_w[...], key,
-                       config=cfg, bias=bias, hadamard_log2_block=log2)
+    with layer_errors(self.name):
+      key = self._key(rngs, inputs, kernel)
+      if not cfg.quantizes_forward:
+        return int4_matmul(inputs, kernel, jnp.float32(1), jnp.float32(1), key,
+                           config=cfg, bias=bias)
+      step_x, step_w, log2 = self._steps(inputs, kernel)
+      auto = cfg.uses_hadamard and cfg.hadamard_block == "auto"
+      return int4_matmul(inputs, kernel, step_x, step_w, key, config=cfg,
+                         bias=bias, hadamard_log2_block=log2 if auto else None)
 
   def _key(self, rngs, inputs, kernel):
     if isinstance(rngs, nnx.Rngs):
@@ -145,4 +137,4 @@ class Int4Linear(nnx.Module):
       return rngs
     if self.quant_rngs is not None:
       return self.quant_rngs()
-    return data_key(inputs, kernel, f"Int4Linear{self.in_features}x{self.out_features}")
+    return data_key(inputs, kernel, self.name)

@@ -12,9 +12,9 @@ native handlers reproduce these roundings exactly.)
 Both halves are INT4 values and E[s_hi hi + s_lo lo] = G exactly (the
 stochastic rounding of the low half is unbiased, and neither clamp ever binds
 since 98 = 7 * 14). Stacked, G2 = [s_hi hi ; s_lo lo] is a 2N x C matrix whose
-rows leverage score sampling (`jint4.quant.lss`) draws from. (ALGORITHM.md
-writes the clamps as +-6; with +-6 values above 90/98 of the max would be
-clipped, a bias, so the clamps here are the no-op +-7.)
+rows leverage score sampling (`jint4.quant.lss`) draws from. (Clamps of
++-6, as the paper's pseudo-code writes them, would clip the values above
+90/98 of the max, a bias; the clamps here are the no-op +-7.)
 
 Special values: an all-zero G gives zero halves and zero scales (no 0/0); a
 NaN or Inf anywhere in G makes M, hence both scales, NaN or Inf, so every

@@ -174,8 +174,9 @@ def search_hadamard_block(x: jax.Array, w: jax.Array, *, qn: int = 7,
   w = w.astype(jnp.float32)
   errors = []
   for k in range(min(max_log2, max_log2_block(d)) + 1):
-    errors.append(_roundtrip_error(x, 2 ** k, -1, qn, qp)
-                  * _roundtrip_error(w, 2 ** k, 0, qn, qp))
+    # An empty batch says nothing about x: the kernel alone decides.
+    x_error = _roundtrip_error(x, 2 ** k, -1, qn, qp) if x.size else 1.0
+    errors.append(x_error * _roundtrip_error(w, 2 ** k, 0, qn, qp))
   return jnp.argmin(jnp.stack(errors)).astype(jnp.int32)
 
 

@@ -34,10 +34,13 @@ CLIP_CODE = -8  # the 4-bit code [-7, 7] never uses
 
 
 def init_step_size(t: jax.Array, *, qp: int) -> jax.Array:
-  """s0 = 2 mean|T| / sqrt(Qp) in float32; 1.0 for an all-zero tensor.
+  """s0 = 2 mean|T| / sqrt(Qp) in float32; 1.0 for an all-zero or empty
+  tensor (no scale to learn from).
 
   A NaN or Inf in T gives a NaN / Inf step, so it stays visible.
   """
+  if t.size == 0:
+    return jnp.ones((), jnp.float32)
   s = 2.0 * jnp.mean(jnp.abs(t.astype(jnp.float32))) / jnp.sqrt(jnp.float32(qp))
   return jnp.where(s == 0, jnp.ones_like(s), s)
 
@@ -104,8 +107,8 @@ def encode_backward_state(v: jax.Array, u: jax.Array, *, qn: int, qp: int):
   Returns:
     (code, flags): ``code`` int8 in [-8, 7], ``flags`` uint8 with bit 0 the
     delta / clip-side bit and (only when qn == 8) bit 1 the clip flag.
-    ``decode_backward_state`` inverts it; the GEMM operand is
-    `decode_values(code, flags)`.
+    `decode_backward_state` inverts it (its q is the backward GEMMs'
+    operand).
   """
   q = quantize(v, 1.0, qn=qn, qp=qp)
   inside = in_range(v, qn=qn, qp=qp)

@@ -132,15 +132,12 @@ def sample_rows(scores: jax.Array, budget: int, u0: jax.Array):
   return systematic_sample(inclusion_probabilities(scores, budget), budget, u0)
 
 
-def pad_slots(index: jax.Array, weight: jax.Array, multiple: int = 128):
+def pad_slots(index: jax.Array, weight: jax.Array, multiple: int):
   """Appends empty slots (index 0, weight 0) up to a multiple of ``multiple``.
 
-  For kept rows that are a GEMM's reduction dim K: the int8 operands' rows
-  are then a multiple of 128 bytes long, the GEMM's K tile. `num_slots` is
-  B + 1 in practice, and on the H200 the sm_90a GEMM at M = N = 8192 took
-  0.99 ms with K = 8208 (rows 16-byte aligned, not 128) against 0.79 ms with
-  K = 8192 or 8320 (tools/lss_gemm_probe.py); unpadded (K = 8193) its
-  operands were also copied into padded scratch. Empty slots add nothing to
+  For kept rows that are a GEMM's reduction dim K, so that the operands' rows
+  fit the GEMM's K tile (the engine says which: `Engine.gemm_k_multiple`);
+  `num_slots` is B + 1 in practice, an awkward K. Empty slots add nothing to
   the estimate.
   """
   if multiple < 1:

@@ -16,6 +16,7 @@ import pytest
 
 import jint4
 from jint4 import kernels
+from jint4.kernels import engine as engine_lib
 from jint4.kernels import native, reference
 from jint4.quant import bitsplit, hadamard
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
@@ -608,7 +609,7 @@ def test_native_ops_vmap_and_grad_through_int4_matmul():
   cfg_n = jint4.Int4Config(engine="native")
   cfg_r = jint4.Int4Config(engine="reference")
   key = jax.random.key(0)
-  for backward in ("lss", "nonzero"):
+  for backward in ("lss", "bitsplit"):
     def loss(cfg):
       cfg = jint4.Int4Config(engine=cfg.engine, backward=backward)
       return lambda x, w: jnp.sum(jint4.int4_matmul(x, w, jnp.float32(0.5),
@@ -791,20 +792,39 @@ def test_bad_native_input_raises_clear_errors():
 
 def test_engine_info_and_auto_policy():
   info = jint4.engine_info()
-  assert info["native_usable"] and info["native_build"]["built"]
-  assert set(info["ops"]) == set(kernels.OPS)
+  assert info["native_build"]["built"]
+  cpu = info["platforms"]["cpu"]
+  assert cpu["native_usable"]
+  assert set(cpu["ops"]) == set(engine_lib.OPS)
+  # "auto" on CPU: the pure-JAX ops, with the policy's reason.
+  assert {v["runs"] for v in cpu["ops"].values()} == {"reference"}
+  assert all("XLA" in v["why"] for v in cpu["ops"].values())
+  assert cpu["backward_auto"]["mode"] == "bitsplit" and cpu["backward_auto"]["why"]
+  cuda = info["platforms"]["cuda"]
+  want = "native" if native.has_cuda() else "reference"
+  assert {v["runs"] for v in cuda["ops"].values()} == {want}
+  if not native.has_cuda():
+    assert all("without CUDA" in v["why"] for v in cuda["ops"].values())
   assert kernels.get_engine("reference").int_gemm is reference.int_gemm
   assert kernels.get_engine("native").bit_split is native.bit_split
+  # One instance per (choice, platform), not a namespace per trace.
+  assert kernels.get_engine("auto", "cpu") is kernels.get_engine("auto", "cpu")
 
 
 def test_missing_build_falls_back_with_one_warning(monkeypatch):
   monkeypatch.setattr(native, "_status", lambda: (False, "simulated missing build"))
-  monkeypatch.setattr(kernels, "_warned", [])
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    e1 = kernels.get_engine("auto")
-    e2 = kernels.get_engine("auto")
-  assert e1.name == e2.name == "reference"
-  assert len([w for w in caught if "simulated missing build" in str(w.message)]) == 1
-  with pytest.raises(RuntimeError, match="simulated missing build"):
-    kernels.get_engine("native")
+  monkeypatch.setattr(engine_lib, "_warned", set())
+  monkeypatch.setattr(engine_lib, "_devices", lambda platform: [object()])
+  kernels.get_engine.cache_clear()
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      e1 = kernels.get_engine("auto", "cuda")
+      e2 = kernels.get_engine("auto", "cuda")
+    assert e1.runs == e2.runs == {op: "reference" for op in engine_lib.OPS}
+    assert "simulated missing build" in e1.why["int_gemm"]
+    assert len([w for w in caught if "simulated missing build" in str(w.message)]) == 1
+    with pytest.raises(RuntimeError, match="simulated missing build"):
+      kernels.get_engine("native", "cpu")
+  finally:
+    kernels.get_engine.cache_clear()

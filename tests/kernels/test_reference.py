@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jint4.kernels import contract
 from jint4.kernels import reference as ref
 from jint4.quant import bitsplit
 from jint4.quant import hadamard
@@ -29,7 +30,7 @@ def seed(a, b):
 
 # ------------------------------------------------------------------ uniform --
 
-uniform = jax.jit(ref.uniform, static_argnums=1)
+uniform = jax.jit(contract.uniform, static_argnums=1)
 SHAPE = (400, 250)    # 10^5 draws
 
 
@@ -51,7 +52,7 @@ def test_uniform_range_dtype_and_resolution():
 
 
 def test_uniform24_resolution_and_range():
-  u = f64(jax.jit(ref.uniform24, static_argnums=1)(seed(1, 2), 50_000))
+  u = f64(jax.jit(contract.uniform24, static_argnums=1)(seed(1, 2), 50_000))
   assert u.shape == (50_000,) and u.min() >= 0.0 and u.max() < 1.0
   k = u * 2 ** 24                 # 24 random bits: multiples of 2^-24
   np.testing.assert_array_equal(k, np.round(k))
@@ -68,7 +69,7 @@ def test_uniform_deterministic_and_seed_dependent():
   a = np.asarray(uniform(seed(1, 2), SHAPE))
   np.testing.assert_array_equal(a, np.asarray(uniform(seed(1, 2), SHAPE)))
   # Eager and jit agree (a pure function of seed and index).
-  np.testing.assert_array_equal(a[:3], np.asarray(ref.uniform(seed(1, 2),
+  np.testing.assert_array_equal(a[:3], np.asarray(contract.uniform(seed(1, 2),
                                                               (3, 250))))
   # Changing either seed word changes (nearly) every element.
   for other in (seed(2, 2), seed(1, 3), seed(2, 1)):
@@ -115,10 +116,10 @@ def test_uniform_neighbours_uncorrelated():
 
 
 def test_seeds_from_key():
-  s = ref.seeds_from_key(jax.random.PRNGKey(0), 3)
+  s = contract.seeds_from_key(jax.random.PRNGKey(0), 3)
   assert s.shape == (3, 2) and s.dtype == jnp.uint32
   assert len({tuple(r) for r in np.asarray(s).tolist()}) == 3
-  s2 = ref.seeds_from_key(jax.random.key(0), 3)     # typed key
+  s2 = contract.seeds_from_key(jax.random.key(0), 3)     # typed key
   assert s2.shape == (3, 2) and s2.dtype == jnp.uint32
 
 
@@ -131,8 +132,8 @@ def planes(qn):
 @functools.partial(jax.jit, static_argnames=("qn", "shape"))
 def _roundtrip(code, flags, qn, shape):
   norms = jnp.arange(shape[0], dtype=jnp.int32)   # carried through, as float32
-  res = ref.pack_residual(code, flags, norms, qn=qn)
-  return res, ref.unpack_residual(res, shape, qn=qn)
+  res = contract.pack_residual(code, flags, norms, qn=qn)
+  return res, contract.unpack_residual(res, shape, qn=qn)
 
 
 def random_codes(rng, shape, qn):
@@ -184,7 +185,7 @@ def test_packed_layout():
   # nibbles: low nibble first; flags: bit j of byte i is element 8 i + j.
   code = np.array([1, -1, 7, -8, 0, 3, -2, 5], np.int8)
   flags = np.array([1, 0, 3, 2, 0, 1, 1, 2], np.uint8)
-  res = ref.pack_residual(jnp.asarray(code), jnp.asarray(flags), jnp.zeros((1,)),
+  res = contract.pack_residual(jnp.asarray(code), jnp.asarray(flags), jnp.zeros((1,)),
                           qn=8)
   nib = np.asarray(res.nibbles)
   np.testing.assert_array_equal(nib & 0xF, code[0::2].astype(np.uint8) & 0xF)
@@ -230,13 +231,13 @@ def engine_run(x, grad, s, block, qn, qp):
                                                        qn=qn, qp=qp)
   # Backward: lsq_backward and what decode_backward_state implies.
   out["dt"], out["dsum"] = ref.lsq_backward(grad, res, qn=qn, qp=qp)
-  code, flags = ref.unpack_residual(res, x.shape, qn=qn)
+  code, flags = contract.unpack_residual(res, x.shape, qn=qn)
   _, out["mask"], out["dhat"] = lsq.decode_backward_state(code, flags, qn=qn,
                                                           qp=qp)
   out["in_range"] = lsq.in_range(v, qn=qn, qp=qp)
   out["code"], out["flags"] = code, flags
   out["code_spec"], out["flags_spec"] = lsq.encode_backward_state(
-      v, ref.uniform(s, v.shape), qn=qn, qp=qp)
+      v, contract.uniform(s, v.shape), qn=qn, qp=qp)
   return out
 
 
@@ -563,7 +564,7 @@ def test_bit_split_row_norms():
   s = seed(13, 14)
   (g2, s_hi, s_lo, norms), want = jax.jit(
       lambda g, s: (ref.bit_split(g, s),
-                    bitsplit.bit_split(g, ref.uniform(s, g.shape))))(g, s)
+                    bitsplit.bit_split(g, contract.uniform(s, g.shape))))(g, s)
   hi, lo = g2[:24], g2[24:]
   assert g2.shape == (48, 40) and g2.dtype == jnp.int8
   # The halves are bitsplit.bit_split with the engine's counter-based noise.
