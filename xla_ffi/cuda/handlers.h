@@ -13,8 +13,9 @@
 // All integer attributes are int32. Scalars (step, scale, log2_block, seeds)
 // stay in device memory; no handler synchronizes with the host.
 //
-// Sources: quantize.cu lsq.cu bitsplit.cu gemm.cu gemm_sm90*.cu gemm_sm80.cu
-// (+ headers cuda_common.h cuda_ffi.h gemm_kernels.h).
+// Sources: quantize.cu residual_values.cu lsq_backward.cu lsq_weight_backward.cu
+// bitsplit.cu gemm.cu gemm_sm90*.cu gemm_sm80.cu (+ headers cuda_common.h
+// cuda_ffi.h device_util.cuh residual_decode.cuh gemm_kernels.h).
 //
 // nvcc flags used (nvcc 13.0), for every .cu of this folder (compile each
 // with -c; link the objects into the extension with the usual CUDA runtime):
@@ -29,7 +30,8 @@
 // gemm_sm90*.cu and gemm_sm80.cu include it).
 //   * -DNDEBUG is required: without it ptxas serializes the sm_90a wgmma
 //     (warning C7510) and the GEMM loses up to 30%.
-//   * -fmad=false is required for quantize.cu / lsq.cu / bitsplit.cu (keeps
+//   * -fmad=false is required for quantize.cu, residual_values.cu,
+//     lsq_backward.cu, lsq_weight_backward.cu and bitsplit.cu (keeps
 //     the float arithmetic of jint4_math.h un-contracted, so the integer
 //     outputs stay bit-identical to the reference); it is harmless for the
 //     GEMM files (their epilogues only multiply), so one flag set serves all.
@@ -45,7 +47,8 @@
 //   * Do not pass -use_fast_math / --ftz=true / -prec-div=false /
 //     -prec-sqrt=false.
 // Compile times on this 2-core machine (wall, both archs): quantize 12 s,
-// lsq 13 s, bitsplit 12 s, gemm 16 s, gemm_sm80 21 s, and about 110 s for
+// residual_values ~8 s, lsq_backward ~13 s, lsq_weight_backward ~15 s,
+// bitsplit 12 s, gemm 16 s, gemm_sm80 21 s, and about 110 s for
 // each of the four gemm_sm90*.cu (two or four CUTLASS 3 instantiations each;
 // a parallel build runs them side by side); ~9 min serial in total.
 #ifndef JINT4_XLA_FFI_CUDA_HANDLERS_H_
