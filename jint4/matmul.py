@@ -446,19 +446,20 @@ def _check_inputs(x, kernel, step_x, step_w, key, config, log2):
   if key is None:
     raise ValueError("int4_matmul needs a PRNG key (jax.random.key(seed)) for"
                      " its stochastic rounding and sampling.")
-  d = kernel.shape[0]
-  if config.uses_hadamard:
-    if config.hadamard_block == "auto":
-      if log2 is None:
-        raise ValueError(
-            "Int4Config(hadamard_block='auto') needs hadamard_log2_block (from"
-            " jint4.quant.hadamard.search_hadamard_block); Int4Dense stores it"
-            " in its quant_state.")
-    elif d % config.hadamard_block:
-      raise ValueError(
-          f"The contraction dim D={d} is not a multiple of the Hadamard block"
-          f" {config.hadamard_block}. Pick a block that divides D (e.g."
-          f" Int4Config(hadamard_block={2 ** hadamard.max_log2_block(d)})), use"
-          " hadamard_block='auto', or pad the features to a multiple of"
-          f" {config.hadamard_block}.")
+  if config.uses_hadamard and config.hadamard_block == "auto" and log2 is None:
+    raise ValueError(
+        "Int4Config(hadamard_block='auto') needs hadamard_log2_block (from"
+        " jint4.init_step_sizes); Int4Dense stores it in its quant_state.")
+  check_contraction_dim(kernel.shape[0], config)
 
+
+def check_contraction_dim(d: int, config: Int4Config) -> None:
+  """Raises unless ``config``'s Hadamard block divides the contraction dim."""
+  block = config.hadamard_block
+  if config.uses_hadamard and block != "auto" and d % block:
+    raise ValueError(
+        f"The contraction dim D={d} is not a multiple of the Hadamard block"
+        f" {block}. Pick a block that divides D (e.g."
+        f" Int4Config(hadamard_block={2 ** hadamard.max_log2_block(d)})), use"
+        " hadamard_block='auto', or pad the features to a multiple of"
+        f" {block}.")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jint4.config import Int4Config
+from jint4.matmul import check_contraction_dim
 from jint4.quant import hadamard
 from jint4.quant import lsq
 
@@ -48,6 +49,7 @@ def init_step_sizes(x: jax.Array, kernel: jax.Array, config: Int4Config, *,
   one = jnp.ones((), jnp.float32)
   if not config.quantizes_forward:
     return QuantInit(one, one, jnp.zeros((), jnp.int32))
+  check_contraction_dim(kernel.shape[0], config)
   block = config.hadamard_block if config.uses_hadamard else 1
   if block == "auto":
     if log2_block is None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import jint4
 from jint4 import Int4Config, int4_dot_general, int4_matmul
 from jint4.quant import hadamard, lsq
 
@@ -331,3 +332,62 @@ def test_auto_backward_resolves_by_tensor_core_kind(monkeypatch):
     monkeypatch.undo()
     engine_lib.get_engine.cache_clear()
   assert engine_lib.get_engine("auto", "cpu").int4_tensor_cores is False
+
+
+@pytest.mark.parametrize("backward", ["lss", "bitsplit", "exact", "luq", "minmax"])
+def test_empty_batch_is_valid_like_nn_dense(backward):
+  cfg = Int4Config(backward=backward)
+  x = jnp.zeros((0, 3, 64))
+  w = jax.random.normal(jax.random.key(1), (64, 16))
+  b = jnp.ones((16,))
+  f = lambda x, w, b, sx, sw: int4_matmul(x, w, sx, sw, KEY, config=cfg, bias=b)
+  y = jax.jit(f)(x, w, b, 0.5, 0.1)
+  assert y.shape == (0, 3, 16)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4)))(
+      x, w, b, 0.5, 0.1)
+  assert grads[0].shape == x.shape
+  for g in grads[1:]:
+    np.testing.assert_array_equal(np.asarray(g), 0.0)
+  dense = jint4.Int4Dense(16, config=cfg)
+  params = dense.init(jax.random.key(0), x)["params"]
+  assert float(params["step_size_x"]) == 1.0 and np.isfinite(float(params["step_size_w"]))
+  assert dense.apply({"params": params}, x).shape == (0, 3, 16)
+
+
+def test_old_backward_name_says_the_new_one():
+  with pytest.raises(ValueError, match="'bitsplit'"):
+    Int4Config(backward="nonzero")
+
+
+def _custom_calls(text):
+  import re
+  return set(re.findall(r"(jint4_[a-z_]+)", text))
+
+
+@pytest.mark.parametrize("engine", ["auto", "native", "reference"])
+def test_engine_is_chosen_per_platform_at_lowering(engine):
+  """The program lowered for CPU carries the CPU choice, the one lowered for
+  CUDA (from this CPU host) the CUDA choice: the platform is decided when XLA
+  lowers, not from the default backend at trace time."""
+  from jint4.kernels import native
+  cfg = Int4Config(engine=engine)
+  x, w, sx, sw = _data()
+  f = jax.jit(jax.grad(lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=cfg) ** 2),
+                       argnums=(0, 1)))
+  traced = f.trace(x, w)
+  cpu = _custom_calls(traced.lower(lowering_platforms=("cpu",)).as_text())
+  cuda = _custom_calls(traced.lower(lowering_platforms=("cuda",)).as_text())
+  assert cpu == (set() if engine in ("auto", "reference") else
+                 {"jint4_hadamard_quantize", "jint4_hadamard_quantize_weight",
+                  "jint4_int_gemm", "jint4_bit_split_joined", "jint4_residual_values",
+                  "jint4_lsq_backward", "jint4_lsq_weight_backward"})
+  if engine == "reference" or (engine == "auto" and not native.has_cuda()):
+    assert cuda == set()
+  else:
+    assert {"jint4_hadamard_quantize", "jint4_int_gemm", "jint4_lsq_backward"} <= cuda
+  # The CPU program runs, whichever branches were traced.
+  np.testing.assert_allclose(
+      np.asarray(f(x, w)[1]),
+      np.asarray(jax.jit(jax.grad(
+          lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=Int4Config(
+              engine="reference")) ** 2), argnums=(0, 1)))(x, w)[1]), rtol=1e-5, atol=1e-6)

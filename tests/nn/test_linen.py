@@ -117,3 +117,39 @@ def test_float_forward_mode_has_no_step_sizes():
 def test_bad_config_type():
   with pytest.raises(TypeError, match="Int4Config"):
     Int4Dense(4, config={"forward": "hq"}).init(jax.random.key(0), X)
+
+
+def test_warmup_without_mutable_state_warns_once():
+  import warnings
+  from jint4.nn import linen as linen_lib
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  layer = Int4Dense(16, config=Int4Config(warmup_steps=3))
+  variables = layer.init(jax.random.key(1), x)
+  linen_lib._warned_frozen.clear()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    layer.apply(variables, x)
+    layer.apply(variables, x)
+    layer.apply(variables, x, mutable=["quant_state"])
+  msgs = [str(w.message) for w in caught if "not mutable" in str(w.message)]
+  assert len(msgs) == 1 and "mutable=['quant_state']" in msgs[0]
+
+
+def test_errors_name_the_layer_path():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Int4Dense(8, config=Int4Config(hadamard_block=32), name="proj")(x)
+
+  with pytest.raises(ValueError, match=r"^proj: .*D=48.*hadamard_block=16"):
+    Net().init(jax.random.key(0), jnp.ones((2, 48)))
+
+
+def test_integer_inputs_are_cast_like_nn_dense():
+  x = jnp.arange(2 * 64, dtype=jnp.int32).reshape(2, 64) % 5
+  layer = Int4Dense(16)
+  variables = layer.init(jax.random.key(0), x)
+  y = layer.apply(variables, x)
+  assert y.dtype == nn.Dense(16).apply({"params": {k: variables["params"][k] for k in
+                                                  ("kernel", "bias")}}, x).dtype
+  assert bool(jnp.all(jnp.isfinite(y)))

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+import jint4
 from jint4 import Int4Config, Int4Linear
 from jint4.quant import hadamard, lsq
 
@@ -71,3 +72,47 @@ def test_trains_under_nnx_jit(block):
 def test_rejects_warmup():
   with pytest.raises(ValueError, match="warmup"):
     Int4Linear(8, 8, rngs=nnx.Rngs(0), config=Int4Config(warmup_steps=3))
+
+
+def test_traced_first_call_learns_step_size_x():
+  """No eager call before training: the first jitted step initialises the
+  step sizes from its batch, passes their gradient on, and later steps keep
+  learning them (they used to stay 0.0 with zero gradient)."""
+  m = Int4Linear(64, 8, rngs=nnx.Rngs(0, quant=1))
+  target = jnp.tanh(X[..., :8])
+  opt = _optimizer(m, optax.sgd(1e-2))
+
+  @nnx.jit
+  def step(m, opt):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(m)
+    _update(opt, m, grads)
+    return loss, grads
+
+  _, grads = step(m, opt)
+  init = jint4.init_step_sizes(X, m.kernel[...], m.config)
+  assert int(m.calibrated[...]) == 1
+  assert float(jnp.abs(grads["step_size_x"][...])) > 0
+  first = float(m.step_size_x[...])
+  # the init value, moved by one SGD step of its (non-zero) gradient
+  np.testing.assert_allclose(first, float(init.step_x) - 1e-2 * float(grads["step_size_x"][...]),
+                             rtol=1e-5)
+  for _ in range(3):
+    step(m, opt)
+  assert float(m.step_size_x[...]) != first
+
+
+def test_calibrate_sets_steps_from_current_kernel():
+  m = Int4Linear(64, 8, rngs=nnx.Rngs(0))
+  m(X)
+  m.kernel[...] = m.kernel[...] * 3.0          # e.g. a loaded checkpoint
+  m.calibrate(X)
+  init = jint4.init_step_sizes(X, m.kernel[...], m.config)
+  np.testing.assert_allclose(m.step_size_w[...], init.step_w, rtol=1e-6)
+  np.testing.assert_allclose(m.step_size_x[...], init.step_x, rtol=1e-6)
+
+
+def test_errors_name_the_layer():
+  m = Int4Linear(48, 8, config=Int4Config(hadamard_block=32), name="encoder/proj",
+                 rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"^encoder/proj: .*D=48"):
+    m(jnp.ones((2, 48)))

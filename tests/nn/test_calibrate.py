@@ -1,0 +1,69 @@
+"""calibrate: a float checkpoint into an int4ified model, steps from data."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jint4
+
+X = jax.random.normal(jax.random.key(0), (16, 64))
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(128, name="up")(x))
+    return nn.Dense(64, name="down")(h)
+
+
+def test_linen_float_checkpoint_gets_steps_from_loaded_kernels():
+  float_params = MLP().init(jax.random.key(1), X)["params"]
+  model = jint4.int4ify(MLP())
+  variables = jint4.calibrate(model, X, variables={"params": float_params})
+  params = variables["params"]
+  for name in ("up", "down"):
+    np.testing.assert_array_equal(params[name]["kernel"], float_params[name]["kernel"])
+  init = jint4.init_step_sizes(X, float_params["up"]["kernel"], jint4.Int4Config())
+  np.testing.assert_array_equal(params["up"]["step_size_x"], init.step_x)
+  np.testing.assert_array_equal(params["up"]["step_size_w"], init.step_w)
+  # The steps come from the loaded kernels, not from a fresh init.
+  fresh = model.init(jax.random.key(7), X)["params"]
+  assert float(fresh["up"]["step_size_w"]) != float(params["up"]["step_size_w"])
+  # Calibrating again (steps already present) gives the same steps.
+  again = jint4.calibrate(model, X, variables=variables)["params"]
+  np.testing.assert_array_equal(again["down"]["step_size_x"], params["down"]["step_size_x"])
+  y = model.apply(variables, X)
+  ref = MLP().apply({"params": float_params}, X)
+  assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.4
+
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(64, 128, rngs=rngs)
+    self.down = nnx.Linear(128, 64, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.relu(self.up(x)))
+
+
+def test_nnx_float_model_int4ified_then_calibrated():
+  model = NnxMLP(nnx.Rngs(0))
+  kernel = model.up.kernel[...]
+  jint4.int4ify(model)
+  model(X * 10.0)                       # a first call on other data
+  jint4.calibrate(model, X)
+  init = jint4.init_step_sizes(X, kernel, jint4.Int4Config())
+  np.testing.assert_array_equal(model.up.step_size_x[...], init.step_x)
+  np.testing.assert_array_equal(model.up.step_size_w[...], init.step_w)
+
+
+def test_bad_calls():
+  with pytest.raises(ValueError, match="variables"):
+    jint4.calibrate(jint4.int4ify(MLP()), X)
+  with pytest.raises(ValueError, match="no INT4 layer"):
+    jint4.calibrate(MLP(), X, variables={"params": MLP().init(jax.random.key(0), X)["params"]})
+  with pytest.raises(ValueError, match="no Int4Linear"):
+    jint4.calibrate(NnxMLP(nnx.Rngs(0)), X)
