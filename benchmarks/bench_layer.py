@@ -15,7 +15,7 @@ Baseline: ``nn.Dense(dtype=bfloat16, param_dtype=bfloat16)`` on bfloat16
 inputs. Int4Dense gets the same bfloat16 inputs and bfloat16 parameters
 (``Int4Dense(dtype=bfloat16, param_dtype=bfloat16)``), HQ forward, with the
 backward modes of ``--backward`` (``lss``: bit splitting + leverage score
-sampling, the paper's default; ``nonzero``: bit splitting, all rows kept;
+sampling, the paper's default; ``bitsplit``: bit splitting, all rows kept;
 ``exact``: float gradient products, only when listed).
 
 How: for each shape, every case is compiled and warmed up first; then the
@@ -24,10 +24,10 @@ shared machine hit all alike), each ``--calls`` back-to-back steps
 synchronised once with ``jax.block_until_ready`` (per-step time = sample /
 calls, as an asynchronously dispatched training loop runs); the median of
 ``--repeats`` samples is reported. The default of 20 calls per sample keeps
-the host's dispatch of a sample's first step (0.2-0.6 ms on the H200, with
-the device idle) and the switch from the previous case's executable a small
-share of the sample, as in a training loop that runs one step over and over
-(session 5 used 5 calls; see BENCHMARKS.md for what that cost).
+the host's dispatch of a sample's first step (a few tenths of a millisecond,
+with the device idle) and the switch from the previous case's executable a
+small share of the sample, as in a training loop that runs one step over and
+over.
 Speed-up = bf16 median / case median (> 1: INT4 faster).
 
 Shapes: ``--tokens`` x (D -> D) and ``--tokens`` x (D -> 4D) for each D of
@@ -89,7 +89,7 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed runs per case after the compiling call")
   p.add_argument("--backward", type=common.comma_list(str),
-                 default=["lss", "nonzero"],
+                 default=["lss", "bitsplit"],
                  help="comma-separated Int4Dense backward modes, of"
                       f" {','.join(jint4.config.BACKWARD_MODES)}")
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,

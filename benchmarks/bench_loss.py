@@ -8,10 +8,10 @@ quantization key every step:
   bf16           the plain model;
   int4 exact     HQ + LSQ forward (INT4), float gradient products: the
                  forward quantizer's share of the gap;
-  int4 nonzero   + bit splitting of the output gradient, every row kept;
+  int4 bitsplit  + bit splitting of the output gradient, every row kept;
   int4 lss       + leverage score sampling (the paper's backward).
 
-``nonzero`` matching ``exact`` says bit splitting adds nothing; the distance
+``bitsplit`` matching ``exact`` says bit splitting adds nothing; the distance
 of ``lss`` from them is the sampling variance (paper Sec. 5.3 and Table 2's
 small LSS degradation). The ``exact`` vs bf16 distance is the 4-bit forward.
 
@@ -35,7 +35,7 @@ import bench_train  # noqa: E402
 import common  # noqa: E402
 import jint4  # noqa: E402
 
-VARIANTS = ("bf16", "int4 exact", "int4 nonzero", "int4 lss")
+VARIANTS = ("bf16", "int4 exact", "int4 bitsplit", "int4 lss")
 
 
 def parse_args(argv=None):

@@ -14,7 +14,7 @@ g[N, C] (bf16), each operator includes all of its quantization work:
              weighted kept rows (transposed), kept activation rows decoded
              from the residual (transposed), INT4 GEMM, the kernel's STE mask
              + Hadamard^T.
-  BS-Act / BS-Weight: the same with every row kept (``backward="nonzero"``):
+  BS-Act / BS-Weight: the same with every row kept (``backward="bitsplit"``):
              one joined bit split (v and v^T) serves both GEMMs.
 The dX operators use the kernel's [D, C] codes from HQ-MM's pass, as the
 layer does.
@@ -42,6 +42,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 from jint4 import kernels  # noqa: E402
+from jint4.kernels import contract  # noqa: E402
 from jint4.quant import lss  # noqa: E402
 
 BLOCK = 32
@@ -59,14 +60,14 @@ def _stages(eng, n, d, c):
     return eng.hadamard_quantize_weight(w, sw, block=BLOCK, qn=QN, qp=QP)
 
   def gemm_fwd(qx, qw, sx, sw, res, col_poison):
-    return eng.int_gemm(qx, qw, scale=sx * sw, row_scale=1.0 + res.norms * 0.0,
+    return eng.int_gemm(qx, qw, scale=sx * sw, row_scale=res.row_flag,
                         col_bias=col_poison, out_dtype=jnp.bfloat16)
 
   def split(g, seeds):
     return eng.bit_split(g, seeds[1])
 
   def sample_act(norms, seeds):
-    u = eng.uniform(seeds[2], (2,))
+    u = contract.uniform(seeds[2], (2,))
     return lss.sample_rows(norms, budget, u[0])
 
   def gemm_act(g2, index, weight, s_hi, s_lo, qwt, sw):
@@ -82,11 +83,12 @@ def _stages(eng, n, d, c):
                             out_dtype=jnp.bfloat16)
 
   def sample_weight(norms, res, seeds):
-    u = eng.uniform(seeds[2], (2,))
+    u = contract.uniform(seeds[2], (2,))
     # As the layer does: the kept rows are the GEMM's reduction dim, padded
     # to its K tile (B + 1 slots would make every stage below unaligned).
     return lss.pad_slots(*lss.sample_rows(
-        norms * jnp.concatenate([res.norms, res.norms]), budget, u[1]))
+        norms * jnp.concatenate([res.norms, res.norms]), budget, u[1]),
+        eng.gemm_k_multiple)
 
   def resplit(g2, index2, weight2, s_hi, s_lo, seeds):
     return eng.resplit_rows(g2, index2, weight2 * jnp.where(index2 >= n, s_lo, s_hi),
@@ -166,7 +168,7 @@ def make_inputs(eng, n, d, c):
           "w": (jax.random.normal(keys[1], (d, c), jnp.float32) * 0.02),
           "g": jax.random.normal(keys[2], (n, c), jnp.bfloat16) * 1e-3,
           "sx": jnp.float32(0.3), "sw": jnp.float32(0.005),
-          "seeds": eng.seeds_from_key(jax.random.key(1), 6)}
+          "seeds": contract.seeds_from_key(jax.random.key(1), 6)}
 
 
 def run_shape(eng, n, d, c, repeats):
@@ -211,7 +213,7 @@ def compare_engines(n, d, c, repeats):
   x = jax.random.normal(keys[0], (n, d), jnp.bfloat16)
   w = jax.random.normal(keys[1], (d, c), jnp.float32) * 0.02
   g = jax.random.normal(keys[2], (n, c), jnp.bfloat16) * 1e-3
-  seeds = ref.seeds_from_key(jax.random.key(1), 6)
+  seeds = contract.seeds_from_key(jax.random.key(1), 6)
   qx, res = jax.jit(lambda x: ref.hadamard_quantize(x, jnp.float32(0.3), block=BLOCK, qn=QN,
                                                      qp=QP, seed=seeds[0]))(x)
   qwt = jax.jit(lambda w: ref.hadamard_quantize(w, jnp.float32(0.005), block=BLOCK, qn=QN,

@@ -10,7 +10,7 @@ state donated. Master weights are float32; every layer computes in bfloat16
 attention run on bfloat16 activations; the loss is taken on float32 logits).
 Attention is ``jax.nn.dot_product_attention`` with ``--attention``: ``auto``
 (default) picks cuDNN's fused flash attention on a GPU and XLA's on a CPU;
-``xla`` materialises the [T, T] scores (session 5's tables used it).
+``xla`` materialises the [T, T] scores.
 
 Variants: ``bf16`` is that model as written (``nn.Dense`` everywhere);
 ``int4`` is the very same model passed through

@@ -92,8 +92,7 @@ def sample(fn, args, calls: int):
   """One timed sample: ``calls`` back-to-back calls of fn(*args) and one
   synchronization (JAX dispatches asynchronously: a training loop does not
   wait on the host between steps). Returns (ms per call, [start, end] of the
-  sample in Unix seconds, to read a clock log against:
-  `tools/smi_by_case.py`)."""
+  sample in Unix seconds, to read a clock or power log against)."""
   t0, w0 = time.perf_counter(), time.time()
   out = None
   for _ in range(calls):

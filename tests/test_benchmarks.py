@@ -45,13 +45,13 @@ def positive(value):
 def test_bench_layer(tmp_path):
   report = run_script("bench_layer.py", tmp_path, "--tokens", "64",
                       "--hidden", "64", "--repeats", "1", "--warmup", "0",
-                      "--backward", "lss,nonzero")
+                      "--backward", "lss,bitsplit")
   assert {"benchmark", "environment", "settings", "results"} <= set(report)
   assert report["settings"]["tokens"] == 64
   rows = report["results"]
   assert {(tuple(r["shape"]), r["case"]) for r in rows} == {
       ((64, 64, d_out), case) for d_out in (64, 256)
-      for case in ("bf16 nn.Dense", "int4 lss", "int4 nonzero")}
+      for case in ("bf16 nn.Dense", "int4 lss", "int4 bitsplit")}
   for r in rows:
     for key in ("median_ms", "min_ms", "speedup_vs_bf16", "first_call_s",
                 "residual_bytes_per_input_element"):
@@ -97,7 +97,7 @@ def test_bench_ops(tmp_path):
   for op in shape.values():
     assert positive(op["int4_ms"]) and positive(op["bf16_ms"]) and positive(op["speedup"])
     assert op["stages"] and all(positive(s["median_ms"]) for s in op["stages"])
-  from jint4.kernels import OPS
+  from jint4.kernels.engine import OPS
   assert set(report["engine_ops"]) == set(OPS)
   for v in report["engine_ops"].values():
     assert positive(v["native_ms"]) and positive(v["reference_ms"])
@@ -109,43 +109,7 @@ def test_bench_loss(tmp_path):
                       "--seq-len", "16", "--batch", "2", "--vocab", "64", "--steps", "2")
   assert report["settings"]["steps"] == 2
   curves = report["losses"]
-  assert set(curves) == {"bf16", "int4 exact", "int4 nonzero", "int4 lss"}
+  assert set(curves) == {"bf16", "int4 exact", "int4 bitsplit", "int4 lss"}
   for ys in curves.values():
     assert len(ys) == 2 and all(positive(y) for y in ys)
 
-
-def test_smi_by_case_joins_clock_log_and_sample_windows():
-  """tools/smi_by_case.py: readings inside a case's sample windows only, the
-  log's local-time offset from the start markers, the power-cap bit."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "smi_by_case", os.path.join(ROOT, "tools", "smi_by_case.py"))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  # A log two hours ahead of UTC; the marker at Unix 1000.2, the first
-  # reading after it (logged 1000.5 UTC) at local 7200 + 1000.5.
-  base = 1000.5
-  local = lambda t: __import__("datetime").datetime.fromtimestamp(
-      t + 7200, __import__("datetime").timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
-  lines = ["timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], "
-           "power.draw [W], temperature.gpu, clocks_event_reasons.active",
-           "# start bench_layer.py 1000.2"]
-  rows = [(0.0, 1980, 120.0, 0x0), (0.5, 1500, 700.0, 0x4), (1.0, 1400, 690.0, 0x4),
-          (1.5, 1900, 400.0, 0x0), (2.0, 1980, 110.0, 0x0)]
-  for dt, mhz, watts, reason in rows:
-    lines.append(f"{local(base + dt)}, {mhz} MHz, 3201 MHz, {watts:.2f} W, 40, 0x{reason:016x}")
-  readings, markers = tool.parse_smi(lines)
-  assert len(readings) == 5 and len(markers) == 1
-  offset = tool.clock_offset(markers)
-  assert offset == -7200.0
-  s = tool.summarize(readings, offset, [[base + 0.4, base + 1.6]])
-  assert s["readings"] == 3
-  assert s["sm_mhz_median"] == 1500 and s["sm_mhz_min"] == 1400
-  assert s["watts_max"] == 700.0
-  assert abs(s["power_capped_share"] - 2 / 3) < 1e-9
-  assert tool.summarize(readings, offset, [[base + 5, base + 6]]) == {"readings": 0}
-  report = {"results": [{"shape": [64, 64, 64], "case": "int4 nonzero",
-                         "windows_s": [[base + 0.4, base + 1.6]]},
-                        {"hidden": 128, "bf16": {"windows_s": [[base, base + 0.1]]}}]}
-  assert [label for label, _ in tool.cases(report)] == ["[64, 64, 64] int4 nonzero",
-                                                        "128 bf16"]

@@ -1,6 +1,6 @@
 """Sweep the sm_90a INT8 GEMM's configs and tile-scheduler knobs (GPU only).
 
-    python tools/gemm_sweep.py --out $OUT/gemm_sweep.json
+    python tools/gemm_sweep.py --out gemm_sweep.json
 
 For every shape (M, N, K), in one process: XLA's bf16 dot (TN, bf16 out),
 XLA's int8 dot alone (TN, int32 out) and jint4's ``int_gemm`` (bf16 out,

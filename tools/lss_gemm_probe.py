@@ -1,19 +1,22 @@
-"""Why the LSS-Weight GEMM is slower than the BS-Weight one (same M, N).
+"""The LSS-Weight GEMM against the BS-Weight one: why K's alignment matters.
 
     python tools/lss_gemm_probe.py [--n 8192] [--repeats 10]
 
-bench_ops' LSS-Weight GEMM (qx^T rows [D, S] . re-split v^T [C, S], S = the
-padded kept-row count, 8208 at N = 8192) read 0.95-0.98 ms against the
-BS-Weight GEMM's 0.79-0.80 ms (K = N = 8192) in the same run. This times
-int_gemm (int8 operands, bf16 out, engine "auto") on:
+bench_ops' LSS-Weight GEMM reduces over the kept-row slots (qx^T rows [D, S]
+. re-split v^T [C, S]); the BS-Weight GEMM of the same M, N reduces over all
+N tokens. This times int_gemm (int8 operands, bf16 out, engine "auto") on:
 
-  lss        the LSS-Weight operands themselves (bench_ops' stages),
-  lss[:N]    the same operands cut to K = N (is it the K residue?),
+  lss        the LSS-Weight operands themselves (bench_ops' stages; S is
+             padded by lss.pad_slots),
+  lss[:N]    the same operands cut to K = N,
   bs         the BS-Weight operands (decode x^T, joined bit split),
   rand K     random int8 in [-7, 7] (A) and [-98, 98] (B, joined digits) at
              K = N, N + 16 and round_up(N + 1, 128): the shape alone.
 
-Prints one line per case (median / min ms, benchmarks.common.time_fn).
+so that a difference is attributed to the reduction length and its alignment
+(rows not a multiple of the GEMM's 128-byte K tile are slower, docs/HOPPER.md)
+or to the operands' contents. Prints one line per case (median / min ms,
+benchmarks.common.time_fn).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the trace back (``jax.profiler.ProfileData``): for every kernel name on the
 device plane, launches and microseconds per step, and per step the span from
 the first kernel's start to the last one's end against the summed kernel
 time (the difference is idle time between kernels: launch gaps, host waits).
-No Nsight tools needed; works under jit on the GPU machine.
+No Nsight tools needed; runs the jitted step on the default GPU.
 
     PYTHONPATH=. python tools/trace_step.py layer --shape 16384,4096,4096
     PYTHONPATH=. python tools/trace_step.py train --hidden 4096
@@ -148,7 +148,7 @@ def main(argv=None):
   p.add_argument("--shape", default="16384,4096,4096",
                  help="layer: tokens,d_in,d_out")
   p.add_argument("--hidden", type=int, default=4096, help="train: width")
-  p.add_argument("--backward", default="nonzero",
+  p.add_argument("--backward", default="bitsplit",
                  help="comma-separated Int4Dense backward modes (train: the first)")
   p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
                  help="train: jax.nn.dot_product_attention implementation")

@@ -82,6 +82,10 @@ int main(int argc, char** argv) {
   }
   if (only.empty() || only == "quantize") probe::RunQuantize(s);
   if (only.empty() || only == "split") probe::RunBitSplit(s);
-  if (only.empty() || only == "lsq") probe::RunLsq(s);
+  if (only.empty() || only == "lsq") {
+    probe::RunResidualValues(s);
+    probe::RunLsqBackward(s);
+    probe::RunLsqWeightBackward(s);
+  }
   return 0;
 }

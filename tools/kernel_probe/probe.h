@@ -42,9 +42,9 @@ struct Buf {
   std::vector<int64_t> dims;
   XLA_FFI_Buffer b{};
   Buf() = default;
-  Buf(XLA_FFI_DataType t, std::vector<int64_t> d, void* data) : dims(std::move(d)) {
+  Buf(ffi::DataType t, std::vector<int64_t> d, void* data) : dims(std::move(d)) {
     b.struct_size = sizeof(XLA_FFI_Buffer);
-    b.dtype = t;
+    b.dtype = static_cast<XLA_FFI_DataType>(t);
     b.data = data;
     b.rank = static_cast<int64_t>(dims.size());
     b.dims = dims.data();
@@ -143,7 +143,9 @@ struct Shape {
 
 void RunQuantize(const Shape& s);
 void RunBitSplit(const Shape& s);
-void RunLsq(const Shape& s);
+void RunResidualValues(const Shape& s);
+void RunLsqBackward(const Shape& s);
+void RunLsqWeightBackward(const Shape& s);
 
 // Random bf16 / f32 device tensors (fixed seed).
 void* RandomBf16(int64_t count, uint32_t seed, float scale);

@@ -19,18 +19,18 @@ void RunQuantize(const Shape& s) {
   cudaMemcpy(wstep, &wstep_h, 4, cudaMemcpyHostToDevice);
   cudaMemcpy(log2, &log2_h, 4, cudaMemcpyHostToDevice);
   cudaMemcpy(seed, seed_h, 8, cudaMemcpyHostToDevice);
-  Buf step_b(XLA_FFI_DataType_F32, {}, step);
-  Buf wstep_b(XLA_FFI_DataType_F32, {}, wstep);
-  Buf log2_b(XLA_FFI_DataType_S32, {}, log2);
-  Buf seed_b(XLA_FFI_DataType_U32, {2}, seed);
+  Buf step_b(ffi::DataType::F32, {}, step);
+  Buf wstep_b(ffi::DataType::F32, {}, wstep);
+  Buf log2_b(ffi::DataType::S32, {}, log2);
+  Buf seed_b(ffi::DataType::U32, {2}, seed);
 
   // Activations: x bf16 [N, D] with the residual.
   {
-    Buf x(XLA_FFI_DataType_BF16, {N, D}, RandomBf16(N * D, 1, 3.0f));
-    Buf q(XLA_FFI_DataType_S8, {N, D}, DevAlloc(N * D));
-    Buf nib(XLA_FFI_DataType_U8, {(N * D + 1) / 2}, DevAlloc((N * D + 1) / 2));
-    Buf flg(XLA_FFI_DataType_U8, {1, (N * D + 7) / 8}, DevAlloc((N * D + 7) / 8));
-    Buf norms(XLA_FFI_DataType_F32, {N}, DevAlloc(4 * N));
+    Buf x(ffi::DataType::BF16, {N, D}, RandomBf16(N * D, 1, 3.0f));
+    Buf q(ffi::DataType::S8, {N, D}, DevAlloc(N * D));
+    Buf nib(ffi::DataType::U8, {(N * D + 1) / 2}, DevAlloc((N * D + 1) / 2));
+    Buf flg(ffi::DataType::U8, {1, (N * D + 7) / 8}, DevAlloc((N * D + 7) / 8));
+    Buf norms(ffi::DataType::F32, {N}, DevAlloc(4 * N));
     const double bytes = N * D * (2.0 + 1.0 + 0.5 + 0.125);
     Time("hq x bf16 [N,D] +residual", bytes, [&] {
       FfiCheck(jint4::cuda::HadamardQuantizeImpl(0, Scratch(), x.any(), step_b.any(), seed_b.any(),
@@ -38,9 +38,9 @@ void RunQuantize(const Shape& s) {
                                                  norms.out(), qn, qp, 1, 1, 0, 5),
                "hq x");
     });
-    Buf nib0(XLA_FFI_DataType_U8, {0}, nullptr);
-    Buf flg0(XLA_FFI_DataType_U8, {1, 0}, nullptr);
-    Buf norms0(XLA_FFI_DataType_F32, {0}, nullptr);
+    Buf nib0(ffi::DataType::U8, {0}, nullptr);
+    Buf flg0(ffi::DataType::U8, {1, 0}, nullptr);
+    Buf norms0(ffi::DataType::F32, {0}, nullptr);
     Time("hq x bf16 [N,D] no residual", N * D * 3.0, [&] {
       FfiCheck(jint4::cuda::HadamardQuantizeImpl(0, Scratch(), x.any(), step_b.any(), seed_b.any(),
                                                  log2_b.any(), q.out(), nib0.out(), flg0.out(),
@@ -51,13 +51,14 @@ void RunQuantize(const Shape& s) {
   // Weights: kernel [D, C] (f32 and bf16), Hadamard down the columns,
   // written [C, D] (forward) or [D, C] (backward).
   for (int bf16 = 0; bf16 < 2; ++bf16) {
-    const XLA_FFI_DataType t = bf16 ? XLA_FFI_DataType_BF16 : XLA_FFI_DataType_F32;
+    const ffi::DataType t = bf16 ? ffi::DataType::BF16 : ffi::DataType::F32;
     Buf k(t, {D, C}, bf16 ? RandomBf16(D * C, 2, 0.02f) : RandomF32(D * C, 2, 0.02f));
-    Buf qt(XLA_FFI_DataType_S8, {C, D}, DevAlloc(D * C));
-    Buf q(XLA_FFI_DataType_S8, {D, C}, DevAlloc(D * C));
-    Buf nib0(XLA_FFI_DataType_U8, {0}, nullptr);
-    Buf flg0(XLA_FFI_DataType_U8, {1, 0}, nullptr);
-    Buf norms0(XLA_FFI_DataType_F32, {0}, nullptr);
+    Buf qt(ffi::DataType::S8, {C, D}, DevAlloc(D * C));
+    Buf q(ffi::DataType::S8, {D, C}, DevAlloc(D * C));
+    Buf nib0(ffi::DataType::U8, {0}, nullptr);
+    Buf flg0(ffi::DataType::U8, {1, 0}, nullptr);
+    Buf norms0(ffi::DataType::F32, {0}, nullptr);
+    Buf col_poison(ffi::DataType::F32, {C}, DevAlloc(4 * C));
     const double bytes = D * C * ((bf16 ? 2.0 : 4.0) + 1.0);
     for (int transpose = 1; transpose >= 0; --transpose) {
       const std::string name = std::string("hq w ") + (bf16 ? "bf16" : "f32") +
@@ -76,7 +77,7 @@ void RunQuantize(const Shape& s) {
          D * C * ((bf16 ? 2.0 : 4.0) + 2.0), [&] {
            FfiCheck(jint4::cuda::HadamardQuantizeWeightImpl(0, k.any(), wstep_b.any(),
                                                             log2_b.any(), qt.out(), q.out(),
-                                                            qn, qp, 5),
+                                                            col_poison.out(), qn, qp, 5),
                     "hq w both");
          });
   }
