@@ -75,9 +75,9 @@ def _flat_names(tree):
 
 def test_param_tree_is_the_float_tree_plus_quant_state():
   tokens, _ = _batch(jax.random.key(0))
-  float_params = TinyLM().init(jax.random.key(1), tokens)["params"]
+  float_params = jax.jit(TinyLM().init)(jax.random.key(1), tokens)["params"]
   model = jint4.int4ify(TinyLM(), keep=r"lm_head")
-  params = model.init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
   float_names, names = _flat_names(float_params), _flat_names(params)
   added = names - float_names
   assert float_names <= names
@@ -101,7 +101,7 @@ def _get(tree, path):
 def test_int4ified_transformer_trains_under_jit_and_optax(backward):
   tokens, _ = _batch(jax.random.key(0))
   model = jint4.int4ify(TinyLM(), jint4.Int4Config(backward=backward), keep="lm_head")
-  params = model.init(jax.random.key(1), tokens)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
   losses = _train(model, params)
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert np.all(np.isfinite(losses))
@@ -110,10 +110,10 @@ def test_int4ified_transformer_trains_under_jit_and_optax(backward):
 
 def test_keep_predicate_and_everything_converted():
   tokens, _ = _batch(jax.random.key(0))
-  all_int4 = jint4.int4ify(TinyLM()).init(jax.random.key(1), tokens)["params"]
+  all_int4 = jax.jit(jint4.int4ify(TinyLM()).init)(jax.random.key(1), tokens)["params"]
   assert "step_size_x" in all_int4["lm_head"]
-  none = jint4.int4ify(TinyLM(), keep=lambda path: True).init(
-      jax.random.key(1), tokens)["params"]
+  none = jax.eval_shape(jint4.int4ify(TinyLM(), keep=lambda path: True).init,
+                        jax.random.key(1), tokens)["params"]
   assert not any("step_size" in n for n in _flat_names(none))
 
 
