@@ -28,6 +28,19 @@ def _update(opt, model, grads):
     opt.update(grads)
 
 
+def _regression_step():
+  """A jitted optimizer step fitting tanh(x[..., :8]); returns (loss, grads)."""
+  target = jnp.tanh(X[..., :8])
+
+  @nnx.jit
+  def step(m, opt):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(m)
+    _update(opt, m, grads)
+    return loss, grads
+
+  return step
+
+
 def test_params_match_nnx_linear_plus_step_sizes():
   ours = Int4Linear(64, 32, rngs=nnx.Rngs(0))
   ref = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
@@ -56,16 +69,9 @@ def test_trains_under_nnx_jit(block):
   m.calibrate(X)
   if block == "auto":
     assert int(m.hadamard_log2_block[...]) >= 0
-  target = jnp.tanh(X[..., :8])
   opt = _optimizer(m, optax.adam(3e-2))
-
-  @nnx.jit
-  def step(m, opt):
-    loss, g = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(m)
-    _update(opt, m, g)
-    return loss
-
-  losses = [float(step(m, opt)) for _ in range(30)]
+  step = _regression_step()
+  losses = [float(step(m, opt)[0]) for _ in range(30)]
   assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -79,15 +85,8 @@ def test_traced_first_call_learns_step_size_x():
   step sizes from its batch, passes their gradient on, and later steps keep
   learning them (they used to stay 0.0 with zero gradient)."""
   m = Int4Linear(64, 8, rngs=nnx.Rngs(0, quant=1))
-  target = jnp.tanh(X[..., :8])
   opt = _optimizer(m, optax.sgd(1e-2))
-
-  @nnx.jit
-  def step(m, opt):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(m)
-    _update(opt, m, grads)
-    return loss, grads
-
+  step = _regression_step()
   _, grads = step(m, opt)
   init = jint4.init_step_sizes(X, m.kernel[...], m.config)
   assert int(m.calibrated[...]) == 1
