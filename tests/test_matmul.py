@@ -322,7 +322,7 @@ def test_auto_backward_resolves_by_tensor_core_kind(monkeypatch):
     for tensor_cores, mode in ((False, "bitsplit"), (True, "lss")):
       monkeypatch.setattr(engine_lib, "_int4_tensor_cores",
                           lambda platform, t=tensor_cores: t)
-      engine_lib.get_engine.cache_clear()
+      engine_lib._engine.cache_clear()
       assert matmul.backward_mode(Int4Config()) == mode
       assert matmul.backward_mode(Int4Config(backward="exact")) == "exact"
       auto, named = grad(Int4Config()), grad(Int4Config(backward=mode))
@@ -330,7 +330,7 @@ def test_auto_backward_resolves_by_tensor_core_kind(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   finally:
     monkeypatch.undo()
-    engine_lib.get_engine.cache_clear()
+    engine_lib._engine.cache_clear()
   assert engine_lib.get_engine("auto", "cpu").int4_tensor_cores is False
 
 

@@ -220,14 +220,17 @@ def _plan(choice: str, platform: str) -> Mapping[str, Tuple[str, str]]:
   return plan
 
 
-@functools.lru_cache(maxsize=None)
 def get_engine(choice: str = "auto", platform: Optional[str] = None) -> Engine:
   """The engine for an `Int4Config.engine` value on ``platform``.
 
   ``platform`` defaults to the default backend's; `jint4.matmul` does not use
   that default but `run_per_platform`. One instance per (choice, platform).
   """
-  platform = _platform(platform)
+  return _engine(choice, _platform(platform))
+
+
+@functools.lru_cache(maxsize=None)
+def _engine(choice: str, platform: str) -> Engine:
   plan = _plan(choice, platform)
   ops = {op: getattr(native if engine == "native" else reference, op)
          for op, (engine, _) in plan.items()}
