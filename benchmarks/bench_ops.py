@@ -49,9 +49,14 @@ BLOCK = 32
 QN = QP = 7
 
 
-def _stages(eng, n, d, c):
-  """Stage functions of each operator: name -> [(stage, fn, input names)]."""
+def _stages(eng, n, d, c, pad_multiple=None):
+  """Stage functions of each operator: name -> [(stage, fn, input names)].
+
+  ``pad_multiple``: LSS-Weight's kept-row slots are padded to a multiple of
+  this (default: the engine's ``gemm_k_multiple``, as the layer does).
+  """
   budget = lss.budget_rows(n, 1.0)
+  pad = eng.gemm_k_multiple if pad_multiple is None else pad_multiple
 
   def quant_x(x, sx, seeds):
     return eng.hadamard_quantize(x, sx, block=BLOCK, qn=QN, qp=QP, seed=seeds[0])
@@ -87,8 +92,7 @@ def _stages(eng, n, d, c):
     # As the layer does: the kept rows are the GEMM's reduction dim, padded
     # to its K tile (B + 1 slots would make every stage below unaligned).
     return lss.pad_slots(*lss.sample_rows(
-        norms * jnp.concatenate([res.norms, res.norms]), budget, u[1]),
-        eng.gemm_k_multiple)
+        norms * jnp.concatenate([res.norms, res.norms]), budget, u[1]), pad)
 
   def resplit(g2, index2, weight2, s_hi, s_lo, seeds):
     return eng.resplit_rows(g2, index2, weight2 * jnp.where(index2 >= n, s_lo, s_hi),
@@ -171,9 +175,9 @@ def make_inputs(eng, n, d, c):
           "seeds": contract.seeds_from_key(jax.random.key(1), 6)}
 
 
-def run_shape(eng, n, d, c, repeats):
+def run_shape(eng, n, d, c, repeats, pad_multiple=None):
   env = make_inputs(eng, n, d, c)
-  stages = _stages(eng, n, d, c)
+  stages = _stages(eng, n, d, c, pad_multiple)
   out = {}
   for op, steps in stages.items():
     # Materialize every stage's inputs (outputs of earlier stages).
@@ -259,21 +263,29 @@ def main():
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--engine", default="auto", choices=("auto", "native", "reference"))
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+  p.add_argument("--pad-multiple", type=int, default=None,
+                 help="pad LSS-Weight's kept-row slots (its GEMM's K) to a multiple of"
+                      " this; default: the engine's GEMM K tile (128 on CUDA, 1 on CPU);"
+                      " 1 turns the padding off")
   p.add_argument("--compare", default=None,
                  help="N,D,C at which to time every engine op on both engines (the"
                       " measurement behind jint4.kernels.AUTO_POLICY); default: the first"
                       " shape on GPU, skipped on CPU")
   args = p.parse_args()
+  if args.pad_multiple is not None and args.pad_multiple < 1:
+    p.error("--pad-multiple must be >= 1")
   gpu = jax.default_backend() == "gpu"
   text = args.shapes or ("8192,8192,8192;16384,4096,4096;16384,4096,16384" if gpu
                          else "1024,512,512")
   shapes = [tuple(int(v) for v in s.split(",")) for s in text.split(";") if s]
   eng = kernels.get_engine(args.engine)
-  results = {"environment": common.environment(args.engine), "block": BLOCK, "shapes": {}}
+  pad = eng.gemm_k_multiple if args.pad_multiple is None else args.pad_multiple
+  results = {"environment": common.environment(args.engine), "block": BLOCK,
+             "lss_weight_pad_multiple": pad, "shapes": {}}
   platform = "gpu" if gpu else jax.default_backend()
   for n, d, c in shapes:
     label = f"{n}x{d}->{c}"
-    results["shapes"][label] = r = run_shape(eng, n, d, c, args.repeats)
+    results["shapes"][label] = r = run_shape(eng, n, d, c, args.repeats, args.pad_multiple)
     print(f"\n== N={n} D={d} C={c} (ms, median of {args.repeats}) ==")
     print(f"{'operator':12s} {'INT4':>9s} {'bf16 dot':>9s} {'speed-up':>9s}   stages")
     for op, v in r.items():

@@ -45,8 +45,8 @@ are recorded as skipped.
     PYTHONPATH=. python benchmarks/bench_train.py                # GPU
     PYTHONPATH=. python benchmarks/bench_train.py --small        # CPU smoke
 
-Writes ``<out-dir>/bench_train_<platform>.json`` (rewritten after every
-width) and ``.png`` (int4/bf16 ratios of tokens/s and of peak memory per
+Writes ``<out-dir>/bench_train_<platform>.json`` (``--tag T``:
+``bench_train_T_<platform>.json``; rewritten after every width) and ``.png`` (int4/bf16 ratios of tokens/s and of peak memory per
 width); prints a table. Never asserted by the tests.
 """
 
@@ -339,6 +339,11 @@ def plot(args, rows, name, device):
       " memory < 1: INT4 smaller)", hline=1.0)
 
 
+def output_name(args, backend: str) -> str:
+  """bench_train_<backend>, or bench_train_<tag>_<backend> with --tag."""
+  return f"bench_train_{args.tag}_{backend}" if args.tag else f"bench_train_{backend}"
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args._one:
@@ -378,7 +383,7 @@ def main(argv=None) -> int:
       else:
         env = r.pop("environment")
         report["environment"] = report["environment"] or env
-        name = name or f"bench_train_{env['backend']}"
+        name = name or output_name(args, env["backend"])
         print(f"  D={width} {variant}: {r['median_ms']:.2f} ms/step,"
               f" {r['tokens_per_s']:.0f} tokens/s, loss {r['loss_first']:.3f}"
               f" -> {r['loss_last']:.3f}", flush=True)
@@ -395,7 +400,7 @@ def main(argv=None) -> int:
   # Every subprocess has ended: this process may now touch the backend.
   if report["environment"] is None:
     report["environment"] = common.environment(args.engine)
-  name = name or f"bench_train_{jax.default_backend()}"
+  name = name or output_name(args, jax.default_backend())
   report["total_s"] = time.perf_counter() - start
   json_path = common.write(args.out_dir, name, report)
   print_table(report["results"])
@@ -444,6 +449,9 @@ def parse_args(argv=None):
                  help="wall-clock limit of one (width, variant) subprocess")
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
       os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
+  p.add_argument("--tag", default="",
+                 help="output name bench_train_<tag>_<backend> instead of"
+                      " bench_train_<backend> (a run kept beside the default one)")
   p.add_argument("--_one", choices=VARIANTS, default=None,
                  help=argparse.SUPPRESS)  # internal: run one variant, print JSON
   args = p.parse_args(argv)
