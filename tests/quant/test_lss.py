@@ -7,6 +7,10 @@ import pytest
 
 from jint4.quant import lss
 
+# Jitted once for the module: eager op-by-op dispatch dominated these tests.
+_sample_rows = jax.jit(lss.sample_rows, static_argnums=1)
+_systematic_sample = jax.jit(lss.systematic_sample, static_argnums=1)
+_probabilities = jax.jit(lss.inclusion_probabilities, static_argnums=1)
 
 def _scores(n=64, seed=0):
   rng = np.random.default_rng(seed)
@@ -19,7 +23,7 @@ def _scores(n=64, seed=0):
 @pytest.mark.parametrize("budget", [1, 8, 30, 64])
 def test_probabilities_are_valid(budget):
   c = _scores()
-  p = np.asarray(lss.inclusion_probabilities(c, budget))
+  p = np.asarray(_probabilities(c, budget))
   assert np.all(p >= 0) and np.all(p <= 1)
   assert np.all(p[np.asarray(c) == 0] == 0)
   nonzero = int(np.sum(np.asarray(c) > 0))
@@ -33,7 +37,7 @@ def test_probabilities_are_valid(budget):
 
 def test_kept_count_is_static_and_indices_sorted():
   c = _scores()
-  index, weight = jax.jit(lss.sample_rows, static_argnums=1)(c, 16, jnp.float32(0.3))
+  index, weight = _sample_rows(c, 16, jnp.float32(0.3))
   slots = lss.num_slots(16, c.shape[0])
   assert 16 <= slots <= 17
   assert index.shape == (slots,) and weight.shape == (slots,)
@@ -45,7 +49,7 @@ def test_kept_count_is_static_and_indices_sorted():
 def test_inclusion_frequency_matches_probability():
   c = _scores(n=40, seed=1)
   budget = 10
-  p = np.asarray(lss.inclusion_probabilities(c, budget))
+  p = np.asarray(_probabilities(c, budget))
   draws = 20000
   us = jax.random.uniform(jax.random.key(0), (draws,))
   sample = jax.jit(jax.vmap(lambda u: lss.systematic_sample(jnp.asarray(p), budget, u)))
@@ -68,7 +72,7 @@ def test_probability_one_rows_always_kept_in_long_sums():
   p = jnp.asarray(p * (budget / p.sum()))
   p = jnp.minimum(p, 1.0)
   for u in (0.0, 0.5, 0.999999):
-    index, weight = lss.systematic_sample(p, budget, jnp.float32(u))
+    index, weight = _systematic_sample(p, budget, jnp.float32(u))
     kept = set(np.asarray(index)[np.asarray(weight) > 0].tolist())
     ones = set(np.flatnonzero(np.asarray(p) == 1.0).tolist())
     assert ones <= kept
@@ -111,14 +115,14 @@ def test_unbiased_at_sqrt_n_rate_and_beats_uniform():
 
 def test_fewer_nonzero_rows_than_budget():
   c = jnp.asarray([0.0, 2.0, 0.0, 1.0], jnp.float32)
-  index, weight = lss.sample_rows(c, 3, jnp.float32(0.4))
+  index, weight = _sample_rows(c, 3, jnp.float32(0.4))
   kept = sorted(np.asarray(index)[np.asarray(weight) > 0].tolist())
   assert kept == [1, 3]
   np.testing.assert_array_equal(np.asarray(weight)[np.asarray(weight) > 0], 1.0)
 
 
 def test_all_zero_scores_keep_nothing():
-  index, weight = lss.sample_rows(jnp.zeros(8), 4, jnp.float32(0.2))
+  index, weight = _sample_rows(jnp.zeros(8), 4, jnp.float32(0.2))
   assert np.all(np.asarray(weight) == 0)
   assert np.all((np.asarray(index) >= 0) & (np.asarray(index) < 8))
 
@@ -132,16 +136,16 @@ def test_budget_rows():
 
 def test_pad_slots_appends_empty_slots_that_change_nothing():
   c = _scores()
-  index, weight = lss.sample_rows(c, 16, jnp.float32(0.3))
+  index, weight = _sample_rows(c, 16, jnp.float32(0.3))
   a = jnp.asarray(np.random.default_rng(0).normal(size=(c.shape[0], 3)), jnp.float32)
-  padded_index, padded_weight = lss.pad_slots(index, weight)
+  padded_index, padded_weight = lss.pad_slots(index, weight, 128)
   assert padded_index.shape[0] % 128 == 0 and padded_index.shape[0] >= index.shape[0]
   assert padded_index.shape == padded_weight.shape
   np.testing.assert_array_equal(padded_index[:index.shape[0]], index)
   np.testing.assert_array_equal(padded_weight[index.shape[0]:], 0.0)
   np.testing.assert_array_equal(np.einsum("r,ri->i", padded_weight, a[padded_index]),
                                 np.einsum("r,ri->i", weight, a[index]))
-  assert lss.pad_slots(padded_index, padded_weight)[0].shape == padded_index.shape
+  assert lss.pad_slots(padded_index, padded_weight, 128)[0].shape == padded_index.shape
   assert lss.pad_slots(index, weight, 16)[0].shape == (-(-index.shape[0] // 16) * 16,)
   with pytest.raises(ValueError, match="multiple must be >= 1"):
     lss.pad_slots(index, weight, 0)
