@@ -15,7 +15,8 @@
 #                      docs/HOPPER.md). Default: the installed jaxlib's headers.
 #
 # Needs: nvcc on PATH, a CUDA GPU, and jax with its CUDA plugin, flax, optax,
-# pytest installed in the active Python environment.
+# pytest and pytest-xdist (the dev extra) installed in the active Python
+# environment. The tests run in-process (-n 0): xdist workers would share the GPU.
 #
 # Steps, each logged to DIR and summarized in DIR/summary.txt:
 #   1. build: pip install --no-build-isolation -e . (the CUDA handlers must
@@ -107,8 +108,8 @@ say "$(tail -1 "$OUT/build.log")"
 # 2-3. Test suites (JINT4_REQUIRE_NATIVE=1: a missing native engine fails
 # them instead of skipping them).
 export JINT4_REQUIRE_NATIVE=1 PYTHONUNBUFFERED=1
-step gpu_suite "$PY" -m pytest -q -rfE -p no:cacheprovider -m gpu tests/
-step native_cpu_suite "$PY" -m pytest -q -rfE -p no:cacheprovider tests/kernels/test_native.py
+step gpu_suite "$PY" -m pytest -q -n 0 -rfE -p no:cacheprovider -m gpu tests/
+step native_cpu_suite "$PY" -m pytest -q -n 0 -rfE -p no:cacheprovider tests/kernels/test_native.py
 
 # 4. The bad-input script with the CUDA backend up: every bad call must raise
 # a Python error with its reason, not crash the process (faulthandler prints
@@ -123,7 +124,7 @@ step bad_input env JAX_PLATFORMS=cuda,cpu "$PY" -X faulthandler -u "$OUT/bad_inp
 # 5. compute-sanitizer (memcheck) over test_native_gpu.py's small case.
 if command -v compute-sanitizer > /dev/null; then
   step sanitizer compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_native_gpu.py -k sanitizer
+    "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/kernels/test_native_gpu.py -k sanitizer
 else
   say "SKIP sanitizer (compute-sanitizer is not on PATH)"
 fi
