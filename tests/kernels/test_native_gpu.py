@@ -1,7 +1,7 @@
 """CUDA handlers against the pure-JAX twins and the CPU handlers (GPU only).
 
 Integer outputs must be bit-identical; float outputs equal to float rounding.
-Run on the H100/H200 machine by tools/gpu_check.sh; skipped without a GPU.
+Run on a GPU by tools/gpu_test.sh; skipped without one.
 """
 
 import re
@@ -397,7 +397,7 @@ def test_xla_gpu_int8_dot_exactness(mnk):
 
 
 def test_sanitizer_small_case():
-  """A small run of every op, for compute-sanitizer in tools/gpu_check.sh."""
+  """A small run of every op, for compute-sanitizer in tools/gpu_test.sh."""
   x = activations((8, 64))
   q, res = native.hadamard_quantize(x, jnp.float32(0.5), block=32, qn=7, qp=7, seed=seed())
   qw, _ = native.hadamard_quantize(activations((64, 16), seed=1), jnp.float32(0.5),
