@@ -390,4 +390,4 @@ def test_engine_is_chosen_per_platform_at_lowering(engine):
       np.asarray(f(x, w)[1]),
       np.asarray(jax.jit(jax.grad(
           lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=Int4Config(
-              engine="reference")) ** 2), argnums=(0, 1)))(x, w)[1]), rtol=1e-5, atol=1e-6)
+              engine="reference")) ** 2), argnums=(0, 1)))(x, w)[1]), rtol=1e-4, atol=1e-5)
