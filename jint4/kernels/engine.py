@@ -138,14 +138,19 @@ class Engine:
 
 
 # Why "auto" runs each op where it does, per platform (BENCHMARKS.md shows the
-# measurements).
+# measurements: "CPU operators" and "Operators").
 _CPU_WHY = ("on CPU, XLA's multi-threaded fusion of the pure-JAX op beats the"
             " single-threaded C++ handler (BENCHMARKS.md, CPU operators); the"
-            " C++ handlers are the exactly tested twin, chosen by engine='native'")
+            " C++ handler is its exactly tested twin, chosen by engine='native'")
+_CPU_NATIVE_WHY = ("on CPU, the C++ handler's one pass down the kernel's columns"
+                   " beats XLA's fusion of the pure-JAX op several times over"
+                   " (BENCHMARKS.md, CPU operators)")
 _CUDA_WHY = ("on CUDA, the fused handler beats XLA's fusion of the pure-JAX op"
              " (BENCHMARKS.md, Operators)")
 AUTO_POLICY: Mapping[str, Mapping[str, Tuple[str, str]]] = types.MappingProxyType({
-    "cpu": types.MappingProxyType({op: ("reference", _CPU_WHY) for op in OPS}),
+    "cpu": types.MappingProxyType({
+        op: ("native", _CPU_NATIVE_WHY) if op == "lsq_weight_backward"
+        else ("reference", _CPU_WHY) for op in OPS}),
     "cuda": types.MappingProxyType({op: ("native", _CUDA_WHY) for op in OPS}),
 })
 

@@ -59,7 +59,8 @@ def twins(fn, *args, cpu_handler=True, **kwargs):
 
 def test_native_cuda_is_registered():
   assert native.available() and native.has_cuda(), native.build_info()
-  assert jint4.engine_info()["ops"]["int_gemm"] == "native"
+  ops = jint4.engine_info()["platforms"]["cuda"]["ops"]
+  assert {v["runs"] for v in ops.values()} == {"native"}, ops
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
