@@ -16,7 +16,13 @@ Float contract (what the native kernels reproduce bit for bit, chosen to be
 cheap per element): the Hadamard runs as +-1 butterflies, (a + b, a - b) per
 stage, and its 2^(-L/2) is applied once at the end (`hadamard_scale`); the
 LSQ quantizer multiplies by one per-tensor factor fl(2^(-L/2) / step) instead
-of dividing every element.
+of dividing every element. The butterflies run on the input times 2^-L and
+their result is scaled back by 2^L last (`hadamard_prescale`, both exact
+powers of two), so that their sums, up to 2^L times the largest input, stay
+finite for every finite input: v = (butterflies(x 2^-L) fl(2^(-L/2) / step))
+2^L, and a transformed gradient is (butterflies(g 2^-L) 2^(-L/2)) 2^L. Where
+no intermediate overflows or goes subnormal this is the same float as
+without the 2^-L (scaling by a power of two commutes with rounding).
 """
 
 from __future__ import annotations
@@ -60,6 +66,22 @@ def quant_factor(block: Block, size: int, step: jax.Array) -> jax.Array:
   return hadamard_scale(block, size) / step.astype(jnp.float32)
 
 
+def hadamard_prescale(block: Block, size: int) -> tuple[jax.Array, jax.Array]:
+  """(2^-L, 2^L) in float32 (exact) for `apply_hadamard` over a dim of ``size``.
+
+  The float contract's overflow guard: the butterflies run on t * 2^-L, and
+  their result times `quant_factor` (or `hadamard_scale`) is multiplied by 2^L
+  (native: `Pow2(-L)`, `Pow2(L)`). L as in `hadamard_scale` (a traced log2 is
+  clamped to the reachable stages).
+  """
+  if isinstance(block, (int, jnp.integer)):   # a static size, as apply_hadamard
+    log2 = int(block).bit_length() - 1
+    return jnp.float32(2.0 ** -log2), jnp.float32(2.0 ** log2)
+  log2 = jnp.clip(jnp.asarray(block, jnp.int32), 0, hadamard.max_log2_block(size))
+  return (lax.bitcast_convert_type((127 - log2) << 23, jnp.float32),
+          lax.bitcast_convert_type((127 + log2) << 23, jnp.float32))
+
+
 def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
                       qp: int, seed: jax.Array | None = None, axis: int = 1,
                       transpose: bool = False):
@@ -68,8 +90,8 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
   Hb runs along ``axis`` (1: the rows, as for activations x[M, K]; 0: the
   columns, as for a Flax kernel[D, C] whose contraction dim comes first), then
   q = clamp(round(v), -qn, qp) as int8 (a NaN v gives -qn) with v = (x Hb) / step, computed as
-  apply_hadamard(x) * fl(2^(-L/2) / step) (the float contract above), written
-  as [R, S] or, with ``transpose``, as [S, R]. So a kernel[D, C] gives the forward GEMM operand
+  (apply_hadamard(x * 2^-L) * fl(2^(-L/2) / step)) * 2^L (the float contract
+  above), written as [R, S] or, with ``transpose``, as [S, R]. So a kernel[D, C] gives the forward GEMM operand
   [C, D] (axis=0, transpose) and the dX GEMM operand [D, C] (axis=0), both
   K-major, without a transpose kernel.
 
@@ -80,8 +102,9 @@ def hadamard_quantize(x: jax.Array, step: jax.Array, *, block: Block, qn: int,
   if seed is not None and (axis != 1 or transpose):
     raise ValueError("hadamard_quantize keeps a residual only for axis=1"
                      " without transpose (activations).")
-  xh = apply_hadamard(x.astype(jnp.float32), block, axis=axis)
-  v = xh * quant_factor(block, x.shape[axis], step)
+  down, up = hadamard_prescale(block, x.shape[axis])
+  xh = apply_hadamard(x.astype(jnp.float32) * down, block, axis=axis)
+  v = (xh * quant_factor(block, x.shape[axis], step)) * up
   q = lsq.quantize(v, 1.0, qn=qn, qp=qp)
   q8 = jnp.where(jnp.isnan(q), -qn, q).astype(jnp.int8)  # NaN: the clamp's low end
   if seed is None:
@@ -148,8 +171,9 @@ def lsq_backward(grad: jax.Array, res: Residual, *, qn: int, qp: int,
     grad = _slot_sum(grad, slots)
   code, flags = unpack_residual(res, grad.shape, qn=qn)
   _, inside, delta_hat = lsq.decode_backward_state(code, flags, qn=qn, qp=qp)
-  dt = (apply_hadamard(jnp.where(inside, grad, 0.0), block, axis=-1)
-        * hadamard_scale(block, grad.shape[-1]))
+  down, up = hadamard_prescale(block, grad.shape[-1])
+  dt = (apply_hadamard(jnp.where(inside, grad, 0.0) * down, block, axis=-1)
+        * hadamard_scale(block, grad.shape[-1])) * up
   return dt.astype(out_dtype), jnp.sum(grad * delta_hat)
 
 
@@ -166,12 +190,13 @@ def lsq_weight_backward(grad: jax.Array, kernel: jax.Array, step: jax.Array, *,
   delta(v)), the un-scaled step-size gradient.
   """
   d = kernel.shape[0]
-  v = (apply_hadamard(kernel.astype(jnp.float32), block, axis=0)
-       * quant_factor(block, d, step))
+  down, up = hadamard_prescale(block, d)
+  v = (apply_hadamard(kernel.astype(jnp.float32) * down, block, axis=0)
+       * quant_factor(block, d, step)) * up
   grad = grad.astype(jnp.float32)
   masked = jnp.where(lsq.in_range(v, qn=qn, qp=qp), grad, 0.0)
   delta_sum = jnp.sum(grad * lsq.delta(v, qn=qn, qp=qp))
-  dk = apply_hadamard(masked, block, axis=0) * hadamard_scale(block, d)
+  dk = (apply_hadamard(masked * down, block, axis=0) * hadamard_scale(block, d)) * up
   return dk.astype(out_dtype or kernel.dtype), delta_sum
 
 

@@ -828,3 +828,94 @@ def test_missing_build_falls_back_with_one_warning(monkeypatch):
       kernels.get_engine("native", "cpu")
   finally:
     kernels.get_engine.cache_clear()
+
+
+# Finite inputs near float32's limit: the butterflies run on x * 2^-L (the
+# float contract), so +-1 sums of up to 2^L * max|x| never overflow.
+
+def _near_limit_operand(shape, axis, seed_=0):
+  """Small normal values (a step of 2^-6 spreads their codes), one line along
+  ``axis`` near 1 (same sign: its +-1 sums times 2^126 pass float32's max)."""
+  rng = np.random.default_rng(seed_)
+  x = rng.normal(0, 0.05, shape).astype(np.float32)
+  line = 0.9 + rng.uniform(0, 0.05, shape[axis]).astype(np.float32)
+  if axis == 1:
+    x[1, :] = line
+  else:
+    x[:, 1] = line
+  return x
+
+
+@pytest.mark.parametrize("block", [32, 1024, "traced"])
+def test_hadamard_quantize_near_float32_limit(block):
+  """Codes of (x * 2^126, step * 2^126) are those of (x, step) in both
+  engines: activations with residual, axis 0, and hadamard_quantize_weight."""
+  big = np.float32(2.0 ** 126)
+  x = _near_limit_operand((8, 1024), axis=1)
+  w = _near_limit_operand((1024, 8), axis=0, seed_=1)
+  step = np.float32(2.0 ** -6)
+  assert np.isfinite(x * big).all() and np.isfinite(w * big).all()
+  def run(mod, x, w, s):
+    def f(x, w, s, log2):
+      blk = log2 if block == "traced" else block
+      return (mod.hadamard_quantize(x, s, block=blk, qn=7, qp=7, seed=seed(1)),
+              mod.hadamard_quantize(w, s, block=blk, qn=8, qp=7, axis=0, transpose=True),
+              mod.hadamard_quantize_weight(w, s, block=blk, qn=7, qp=7))
+    return jax.tree.leaves(on_cpu(f, jnp.asarray(x), jnp.asarray(w), jnp.float32(s),
+                                  jnp.int32(10)))
+  want = run(reference, x, w, step)
+  assert len(np.unique(np.asarray(want[0]))) > 8     # codes spread over the range
+  for mod in (native, reference):
+    for a, b in zip(run(mod, x * big, w * big, step * big), want):
+      assert_same_floats(a, b) if a.dtype == jnp.float32 else assert_same_ints(a, b)
+  for a, b in zip(run(native, x, w, step), want):
+    assert_same_floats(a, b) if a.dtype == jnp.float32 else assert_same_ints(a, b)
+
+
+@pytest.mark.parametrize("engine", ["reference", "native"])
+def test_int4_matmul_row_near_float32_limit(engine):
+  """One row of x times 2^120 (its block sums pass float32's max) with
+  step_x times 2^120 gives that row's output times 2^120, finite."""
+  scale = np.float32(2.0 ** 120)
+  rng = np.random.default_rng(5)
+  x = rng.normal(0, 1, (8, 64)).astype(np.float32)
+  x[3] = 24.0 + rng.normal(0, 3, 64)
+  w = jnp.asarray(rng.normal(0, 0.1, (64, 16)), jnp.float32)
+  t = np.asarray(hadamard.hadamard_transform(jnp.asarray(x[3:4]), 32))
+  step = np.float32(2 * np.abs(t).mean() / np.sqrt(7))   # the init rule, on row 3
+  cfg = jint4.Int4Config(engine=engine)
+  key = jax.random.key(0)
+  f = jax.jit(lambda x, s: jint4.int4_matmul(x, w, s, jnp.float32(0.02), key, config=cfg))
+  with jax.default_device(CPU):
+    y = np.asarray(f(jnp.asarray(x), jnp.float32(step)))
+    x_big = x.copy()
+    x_big[3] *= scale
+    y_big = np.asarray(f(jnp.asarray(x_big), jnp.float32(step * scale)))
+  assert np.isfinite(y_big).all() and np.abs(y[3]).max() > 0
+  np.testing.assert_allclose(y_big[3], y[3] * scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_lsq_backward_near_float32_limit(block):
+  """A gradient times 2^120 gives dT (dK) times 2^120 exactly and delta_sum
+  times 2^120, finite, in both engines (the +-1 sums alone would overflow)."""
+  scale = np.float32(2.0 ** 120)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(0, 0.3, (8, 64)), jnp.float32)
+  _, res = on_cpu(reference.hadamard_quantize, x, jnp.float32(0.3), block=block, qn=7,
+                  qp=7, seed=seed(3))
+  g = rng.normal(0, 0.5, (8, 64)).astype(np.float32)
+  g[2] = 12.0 + rng.uniform(0, 1, 64)            # same sign: block sums near 2^128
+  kernel = jnp.asarray(rng.normal(0, 0.3, (64, 8)), jnp.float32)
+  gw = rng.normal(0, 0.5, (64, 8)).astype(np.float32)
+  gw[:, 5] = 12.0 + rng.uniform(0, 1, 64)
+  for mod in (native, reference):
+    act = lambda g: mod.lsq_backward(g, res, qn=7, qp=7, block=block)
+    wgt = lambda g: mod.lsq_weight_backward(g, kernel, jnp.float32(0.3), block=block,
+                                            qn=7, qp=7)
+    for fn, grad in ((act, g), (wgt, gw)):
+      d, ds = on_cpu(fn, jnp.asarray(grad))
+      d_big, ds_big = on_cpu(fn, jnp.asarray(grad * scale))
+      assert np.isfinite(np.asarray(d_big)).all() and np.isfinite(float(ds_big))
+      np.testing.assert_array_equal(np.asarray(d_big), np.asarray(d) * scale)
+      np.testing.assert_allclose(float(ds_big), float(ds) * float(scale), rtol=1e-5)

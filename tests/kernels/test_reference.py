@@ -617,3 +617,81 @@ def test_resplit_rows_is_joined_split_of_gathered_rows():
   np.testing.assert_array_equal(np.asarray(vt), np.asarray(v).T)
   assert float(s_hi) == float(t_hi) and float(s_lo) == float(t_lo)
   assert float(s_lo) == np.float32(np.abs(t).max()) * np.float32(1 / 98)
+
+
+# ------------------------------------------------ inputs near float32's limit --
+#
+# The butterflies run on x * 2^-L (the float contract), so a finite x whose
+# +-1 sums would pass float32's largest value (up to 2^L * max|x|)
+# quantizes as x / 2^126 does with step / 2^126.
+
+BIG = 2.0 ** 126
+
+
+def _near_limit_operand(shape, axis, seed_=0):
+  """Small normal values (|x| < 4 with a step of 2^-6), one line along
+  ``axis`` near 1 (same sign, so its +-1 sums times 2^126 overflow)."""
+  rng = np.random.default_rng(seed_)
+  x = rng.normal(0, 0.05, shape).astype(np.float32)
+  line = 0.9 + rng.uniform(0, 0.05, shape[axis]).astype(np.float32)
+  if axis == 1:
+    x[1, :] = line
+  else:
+    x[:, 1] = line
+  return x
+
+
+def _quantize_near_limit(mod, x, w, step, block):
+  """Activations with a residual, a kernel's axis-0 codes and both weight
+  layouts (the module's hadamard_quantize / hadamard_quantize_weight)."""
+  return (mod.hadamard_quantize(x, step, block=block, qn=7, qp=7, seed=seed(1, 2)),
+          mod.hadamard_quantize(w, step, block=block, qn=8, qp=7, axis=0, transpose=True),
+          mod.hadamard_quantize_weight(w, step, block=block, qn=7, qp=7))
+
+
+@pytest.mark.parametrize("block", [32, 1024, "traced"])
+def test_hadamard_quantize_near_float32_limit(block):
+  x = _near_limit_operand((8, 1024), axis=1)
+  w = _near_limit_operand((1024, 8), axis=0, seed_=1)
+  step = np.float32(2.0 ** -6)
+  run = jax.jit(lambda x, w, s, l: _quantize_near_limit(
+      ref, x, w, s, l if block == "traced" else block))
+  log2 = jnp.int32(10)
+  want = run(jnp.asarray(x), jnp.asarray(w), jnp.float32(step), log2)
+  assert np.isfinite(x * BIG).all() and np.isfinite(w * BIG).all()
+  got = run(jnp.asarray(x * BIG), jnp.asarray(w * BIG), jnp.float32(step * BIG), log2)
+  (q, _), _, (_, _, poison) = want
+  assert len(np.unique(np.asarray(q))) > 8          # codes spread over the range
+  assert not np.asarray(poison).any()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_lsq_backward_near_float32_limit(block):
+  """A gradient times 2^120 gives dT times 2^120 (exactly) and delta_sum
+  times 2^120, finite, where the +-1 sums alone would overflow."""
+  scale = np.float32(2.0 ** 120)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(0, 0.3, (8, 64)), jnp.float32)
+  _, res = ref.hadamard_quantize(x, jnp.float32(0.3), block=block, qn=7, qp=7,
+                                 seed=seed(3, 4))
+  g = rng.normal(0, 0.5, (8, 64)).astype(np.float32)
+  g[2] = 12.0 + rng.uniform(0, 1, 64)            # same sign: block sums near 2^128
+  f = jax.jit(lambda g: ref.lsq_backward(g, res, qn=7, qp=7, block=block))
+  dt, ds = f(jnp.asarray(g))
+  dt_big, ds_big = f(jnp.asarray(g * scale))
+  assert np.isfinite(np.asarray(dt_big)).all() and np.isfinite(float(ds_big))
+  np.testing.assert_array_equal(np.asarray(dt_big), np.asarray(dt) * scale)
+  np.testing.assert_allclose(float(ds_big), float(ds) * float(scale), rtol=1e-5)
+
+  kernel = jnp.asarray(rng.normal(0, 0.3, (64, 8)), jnp.float32)
+  gw = rng.normal(0, 0.5, (64, 8)).astype(np.float32)
+  gw[:, 5] = 12.0 + rng.uniform(0, 1, 64)
+  fw = jax.jit(lambda g: ref.lsq_weight_backward(g, kernel, jnp.float32(0.3),
+                                                 block=block, qn=7, qp=7))
+  dk, dsw = fw(jnp.asarray(gw))
+  dk_big, dsw_big = fw(jnp.asarray(gw * scale))
+  assert np.isfinite(np.asarray(dk_big)).all() and np.isfinite(float(dsw_big))
+  np.testing.assert_array_equal(np.asarray(dk_big), np.asarray(dk) * scale)
+  np.testing.assert_allclose(float(dsw_big), float(dsw) * float(scale), rtol=1e-5)

@@ -11,7 +11,15 @@
 // as +-1 butterflies with one scale at the end (HadamardScale), the LSQ
 // divide is one multiply by a per-tensor factor (QuantFactor), and one hash,
 // built from wide multiplies, gives the noise of two neighbouring elements
-// (Uniform).
+// (Uniform). The butterflies of a block of 2^L run on the input times
+// Pow2(-L) and their result is multiplied by Pow2(L) last, so that their
+// sums (up to 2^L times the largest input) stay finite for every finite
+// input: one exact multiply per element on load and one at the end,
+//   LSQ:      v  = (H+-(x * Pow2(-L)) * QuantFactor(L, step)) * Pow2(L)
+//   gradient: dt = (H+-(g * Pow2(-L)) * HadamardScale(L)) * Pow2(L)
+// (reference.py `hadamard_prescale`). Where no intermediate overflows or
+// goes subnormal, this is the float of the unscaled form (scaling by a power
+// of two commutes with rounding).
 #ifndef JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
 #define JINT4_XLA_FFI_COMMON_JINT4_MATH_H_
 
@@ -132,18 +140,25 @@ JINT4_HD void Butterfly(float& a, float& b) {
   b = d;
 }
 
+// 2^e in float32 for -126 <= e <= 127, exactly (its bits built directly):
+// Pow2(-L) and Pow2(L) are the float contract's pre- and post-scale of the
+// butterflies (reference.py `hadamard_prescale`).
+JINT4_HD float Pow2(int e) { return BitsToFloat(static_cast<uint32_t>(127 + e) << 23); }
+
 // 2^(-L/2) in float32, exactly as reference.py `hadamard_scale`: 1 or
 // fl(1/sqrt(2)) times the power of two 2^-floor(L/2) (0 <= L <= 10).
 JINT4_HD float HadamardScale(int L) {
   return ldexpf((L & 1) ? kInvSqrt2 : 1.0f, -(L >> 1));  // exact scaling
 }
 
-// The factor that maps the +-1 transform y of a tensor to v = T / step:
-// v = y * fl(HadamardScale(L) / step) (reference.py `hadamard_quantize`).
+// The per-tensor factor of the LSQ quantizer, fl(HadamardScale(L) / step):
+// v = T / step = (y * QuantFactor(L, step)) * Pow2(L) for y the +-1
+// transform of the input times Pow2(-L) (reference.py `hadamard_quantize`).
 JINT4_HD float QuantFactor(int L, float step) { return HadamardScale(L) / step; }
 
 // In-place block-diagonal +-1 Hadamard transform of `n` contiguous floats with
-// blocks of 2^log2_block; stage 0 (pairs at distance 1) first.
+// blocks of 2^log2_block; stage 0 (pairs at distance 1) first. Callers pass
+// the input times Pow2(-log2_block) (the float contract above).
 JINT4_HD void HadamardInPlace(float* v, int64_t n, int log2_block) {
   for (int stage = 0; stage < log2_block; ++stage) {
     const int64_t half = int64_t{1} << stage;

@@ -228,26 +228,30 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
   auto store_q = [&](int64_t i, int64_t j, int8_t v) {
     q[transpose ? j * r + i : i * s + j] = v;
   };
+  // The float contract: v = (H+-(x * down) * factor) * up.
+  const float down = Pow2(-log2_block);
+  const float up = Pow2(log2_block);
+  const float factor = QuantFactor(log2_block, step);
 
   if (axis == 0) {
     std::vector<float> t(static_cast<size_t>(count));
     LoadFloats(x, type, 0, count, t.data());
+    for (float& value : t) value *= down;
     HadamardColumns(t.data(), r, s, log2_block);
-    const float factor = QuantFactor(log2_block, step);
     // Row tiles, so that the transposed stores run contiguously.
     constexpr int64_t kTile = 32;
     for (int64_t i0 = 0; i0 < r; i0 += kTile) {
       const int64_t i1 = std::min(r, i0 + kTile);
       for (int64_t j = 0; j < s; ++j) {
         for (int64_t i = i0; i < i1; ++i) {
-          store_q(i, j, QuantizeCode(t[static_cast<size_t>(i * s + j)] * factor, qn, qp));
+          const float v = (t[static_cast<size_t>(i * s + j)] * factor) * up;
+          store_q(i, j, QuantizeCode(v, qn, qp));
         }
       }
     }
     return;  // no residual for axis 0 (the handler checks)
   }
 
-  const float factor = QuantFactor(log2_block, step);
   std::vector<float> row(static_cast<size_t>(s));
   for (int64_t i = 0; i < r; ++i) {
     LoadFloats(x, type, i * s, s, row.data());
@@ -255,11 +259,12 @@ void HadamardQuantize(const void* x, FloatType type, int64_t r, int64_t s,
     if (residual) {
       for (int64_t j = 0; j < s; ++j) finite = finite && std::isfinite(row[j]);
     }
+    for (int64_t j = 0; j < s; ++j) row[j] *= down;
     HadamardInPlace(row.data(), s, log2_block);
     int64_t sum_sq = 0;  // exact
     for (int64_t j = 0; j < s; ++j) {
       const int64_t e = i * s + j;
-      const float v = row[j] * factor;
+      const float v = (row[j] * factor) * up;
       if (!residual) {
         store_q(i, j, QuantizeCode(v, qn, qp));
         continue;
@@ -316,6 +321,8 @@ float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t
   std::vector<float> row(static_cast<size_t>(k));
   std::vector<float> a(static_cast<size_t>(k)), b(static_cast<size_t>(k));
   const float scale = HadamardScale(log2_block);
+  const float down = Pow2(-log2_block);  // the float contract's pre- and post-scale
+  const float up = Pow2(log2_block);
   double sum = 0.0;
   for (int64_t t = 0; t < m; ++t) {
     // grad rows widened to float32 (exact), as the reference's astype.
@@ -347,11 +354,11 @@ float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t
       bool inside;
       float delta_hat;
       DecodeBackwardState(code, f, qn, qp, &qv, &inside, &delta_hat);
-      row[c] = inside ? g : 0.0f;
+      row[c] = (inside ? g : 0.0f) * down;
       sum += static_cast<double>(g * delta_hat);
     }
     HadamardInPlace(row.data(), k, log2_block);
-    for (int64_t c = 0; c < k; ++c) row[c] *= scale;
+    for (int64_t c = 0; c < k; ++c) row[c] = (row[c] * scale) * up;
     StoreFloats(row.data(), k, dt_type, dt, t * k);
   }
   return static_cast<float>(sum);
@@ -373,23 +380,26 @@ float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kerne
   const float hi = static_cast<float>(qp);
   const float factor = QuantFactor(log2_block, step);
   const float scale = HadamardScale(log2_block);
+  const float down = Pow2(-log2_block);  // the float contract's pre- and post-scale
+  const float up = Pow2(log2_block);
   double sum = 0.0;
   for (int64_t r0 = 0; r0 < d; r0 += block) {
     LoadFloats(kernel, kernel_type, r0 * c, n, v.data());
+    for (float& value : v) value *= down;
     HadamardColumns(v.data(), block, c, log2_block);
     LoadFloats(grad, grad_type, r0 * c, n, g.data());
     for (int64_t e = 0; e < n; ++e) {
       // lsq.py in_range / delta of v = (kernel Hb) / step (the +-1 transform
-      // times QuantFactor, as the reference).
-      const float x = v[static_cast<size_t>(e)] * factor;
+      // times QuantFactor, then Pow2(L), as the reference).
+      const float x = (v[static_cast<size_t>(e)] * factor) * up;
       const bool inside = (x >= lo) && (x <= hi);
       const float delta = x < lo ? lo : (x > hi ? hi : RoundEven(x) - x);
       const float ge = g[static_cast<size_t>(e)];
-      masked[static_cast<size_t>(e)] = inside ? ge : 0.0f;
+      masked[static_cast<size_t>(e)] = (inside ? ge : 0.0f) * down;
       sum += static_cast<double>(ge * delta);
     }
     HadamardColumns(masked.data(), block, c, log2_block);
-    for (int64_t e = 0; e < n; ++e) masked[static_cast<size_t>(e)] *= scale;
+    for (float& value : masked) value = (value * scale) * up;
     StoreFloats(masked.data(), n, dk_type, dk, r0 * c);
   }
   return static_cast<float>(sum);

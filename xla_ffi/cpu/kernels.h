@@ -28,8 +28,9 @@ void StoreFloats(const float* src, int64_t n, FloatType type, void* dst,
 
 // jint4_hadamard_quantize on x[r, s] (of `type`): the block-diagonal Hadamard
 // transform along `axis` (1: each row, blocks of 2^log2_block dividing s;
-// 0: each column, dividing r) as +-1 butterflies (HadamardInPlace), v = xh *
-// QuantFactor(log2_block, step), q = QuantizeCode(v) written at
+// 0: each column, dividing r) as +-1 butterflies (HadamardInPlace) of x *
+// Pow2(-L), v = (xh * QuantFactor(L, step)) * Pow2(L) (L = log2_block; the
+// float contract of jint4_math.h), q = QuantizeCode(v) written at
 // q[i, j] ([r, s]) or, if `transpose`, at q[j, i] ([s, r]). If `nibbles`,
 // `flags` and `norms` are all non-null (only for axis 1 without transpose),
 // also writes the packed residual of EncodeBackwardState(v, Uniform(seed,
@@ -58,19 +59,20 @@ void ResidualValues(const uint8_t* nibbles, const uint8_t* flags, int64_t m,
 // g[t, :] = grad[t, :] (slots null, s_rows = m) or
 // (slots[0,t] >= 0 ? grad[slots[0,t], :] : 0) + (slots[1,t] >= 0 ?
 // grad[slots[1,t], :] : 0) for slots[2, m]; with the residual of [m, k]:
-// dt[t, :] = HadamardScale * H+-(inside ? g : 0) (blocks of 2^log2_block)
-// stored as `dt_type`;
+// dt[t, :] = (H+-((inside ? g : 0) * Pow2(-L)) * HadamardScale(L)) * Pow2(L)
+// (blocks of 2^L, L = log2_block) stored as `dt_type`;
 // returns sum g * delta_hat (products in float32, summed in double).
 float LsqBackward(const void* grad, FloatType grad_type, int64_t s_rows, int64_t k,
                   const int32_t* slots, int64_t m, const uint8_t* nibbles,
                   const uint8_t* flags, int qn, int qp, int log2_block,
                   FloatType dt_type, void* dt);
 
-// jint4_lsq_weight_backward: with v = H+-(kernel) * QuantFactor (kernel[d, c] of
-// `kernel_type`, Hb down each column in blocks of 2^log2_block dividing d, as
-// HadamardQuantize with axis 0), dk[d, c] = HadamardScale * H+-(inside(v) ?
-// grad : 0) down each column (grad[d, c] of `grad_type`, widened to float32),
-// stored as `dk_type`; returns sum grad * delta(v) (lsq.py in_range and
+// jint4_lsq_weight_backward: with v = (H+-(kernel * Pow2(-L)) * QuantFactor) *
+// Pow2(L) (kernel[d, c] of `kernel_type`, Hb down each column in blocks of
+// 2^L dividing d, L = log2_block, as HadamardQuantize with axis 0), dk[d, c] =
+// (H+-((inside(v) ? grad : 0) * Pow2(-L)) * HadamardScale) * Pow2(L) down each
+// column (grad[d, c] of `grad_type`, widened to float32), stored as
+// `dk_type`; returns sum grad * delta(v) (lsq.py in_range and
 // delta; products in float32, summed in double).
 float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kernel,
                         FloatType kernel_type, int64_t d, int64_t c, float step,

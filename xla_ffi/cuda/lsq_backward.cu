@@ -2,8 +2,9 @@
 // its packed residual (residual_decode.cuh), then the block Hadamard.
 // Chunks of 2048 elements of dT[M, K]; each element gathers its gradient
 // (the kept-row slots), applies the STE mask and adds its delta term, then
-// the chunk runs the block +-1 Hadamard, is scaled by HadamardScale(L) and
-// stored in dT's dtype. Full chunks with K % 8 == 0 and aligned pointers:
+// the chunk runs the block +-1 Hadamard on it times Pow2(-L), is scaled by
+// HadamardScale(L), then Pow2(L) (the float contract of jint4_math.h: the +-1
+// sums never overflow) and stored in dT's dtype. Full chunks with K % 8 == 0 and aligned pointers:
 // LsqBackwardChunksKernel (two chunks per block, every load issued first,
 // Hadamard in registers / warp shuffles: ChunkHadamard8); the rest (partial
 // last chunk, ragged or misaligned): LsqBackwardKernel, through shared
@@ -50,6 +51,7 @@ LsqBackwardChunksKernel(const G* __restrict__ grad,
   const int64_t first = static_cast<int64_t>(blockIdx.x) * U;
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float scale = HadamardScale(L);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   bool live[U];
   int64_t e0[U];
 #pragma unroll
@@ -135,9 +137,11 @@ LsqBackwardChunksKernel(const G* __restrict__ grad,
         v[i] = inside ? g[j][i] : 0.0f;
       }
     }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] *= down;
     ChunkHadamard8<kThreads>(v, L, sx);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] *= scale;
+    for (int i = 0; i < 8; ++i) v[i] = (v[i] * scale) * up;
     Store8(dt + e0[j], v);
   }
   BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed
@@ -161,6 +165,7 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
   const int64_t start = (first_chunk + blockIdx.x) * kChunk;
   const int len = static_cast<int>(total - start < kChunk ? total - start : kChunk);
   const int L = ClampedLog2(log2_ptr, max_log2);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   float acc = 0.0f;
   // Element e = start + i of row t, column k; i advances by kThreads.
   int64_t t = (start + threadIdx.x) / K;
@@ -181,7 +186,7 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
     float dh;
     DecodeAt(nibbles, flags, plane_stride, planes, start + i, qn, qp, &qv, &inside, &dh);
     acc = acc + g * dh;
-    sx[i] = inside ? g : 0.0f;
+    sx[i] = (inside ? g : 0.0f) * down;
     k += kThreads;
     while (k >= K) {
       k -= K;
@@ -191,7 +196,7 @@ LsqBackwardKernel(const G* __restrict__ grad, int64_t S,
   BlockHadamardSmem<kThreads>(sx, len, L);
   const float scale = HadamardScale(L);
   for (int i = threadIdx.x; i < len; i += kThreads) {
-    dt[start + i] = FromFloat<OutT>(sx[i] * scale);
+    dt[start + i] = FromFloat<OutT>((sx[i] * scale) * up);
   }
 
   BlockSumToGlobal<kThreads>(acc, delta_sum);  // any summation order is allowed

@@ -1,9 +1,12 @@
 // jint4_lsq_weight_backward (CUDA): LSQ's backward of a kernel[D, C] quantized
-// with the Hadamard down its columns (v = +-1 transform * QuantFactor; dk =
-// +-1 transform * HadamardScale). Blocks of at most 16 rows: one thread per
-// column, tiles in registers (LsqWeightBackwardColumnsRegKernel); 32 rows:
-// two threads per column, 16 rows each (LsqWeightBackwardColumnsPairKernel);
-// larger blocks: column tiles in shared memory (LsqWeightBackwardKernel).
+// with the Hadamard down its columns (v = (+-1 transform of the kernel times
+// Pow2(-L)) * QuantFactor * Pow2(L); dk = (+-1 transform of the masked grad
+// times Pow2(-L)) * HadamardScale * Pow2(L): the float contract of
+// jint4_math.h, one multiply per element on load and one at the end of each
+// transform). Blocks of at most 16 rows: one thread per column, tiles in
+// registers (LsqWeightBackwardColumnsRegKernel); 32 rows: two threads per
+// column, 16 rows each (LsqWeightBackwardColumnsPairKernel); larger blocks:
+// column tiles in shared memory (LsqWeightBackwardKernel).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -37,8 +40,9 @@ __device__ __forceinline__ float WeightMaskDelta(float v, float g, int qn, int q
 // threads: consecutive columns, coalesced), kTiles consecutive tiles of TR =
 // 2^max_log2 rows per step (at least 8 rows, so enough loads are in flight).
 // It loads the TR kernel and TR grad values of each tile at once (the first
-// tile unconditionally: it starts below R), RegisterHadamard on the kernel,
-// v = k * QuantFactor, the delta term and the STE mask as
+// tile unconditionally: it starts below R), RegisterHadamard on the kernel
+// (times Pow2(-L)), v = (k * QuantFactor) * Pow2(L), the delta term and the
+// STE mask as
 // LsqWeightBackwardKernel, RegisterHadamard on the masked grad, and stores
 // the dk rows, converted as they are produced. Tiles past R (R % TR == 0)
 // are skipped whole. (Two columns per thread, for 128-byte warp accesses of
@@ -60,6 +64,7 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
   const float scale = HadamardScale(L);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   const int64_t steps = CeilDivDev(R, kRows);
   float acc = 0.0f;
   if (c < S) {  // no early return: BlockSumToGlobal has a barrier
@@ -76,7 +81,7 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
           gv[i] = 0.0f;
           if (live[u]) {
             const int64_t e = (r0 + i) * S + c;
-            kv[i] = ToFloat(kernel[e]);
+            kv[i] = ToFloat(kernel[e]) * down;
             gv[i] = ToFloat(grad[e]);
           }
         }
@@ -88,7 +93,7 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
         if (!live[u]) continue;
 #pragma unroll
         for (int i = u * TR; i < (u + 1) * TR; ++i) {
-          gv[i] = WeightMaskDelta(kv[i] * factor, gv[i], qn, qp, &acc);
+          gv[i] = WeightMaskDelta((kv[i] * factor) * up, gv[i], qn, qp, &acc) * down;
         }
       }
       T out[kRows];
@@ -96,7 +101,7 @@ LsqWeightBackwardColumnsRegKernel(const G* __restrict__ grad,
       for (int u = 0; u < kTiles; ++u) {
         RegisterHadamard<TR>(gv + u * TR, L);
 #pragma unroll
-        for (int i = u * TR; i < (u + 1) * TR; ++i) out[i] = FromFloat<T>(gv[i] * scale);
+        for (int i = u * TR; i < (u + 1) * TR; ++i) out[i] = FromFloat<T>((gv[i] * scale) * up);
       }
 #pragma unroll
       for (int u = 0; u < kTiles; ++u) {
@@ -153,6 +158,7 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
   const int L = ClampedLog2(log2_ptr, 5);
   const float factor = QuantFactor(L, *step_ptr);
   const float scale = HadamardScale(L);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   const int64_t tiles = R >> 5;
   float acc = 0.0f;
   for (int64_t rt = blockIdx.y; rt < tiles; rt += gridDim.y) {  // uniform: barriers below
@@ -179,18 +185,20 @@ LsqWeightBackwardColumnsPairKernel(const G* __restrict__ grad, const T* __restri
     float kv[16], gv[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      kv[i] = ToFloat(kraw[i]);
+      kv[i] = ToFloat(kraw[i]) * down;
       gv[i] = ToFloat(graw[i]);
     }
     RegisterHadamard<16>(kv, L);
     if (L > 4) ExchangeStage4(kv, x, upper, col);  // L uniform
 #pragma unroll
-    for (int i = 0; i < 16; ++i) gv[i] = WeightMaskDelta(kv[i] * factor, gv[i], qn, qp, &acc);
+    for (int i = 0; i < 16; ++i) {
+      gv[i] = WeightMaskDelta((kv[i] * factor) * up, gv[i], qn, qp, &acc) * down;
+    }
     RegisterHadamard<16>(gv, L);
     if (L > 4) ExchangeStage4(gv, x, upper, col);
     if (col_ok) {
 #pragma unroll
-      for (int i = 0; i < 16; ++i) dk[(r0 + i) * S + c] = FromFloat<T>(gv[i] * scale);
+      for (int i = 0; i < 16; ++i) dk[(r0 + i) * S + c] = FromFloat<T>((gv[i] * scale) * up);
     }
   }
   BlockSumToGlobal<kColThreads>(acc, delta_sum);  // any summation order is allowed
@@ -245,6 +253,7 @@ LsqWeightBackwardKernel(const G* __restrict__ grad, const T* __restrict__ kernel
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
   const float scale = HadamardScale(L);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * TC;
   const int64_t row_tiles = R / TR;
   float acc = 0.0f;
@@ -256,20 +265,21 @@ LsqWeightBackwardKernel(const G* __restrict__ grad, const T* __restrict__ kernel
       const bool in = c0 + c < S;
       const int64_t e = (r0 + r) * S + c0 + c;
       const int p = Padded(c * TR + r, max_log2);
-      sk[p] = in ? ToFloat(kernel[e]) : 0.0f;
+      sk[p] = in ? ToFloat(kernel[e]) * down : 0.0f;
       sg[p] = in ? ToFloat(grad[e]) : 0.0f;
     }
     BlockHadamardSmem<kThreads>(sk, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
       const int p = Padded(i, max_log2);
-      sg[p] = WeightMaskDelta(sk[p] * factor, sg[p], qn, qp, &acc);
+      sg[p] = WeightMaskDelta((sk[p] * factor) * up, sg[p], qn, qp, &acc) * down;
     }
     BlockHadamardSmem<kThreads>(sg, kColTile, L, max_log2);
     for (int i = threadIdx.x; i < kColTile; i += kThreads) {
       const int r = i / TC;
       const int c = i - r * TC;
       if (c0 + c < S) {
-        dk[(r0 + r) * S + c0 + c] = FromFloat<T>(sg[Padded(c * TR + r, max_log2)] * scale);
+        dk[(r0 + r) * S + c0 + c] =
+            FromFloat<T>((sg[Padded(c * TR + r, max_log2)] * scale) * up);
       }
     }
     __syncthreads();

@@ -18,6 +18,11 @@
 // multiple of 8, so it owns whole nibble bytes and flag bytes; only the last
 // chunk has padding, which is exactly the README's zero padding.
 //
+// Every path runs the butterflies on x * Pow2(-L) and quantizes v = (y *
+// QuantFactor) * Pow2(L) (the float contract of jint4_math.h: one multiply
+// per element on load and one at the end, so the +-1 sums of a finite x
+// never overflow).
+//
 // axis = 0 (a Flax kernel[D, C], Hadamard down each column): blocks of at
 // most 32 rows (max_log2 <= 5) run HadamardQuantizeColumnsRegKernel, one
 // thread per column segment in registers; larger blocks take
@@ -144,7 +149,8 @@ __device__ __forceinline__ uint32_t Bit31Into(uint32_t w, int k, uint32_t acc) {
 
 // A full, aligned chunk whose 8 elements per thread (8t .. 8t+7) are
 // already in v (loaded by the caller, so that several chunks' loads are in
-// flight at once): ChunkHadamard8, v = y * factor (QuantFactor), then
+// flight at once): ChunkHadamard8 of v * down, v = (y * factor) * up (the
+// float contract: down = Pow2(-L), factor = QuantFactor, up = Pow2(L)), then
 // QuantizeEncode per element (noise: one UniformPair per two), byte-permute
 // packing, one 8-byte q store, one 4-byte nibble store, one flag byte per
 // plane, and the row statistics. The same Butterfly calls on the same values
@@ -157,7 +163,7 @@ __device__ __forceinline__ uint32_t Bit31Into(uint32_t w, int k, uint32_t acc) {
 // for AccumulateRowsWarp's general path.
 template <bool kResidual, bool kWarpRows>
 __device__ __forceinline__ void QuantizeFullChunk(
-    float* v, int64_t start, int L, float* sx, float factor,
+    float* v, int64_t start, int L, float* sx, float down, float factor, float up,
     uint32_t seed0, uint32_t seed1, int qn, int qp, int planes,
     int8_t* __restrict__ q, uint8_t* __restrict__ nibbles,
     uint8_t* __restrict__ flags, int64_t plane_stride, uint32_t k256, RowStats& stats) {
@@ -168,8 +174,11 @@ __device__ __forceinline__ void QuantizeFullChunk(
   for (int k = 0; k < 8; ++k) {
     if (kResidual && kWarpRows) poison = __fmaf_rn(v[k], 0.0f, poison);
     if (kResidual && !kWarpRows) nonfinite[k] = NonFinite(v[k]);
+    v[k] *= down;
   }
   ChunkHadamard8<kHqThreads>(v, L, sx);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = (v[k] * factor) * up;
 
   const int64_t e0 = start + 8 * tid;
   const float lo = -static_cast<float>(qn);
@@ -188,7 +197,7 @@ __device__ __forceinline__ void QuantizeFullChunk(
   int q2[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
-    const ElementCodes ec = QuantizeEncode(v[k] * factor, u[k], lo, hi, clip_code);
+    const ElementCodes ec = QuantizeEncode(v[k], u[k], lo, hi, clip_code);
     qb[k] = ec.q_bits;
     cb[k] = ec.code_bits;
     f0 = Bit31Into(ec.bit0_word, k, f0);
@@ -207,8 +216,7 @@ __device__ __forceinline__ void QuantizeFullChunk(
     // rather than kept through the loop (8 live bits in the common qn <= 7 case)
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const float vv = v[k] * factor;
-      f1 |= static_cast<uint32_t>(ClampMinMax(vv, lo, hi) != vv) << k;
+      f1 |= static_cast<uint32_t>(ClampMinMax(v[k], lo, hi) != v[k]) << k;
     }
     flags[plane_stride + (e0 >> 3)] = static_cast<uint8_t>(f1);
   }
@@ -250,15 +258,16 @@ HadamardQuantizeChunksKernel(const T* __restrict__ x, int64_t full_chunks, int64
   }
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
+  const float down = Pow2(-L), up = Pow2(L);
   const uint32_t seed0 = kResidual ? seed[0] : 0u;
   const uint32_t seed1 = kResidual ? seed[1] : 0u;
   RowStats stats{row_sum, row_bad, 0, K};
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     if (first + j < full_chunks) {  // uniform across the block
-      QuantizeFullChunk<kResidual, kWarpRows>(v[j], (first + j) * kHqChunk, L, sx, factor,
-                                              seed0, seed1, qn, qp, planes, q, nibbles, flags,
-                                              plane_stride, k256, stats);
+      QuantizeFullChunk<kResidual, kWarpRows>(v[j], (first + j) * kHqChunk, L, sx, down,
+                                              factor, up, seed0, seed1, qn, qp, planes, q,
+                                              nibbles, flags, plane_stride, k256, stats);
     }
   }
 }
@@ -289,6 +298,7 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
 
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   const uint32_t seed0 = seed[0];
   const uint32_t seed1 = seed[1];
 
@@ -305,7 +315,7 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
   // General path through shared memory (partial last chunk, odd alignment).
   for (int i = tid; i < len; i += kHqThreads) {
     const float v = ToFloat(x[start + i]);
-    sx[i] = v;
+    sx[i] = v * down;
     if (with_residual && NonFinite(v)) {
       atomicOr(&s_bad[(start + i) / K - stats.first_row], 1);
     }
@@ -323,7 +333,7 @@ HadamardQuantizeKernel(const T* __restrict__ x, int64_t total, int64_t K,
     for (int k = 0; k < 4; ++k) {
       if (k < n) {
         const int i = i0 + k;
-        const float v = sx[i] * factor;
+        const float v = (sx[i] * factor) * up;
         const int8_t qv = QuantizeCode(v, qn, qp);
         q2[k] = static_cast<int>(qv) * static_cast<int>(qv);
         packed |= static_cast<uint32_t>(static_cast<uint8_t>(qv)) << (8 * k);
@@ -417,6 +427,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
   const int TC = kColTile / TR;
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * TC;
   const int64_t row_tiles = R / TR;
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
@@ -426,7 +437,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
       const int c = i - r * TC;
       const float f = c0 + c < S ? ToFloat(x[(r0 + r) * S + c0 + c]) : 0.0f;
       if (col_poison != nullptr && !isfinite(f)) col_poison[c0 + c] = QuietNaN();
-      sx[Padded(c * TR + r, max_log2)] = f;
+      sx[Padded(c * TR + r, max_log2)] = f * down;
     }
     BlockHadamardSmem<kHqThreads>(sx, kColTile, L, max_log2);
     if (q_cols != nullptr) {  // q_cols[S, R]: runs of TR bytes along r
@@ -434,7 +445,8 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
         const int c = i / TR;
         const int r = i - c * TR;
         if (c0 + c < S) {
-          q_cols[(c0 + c) * R + r0 + r] = QuantizeCode(sx[Padded(i, max_log2)] * factor, qn, qp);
+          q_cols[(c0 + c) * R + r0 + r] =
+              QuantizeCode((sx[Padded(i, max_log2)] * factor) * up, qn, qp);
         }
       }
     }
@@ -444,7 +456,7 @@ HadamardQuantizeColumnsKernel(const T* __restrict__ x, int64_t R, int64_t S,
         const int c = i - r * TC;
         if (c0 + c < S) {
           q_rows[(r0 + r) * S + c0 + c] =
-              QuantizeCode(sx[Padded(c * TR + r, max_log2)] * factor, qn, qp);
+              QuantizeCode((sx[Padded(c * TR + r, max_log2)] * factor) * up, qn, qp);
         }
       }
     }
@@ -474,6 +486,7 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
   if (c >= S) return;
   const int L = ClampedLog2(log2_ptr, max_log2);
   const float factor = QuantFactor(L, *step_ptr);
+  const float down = Pow2(-L), up = Pow2(L);  // the float contract
   const int64_t row_tiles = R / TR;
   bool bad = false;  // a NaN or Inf among this thread's elements of column c
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
@@ -482,11 +495,14 @@ HadamardQuantizeColumnsRegKernel(const T* __restrict__ x, int64_t R, int64_t S,
 #pragma unroll
     for (int i = 0; i < TR; ++i) v[i] = ToFloat(x[(r0 + i) * S + c]);
 #pragma unroll
-    for (int i = 0; i < TR; ++i) bad |= !isfinite(v[i]);
+    for (int i = 0; i < TR; ++i) {
+      bad |= !isfinite(v[i]);
+      v[i] *= down;
+    }
     RegisterHadamard<TR>(v, L);
     int8_t code[TR];
 #pragma unroll
-    for (int i = 0; i < TR; ++i) code[i] = QuantizeCode(v[i] * factor, qn, qp);
+    for (int i = 0; i < TR; ++i) code[i] = QuantizeCode((v[i] * factor) * up, qn, qp);
     if (q_rows != nullptr) {
 #pragma unroll
       for (int i = 0; i < TR; ++i) q_rows[(r0 + i) * S + c] = code[i];
