@@ -796,9 +796,12 @@ def test_engine_info_and_auto_policy():
   cpu = info["platforms"]["cpu"]
   assert cpu["native_usable"]
   assert set(cpu["ops"]) == set(engine_lib.OPS)
-  # "auto" on CPU: the pure-JAX ops, with the policy's reason.
-  assert {v["runs"] for v in cpu["ops"].values()} == {"reference"}
-  assert all("XLA" in v["why"] for v in cpu["ops"].values())
+  # "auto" on CPU: the pure-JAX ops, but for the kernel's LSQ backward,
+  # each with the policy's reason.
+  assert {op: v["runs"] for op, v in cpu["ops"].items()} == {
+      op: "native" if op == "lsq_weight_backward" else "reference"
+      for op in engine_lib.OPS}
+  assert all("BENCHMARKS.md" in v["why"] for v in cpu["ops"].values())
   assert cpu["backward_auto"]["mode"] == "bitsplit" and cpu["backward_auto"]["why"]
   cuda = info["platforms"]["cuda"]
   want = "native" if native.has_cuda() else "reference"
@@ -815,7 +818,7 @@ def test_missing_build_falls_back_with_one_warning(monkeypatch):
   monkeypatch.setattr(native, "_status", lambda: (False, "simulated missing build"))
   monkeypatch.setattr(engine_lib, "_warned", set())
   monkeypatch.setattr(engine_lib, "_devices", lambda platform: [object()])
-  kernels.get_engine.cache_clear()
+  engine_lib._engine.cache_clear()
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
@@ -827,7 +830,7 @@ def test_missing_build_falls_back_with_one_warning(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated missing build"):
       kernels.get_engine("native", "cpu")
   finally:
-    kernels.get_engine.cache_clear()
+    engine_lib._engine.cache_clear()
 
 
 # Finite inputs near float32's limit: the butterflies run on x * 2^-L (the
