@@ -42,7 +42,7 @@ constexpr int kMaxLog2Block = 10;
   } while (0)
 
 // Appends one piece of an error message. Plain string appends and
-// std::to_string, no iostreams: on the GPU machine's jaxlib 0.11.2 an
+// std::to_string, no iostreams: with jaxlib 0.11.2 on a CUDA host an
 // ostringstream in this error path took the process down, while string
 // concatenation (the CUDA handlers' messages) raised cleanly.
 inline void AppendPiece(std::string* out, const std::string& v) { out->append(v); }

@@ -11,12 +11,13 @@
 // so each wave of 132 tiles reads the whole operand along the walk (B[N, K]
 // when walking N); when that extent is >= 12288 rows, the config is 128x256
 // with cluster 2x1 (the pair of CTAs shares, i.e. multicasts, its B tile)
-// and swizzle 8 (the walk covers 8 bands at a time). Measured by
-// tools/gemm_sweep.py (H200, 2026-11-28, back-to-back calls, 5 configs x
-// swizzle x raster at the GEMM shapes of a hidden-4096 train step plus 8192^3
-// and 15360x8704x10752): 16384x16384x4096 1.623 -> 1.490 ms, 16384x12288x4096
-// 1.149 -> 1.140 ms; on every other shape 128x256 cluster 1x2 swizzle 1 was
-// the best or within 3% of it (the sweep's spread).
+// and swizzle 8 (the walk covers 8 bands at a time), so that such a wave
+// loads each B tile once per CTA pair. Chosen from a
+// tools/gemm_sweep.py sweep of every compiled config, swizzle and raster
+// order over the GEMM shapes of a train step and the paper's largest ones
+// (BENCHMARKS.md, GEMM): only there did 2x1 / swizzle 8 win; on every other
+// shape 128x256 cluster 1x2 swizzle 1 was the best or within the sweep's
+// spread of it.
 //
 // Knobs (environment, read on every call):
 //   JINT4_GEMM_SM90_CONFIG  forces a compiled config by name (kConfigs; an

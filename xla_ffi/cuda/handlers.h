@@ -1,15 +1,16 @@
 // jint4's CUDA XLA FFI handlers (the op contract: xla_ffi/README.md).
 //
-// Each handler binds Ctx<PlatformStream<cudaStream_t>> first (the GEMMs and
-// bit_split also Ctx<ScratchAllocator>; contexts take no operand), then exactly
-// the operands, results and attributes of the README table, in order:
-//   jint4_cuda_hadamard_quantize   (x, step, seed, log2_block) -> (q, nibbles, flags); attrs qn, qp, with_residual
-//   jint4_cuda_hadamard_quantize_weight (x, step, log2_block) -> (q_t, q, col_poison);  attrs qn, qp, log2_hint
-//   jint4_cuda_residual_values     (nibbles, flags) -> (q);                             attrs qn, qp
-//   jint4_cuda_lsq_backward        (grad, nibbles, flags) -> (dt, delta_sum);           attrs qn, qp
-//   jint4_cuda_bit_split           (g, seed) -> (hi, lo, scales, hi_norm, lo_norm)
-//   jint4_cuda_int_gemm            (a, b, scale, row_scale) -> (out f32 | bf16)
-//   jint4_cuda_int_gemm_gather_rows(a, b, rows, scale) -> (out f32)
+// Each handler binds Ctx<PlatformStream<cudaStream_t>> first (those that need
+// scratch memory also Ctx<ScratchAllocator>; contexts take no operand), then
+// exactly the operands, results and attributes of its row of the README
+// table, in order:
+//   jint4_cuda_hadamard_quantize, jint4_cuda_hadamard_quantize_weight  quantize.cu
+//   jint4_cuda_residual_values                                         residual_values.cu
+//   jint4_cuda_lsq_backward                                            lsq_backward.cu
+//   jint4_cuda_lsq_weight_backward                                     lsq_weight_backward.cu
+//   jint4_cuda_bit_split, jint4_cuda_bit_split_joined,
+//   jint4_cuda_resplit_rows                                            bitsplit.cu
+//   jint4_cuda_int_gemm                         gemm.cu (gemm_sm90*.cu, gemm_sm80.cu)
 // All integer attributes are int32. Scalars (step, scale, log2_block, seeds)
 // stay in device memory; no handler synchronizes with the host.
 //
@@ -46,7 +47,7 @@
 //     newer than sm_90 (there the GEMM dispatch picks the fallback kernel).
 //   * Do not pass -use_fast_math / --ftz=true / -prec-div=false /
 //     -prec-sqrt=false.
-// Compile times on this 2-core machine (wall, both archs): quantize 12 s,
+// Compile times on a 2-core machine (wall, both archs): quantize 12 s,
 // residual_values ~8 s, lsq_backward ~13 s, lsq_weight_backward ~15 s,
 // bitsplit 12 s, gemm 16 s, gemm_sm80 21 s, and about 110 s for
 // each of the four gemm_sm90*.cu (two or four CUTLASS 3 instantiations each;

@@ -42,12 +42,11 @@ __device__ __forceinline__ float WeightMaskDelta(float v, float g, int qn, int q
 // It loads the TR kernel and TR grad values of each tile at once (the first
 // tile unconditionally: it starts below R), RegisterHadamard on the kernel
 // (times Pow2(-L)), v = (k * QuantFactor) * Pow2(L), the delta term and the
-// STE mask as
-// LsqWeightBackwardKernel, RegisterHadamard on the masked grad, and stores
-// the dk rows, converted as they are produced. Tiles past R (R % TR == 0)
-// are skipped whole. (Two columns per thread, for 128-byte warp accesses of
-// a 16-bit kernel, measured slower on an H200: 2.4 against 3.1 TB/s at
-// [4096, 16384], tools/kernel_probe, session 7.)
+// STE mask as LsqWeightBackwardKernel, RegisterHadamard on the masked grad,
+// and stores the dk rows, converted as they are produced. Tiles past R
+// (R % TR == 0) are skipped whole. One column per thread: two, for 128-byte
+// warp accesses of a 16-bit kernel, reached less of the memory bandwidth
+// on Hopper (the operator timings: BENCHMARKS.md).
 constexpr int kColThreads = 256;
 
 template <typename T, typename G, int TR>
