@@ -59,7 +59,19 @@ def init_step_sizes(x: jax.Array, kernel: jax.Array, config: Int4Config, *,
     log2 = block
   else:
     log2 = jnp.asarray(int(block).bit_length() - 1, jnp.int32)
-  xh = hadamard.apply_block_hadamard(x.reshape(-1, kernel.shape[0]), block, axis=-1)
-  wh = hadamard.apply_block_hadamard(kernel, block, axis=0)
-  return QuantInit(lsq.init_step_size(xh, qp=config.qp),
-                   lsq.init_step_size(wh, qp=config.qp), log2)
+  return QuantInit(_init_step(x.reshape(-1, kernel.shape[0]), block, -1, config.qp),
+                   _init_step(kernel, block, 0, config.qp), log2)
+
+
+def _init_step(t, block, axis, qp):
+  """`lsq.init_step_size` of t Hb, computed on t / 2^e with 2^e near max|t|
+  and scaled back: exact (powers of two), and the transform's sums cannot
+  overflow for finite t near float32's limit. A non-finite t is left as it
+  is, so its step stays NaN / Inf."""
+  t = t.astype(jnp.float32)
+  peak = jnp.max(jnp.abs(t), initial=0.0)
+  usable = jnp.isfinite(peak) & (peak > 0)
+  _, e = jnp.frexp(jnp.where(usable, peak, 1.0))
+  scale = jnp.where(usable, jnp.ldexp(jnp.float32(1.0), e), 1.0)
+  th = hadamard.apply_block_hadamard(t / scale, block, axis=axis)
+  return lsq.init_step_size(th, qp=qp) * scale

@@ -64,3 +64,15 @@ def test_empty_batch_gives_step_one_and_nan_stays_visible():
 def test_float_forward_has_unit_steps():
   init = jint4.init_step_sizes(X, W, Int4Config(forward="none"))
   assert float(init.step_x) == float(init.step_w) == 1.0
+
+
+@pytest.mark.parametrize("block", [32, 1024])
+def test_finite_inputs_near_the_float_limit_give_finite_steps(block):
+  x = jax.random.normal(jax.random.key(2), (8, 1024))
+  w = jax.random.normal(jax.random.key(3), (1024, 16))
+  cfg = Int4Config(hadamard_block=block)
+  small = jint4.init_step_sizes(x, w, cfg)
+  big = jint4.init_step_sizes(x * 2.0 ** 120, w * 2.0 ** 120, cfg)
+  for a, b in ((small.step_x, big.step_x), (small.step_w, big.step_w)):
+    assert np.isfinite(float(b))
+    np.testing.assert_allclose(float(b), float(a) * 2.0 ** 120, rtol=1e-6)
