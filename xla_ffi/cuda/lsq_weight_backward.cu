@@ -46,7 +46,7 @@ __device__ __forceinline__ float WeightMaskDelta(float v, float g, int qn, int q
 // and stores the dk rows, converted as they are produced. Tiles past R
 // (R % TR == 0) are skipped whole. One column per thread: two, for 128-byte
 // warp accesses of a 16-bit kernel, reached less of the memory bandwidth
-// on Hopper (the operator timings: BENCHMARKS.md).
+// on Hopper (BENCHMARKS.md, Operators).
 constexpr int kColThreads = 256;
 
 template <typename T, typename G, int TR>
