@@ -744,7 +744,7 @@ def test_bad_native_input_raises_clear_errors():
   """Handler-level validation surfaces as a Python exception with the reason.
 
   Run in a subprocess, so that a jaxlib whose FFI error path crashes (as the
-  GPU machine's jaxlib 0.11.2 did while the handlers built their messages with
+  jaxlib 0.11.2 with the CUDA plugin did while the handlers built their messages with
   std::ostringstream) fails this test instead of killing the test process.
   """
   import subprocess
