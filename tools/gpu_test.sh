@@ -3,6 +3,7 @@
 # that need a GPU.
 #
 # Usage: bash tools/gpu_test.sh [--out DIR] [--wheel-dir DIR] [--ffi-include DIR]
+#                               [--no-cpu-suite]
 #
 #   --out DIR          where the logs and summary.txt go (default:
 #                      $TMPDIR/jint4_gpu_test, or /tmp/jint4_gpu_test)
@@ -13,6 +14,7 @@
 #   --ffi-include DIR  build against the XLA FFI headers in DIR (e.g. the
 #                      include/ folder of the oldest jaxlib you support; see
 #                      docs/HOPPER.md). Default: the installed jaxlib's headers.
+#   --no-cpu-suite     skip step 3 (the CPU suite, which CPU-only CI runs too).
 #
 # Needs: nvcc on PATH, a CUDA GPU, and jax with its CUDA plugin, flax, optax,
 # pytest and pytest-xdist (the dev extra) installed in the active Python
@@ -32,12 +34,13 @@
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-OUT="${TMPDIR:-/tmp}/jint4_gpu_test" WHEEL_DIR="" FFI_INCLUDE=""
+OUT="${TMPDIR:-/tmp}/jint4_gpu_test" WHEEL_DIR="" FFI_INCLUDE="" CPU_SUITE=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --wheel-dir) WHEEL_DIR="$2"; shift 2 ;;
     --ffi-include) FFI_INCLUDE="$2"; shift 2 ;;
+    --no-cpu-suite) CPU_SUITE=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_test.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -112,7 +115,8 @@ step gpu_suite "$PY" -m pytest -q -n 0 -rfE -p no:cacheprovider -m gpu tests/
 # The CPU handlers' suite compares them with the pure-JAX twins on the CPU;
 # on the GPU the twins would run on XLA:GPU's int8 dot, which is not exact
 # for some small shapes (test_native_gpu.py's test_xla_gpu_int8_dot_exactness).
-step native_cpu_suite env JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 0 -rfE -p no:cacheprovider tests/kernels/test_native.py
+[ $CPU_SUITE -eq 0 ] ||
+  step native_cpu_suite env JAX_PLATFORMS=cpu "$PY" -m pytest -q -n 0 -rfE -p no:cacheprovider tests/kernels/test_native.py
 
 # 4. The bad-input script with the CUDA backend up: every bad call must raise
 # a Python error with its reason, not crash the process (faulthandler prints

@@ -420,3 +420,22 @@ def test_sanitizer_small_case():
   native.int_gemm(q, q, scale=jnp.float32(1.0))
   out = native.int_gemm(q, qw, scale=jnp.float32(1.0), int4=False)
   jax.block_until_ready(out)
+
+
+def test_engine_follows_where_the_program_runs():
+  """On a GPU host, the same jitted function placed on the CPU lowers the CPU
+  choice of engine="auto", placed on the GPU the CUDA handlers."""
+  import re
+  x, w = activations((64, 128)), activations((128, 32), seed=3) * 0.1
+  cfg = jint4.Int4Config()
+  f = jax.jit(jax.grad(lambda x, w: jnp.sum(jint4.int4_matmul(
+      x, w, jnp.float32(0.5), jnp.float32(0.05), jax.random.key(0), config=cfg) ** 2),
+      argnums=(0, 1)))
+  calls = {}
+  for name, dev in (("cpu", jax.devices("cpu")[0]), ("gpu", _gpus()[0])):
+    args = jax.device_put((x, w), dev)
+    calls[name] = set(re.findall(r"jint4_[a-z_]+", f.lower(*args).as_text()))
+    grads = f(*args)
+    assert all(g.devices() == {dev} for g in grads)
+  assert calls["cpu"] == {"jint4_lsq_weight_backward"}
+  assert {"jint4_hadamard_quantize", "jint4_int_gemm", "jint4_lsq_backward"} <= calls["gpu"]
