@@ -2,56 +2,123 @@
 
 Linen: the model's code is not touched. `int4ify` returns an `Int4Model`
 that runs the model under a Flax method interceptor: every `nn.Dense.__call__`
-whose module path is not kept in float runs `Int4Dense`'s body in that Dense's
-own scope, so the variables keep their paths and names (``kernel``, ``bias``)
-and only gain the quantizer state (``step_size_x``, ``step_size_w``, ...).
+(subclasses included) whose module path is not kept in float runs
+`Int4Dense`'s body in that Dense's own scope, so the variables keep their
+paths and names (``kernel``, ``bias``) and only gain the quantizer state
+(``step_size_x``, ``step_size_w``, ...).
 
 NNX: the model is a mutable object graph, so `int4ify` replaces its
-`nnx.Linear` submodules in place by `Int4Linear`s holding the same kernel and
-bias, and returns the model.
+`nnx.Linear` submodules (subclasses included) in place by `Int4Linear`s
+holding the same kernel and bias, and returns the model.
 
 ``keep`` selects layers to keep in float: a regular expression searched in
 the layer's path ("/"-joined: ``"Decoder_0/lm_head"`` in Linen, attribute
 names in NNX) or a predicate on that path. The paper keeps the final
 classifier / LM head in float: ``int4ify(model, keep=r"lm_head|classifier")``.
+
+Per layer: a contraction dim that the configured Hadamard block does not
+divide (784, 48, ...: typical first layers) gets the largest power-of-two
+block that divides it, down to `MIN_HADAMARD_BLOCK`; with none that large
+(an odd dim, say) the layer stays in float. Nothing is left in float
+silently: `int4ify_report(model)` lists every layer that holds a kernel,
+converted or kept and why (`jint4.nn.report`), and layer types that hold a
+kernel but are not converted warn once per type.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable, Union
+import warnings
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import flax.linen as nn
+import jax
 from flax import nnx
 
 from jint4.config import Int4Config
 from jint4.nn import linen as linen_lib
 from jint4.nn.nnx import Int4Linear
+from jint4.nn.report import LayerReport
+from jint4.nn.report import format_table
 
 Keep = Union[None, str, Callable[[str], bool]]
 
+# The smallest Hadamard block a converted layer may fall back to: below it the
+# transform no longer spreads outliers, and such narrow layers (the first
+# layer of a small image model, say) cost little in float.
+MIN_HADAMARD_BLOCK = 4
+
+# NNX models' reports, kept beside the model (NNX modules are changed in place).
+_NNX_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_warned_types: set = set()
+
 
 def int4ify(model: Any, config: Int4Config = Int4Config(), *, keep: Keep = None,
-            rng_collection: str = "quant"):
+            rng_collection: str = "quant", report: bool = False):
   """Returns ``model`` with its Dense layers computing in INT4.
 
   Args:
     model: a `flax.linen.Module` (returns an `Int4Model` wrapper with the same
       ``init`` / ``apply`` API) or a `flax.nnx.Module` (modified in place and
       returned).
-    config: the quantization recipe for every converted layer.
+    config: the quantization recipe for every converted layer (its Hadamard
+      block adapted per layer where it does not divide the contraction dim).
     keep: layers to leave in float (regex on the path, or a predicate).
     rng_collection: Linen rng stream name for the stochastic rounding.
+    report: print the table of `int4ify_report` (NNX: now; Linen: after the
+      first ``init`` / ``apply``, when the layers are known).
   """
+  if not isinstance(config, Int4Config):
+    raise TypeError(f"config must be a jint4.Int4Config; got {type(config)}.")
   keep_fn = _keep_fn(keep)
+  if isinstance(model, Int4Model):
+    raise TypeError("int4ify: this model is int4ified already (an Int4Model);"
+                    " int4ify the original model once, with the config you want.")
   if isinstance(model, nn.Module):
     return Int4Model(model, config=config, keep=keep_fn,
-                     rng_collection=rng_collection)
+                     rng_collection=rng_collection, print_report=report)
   if isinstance(model, nnx.Module):
-    _replace_nnx_linears(model, config, keep_fn, ())
+    if model in _NNX_REPORTS:
+      raise TypeError("int4ify: this NNX model is int4ified already; int4ify it"
+                      " once, with the config you want.")
+    rows: List[LayerReport] = []
+    _replace_nnx_linears(model, config, keep_fn, (), rows)
+    _NNX_REPORTS[model] = rows
+    if report:
+      print(format_table(rows))
     return model
   raise TypeError(f"int4ify takes a flax.linen or flax.nnx Module; got"
                   f" {type(model)}.")
+
+
+def int4ify_report(model: Any) -> List[LayerReport]:
+  """The table rows of an int4ified model (Linen: after its first init/apply)."""
+  if isinstance(model, Int4Model):
+    if not model.rows:
+      raise ValueError("int4ify_report: the Linen model has not run yet; call"
+                       " its init (or apply) first, e.g. jax.eval_shape(model.init,"
+                       " key, batch).")
+    return list(model.rows.values())
+  if isinstance(model, nnx.Module) and model in _NNX_REPORTS:
+    return list(_NNX_REPORTS[model])
+  raise TypeError("int4ify_report takes a model returned by jint4.int4ify.")
+
+
+def hadamard_block_for(d: int, config: Int4Config) -> Tuple[Optional[Int4Config], str]:
+  """The config a layer with contraction dim ``d`` runs, or (None, why) when
+  it stays in float: the configured block if it divides ``d``, else the
+  largest power of two that divides ``d``, if >= `MIN_HADAMARD_BLOCK`."""
+  block = config.hadamard_block
+  if not config.uses_hadamard or block == "auto" or d % block == 0:
+    return config, ""
+  fit = d & -d  # the largest power of two dividing d
+  if fit < MIN_HADAMARD_BLOCK:
+    return None, (f"no Hadamard block >= {MIN_HADAMARD_BLOCK} divides the"
+                  f" contraction dim {d}")
+  return dataclasses.replace(config, hadamard_block=min(fit, block)), (
+      f"block {min(fit, block)}: {block} does not divide {d}")
 
 
 def _keep_fn(keep: Keep) -> Callable[[str], bool]:
@@ -65,36 +132,100 @@ def _keep_fn(keep: Keep) -> Callable[[str], bool]:
   raise TypeError(f"keep must be None, a regex string or a predicate; got {keep!r}.")
 
 
+def _block_of(config: Optional[Int4Config]) -> Optional[int]:
+  if config is None or not config.quantizes_forward:
+    return None
+  if not config.uses_hadamard:
+    return 1
+  return None if config.hadamard_block == "auto" else config.hadamard_block
+
+
+def _warn_unsupported(layer: str, path: str) -> None:
+  if layer not in _warned_types:
+    _warned_types.add(layer)
+    warnings.warn(
+        f"jint4.int4ify: {layer} layers (first: {path or '(top)'}) hold a kernel"
+        " but are not converted; they stay in float. int4ify_report(model)"
+        " lists every layer.", RuntimeWarning, stacklevel=4)
+
+
 class Int4Model:
   """A Linen model whose `nn.Dense` calls run as `Int4Dense` (see module doc).
 
-  Exposes ``init``, ``init_with_output``, ``apply`` and ``bind`` like the
-  wrapped module; other attributes are forwarded to it.
+  Exposes ``init``, ``init_with_output``, ``apply`` like the wrapped module;
+  other attributes are forwarded to it. ``rows`` holds the layers seen so far
+  (`int4ify_report`).
   """
 
   def __init__(self, model: nn.Module, *, config: Int4Config,
-               keep: Callable[[str], bool], rng_collection: str):
+               keep: Callable[[str], bool], rng_collection: str,
+               print_report: bool = False):
     self.model = model
     self.config = config
     self.keep = keep
     self.rng_collection = rng_collection
+    self.rows: Dict[str, LayerReport] = {}
+    self._print_report = print_report
+
+  def _record(self, row: LayerReport) -> None:
+    if row.path not in self.rows:
+      self.rows[row.path] = row
+      if not row.converted and row.why.startswith("not converted"):
+        _warn_unsupported(row.layer, row.path)
 
   def _intercept(self, next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name == "__call__" and isinstance(module, nn.Dense)
-        and not self.keep("/".join(map(str, module.path)))):
-      (inputs,) = args
-      return linen_lib.int4_dense(
-          module, inputs, features=module.features, use_bias=module.use_bias,
-          dtype=module.dtype, param_dtype=module.param_dtype,
-          kernel_init=module.kernel_init, bias_init=module.bias_init,
-          config=self.config, rng_collection=self.rng_collection)
-    return next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    path = "/".join(map(str, module.path))
+    layer = type(module).__name__
+    if isinstance(module, linen_lib.Int4Dense):
+      out = next_fun(*args, **kwargs)
+      self._record(LayerReport(
+          path=path, layer=layer, shape=(jax.numpy.shape(args[0])[-1], module.features),
+          converted=True, block=_block_of(module.config), why="INT4 already"))
+      return out
+    if not isinstance(module, nn.Dense):
+      out = next_fun(*args, **kwargs)
+      if module.has_variable("params", "kernel"):
+        shape = tuple(module.get_variable("params", "kernel").shape)
+        self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
+                                 why="not converted: jint4 does not convert this"
+                                     " layer type"))
+      return out
+    (inputs,) = args
+    d = jax.numpy.shape(inputs)[-1]
+    shape = (d, module.features)
+    if self.keep(path):
+      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
+                               why="kept by keep="))
+      return next_fun(*args, **kwargs)
+    if (getattr(module, "dot_general", None) is not None
+        or getattr(module, "dot_general_cls", None) is not None):
+      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
+                               why="custom dot_general (kept as given)"))
+      return next_fun(*args, **kwargs)
+    config, why = hadamard_block_for(d, self.config)
+    if config is None:
+      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
+                               why=why))
+      return next_fun(*args, **kwargs)
+    self._record(LayerReport(path=path, layer=layer, shape=shape, converted=True,
+                             block=_block_of(config), why=why))
+    return linen_lib.int4_dense(
+        module, inputs, features=module.features, use_bias=module.use_bias,
+        dtype=module.dtype, param_dtype=module.param_dtype,
+        kernel_init=module.kernel_init, bias_init=module.bias_init,
+        config=config, rng_collection=self.rng_collection)
 
   def _wrap(self, fn):
     def wrapped(*args, **kwargs):
+      first = not self.rows
       with nn.intercept_methods(self._intercept):
-        return fn(*args, **kwargs)
+        out = fn(*args, **kwargs)
+      if first and self.rows and self._print_report:
+        print(format_table(list(self.rows.values())))
+      return out
     return wrapped
 
   def init(self, *args, **kwargs):
@@ -113,7 +244,8 @@ class Int4Model:
     return f"Int4Model({self.model!r}, config={self.config!r})"
 
 
-def _replace_nnx_linears(node: Any, config: Int4Config, keep, path) -> None:
+def _replace_nnx_linears(node: Any, config: Int4Config, keep, path,
+                         rows: List[LayerReport]) -> None:
   """Replaces `nnx.Linear` attributes / list items of ``node`` in place."""
   if isinstance(node, nnx.Module):
     items = [(name, value) for name, value in vars(node).items()
@@ -127,10 +259,42 @@ def _replace_nnx_linears(node: Any, config: Int4Config, keep, path) -> None:
     return
   for name, child in items:
     child_path = path + (str(name),)
-    if type(child) is nnx.Linear and not keep("/".join(child_path)):
-      setter(name, _linear_to_int4(child, config, "/".join(child_path)))
+    joined = "/".join(child_path)
+    if isinstance(child, nnx.Linear):
+      row, layer_config = _nnx_linear_row(child, config, keep, joined)
+      rows.append(row)
+      if layer_config is not None:
+        setter(name, _linear_to_int4(child, layer_config, joined))
+    elif isinstance(child, Int4Linear):
+      rows.append(LayerReport(path=joined, layer="Int4Linear",
+                              shape=tuple(child.kernel[...].shape), converted=True,
+                              block=_block_of(child.config), why="INT4 already"))
+    elif isinstance(child, nnx.Module) and isinstance(
+        getattr(child, "kernel", None), nnx.Variable):
+      layer = type(child).__name__
+      rows.append(LayerReport(path=joined, layer=layer,
+                              shape=tuple(child.kernel[...].shape), converted=False,
+                              why="not converted: jint4 does not convert this layer type"))
+      _warn_unsupported(layer, joined)
+      _replace_nnx_linears(child, config, keep, child_path, rows)
     elif isinstance(child, (nnx.Module, list, dict)) or _is_nnx_container(child):
-      _replace_nnx_linears(child, config, keep, child_path)
+      _replace_nnx_linears(child, config, keep, child_path, rows)
+
+
+def _nnx_linear_row(linear, config, keep, path):
+  """(row, the layer's config or None when it stays float)."""
+  shape = (linear.in_features, linear.out_features)
+  kept = lambda why: (LayerReport(path=path, layer=type(linear).__name__, shape=shape,
+                                  converted=False, why=why), None)
+  if keep(path):
+    return kept("kept by keep=")
+  if getattr(linear, "dot_general", jax.lax.dot_general) is not jax.lax.dot_general:
+    return kept("custom dot_general (kept as given)")
+  layer_config, why = hadamard_block_for(linear.in_features, config)
+  if layer_config is None:
+    return kept(why)
+  return LayerReport(path=path, layer=type(linear).__name__, shape=shape, converted=True,
+                     block=_block_of(layer_config), why=why), layer_config
 
 
 def _is_nnx_container(node):

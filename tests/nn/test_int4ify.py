@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jint4
+from jint4.nn import int4ify as int4ify_lib
 
 VOCAB, SEQ, DIM = 32, 16, 64
 
@@ -149,3 +150,119 @@ def test_nnx_int4ify_swaps_linears_in_place():
   y = model(x)
   rel = float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float))
   assert 0 < rel < 0.5
+
+
+def _rows(model):
+  return {r.path: r for r in jint4.int4ify_report(model)} if hasattr(
+      jint4, "int4ify_report") else {r.path: r for r in int4ify_lib.int4ify_report(model)}
+
+
+def test_report_lists_every_layer_with_why(capsys):
+  tokens, _ = _batch(jax.random.key(0))
+  model = jint4.int4ify(TinyLM(), keep=r"lm_head", report=True)
+  with pytest.raises(ValueError, match="has not run yet"):
+    int4ify_lib.int4ify_report(model)
+  jax.eval_shape(model.init, jax.random.key(1), tokens)
+  rows = _rows(model)
+  printed = capsys.readouterr().out
+  assert "12 of 13 linear-like layers in INT4" in printed
+  assert len(rows) == 13
+  assert rows["lm_head"].converted is False and "keep" in rows["lm_head"].why
+  block = rows["Block_0/query"]
+  assert block.converted and block.block == 32 and block.shape == (DIM, DIM)
+  assert rows["Block_1/mlp_out"].shape == (2 * DIM, DIM)
+
+
+class Awkward(nn.Module):
+  """First layers of typical widths, side by side."""
+
+  @nn.compact
+  def __call__(self, x):
+    outs = []
+    start = 0
+    for width in (784, 48, 4, 7):
+      outs.append(nn.Dense(8, name=f"in{width}")(x[:, start:start + width]))
+      start += width
+    return sum(outs)
+
+
+def test_awkward_widths_get_a_per_layer_block_or_stay_float():
+  x = jax.random.normal(jax.random.key(0), (4, 784 + 48 + 4 + 7))
+  model = jint4.int4ify(Awkward())
+  params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+  rows = _rows(model)
+  assert (rows["in784"].block, rows["in48"].block, rows["in4"].block) == (16, 16, 4)
+  assert all(rows[p].converted for p in ("in784", "in48", "in4"))
+  assert not rows["in7"].converted and "contraction dim 7" in rows["in7"].why
+  assert "step_size_x" not in params["in7"] and "step_size_x" in params["in4"]
+  y = jax.jit(model.apply)({"params": params}, x)
+  ref = Awkward().apply({"params": {k: {n: v for n, v in p.items() if "step" not in n}
+                                    for k, p in params.items()}}, x)
+  assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.3
+
+
+class WithConvAndCustom(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(8, (3,), name="conv")(x)
+    h = nn.Dense(32, dot_general=jax.lax.dot_general, name="custom")(h)
+    return MyDense(32, name="sub")(h)
+
+
+class MyDense(nn.Dense):
+  pass
+
+
+def test_unknown_layers_warn_and_custom_dot_general_is_kept():
+  x = jnp.ones((2, 5, 32))
+  model = jint4.int4ify(WithConvAndCustom())
+  int4ify_lib._warned_types.discard("Conv")
+  with pytest.warns(RuntimeWarning, match="Conv layers .* not converted"):
+    jax.eval_shape(model.init, jax.random.key(0), x)
+  rows = _rows(model)
+  assert not rows["conv"].converted and "layer type" in rows["conv"].why
+  assert not rows["custom"].converted and "dot_general" in rows["custom"].why
+  assert rows["sub"].converted and rows["sub"].layer == "MyDense"
+
+
+def test_int4ify_twice():
+  model = jint4.int4ify(TinyLM())
+  with pytest.raises(TypeError, match="int4ified already"):
+    jint4.int4ify(model)
+  nnx_model = NnxMLP(nnx.Rngs(0))
+  jint4.int4ify(nnx_model, keep="head")
+  with pytest.raises(TypeError, match="int4ified already"):
+    jint4.int4ify(nnx_model)
+  # Hand-written INT4 layers inside a model are reported as such.
+  wrapper = Wrapper(nnx_model)
+  jint4.int4ify(wrapper, keep="head")
+  rows = _rows(wrapper)
+  assert rows["model/hidden"].why == "INT4 already" and rows["model/hidden"].converted
+  assert not rows["model/head"].converted
+
+
+class Wrapper(nnx.Module):
+  def __init__(self, model):
+    self.model = model
+
+
+class NnxSub(nnx.Linear):
+  pass
+
+
+def test_nnx_report_subclasses_and_awkward_width():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.first = NnxSub(48, 16, rngs=rngs)
+      self.odd = nnx.Linear(7, 16, rngs=rngs)
+      self.conv = nnx.Conv(16, 16, (3,), rngs=rngs)
+
+  model = Net(nnx.Rngs(0))
+  int4ify_lib._warned_types.discard("Conv")
+  with pytest.warns(RuntimeWarning, match="Conv"):
+    jint4.int4ify(model)
+  rows = _rows(model)
+  assert isinstance(model.first, jint4.Int4Linear) and rows["first"].block == 16
+  assert type(model.odd) is nnx.Linear and "contraction dim 7" in rows["odd"].why
+  assert not rows["conv"].converted
+  model.first(jnp.ones((2, 48)))
