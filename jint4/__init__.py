@@ -16,6 +16,8 @@ from jint4.matmul import backward_mode
 from jint4.matmul import int4_dot_general
 from jint4.matmul import int4_matmul
 from jint4.nn.calibrate import calibrate
+from jint4.nn.dot_general import Int4DotGeneral
+from jint4.nn.dot_general import Int4NnxDotGeneral
 from jint4.nn.int4ify import Int4Model
 from jint4.nn.int4ify import int4ify
 from jint4.nn.linen import Int4Dense
@@ -29,8 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Int4Config",
     "Int4Dense",
+    "Int4DotGeneral",
     "Int4Linear",
     "Int4Model",
+    "Int4NnxDotGeneral",
     "QuantInit",
     "QuantState",
     "backward_mode",

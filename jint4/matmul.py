@@ -131,34 +131,214 @@ def int4_matmul(x: jax.Array, kernel: jax.Array, step_x: jax.Array,
 def int4_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                      step_lhs: jax.Array, step_rhs: jax.Array, key: jax.Array,
                      *, config: Int4Config = Int4Config(),
+                     bias: Optional[jax.Array] = None,
+                     hadamard_log2_block: Optional[jax.Array] = None,
                      precision=None, preferred_element_type=None) -> jax.Array:
-  """`lax.dot_general`-shaped `int4_matmul` (no batch dims).
+  """`lax.dot_general` with INT4 forward and backward matmuls.
 
-  Contracting dims may be any dims of lhs and rhs; the result has lhs's free
-  dims then rhs's free dims, as `lax.dot_general`. ``precision`` is accepted for
-  signature compatibility and ignored (the products are exact integers).
+  ``dimension_numbers = ((lhs_contracting, rhs_contracting), (lhs_batch,
+  rhs_batch))`` as in `lax.dot_general`, and the same result layout: batch
+  dims (in ``lhs_batch`` order), then lhs's free dims, then rhs's free dims
+  (each in ascending axis order). rhs plays the part of `int4_matmul`'s
+  kernel, lhs that of its activations.
+
+  With B = prod(batch sizes), M = prod(lhs free sizes), K = prod(contracting
+  sizes) and N = prod(rhs free sizes), the operands are flattened to
+
+      X[b] = lhs  (batch, free, contracting dims)  ->  [B, M, K]
+      W[b] = rhs  (batch, contracting, free dims)  ->  [B, K, N]
+
+  with the contracting dims joined in the order given (so the Hadamard block
+  runs along that joined K and must divide K), and
+
+      Y[b] = int4_matmul(X[b], W[b], s_x, s_w, fold_in(key, b)) (+ bias)
+
+  with ONE per-tensor step pair (s_x for all of lhs, s_w for all of rhs) and
+  independent randomness per batch element. Without batch dims this is one
+  `int4_matmul` call (B = 1, key as given), bit for bit.
+
+  Step-size gradients: LSQ's gradient of one step over the whole operand,
+  with T = X Hb (Hb along K) and delta as in `jint4.quant.lsq`,
+      dL/ds_x = 1 / sqrt(Qp * B*M*K) * sum over all B*M*K elements of
+                dL/dT_hat * delta
+  (likewise s_w over the B*K*N elements of W Hb). Per batch element `int4_matmul` scales
+  its sum by 1 / sqrt(Qp * M*K), so the batched op's step gradient is the sum
+  of the B per-element step gradients times 1 / sqrt(B). dX, dW and the bias
+  gradient are the per-element ones (the bias's summed over b).
+
+  Args:
+    lhs, rhs: float32 / bfloat16 / float16 operands.
+    dimension_numbers: as `lax.dot_general`'s (negative axes allowed).
+    step_lhs, step_rhs: scalar LSQ step sizes of lhs and rhs.
+    key: a JAX PRNG key.
+    config: the quantization recipe.
+    bias: optional, of shape rhs's free dims, added in float32 in the
+      forward GEMM's epilogue (broadcast over the batch and lhs free dims).
+    hadamard_log2_block: log2 of the Hadamard block (int32 scalar, may be
+      traced); required when ``config.hadamard_block == "auto"``.
+    precision: accepted for `lax.dot_general` compatibility and ignored (the
+      products are exact integer GEMMs).
+    preferred_element_type: the result is cast to it (the result is
+      otherwise in the promoted dtype of lhs and rhs).
+  Returns:
+    the product, shaped batch + lhs free + rhs free dims.
   """
   del precision
-  (lc, rc), (lb, rb) = dimension_numbers
-  if lb or rb:
-    raise ValueError("int4_dot_general does not support batch dimensions;"
-                     " vmap int4_matmul over them instead.")
-  lc = tuple(a % lhs.ndim for a in lc)
-  rc = tuple(a % rhs.ndim for a in rc)
-  lfree = [a for a in range(lhs.ndim) if a not in lc]
-  rfree = [a for a in range(rhs.ndim) if a not in rc]
-  k = int(np.prod([lhs.shape[a] for a in lc]))
-  if k != int(np.prod([rhs.shape[a] for a in rc])):
-    raise ValueError(f"contracting sizes differ: lhs {lhs.shape} dims {lc},"
-                     f" rhs {rhs.shape} dims {rc}.")
-  x = jnp.transpose(lhs, lfree + list(lc)).reshape(
-      *[lhs.shape[a] for a in lfree], k)
-  w = jnp.transpose(rhs, list(rc) + rfree).reshape(k, -1)
-  y = int4_matmul(x, w, step_lhs, step_rhs, key, config=config)
-  y = y.reshape(*[lhs.shape[a] for a in lfree], *[rhs.shape[a] for a in rfree])
+  if key is None:
+    raise ValueError("int4_dot_general needs a PRNG key (jax.random.key(seed))"
+                     " for its stochastic rounding and sampling.")
+  ops = flatten_dot_general(lhs, rhs, dimension_numbers)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    if bias.shape != ops.rhs_free_shape:
+      raise ValueError(
+          f"bias must have the shape of rhs's free dims {ops.rhs_free_shape};"
+          f" got {bias.shape}.")
+    bias = bias.reshape(-1)
+  matmul = functools.partial(int4_matmul, config=config, bias=bias,
+                             hadamard_log2_block=hadamard_log2_block)
+  if not ops.batched:
+    y = matmul(ops.x, ops.w, step_lhs, step_rhs, key)
+  else:
+    y = _batched_int4_matmul(matmul, ops, step_lhs, step_rhs, key)
+  y = y.reshape(ops.out_shape)
   if preferred_element_type is not None:
     y = y.astype(preferred_element_type)
   return y
+
+
+@dataclasses.dataclass(frozen=True)
+class DotGeneralOperands:
+  """A dot_general's operands as `int4_matmul` takes them
+  (`flatten_dot_general`)."""
+  x: jax.Array            # [B, M, K] with batch dims, else [M, K]
+  w: jax.Array            # [B, K, N] with batch dims, else [K, N]
+  batched: bool
+  batch_shape: Tuple[int, ...]
+  lhs_free_shape: Tuple[int, ...]
+  rhs_free_shape: Tuple[int, ...]
+
+  @property
+  def out_shape(self) -> Tuple[int, ...]:
+    return self.batch_shape + self.lhs_free_shape + self.rhs_free_shape
+
+  def init_view(self) -> Tuple[jax.Array, jax.Array]:
+    """(x [B*M, K], kernel [K, B*N]): every element under each per-tensor
+    step, in the layout `jint4.init_step_sizes` takes (Hadamard along K)."""
+    k = self.x.shape[-1]
+    if not self.batched:
+      return self.x, self.w
+    return self.x.reshape(-1, k), jnp.moveaxis(self.w, 0, 1).reshape(k, -1)
+
+
+def flatten_dot_general(lhs, rhs, dimension_numbers) -> DotGeneralOperands:
+  """Checks a dot_general's operands and dimension numbers and flattens them
+  to x [B, M, K] / w [B, K, N] ([M, K] / [K, N] without batch dims): batch
+  dims first, the contracting dims joined in the order given, the free dims
+  in ascending axis order, as `lax.dot_general` orders its result."""
+  lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+  for name, t in (("lhs", lhs), ("rhs", rhs)):
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+      hint = (" Complex values are not supported." if
+              jnp.issubdtype(t.dtype, jnp.complexfloating) else
+              f" Cast it first, e.g. {name}.astype(jnp.float32).")
+      raise TypeError(
+          f"int4_dot_general takes float32/bfloat16/float16 {name}; got"
+          f" {t.dtype}." + hint)
+  lc, rc, lb, rb = _dimension_numbers(dimension_numbers, lhs.ndim, rhs.ndim)
+  for kind, la, ra in (("contracting", lc, rc), ("batch", lb, rb)):
+    if len(la) != len(ra):
+      raise ValueError(
+          f"int4_dot_general: lhs and rhs need as many {kind} dims; got lhs"
+          f" {la}, rhs {ra} in {dimension_numbers}.")
+    for a, b in zip(la, ra):
+      if lhs.shape[a] != rhs.shape[b]:
+        raise ValueError(
+            f"int4_dot_general: {kind} dims differ in size: lhs {lhs.shape}"
+            f" dim {a} ({lhs.shape[a]}) vs rhs {rhs.shape} dim {b}"
+            f" ({rhs.shape[b]}); dimension_numbers {dimension_numbers}.")
+  for name, t, used in (("lhs", lhs, lc + lb), ("rhs", rhs, rc + rb)):
+    if len(set(used)) != len(used):
+      raise ValueError(
+          f"int4_dot_general: {name}'s contracting and batch dims must be"
+          f" distinct; got {used} for shape {t.shape} in {dimension_numbers}.")
+  lfree = [a for a in range(lhs.ndim) if a not in lc + lb]
+  rfree = [a for a in range(rhs.ndim) if a not in rc + rb]
+  sizes = lambda t, axes: tuple(t.shape[a] for a in axes)
+  batch_shape = sizes(lhs, lb)
+  k = _prod(sizes(lhs, lc))
+  lead = (_prod(batch_shape),) if lb else ()
+  x = jnp.transpose(lhs, lb + tuple(lfree) + lc).reshape(
+      *lead, _prod(sizes(lhs, lfree)), k)
+  w = jnp.transpose(rhs, rb + rc + tuple(rfree)).reshape(
+      *lead, k, _prod(sizes(rhs, rfree)))
+  return DotGeneralOperands(x, w, bool(lb), batch_shape, sizes(lhs, lfree),
+                            sizes(rhs, rfree))
+
+
+def _prod(sizes) -> int:
+  return int(np.prod(sizes, dtype=np.int64))
+
+
+def _dimension_numbers(dimension_numbers, lhs_ndim, rhs_ndim):
+  """((lc, rc), (lb, rb)) as tuples of non-negative ints, range-checked."""
+  try:
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(axes) for axes in (lc, rc, lb, rb))
+    if not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+               for a in lc + rc + lb + rb):
+      raise TypeError
+  except (TypeError, ValueError):
+    raise ValueError(
+        "int4_dot_general: dimension_numbers must be ((lhs_contracting,"
+        " rhs_contracting), (lhs_batch, rhs_batch)), each a sequence of ints,"
+        f" as lax.dot_general's; got {dimension_numbers!r}.") from None
+
+  def norm(axes, ndim, name):
+    for a in axes:
+      if not -ndim <= a < ndim:
+        raise ValueError(
+            f"int4_dot_general: axis {a} is out of range for {name} with"
+            f" {ndim} dims; dimension_numbers {dimension_numbers}.")
+    return tuple(a % ndim for a in axes)
+
+  return (norm(lc, lhs_ndim, "lhs"), norm(rc, rhs_ndim, "rhs"),
+          norm(lb, lhs_ndim, "lhs"), norm(rb, rhs_ndim, "rhs"))
+
+
+def _batched_int4_matmul(matmul, ops, step_x, step_w, key):
+  """One `int4_matmul` per batch element (vmapped): one step pair shared by
+  all elements, the batch index folded into the key, and the step gradients
+  summed over the elements (vmap's rule for unbatched custom_vjp inputs)
+  times 1 / sqrt(B), which makes them LSQ's gradient over the whole tensor."""
+  b = ops.x.shape[0]
+  if b == 0:
+    # No batch elements: the float product has the right (empty) shapes.
+    out_dtype = jnp.result_type(ops.x.dtype, ops.w.dtype)
+    return jnp.zeros((0, ops.x.shape[1], ops.w.shape[2]), out_dtype)
+  scale = 1.0 / float(np.sqrt(b))
+  step_x = _scale_gradient(jnp.asarray(step_x), scale)
+  step_w = _scale_gradient(jnp.asarray(step_w), scale)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+  return jax.vmap(lambda x, w, k: matmul(x, w, step_x, step_w, k))(
+      ops.x, ops.w, keys)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_gradient(t, scale):
+  """t itself, with its gradient multiplied by ``scale``."""
+  return t
+
+
+def _scale_gradient_fwd(t, scale):
+  return t, None
+
+
+def _scale_gradient_bwd(scale, _, g):
+  return (g * jnp.asarray(scale, g.dtype),)
+
+
+_scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -237,8 +237,6 @@ def test_dot_general_variant():
   np.testing.assert_allclose(y, int4_matmul(x, w, sx, sw, KEY), rtol=1e-6)
   y_t = int4_dot_general(x, w.T, (((1,), (1,)), ((), ())), sx, sw, KEY)
   np.testing.assert_allclose(y_t, y, rtol=1e-6)
-  with pytest.raises(ValueError, match="batch"):
-    int4_dot_general(x[None], w[None], (((2,), (1,)), ((0,), (0,))), sx, sw, KEY)
 
 
 def test_nonfinite_values_stay_visible():
@@ -392,3 +390,198 @@ def test_engine_is_chosen_per_platform_at_lowering(engine):
       np.asarray(jax.jit(jax.grad(
           lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=Int4Config(
               engine="reference")) ** 2), argnums=(0, 1)))(x, w)[1]), rtol=1e-4, atol=1e-5)
+
+
+# --- int4_dot_general: the general op ----------------------------------------
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _dg_steps(lhs, rhs, dn, cfg=Int4Config()):
+  from jint4.matmul import flatten_dot_general
+  init = jint4.init_step_sizes(*flatten_dot_general(lhs, rhs, dn).init_view(), cfg)
+  return init.step_x, init.step_w
+
+
+# lhs [B, T, H, D] contracting (H, D) against rhs [H, D, F] (DenseGeneral
+# axis=(-2, -1)); the same with the contracting pairs given in the other
+# order and rhs's dims permuted; and a batch dim (G) in the middle of lhs
+# (nn.Einsum 'tgd,gdf->gtf'-like).
+_DG_CASES = {
+    "multi_axis": ((2, 4, 2, 32), (2, 32, 8), (((2, 3), (0, 1)), ((), ()))),
+    "permuted": ((2, 4, 2, 32), (8, 32, 2), (((3, 2), (1, 2)), ((), ()))),
+    "batch": ((4, 3, 64), (3, 64, 8), (((2,), (1,)), ((1,), (0,)))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DG_CASES))
+def test_dot_general_matches_lax_dot_general(case):
+  ls, rs, dn = _DG_CASES[case]
+  lhs = jax.random.normal(jax.random.key(1), ls)
+  rhs = jax.random.normal(jax.random.key(2), rs) / np.sqrt(64)
+  sx, sw = _dg_steps(lhs, rhs, dn)
+  ref = jax.lax.dot_general(lhs, rhs, dn, precision=jax.lax.Precision.HIGHEST)
+  ct = jax.random.normal(jax.random.key(3), ref.shape)
+  loss = lambda f: lambda a, b: jnp.sum(f(a, b) * ct)
+  ours = lambda a, b: int4_dot_general(a, b, dn, sx, sw, KEY)
+  y, (gl, gr) = jax.jit(lambda a, b: (ours(a, b), jax.grad(loss(ours), (0, 1))(a, b)))(lhs, rhs)
+  with jax.default_matmul_precision("highest"):
+    fl, fr = jax.grad(loss(lambda a, b: jax.lax.dot_general(a, b, dn)), (0, 1))(lhs, rhs)
+  assert y.shape == ref.shape and y.dtype == ref.dtype
+  assert gl.shape == lhs.shape and gr.shape == rhs.shape
+  # 4-bit forward, bit-split backward: close to the float product and its
+  # gradients, as Int4Dense is to nn.Dense.
+  assert _rel(y, ref) < 0.35, _rel(y, ref)
+  assert _rel(gl, fl) < 0.3, _rel(gl, fl)
+  assert _rel(gr, fr) < 0.3, _rel(gr, fr)
+
+
+def test_dot_general_is_int4_matmul_where_both_apply():
+  ls, rs, dn = _DG_CASES["multi_axis"]
+  lhs = jax.random.normal(jax.random.key(1), ls)
+  rhs = jax.random.normal(jax.random.key(2), rs) / 8
+  b = jax.random.normal(jax.random.key(4), (8,))
+  sx, sw = _dg_steps(lhs, rhs, dn)
+  ct = jax.random.normal(jax.random.key(3), (2, 4, 8))
+
+  def both(lhs, rhs, b, sx, sw):
+    f = lambda *a: int4_dot_general(a[0], a[1], dn, a[3], a[4], KEY, bias=a[2])
+    g = lambda *a: int4_matmul(a[0].reshape(2, 4, 64), a[1].reshape(64, 8), a[3], a[4],
+                               KEY, bias=a[2])
+    return [(h(lhs, rhs, b, sx, sw), jax.grad(lambda *a: jnp.sum(h(*a) * ct),
+                                                 argnums=(0, 1, 2, 3, 4))(lhs, rhs, b, sx, sw))
+            for h in (f, g)]
+
+  (y, g), (y_ref, g_ref) = jax.jit(both)(lhs, rhs, b, sx, sw)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  for u, v in zip(g, g_ref):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_batched_dot_general_is_per_element_int4_matmul_with_lsq_step_gradient():
+  """One int4_matmul per batch element with fold_in(key, b), one step pair
+  shared by all, and the step gradients LSQ's over the whole operand:
+  sum_b (per-element step gradient) / sqrt(B)."""
+  ls, rs, dn = _DG_CASES["batch"]      # lhs [T, G, D] batch dim 1, rhs [G, D, F]
+  lhs = jax.random.normal(jax.random.key(1), ls)
+  rhs = jax.random.normal(jax.random.key(2), rs) / 8
+  bias = jax.random.normal(jax.random.key(4), (8,))
+  sx, sw = _dg_steps(lhs, rhs, dn)
+  ct = jax.random.normal(jax.random.key(3), (3, 4, 8))
+  n_b = 3
+
+  def ours(lhs, rhs, bias, sx, sw):
+    f = lambda *a: jnp.sum(int4_dot_general(a[0], a[1], dn, a[3], a[4], KEY, bias=a[2]) * ct)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(lhs, rhs, bias, sx, sw)
+
+  def per_element(lhs, rhs, bias, sx, sw):
+    out = []
+    for i in range(n_b):
+      f = lambda *a: jnp.sum(int4_matmul(a[0], a[1], a[3], a[4], jax.random.fold_in(KEY, i),
+                                         bias=a[2]) * ct[i])
+      out.append(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))(
+          lhs[:, i], rhs[i], bias, sx, sw))
+    return out
+
+  (loss, g), parts = jax.jit(ours)(lhs, rhs, bias, sx, sw), jax.jit(per_element)(
+      lhs, rhs, bias, sx, sw)
+  np.testing.assert_allclose(loss, sum(p[0] for p in parts), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(g[0]), np.stack([p[1][0] for p in parts], 1))
+  np.testing.assert_array_equal(np.asarray(g[1]), np.stack([p[1][1] for p in parts]))
+  np.testing.assert_allclose(g[2], sum(p[1][2] for p in parts), rtol=1e-5, atol=1e-5)
+  for j in (3, 4):
+    expected = sum(float(p[1][j]) for p in parts) / np.sqrt(n_b)
+    np.testing.assert_allclose(float(g[j]), expected, rtol=1e-5, atol=1e-7)
+  # ... which is LSQ's gradient of one step over all B*M*K elements: with the
+  # exact backward, the autodiff of the fake-quantized float twin.
+  cfg = Int4Config(backward="exact")
+  sw_grad = jax.jit(jax.grad(lambda s: jnp.sum(
+      int4_dot_general(lhs, rhs, dn, sx, s, KEY, config=cfg) * ct)))(sw)
+  xq = lsq.fake_quantize(hadamard.hadamard_transform(lhs, 32), sx)
+  twin = lambda s: jnp.sum(jnp.einsum(
+      "tgk,gkf->gtf", xq, lsq.fake_quantize(hadamard.hadamard_transform(rhs, 32, axis=1), s),
+      precision="highest") * ct)
+  np.testing.assert_allclose(float(sw_grad), float(jax.grad(twin)(sw)), rtol=1e-4, atol=1e-6)
+
+
+def test_dot_general_keys_bias_dtypes_and_empty_batch():
+  lhs = jax.random.normal(jax.random.key(1), (3, 8, 32))
+  rhs = jax.random.normal(jax.random.key(2), (3, 32, 4)) / 6
+  dn = (((2,), (1,)), ((0,), (0,)))
+  sx, sw = _dg_steps(lhs, rhs, dn)
+  b = jnp.arange(4, dtype=jnp.float32)
+  log2 = hadamard.search_hadamard_block(lhs.reshape(-1, 32),
+                                        jnp.moveaxis(rhs, 0, 1).reshape(32, -1))
+  auto = Int4Config(hadamard_block="auto")
+  static = Int4Config(hadamard_block=2 ** int(log2))
+  # Batch elements that are all the same: independent noise per element.
+  same = jnp.broadcast_to(lhs[:1], lhs.shape), jnp.broadcast_to(rhs[:1], rhs.shape)
+
+  @jax.jit
+  def run(lhs, rhs, log2):
+    dg = functools.partial(int4_dot_general, dimension_numbers=dn, step_lhs=sx,
+                           step_rhs=sw, key=KEY)
+    return dict(
+        y=dg(lhs, rhs), again=dg(lhs, rhs),
+        biased=dg(lhs, rhs, bias=b, preferred_element_type=jnp.bfloat16),
+        half=dg(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16)),
+        auto=dg(lhs, rhs, config=auto, hadamard_log2_block=log2),
+        static=dg(lhs, rhs, config=static),
+        same=jax.grad(lambda l: jnp.sum(dg(l, same[1]) ** 2))(same[0]),
+        empty=jax.grad(lambda l, r: jnp.sum(dg(l, r)), (0, 1))(lhs[:0], rhs[:0]),
+        empty_y=dg(lhs[:0], rhs[:0]))
+
+  out = run(lhs, rhs, log2)
+  np.testing.assert_array_equal(np.asarray(out["y"]), np.asarray(out["again"]))
+  assert not np.array_equal(np.asarray(out["same"][0]), np.asarray(out["same"][1]))
+  # bias over rhs's free dims, broadcast over the batch; preferred_element_type.
+  assert out["biased"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out["biased"], np.float32),
+                             np.asarray((out["y"] + b).astype(jnp.bfloat16), np.float32),
+                             rtol=1e-2)
+  assert out["half"].dtype == jnp.bfloat16 and out["half"].shape == (3, 8, 4)
+  np.testing.assert_allclose(out["auto"], out["static"], rtol=1e-5, atol=1e-5)
+  # An empty batch: the empty product, empty gradients.
+  assert out["empty_y"].shape == (0, 8, 4)
+  assert out["empty"][0].shape == (0, 8, 32) and out["empty"][1].shape == (0, 32, 4)
+
+
+def test_dot_general_bad_inputs_raise_clear_errors():
+  lhs = jnp.ones((2, 4, 64))
+  rhs = jnp.ones((64, 8))
+  dn = (((2,), (0,)), ((), ()))
+  s = jnp.float32(0.1)
+  with pytest.raises(TypeError, match="float32/bfloat16/float16 lhs"):
+    int4_dot_general(lhs.astype(jnp.int32), rhs, dn, s, s, KEY)
+  with pytest.raises(TypeError, match="Complex"):
+    int4_dot_general(lhs, rhs.astype(jnp.complex64), dn, s, s, KEY)
+  with pytest.raises(ValueError, match="contracting dims differ in size"):
+    int4_dot_general(lhs, jnp.ones((32, 8)), dn, s, s, KEY)
+  with pytest.raises(ValueError, match="contracting dims differ in size"):
+    # equal products, different sizes pairwise
+    int4_dot_general(jnp.ones((4, 2, 32)), jnp.ones((32, 2, 8)),
+                     (((1, 2), (0, 1)), ((), ())), s, s, KEY)
+  with pytest.raises(ValueError, match="batch dims differ in size"):
+    int4_dot_general(jnp.ones((2, 4, 64)), jnp.ones((3, 64, 8)),
+                     (((2,), (1,)), ((0,), (0,))), s, s, KEY)
+  with pytest.raises(ValueError, match="as many contracting dims"):
+    int4_dot_general(lhs, rhs, (((2,), ()), ((), ())), s, s, KEY)
+  with pytest.raises(ValueError, match="distinct"):
+    int4_dot_general(lhs, jnp.ones((2, 64, 8)), (((0,), (0,)), ((0,), (0,))), s, s, KEY)
+  with pytest.raises(ValueError, match="out of range"):
+    int4_dot_general(lhs, rhs, (((3,), (0,)), ((), ())), s, s, KEY)
+  with pytest.raises(ValueError, match="dimension_numbers must be"):
+    int4_dot_general(lhs, rhs, ((2, 0),), s, s, KEY)
+  with pytest.raises(ValueError, match="dimension_numbers must be"):
+    int4_dot_general(lhs, rhs, (((2.0,), (0,)), ((), ())), s, s, KEY)
+  with pytest.raises(ValueError, match="not a multiple of the Hadamard block"):
+    int4_dot_general(jnp.ones((4, 2, 24)), jnp.ones((2, 24, 8)),
+                     (((1, 2), (0, 1)), ((), ())), s, s, KEY)
+  with pytest.raises(ValueError, match="bias must have the shape"):
+    int4_dot_general(lhs, rhs, dn, s, s, KEY, bias=jnp.ones(3))
+  with pytest.raises(ValueError, match="PRNG key"):
+    int4_dot_general(lhs, rhs, dn, s, s, None)
+  with pytest.raises(ValueError, match="step_x"):
+    int4_dot_general(lhs[None], rhs[None], (((3,), (1,)), ((0,), (0,))), jnp.ones(2), s, KEY)

@@ -76,10 +76,7 @@ class Int4Linear(nnx.Module):
                  if use_bias else _data(None))
     self.quant_rngs = (rngs["quant"].fork() if "quant" in rngs else _data(None))
     if config.quantizes_forward:
-      self.step_size_x = nnx.Param(jnp.zeros((), jnp.float32))
-      self.step_size_w = nnx.Param(jnp.zeros((), jnp.float32))
-      self.hadamard_log2_block = QuantState(jnp.zeros((), jnp.int32))
-      self.calibrated = QuantState(jnp.zeros((), jnp.int32))
+      add_lazy_step_sizes(self)
 
   def calibrate(self, inputs: jax.Array) -> None:
     """Sets the step sizes (and the "auto" block) from a batch and the
@@ -97,22 +94,7 @@ class Int4Linear(nnx.Module):
   def _steps(self, inputs, kernel):
     """(step_x, step_w, log2 block) for this call; the first one (flag
     ``calibrated`` still 0, eager or traced) initialises them."""
-    params = (self.step_size_x[...], self.step_size_w[...],
-              self.hadamard_log2_block[...])
-    flag = self.calibrated[...]
-    if not isinstance(flag, jax.core.Tracer) and int(flag):
-      return params
-    init = init_step_sizes(inputs, kernel, self.config)
-    ready = flag > 0
-    # The init value now, with the gradient passed on to the parameter.
-    steps = tuple(jnp.where(ready, p, i + (p - jax.lax.stop_gradient(p)))
-                  for p, i in zip(params[:2], init[:2]))
-    log2 = jnp.where(ready, params[2], init.log2_block)
-    self.step_size_x[...] = jnp.where(ready, params[0], init.step_x)
-    self.step_size_w[...] = jnp.where(ready, params[1], init.step_w)
-    self.hadamard_log2_block[...] = log2
-    self.calibrated[...] = jnp.ones((), jnp.int32)
-    return steps + (log2,)
+    return lazy_step_sizes(self, inputs, kernel, self.config)
 
   def __call__(self, inputs: jax.Array, *,
                rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -138,3 +120,40 @@ class Int4Linear(nnx.Module):
     if self.quant_rngs is not None:
       return self.quant_rngs()
     return data_key(inputs, kernel, self.name)
+
+
+def add_lazy_step_sizes(layer: nnx.Module) -> None:
+  """Gives ``layer`` the variables `lazy_step_sizes` reads, unset (0)."""
+  layer.step_size_x = nnx.Param(jnp.zeros((), jnp.float32))
+  layer.step_size_w = nnx.Param(jnp.zeros((), jnp.float32))
+  layer.hadamard_log2_block = QuantState(jnp.zeros((), jnp.int32))
+  layer.calibrated = QuantState(jnp.zeros((), jnp.int32))
+
+
+def lazy_step_sizes(layer: nnx.Module, inputs: jax.Array, kernel: jax.Array,
+                    config: Int4Config):
+  """(step_x, step_w, log2 block) of an NNX INT4 layer for a call on
+  ``inputs`` [..., D] and ``kernel`` [D, C].
+
+  ``layer`` holds the `nnx.Param`s ``step_size_x`` / ``step_size_w`` and the
+  `QuantState`s ``hadamard_log2_block`` / ``calibrated``. The first call
+  (``calibrated`` still 0, eager or traced) sets them from
+  `jint4.init_step_sizes` and uses the init values, with their gradient passed
+  on to the parameters; later calls use the parameters.
+  """
+  params = (layer.step_size_x[...], layer.step_size_w[...],
+            layer.hadamard_log2_block[...])
+  flag = layer.calibrated[...]
+  if not isinstance(flag, jax.core.Tracer) and int(flag):
+    return params
+  init = init_step_sizes(inputs, kernel, config)
+  ready = flag > 0
+  # The init value now, with the gradient passed on to the parameter.
+  steps = tuple(jnp.where(ready, p, i + (p - jax.lax.stop_gradient(p)))
+                for p, i in zip(params[:2], init[:2]))
+  log2 = jnp.where(ready, params[2], init.log2_block)
+  layer.step_size_x[...] = jnp.where(ready, params[0], init.step_x)
+  layer.step_size_w[...] = jnp.where(ready, params[1], init.step_w)
+  layer.hadamard_log2_block[...] = log2
+  layer.calibrated[...] = jnp.ones((), jnp.int32)
+  return steps + (log2,)
