@@ -20,6 +20,8 @@ from jint4.nn.dot_general import Int4DotGeneral
 from jint4.nn.dot_general import Int4NnxDotGeneral
 from jint4.nn.int4ify import Int4Model
 from jint4.nn.int4ify import int4ify
+from jint4.nn.int4ify import int4ify_report
+from jint4.nn.report import LayerReport
 from jint4.nn.linen import Int4Dense
 from jint4.nn.nnx import Int4Linear
 from jint4.nn.nnx import QuantState
@@ -34,6 +36,7 @@ __all__ = [
     "Int4DotGeneral",
     "Int4Linear",
     "Int4Model",
+    "LayerReport",
     "Int4NnxDotGeneral",
     "QuantInit",
     "QuantState",
@@ -44,5 +47,6 @@ __all__ = [
     "int4_dot_general",
     "int4_matmul",
     "int4ify",
+    "int4ify_report",
     "quant",
 ]

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jint4.nn.int4ify import Int4Model
 from jint4.nn.linen import QUANT_STATE
-from jint4.nn.nnx import Int4Linear
+from jint4.nn.nnx import QuantState
 
 # The variables `calibrate` derives from data: every other one is kept.
 _DERIVED_PARAMS = ("step_size_x", "step_size_w")
@@ -36,21 +36,24 @@ def calibrate(model: Any, *args: Any, variables: Mapping | None = None,
   the variables with step sizes (and "auto" blocks) set from the loaded
   kernels; every other variable is returned as given.
 
-  NNX: runs ``model(*args, **kwargs)`` once after resetting every
-  `Int4Linear`, which then takes its step sizes from the batch and its
-  current kernel. Returns the model (changed in place).
+  NNX: runs ``model(*args, **kwargs)`` once after resetting every INT4 layer
+  (`Int4Linear`, `Int4NnxDotGeneral`), which then takes its step sizes from
+  the batch and its current kernel. Returns the model (changed in place).
   """
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise TypeError("calibrate: NNX models hold their variables; load them"
                       " into the model (nnx.update) and pass no variables=.")
-    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Int4Linear)]
+    # Every NNX INT4 layer (Int4Linear, the Int4NnxDotGeneral hook) keeps a
+    # `calibrated` flag: cleared, the next call sets the steps again.
+    layers = [m for _, m in nnx.iter_graph(model)
+              if isinstance(m, nnx.Module) and isinstance(getattr(m, "calibrated", None),
+                                                          QuantState)]
     if not layers:
-      raise ValueError("calibrate: the model has no Int4Linear layer"
-                       " (int4ify it first).")
+      raise ValueError("calibrate: the model has no NNX INT4 layer (int4ify it"
+                       " first, or use Int4Linear / Int4NnxDotGeneral).")
     for layer in layers:
-      if layer.config.quantizes_forward:
-        layer.calibrated[...] = jax.numpy.zeros((), jax.numpy.int32)
+      layer.calibrated[...] = jax.numpy.zeros((), jax.numpy.int32)
     model(*args, **kwargs)
     return model
   if not isinstance(model, (nn.Module, Int4Model)):

@@ -65,5 +65,13 @@ def test_bad_calls():
     jint4.calibrate(jint4.int4ify(MLP()), X)
   with pytest.raises(ValueError, match="no INT4 layer"):
     jint4.calibrate(MLP(), X, variables={"params": MLP().init(jax.random.key(0), X)["params"]})
-  with pytest.raises(ValueError, match="no Int4Linear"):
+  with pytest.raises(ValueError, match="no NNX INT4 layer"):
     jint4.calibrate(NnxMLP(nnx.Rngs(0)), X)
+
+
+def test_nnx_hooks_are_calibrated_too():
+  layer = nnx.Linear(64, 32, dot_general=jint4.Int4NnxDotGeneral(), rngs=nnx.Rngs(0))
+  layer(X * 10.0)
+  jint4.calibrate(layer, X)
+  init = jint4.init_step_sizes(X, layer.kernel[...], jint4.Int4Config())
+  np.testing.assert_array_equal(layer.dot_general.step_size_x[...], init.step_x)

@@ -153,15 +153,14 @@ def test_nnx_int4ify_swaps_linears_in_place():
 
 
 def _rows(model):
-  return {r.path: r for r in jint4.int4ify_report(model)} if hasattr(
-      jint4, "int4ify_report") else {r.path: r for r in int4ify_lib.int4ify_report(model)}
+  return {r.path: r for r in jint4.int4ify_report(model)}
 
 
 def test_report_lists_every_layer_with_why(capsys):
   tokens, _ = _batch(jax.random.key(0))
   model = jint4.int4ify(TinyLM(), keep=r"lm_head", report=True)
   with pytest.raises(ValueError, match="has not run yet"):
-    int4ify_lib.int4ify_report(model)
+    jint4.int4ify_report(model)
   jax.eval_shape(model.init, jax.random.key(1), tokens)
   rows = _rows(model)
   printed = capsys.readouterr().out
