@@ -1,4 +1,4 @@
-"""`int4ify`: turn the Dense layers of an existing model into INT4 layers.
+"""`int4ify`: turn the linear layers of an existing model into INT4 layers.
 
 Linen: the model's code is not touched. `int4ify` returns an `Int4Model`
 that runs the model under a Flax method interceptor: every `nn.Dense.__call__`
@@ -7,9 +7,16 @@ that runs the model under a Flax method interceptor: every `nn.Dense.__call__`
 paths and names (``kernel``, ``bias``) and only gain the quantizer state
 (``step_size_x``, ``step_size_w``, ...).
 
+``nn.DenseGeneral`` (attention's projections, e.g. in
+``nn.MultiHeadDotProductAttention``) runs with the INT4 product hook
+`Int4DotGeneral` as its ``dot_general_cls``: its params are unchanged and the
+step sizes sit in its ``Int4DotGeneral_0`` submodule.
+
 NNX: the model is a mutable object graph, so `int4ify` replaces its
 `nnx.Linear` submodules (subclasses included) in place by `Int4Linear`s
-holding the same kernel and bias, and returns the model.
+holding the same kernel and bias, gives ``nnx.LinearGeneral`` and
+``nnx.Einsum`` layers (``nnx.MultiHeadAttention``'s projections) the INT4
+hook `Int4NnxDotGeneral` as their product, and returns the model.
 
 ``keep`` selects layers to keep in float: a regular expression searched in
 the layer's path ("/"-joined: ``"Decoder_0/lm_head"`` in Linen, attribute
@@ -28,6 +35,7 @@ kernel but are not converted warn once per type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 import weakref
@@ -35,10 +43,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
+import numpy as np
 from flax import nnx
 
 from jint4.config import Int4Config
 from jint4.nn import linen as linen_lib
+from jint4.nn.dot_general import Int4DotGeneral
+from jint4.nn.dot_general import Int4NnxDotGeneral
 from jint4.nn.nnx import Int4Linear
 from jint4.nn.report import LayerReport
 from jint4.nn.report import format_table
@@ -53,6 +64,7 @@ MIN_HADAMARD_BLOCK = 4
 # NNX models' reports, kept beside the model (NNX modules are changed in place).
 _NNX_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _warned_types: set = set()
+_nnx_data = getattr(nnx, "data", lambda value: value)
 
 
 def int4ify(model: Any, config: Int4Config = Int4Config(), *, keep: Keep = None,
@@ -185,6 +197,8 @@ class Int4Model:
           path=path, layer=layer, shape=(jax.numpy.shape(args[0])[-1], module.features),
           converted=True, block=_block_of(module.config), why="INT4 already"))
       return out
+    if isinstance(module, nn.DenseGeneral):
+      return self._dense_general(module, path, layer, next_fun, args, kwargs)
     if not isinstance(module, nn.Dense):
       out = next_fun(*args, **kwargs)
       if module.has_variable("params", "kernel"):
@@ -196,14 +210,10 @@ class Int4Model:
     (inputs,) = args
     d = jax.numpy.shape(inputs)[-1]
     shape = (d, module.features)
-    if self.keep(path):
+    why = self._kept_why(module, path)
+    if why:
       self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
-                               why="kept by keep="))
-      return next_fun(*args, **kwargs)
-    if (getattr(module, "dot_general", None) is not None
-        or getattr(module, "dot_general_cls", None) is not None):
-      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
-                               why="custom dot_general (kept as given)"))
+                               why=why))
       return next_fun(*args, **kwargs)
     config, why = hadamard_block_for(d, self.config)
     if config is None:
@@ -217,6 +227,45 @@ class Int4Model:
         dtype=module.dtype, param_dtype=module.param_dtype,
         kernel_init=module.kernel_init, bias_init=module.bias_init,
         config=config, rng_collection=self.rng_collection)
+
+  def _dense_general(self, module, path, layer, next_fun, args, kwargs):
+    """`nn.DenseGeneral` (attention's projections) runs with the INT4 hook
+    `Int4DotGeneral` as its ``dot_general_cls``: its params stay as they are,
+    the step sizes go to its ``Int4DotGeneral_0`` submodule."""
+    shape_in = jax.numpy.shape(args[0])
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    features = (module.features if isinstance(module.features, (tuple, list))
+                else (module.features,))
+    contract = tuple(shape_in[a] for a in axis)
+    shape = contract + tuple(features)
+    k = int(np.prod(contract))
+    why = self._kept_why(module, path)
+    config = None
+    if not why:
+      config, why = hadamard_block_for(k, self.config)
+    if config is None:
+      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
+                               why=why))
+      return next_fun(*args, **kwargs)
+    self._record(LayerReport(path=path, layer=layer, shape=shape, converted=True,
+                             block=_block_of(config), why=why))
+    hook = functools.partial(Int4DotGeneral, config=config,
+                             rng_collection=self.rng_collection)
+    # Flax modules are frozen dataclasses: the hook is set for this call only.
+    object.__setattr__(module, "dot_general_cls", hook)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(module, "dot_general_cls", None)
+
+  def _kept_why(self, module, path) -> str:
+    """Why a Dense-like layer stays float ("" when it converts)."""
+    if self.keep(path):
+      return "kept by keep="
+    if (getattr(module, "dot_general", None) is not None
+        or getattr(module, "dot_general_cls", None) is not None):
+      return "custom dot_general (kept as given)"
+    return ""
 
   def _wrap(self, fn):
     def wrapped(*args, **kwargs):
@@ -265,6 +314,8 @@ def _replace_nnx_linears(node: Any, config: Int4Config, keep, path,
       rows.append(row)
       if layer_config is not None:
         setter(name, _linear_to_int4(child, layer_config, joined))
+    elif isinstance(child, (nnx.LinearGeneral, nnx.Einsum)):
+      rows.append(_nnx_hooked_row(child, config, keep, joined))
     elif isinstance(child, Int4Linear):
       rows.append(LayerReport(path=joined, layer="Int4Linear",
                               shape=tuple(child.kernel[...].shape), converted=True,
@@ -288,13 +339,49 @@ def _nnx_linear_row(linear, config, keep, path):
                                   converted=False, why=why), None)
   if keep(path):
     return kept("kept by keep=")
-  if getattr(linear, "dot_general", jax.lax.dot_general) is not jax.lax.dot_general:
+  if getattr(linear, "dot_general", None) not in (None, jax.lax.dot_general):
     return kept("custom dot_general (kept as given)")
   layer_config, why = hadamard_block_for(linear.in_features, config)
   if layer_config is None:
     return kept(why)
   return LayerReport(path=path, layer=type(linear).__name__, shape=shape, converted=True,
                      block=_block_of(layer_config), why=why), layer_config
+
+
+def _nnx_hooked_row(layer, config, keep, path) -> LayerReport:
+  """`nnx.LinearGeneral` / `nnx.Einsum`: the INT4 hook `Int4NnxDotGeneral`
+  becomes the layer's product (``dot_general`` / ``einsum_op``), in place."""
+  kernel_shape = tuple(layer.kernel[...].shape)
+  if isinstance(layer, nnx.Einsum):
+    attr, default = "einsum_op", jax.numpy.einsum
+    k = _einsum_contraction(layer.einsum_str, kernel_shape)
+  else:
+    attr, default = "dot_general", jax.lax.dot_general
+    k = int(np.prod(layer.in_features))
+  row = functools.partial(LayerReport, path=path, layer=type(layer).__name__,
+                          shape=kernel_shape)
+  if keep(path):
+    return row(converted=False, why="kept by keep=")
+  if (getattr(layer, attr) not in (None, default)
+      or getattr(layer, "dot_general_cls", None) is not None):
+    if isinstance(getattr(layer, attr), Int4NnxDotGeneral):
+      return row(converted=True, block=_block_of(getattr(layer, attr).config),
+                 why="INT4 already")
+    return row(converted=False, why=f"custom {attr} (kept as given)")
+  layer_config, why = hadamard_block_for(k, config)
+  if layer_config is None:
+    return row(converted=False, why=why)
+  # The product was a static attribute; the hook holds state (data).
+  setattr(layer, attr, _nnx_data(Int4NnxDotGeneral(layer_config, name=path)))
+  return row(converted=True, block=_block_of(layer_config), why=why)
+
+
+def _einsum_contraction(equation: str, kernel_shape) -> int:
+  """The size of the dims an einsum ``x,kernel->out`` sums over in the kernel."""
+  inputs, out = equation.replace(" ", "").split("->")
+  x, kernel = inputs.split(",")
+  summed = [i for i, c in enumerate(kernel) if c in x and c not in out]
+  return int(np.prod([kernel_shape[i] for i in summed]))
 
 
 def _is_nnx_container(node):

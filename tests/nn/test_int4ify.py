@@ -265,3 +265,94 @@ def test_nnx_report_subclasses_and_awkward_width():
   assert type(model.odd) is nnx.Linear and "contraction dim 7" in rows["odd"].why
   assert not rows["conv"].converted
   model.first(jnp.ones((2, 48)))
+
+
+class Encoder(nn.Module):
+  """An unedited Flax encoder block: Flax's own attention, then an MLP."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = x + nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(nn.LayerNorm()(x))
+    h = h + nn.Dense(DIM, name="mlp_out")(nn.gelu(nn.Dense(2 * DIM, name="mlp_in")(
+        nn.LayerNorm()(h))))
+    return nn.Dense(VOCAB, name="classifier")(h.mean(axis=1))
+
+
+def test_linen_attention_projections_run_int4():
+  x = jax.random.normal(jax.random.key(0), (8, SEQ, DIM))
+  labels = jax.random.randint(jax.random.key(1), (8,), 0, VOCAB)
+  float_params = jax.jit(Encoder().init)(jax.random.key(2), x)["params"]
+  model = jint4.int4ify(Encoder(), keep="classifier")
+  params = jax.jit(model.init)(jax.random.key(2), x)["params"]
+  rows = _rows(model)
+  for proj in ("query", "key", "value", "out"):
+    row = rows[f"attn/{proj}"]
+    assert row.converted and row.layer == "DenseGeneral" and row.block == 32, row
+  assert rows["attn/out"].shape == (4, DIM // 4, DIM)
+  assert not rows["classifier"].converted
+  assert sum(r.converted for r in rows.values()) == 6
+  # The float tree, plus the hooks' step sizes.
+  names, float_names = _flat_names(params), _flat_names(float_params)
+  assert float_names <= names
+  assert {n for n in names - float_names} == {
+      f"attn/{p}/Int4DotGeneral_0/{s}" for p in ("query", "key", "value", "out")
+      for s in ("step_size_x", "step_size_w")} | {
+      f"mlp_{p}/{s}" for p in ("in", "out") for s in ("step_size_x", "step_size_w")}
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    assert_nonzero = g["attn"]["query"]["Int4DotGeneral_0"]["step_size_x"]
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt, loss, assert_nonzero
+
+  opt = tx.init(params)
+  losses = []
+  for _ in range(25):
+    params, opt, loss, g_step = step(params, opt)
+    losses.append(float(loss))
+  assert float(jnp.abs(g_step)) > 0
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=DIM, decode=False,
+                                       rngs=rngs)
+    self.proj = nnx.Einsum("btd,df->btf", (DIM, DIM), rngs=rngs)
+    self.head = nnx.Linear(DIM, VOCAB, rngs=rngs)
+
+  def __call__(self, x):
+    h = x + self.attn(x)
+    return self.head(self.proj(h).mean(axis=1))
+
+
+def test_nnx_attention_projections_and_einsum_run_int4():
+  x = jax.random.normal(jax.random.key(0), (8, SEQ, DIM))
+  labels = jax.random.randint(jax.random.key(1), (8,), 0, VOCAB)
+  model = NnxBlock(nnx.Rngs(0))
+  jint4.int4ify(model, keep="head")
+  rows = _rows(model)
+  for proj in ("query", "key", "value", "out"):
+    row = rows[f"attn/{proj}"]
+    assert row.converted and row.layer == "LinearGeneral", row
+    assert isinstance(getattr(model.attn, proj).dot_general, jint4.Int4NnxDotGeneral)
+  assert rows["proj"].converted and isinstance(model.proj.einsum_op, jint4.Int4NnxDotGeneral)
+  assert not rows["head"].converted
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+    loss, g = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, g)
+    return loss
+
+  losses = [float(step(model, opt)) for _ in range(25)]
+  assert float(model.attn.query.dot_general.step_size_x[...]) > 0
+  assert losses[-1] < 0.5 * losses[0], losses
