@@ -87,12 +87,12 @@ def test_quantized_gradients_are_unbiased(backward):
       argnums=(0, 1, 2))(x, w, sw)
   exact = grads(Int4Config(backward="exact"), KEY)
   cfg = Int4Config(backward=backward, lss_budget=0.5)
-  keys = jax.random.split(jax.random.key(3), 4000)
+  keys = jax.random.split(jax.random.key(3), 2000)
   samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
   for est, ref, name in zip(samples, exact, ("dx", "dw", "dsw")):
     est, ref = np.asarray(est), np.asarray(ref)
     errors, sems = [], []
-    for m in (250, 1000, 4000):
+    for m in (125, 500, 2000):
       err = np.linalg.norm(est[:m].mean(0) - ref)
       sem = np.sqrt(est[:m].var(0).sum() / m)
       assert err <= 5 * sem + 1e-5 * np.linalg.norm(ref), (name, m, err, sem)
@@ -100,7 +100,7 @@ def test_quantized_gradients_are_unbiased(backward):
       sems.append(sem)
     if sem > 1e-6 * np.linalg.norm(ref):
       # The 1/sqrt(n) rate: after 16x the samples the error sits well below
-      # the noise level of the first 250 (3 standard errors at m = 4000).
+      # the noise level of the first 125 (3 standard errors at m = 2000).
       assert errors[-1] < 0.75 * sems[0], (name, errors, sems)
 
 
@@ -200,9 +200,9 @@ def test_composes_with_vmap_checkpoint_and_scan():
   xs = jnp.stack([x, 2 * x])
   keys = jax.random.split(KEY, 2)
   f = lambda x, k: int4_matmul(x, w, sx, sw, k)
-  yv = jax.vmap(f)(xs, keys)
-  np.testing.assert_allclose(yv[1], f(xs[1], keys[1]), rtol=1e-6)
-  gv = jax.vmap(jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2)))(xs, keys)
+  yv = jax.jit(jax.vmap(f))(xs, keys)
+  np.testing.assert_allclose(yv[1], jax.jit(f)(xs[1], keys[1]), rtol=1e-6)
+  gv = jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2))))(xs, keys)
   assert gv.shape == xs.shape and bool(jnp.all(jnp.isfinite(gv)))
 
   # Scan over a stack of layers, with and without rematerialization.

@@ -103,7 +103,7 @@ def test_int4ified_transformer_trains_under_jit_and_optax(backward):
   tokens, _ = _batch(jax.random.key(0))
   model = jint4.int4ify(TinyLM(), jint4.Int4Config(backward=backward), keep="lm_head")
   params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
-  losses = _train(model, params)
+  losses = _train(model, params, steps=30, lr=6e-3)
   first, last = np.mean(losses[:5]), np.mean(losses[-5:])
   assert np.all(np.isfinite(losses))
   assert last < 0.5 * first, (first, last)
@@ -111,7 +111,7 @@ def test_int4ified_transformer_trains_under_jit_and_optax(backward):
 
 def test_keep_predicate_and_everything_converted():
   tokens, _ = _batch(jax.random.key(0))
-  all_int4 = jax.jit(jint4.int4ify(TinyLM()).init)(jax.random.key(1), tokens)["params"]
+  all_int4 = jax.eval_shape(jint4.int4ify(TinyLM()).init, jax.random.key(1), tokens)["params"]
   assert "step_size_x" in all_int4["lm_head"]
   none = jax.eval_shape(jint4.int4ify(TinyLM(), keep=lambda path: True).init,
                         jax.random.key(1), tokens)["params"]
