@@ -209,19 +209,9 @@ class Int4Model:
       return out
     (inputs,) = args
     d = jax.numpy.shape(inputs)[-1]
-    shape = (d, module.features)
-    why = self._kept_why(module, path)
-    if why:
-      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
-                               why=why))
-      return next_fun(*args, **kwargs)
-    config, why = hadamard_block_for(d, self.config)
+    config = self._decide(module, path, layer, (d, module.features), d)
     if config is None:
-      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
-                               why=why))
       return next_fun(*args, **kwargs)
-    self._record(LayerReport(path=path, layer=layer, shape=shape, converted=True,
-                             block=_block_of(config), why=why))
     return linen_lib.int4_dense(
         module, inputs, features=module.features, use_bias=module.use_bias,
         dtype=module.dtype, param_dtype=module.param_dtype,
@@ -237,18 +227,10 @@ class Int4Model:
     features = (module.features if isinstance(module.features, (tuple, list))
                 else (module.features,))
     contract = tuple(shape_in[a] for a in axis)
-    shape = contract + tuple(features)
-    k = int(np.prod(contract))
-    why = self._kept_why(module, path)
-    config = None
-    if not why:
-      config, why = hadamard_block_for(k, self.config)
+    config = self._decide(module, path, layer, contract + tuple(features),
+                          int(np.prod(contract)))
     if config is None:
-      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
-                               why=why))
       return next_fun(*args, **kwargs)
-    self._record(LayerReport(path=path, layer=layer, shape=shape, converted=True,
-                             block=_block_of(config), why=why))
     hook = functools.partial(Int4DotGeneral, config=config,
                              rng_collection=self.rng_collection)
     # Flax modules are frozen dataclasses: the hook is set for this call only.
@@ -257,6 +239,18 @@ class Int4Model:
       return next_fun(*args, **kwargs)
     finally:
       object.__setattr__(module, "dot_general_cls", None)
+
+  def _decide(self, module, path, layer, shape, k) -> Optional[Int4Config]:
+    """Records the layer's row; returns its config, or None to keep it float
+    (``k``: its contraction size)."""
+    why = self._kept_why(module, path)
+    config = None
+    if not why:
+      config, why = hadamard_block_for(k, self.config)
+    self._record(LayerReport(path=path, layer=layer, shape=shape,
+                             converted=config is not None, block=_block_of(config),
+                             why=why))
+    return config
 
   def _kept_why(self, module, path) -> str:
     """Why a Dense-like layer stays float ("" when it converts)."""

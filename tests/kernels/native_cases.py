@@ -115,3 +115,17 @@ def weight_backward_slack(grad, kernel, step, block, qn, qp):
   edges = (np.abs(v + qn) <= ulps) | (np.abs(v - qp) <= ulps)
   slack = float(np.sum(np.abs(np.asarray(grad, np.float64))[near_half]))
   return slack, int(np.sum(edges))
+
+
+def near_limit_operand(shape, axis, seed=0):
+  """Small normal values (|x| < 4 with a step of 2^-6), one line along
+  ``axis`` near 1, same sign: scaled by 2^126 its +-1 Hadamard sums pass
+  float32's max unless the transform pre-scales (the float contract)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(0, 0.05, shape).astype(np.float32)
+  line = 0.9 + rng.uniform(0, 0.05, shape[axis]).astype(np.float32)
+  if axis == 1:
+    x[1, :] = line
+  else:
+    x[:, 1] = line
+  return x

@@ -22,7 +22,8 @@ from jint4.quant import bitsplit, hadamard
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         WEIGHT_SHAPES, activations, assert_same_floats,
                                         assert_same_ints, dtype_id, int_operand,
-                                        largest_log2, random_rows, random_slots, seed,
+                                        largest_log2, near_limit_operand, random_rows,
+                                        random_slots, seed,
                                         weight_backward_slack)
 
 if not native.available():
@@ -836,26 +837,14 @@ def test_missing_build_falls_back_with_one_warning(monkeypatch):
 # Finite inputs near float32's limit: the butterflies run on x * 2^-L (the
 # float contract), so +-1 sums of up to 2^L * max|x| never overflow.
 
-def _near_limit_operand(shape, axis, seed_=0):
-  """Small normal values (a step of 2^-6 spreads their codes), one line along
-  ``axis`` near 1 (same sign: its +-1 sums times 2^126 pass float32's max)."""
-  rng = np.random.default_rng(seed_)
-  x = rng.normal(0, 0.05, shape).astype(np.float32)
-  line = 0.9 + rng.uniform(0, 0.05, shape[axis]).astype(np.float32)
-  if axis == 1:
-    x[1, :] = line
-  else:
-    x[:, 1] = line
-  return x
-
 
 @pytest.mark.parametrize("block", [32, 1024, "traced"])
 def test_hadamard_quantize_near_float32_limit(block):
   """Codes of (x * 2^126, step * 2^126) are those of (x, step) in both
   engines: activations with residual, axis 0, and hadamard_quantize_weight."""
   big = np.float32(2.0 ** 126)
-  x = _near_limit_operand((8, 1024), axis=1)
-  w = _near_limit_operand((1024, 8), axis=0, seed_=1)
+  x = near_limit_operand((8, 1024), axis=1)
+  w = near_limit_operand((1024, 8), axis=0, seed=1)
   step = np.float32(2.0 ** -6)
   assert np.isfinite(x * big).all() and np.isfinite(w * big).all()
   def run(mod, x, w, s):

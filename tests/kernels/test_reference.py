@@ -17,6 +17,7 @@ from jint4.kernels import reference as ref
 from jint4.quant import bitsplit
 from jint4.quant import hadamard
 from jint4.quant import lsq
+from tests.kernels.native_cases import near_limit_operand
 from tests.stats import hoeffding_tol
 
 
@@ -628,19 +629,6 @@ def test_resplit_rows_is_joined_split_of_gathered_rows():
 BIG = 2.0 ** 126
 
 
-def _near_limit_operand(shape, axis, seed_=0):
-  """Small normal values (|x| < 4 with a step of 2^-6), one line along
-  ``axis`` near 1 (same sign, so its +-1 sums times 2^126 overflow)."""
-  rng = np.random.default_rng(seed_)
-  x = rng.normal(0, 0.05, shape).astype(np.float32)
-  line = 0.9 + rng.uniform(0, 0.05, shape[axis]).astype(np.float32)
-  if axis == 1:
-    x[1, :] = line
-  else:
-    x[:, 1] = line
-  return x
-
-
 def _quantize_near_limit(mod, x, w, step, block):
   """Activations with a residual, a kernel's axis-0 codes and both weight
   layouts (the module's hadamard_quantize / hadamard_quantize_weight)."""
@@ -651,8 +639,8 @@ def _quantize_near_limit(mod, x, w, step, block):
 
 @pytest.mark.parametrize("block", [32, 1024, "traced"])
 def test_hadamard_quantize_near_float32_limit(block):
-  x = _near_limit_operand((8, 1024), axis=1)
-  w = _near_limit_operand((1024, 8), axis=0, seed_=1)
+  x = near_limit_operand((8, 1024), axis=1)
+  w = near_limit_operand((1024, 8), axis=0, seed=1)
   step = np.float32(2.0 ** -6)
   run = jax.jit(lambda x, w, s, l: _quantize_near_limit(
       ref, x, w, s, l if block == "traced" else block))
