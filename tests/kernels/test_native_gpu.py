@@ -17,7 +17,8 @@ from jint4.quant import bitsplit
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         activations, assert_same_floats,
                                         assert_same_ints, dtype_id, int_operand,
-                                        largest_log2, random_rows, random_slots, seed)
+                                        largest_log2, near_limit_operand, random_rows,
+                                        random_slots, seed)
 
 
 def _gpus():
@@ -439,3 +440,31 @@ def test_engine_follows_where_the_program_runs():
     assert all(g.devices() == {dev} for g in grads)
   assert calls["cpu"] == {"jint4_lsq_weight_backward"}
   assert {"jint4_hadamard_quantize", "jint4_int_gemm", "jint4_lsq_backward"} <= calls["gpu"]
+
+
+@pytest.mark.parametrize("block", [32, 1024])
+def test_hadamard_quantize_near_float32_limit_cuda(block):
+  """The CUDA handlers keep the float contract's pre-scale: codes of
+  (x * 2^126, step * 2^126) are those of (x, step), as on the CPU twin."""
+  big = np.float32(2.0 ** 126)
+  x = near_limit_operand((8, 1024), axis=1)
+  w = near_limit_operand((1024, 8), axis=0, seed=1)
+  step = np.float32(2.0 ** -6)
+
+  def run(x, w, s):
+    def f(x, w, s):
+      return (native.hadamard_quantize(x, s, block=block, qn=7, qp=7, seed=seed(1)),
+              native.hadamard_quantize(w, s, block=block, qn=8, qp=7, axis=0,
+                                       transpose=True),
+              native.hadamard_quantize_weight(w, s, block=block, qn=7, qp=7))
+    return jax.tree.leaves(on_gpu(f, jnp.asarray(x), jnp.asarray(w), jnp.float32(s)))
+
+  want = jax.tree.leaves(on_cpu(
+      lambda x, w, s: (reference.hadamard_quantize(x, s, block=block, qn=7, qp=7, seed=seed(1)),
+                       reference.hadamard_quantize(w, s, block=block, qn=8, qp=7, axis=0,
+                                                   transpose=True),
+                       reference.hadamard_quantize_weight(w, s, block=block, qn=7, qp=7)),
+      jnp.asarray(x), jnp.asarray(w), jnp.float32(step)))
+  for got in (run(x * big, w * big, step * big), run(x, w, step)):
+    for a, b in zip(got, want):
+      assert_same_floats(a, b) if a.dtype == jnp.float32 else assert_same_ints(a, b)
