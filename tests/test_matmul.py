@@ -60,8 +60,9 @@ def test_exact_backward_matches_autodiff_of_fake_quant_twin():
   cfg = Int4Config(backward="exact")
   ct = jax.random.normal(jax.random.key(5), (32, 16))
   loss = lambda f: (lambda x, w, sx, sw: jnp.sum(f(x, w, sx, sw) * ct))
-  ours = jax.grad(loss(lambda *a: int4_matmul(*a, KEY, config=cfg)), argnums=(0, 1, 2, 3))
-  ref = jax.grad(loss(_fake_quant_reference), argnums=(0, 1, 2, 3))
+  ours = jax.jit(jax.grad(loss(lambda *a: int4_matmul(*a, KEY, config=cfg)),
+                         argnums=(0, 1, 2, 3)))
+  ref = jax.jit(jax.grad(loss(_fake_quant_reference), argnums=(0, 1, 2, 3)))
   with jax.default_matmul_precision("highest"):  # the twin's matmuls: no TF32
     g, r = ours(x, w, sx, sw), ref(x, w, sx, sw)
   np.testing.assert_allclose(g[0], r[0], rtol=1e-4, atol=1e-5)   # dX
@@ -85,7 +86,7 @@ def test_quantized_gradients_are_unbiased(backward):
   grads = lambda cfg, k: jax.grad(
       lambda x, w, sw: jnp.sum(int4_matmul(x, w, sx, sw, k, config=cfg) * ct),
       argnums=(0, 1, 2))(x, w, sw)
-  exact = grads(Int4Config(backward="exact"), KEY)
+  exact = jax.jit(grads, static_argnums=0)(Int4Config(backward="exact"), KEY)
   cfg = Int4Config(backward=backward, lss_budget=0.5)
   keys = jax.random.split(jax.random.key(3), 2000)
   samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
@@ -313,9 +314,10 @@ def test_auto_backward_resolves_by_tensor_core_kind(monkeypatch):
   assert Int4Config().backward == "auto"
   x, w, sx, sw = _data()
   ct = jax.random.normal(jax.random.key(5), (32, 16))
-  grad = lambda cfg: jax.grad(
+  # Not cached across the monkeypatched engine: a fresh jit per call.
+  grad = lambda cfg: jax.jit(jax.grad(
       lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, KEY, config=cfg) * ct),
-      argnums=(0, 1))(x, w)
+      argnums=(0, 1)))(x, w)
   try:
     for tensor_cores, mode in ((False, "bitsplit"), (True, "lss")):
       monkeypatch.setattr(engine_lib, "_int4_tensor_cores",

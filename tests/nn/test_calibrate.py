@@ -20,9 +20,10 @@ class MLP(nn.Module):
 
 
 def test_linen_float_checkpoint_gets_steps_from_loaded_kernels():
-  float_params = MLP().init(jax.random.key(1), X)["params"]
+  float_params = jax.jit(MLP().init)(jax.random.key(1), X)["params"]
   model = jint4.int4ify(MLP())
-  variables = jint4.calibrate(model, X, variables={"params": float_params})
+  calibrate = jax.jit(lambda v, x: jint4.calibrate(model, x, variables=v))
+  variables = calibrate({"params": float_params}, X)
   params = variables["params"]
   for name in ("up", "down"):
     np.testing.assert_array_equal(params[name]["kernel"], float_params[name]["kernel"])
@@ -30,12 +31,12 @@ def test_linen_float_checkpoint_gets_steps_from_loaded_kernels():
   np.testing.assert_array_equal(params["up"]["step_size_x"], init.step_x)
   np.testing.assert_array_equal(params["up"]["step_size_w"], init.step_w)
   # The steps come from the loaded kernels, not from a fresh init.
-  fresh = model.init(jax.random.key(7), X)["params"]
+  fresh = jax.jit(model.init)(jax.random.key(7), X)["params"]
   assert float(fresh["up"]["step_size_w"]) != float(params["up"]["step_size_w"])
   # Calibrating again (steps already present) gives the same steps.
-  again = jint4.calibrate(model, X, variables=variables)["params"]
+  again = calibrate(variables, X)["params"]
   np.testing.assert_array_equal(again["down"]["step_size_x"], params["down"]["step_size_x"])
-  y = model.apply(variables, X)
+  y = jax.jit(model.apply)(variables, X)
   ref = MLP().apply({"params": float_params}, X)
   assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.4
 
@@ -53,8 +54,8 @@ def test_nnx_float_model_int4ified_then_calibrated():
   model = NnxMLP(nnx.Rngs(0))
   kernel = model.up.kernel[...]
   jint4.int4ify(model)
-  model(X * 10.0)                       # a first call on other data
-  jint4.calibrate(model, X)
+  nnx.jit(lambda m, x: m(x))(model, X * 10.0)    # a first call on other data
+  nnx.jit(lambda m, x: jint4.calibrate(m, x) and None)(model, X)
   init = jint4.init_step_sizes(X, kernel, jint4.Int4Config())
   np.testing.assert_array_equal(model.up.step_size_x[...], init.step_x)
   np.testing.assert_array_equal(model.up.step_size_w[...], init.step_w)
