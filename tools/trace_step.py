@@ -1,4 +1,4 @@
-"""Where a jitted step's device time goes: a kernel table from JAX's profiler.
+"""Where a jitted step's GPU time goes: a kernel table from JAX's profiler.
 
 Runs a few steps of one benchmark case under ``jax.profiler.trace`` and reads
 the trace back (``jax.profiler.ProfileData``): for every kernel name on the
