@@ -18,7 +18,7 @@ would save no work and only add variance: ``backward="auto"`` keeps every row.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Literal, Optional, Tuple, Union
 
 ForwardMode = Literal["hq", "lsq", "none"]
 BackwardMode = Literal["auto", "lss", "bitsplit", "exact", "luq", "minmax"]
@@ -29,6 +29,10 @@ BACKWARD_MODES = ("auto", "lss", "bitsplit", "exact", "luq", "minmax")
 ENGINES = ("auto", "native", "reference")
 _RENAMED = {"backward": {"nonzero": "bitsplit"}}
 MAX_HADAMARD_BLOCK = 1024
+# The smallest Hadamard block a layer may fall back to (`fit_hadamard_block`):
+# below it the transform no longer spreads outliers, and such narrow products
+# (the first layer of a small image model, say) cost little in float.
+MIN_HADAMARD_BLOCK = 4
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +65,15 @@ class Int4Config:
     warmup_steps: pre-training warm-up: for this many training steps the step
       sizes follow the init rule ``2 mean|T| / sqrt(qp)`` of the current batch
       instead of being learned (needs the ``quant_state`` collection mutable).
+    embedding_lsq: `jint4.int4ify` also quantizes the outputs of embedding
+      layers (``nn.Embed`` / ``nnx.Embed``) with LSQ, a learned step and no
+      Hadamard transform, as the paper's recipe does. Off by default: it saves
+      no time (a lookup has no matmul) and only adds quantization noise.
+    attention_products: `jint4.int4ify` also runs attention's two batched
+      products, Q K^T and P V (``nn.MultiHeadDotProductAttention``,
+      ``nnx.MultiHeadAttention``), as INT4 products with this recipe (HQ
+      forward along head_dim and along the keys, the configured backward).
+      Off by default, as in the paper, which keeps them in float.
     engine: which engine runs the integer work: ``"auto"`` (per op and
       platform, the faster of native and pure JAX; pure JAX with one warning
       where the native handlers cannot run), ``"native"`` (the XLA FFI
@@ -75,6 +88,8 @@ class Int4Config:
   hadamard_block: Union[int, Literal["auto"]] = 32
   lss_budget: float = 1.0
   warmup_steps: int = 0
+  embedding_lsq: bool = False
+  attention_products: bool = False
   engine: EngineChoice = "auto"
 
   def __post_init__(self):
@@ -104,6 +119,11 @@ class Int4Config:
       raise ValueError(
           f"Int4Config.warmup_steps must be an int >= 0; got {self.warmup_steps!r}.")
 
+    for name in ("embedding_lsq", "attention_products"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"Int4Config.{name} must be True or False; got"
+                         f" {getattr(self, name)!r}.")
+
   @property
   def quantizes_forward(self) -> bool:
     return self.forward != "none"
@@ -111,6 +131,26 @@ class Int4Config:
   @property
   def uses_hadamard(self) -> bool:
     return self.forward == "hq"
+
+
+def fit_hadamard_block(config: Int4Config, d: int
+                       ) -> Tuple[Optional[Int4Config], str]:
+  """The config a product contracting over ``d`` elements runs, and why.
+
+  The configured block if it divides ``d`` (why: ""); else the largest power
+  of two dividing ``d``, if it is at least `MIN_HADAMARD_BLOCK` (784 -> 16,
+  48 -> 16); else ``(None, why)``: the product stays in float. Configs
+  without the Hadamard transform, or with the "auto" block, fit any ``d``.
+  """
+  block = config.hadamard_block
+  if not config.uses_hadamard or block == "auto" or d % block == 0:
+    return config, ""
+  fit = d & -d  # the largest power of two dividing d
+  if fit < MIN_HADAMARD_BLOCK:
+    return None, (f"no Hadamard block >= {MIN_HADAMARD_BLOCK} divides the"
+                  f" contraction dim {d}")
+  return dataclasses.replace(config, hadamard_block=min(fit, block)), (
+      f"block {min(fit, block)}: {block} does not divide {d}")
 
 
 def _check_choice(name, value, choices):

@@ -21,7 +21,7 @@ from jint4.nn.linen import QUANT_STATE
 from jint4.nn.nnx import QuantState
 
 # The variables `calibrate` derives from data: every other one is kept.
-_DERIVED_PARAMS = ("step_size_x", "step_size_w")
+_DERIVED_PARAMS = ("step_size_x", "step_size_w", "step_size")  # (embeddings: step_size)
 _DERIVED_STATE = ("hadamard_log2_block",)
 
 
@@ -37,8 +37,9 @@ def calibrate(model: Any, *args: Any, variables: Mapping | None = None,
   kernels; every other variable is returned as given.
 
   NNX: runs ``model(*args, **kwargs)`` once after resetting every INT4 layer
-  (`Int4Linear`, `Int4NnxDotGeneral`), which then takes its step sizes from
-  the batch and its current kernel. Returns the model (changed in place).
+  (`Int4Linear`, `Int4NnxDotGeneral`, the patch-embedding and embedding
+  layers of `jint4.int4ify`), which then takes its step sizes from the batch
+  and its current kernel. Returns the model (changed in place).
   """
   if isinstance(model, nnx.Module):
     if variables is not None:

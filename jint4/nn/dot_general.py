@@ -43,15 +43,19 @@ must divide their product.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import opt_einsum
 from flax import nnx
 
+from jint4.config import MIN_HADAMARD_BLOCK
 from jint4.config import Int4Config
+from jint4.config import fit_hadamard_block
 from jint4.matmul import flatten_dot_general
 from jint4.matmul import int4_dot_general
 from jint4.nn.linen import QUANT_STATE
@@ -68,45 +72,105 @@ _data = getattr(nnx, "data", lambda value: value)
 
 
 class Int4DotGeneral(nn.Module):
-  """Linen: an INT4 ``dot_general_cls`` for ``nn.Dense`` / ``nn.DenseGeneral``.
+  """Linen: an INT4 ``dot_general_cls`` for ``nn.Dense`` / ``nn.DenseGeneral``,
+  and an INT4 einsum for ``nn.MultiHeadDotProductAttention``'s
+  ``qk_attn_weights_einsum_cls`` / ``attn_weights_value_einsum_cls``
+  (called as ``(equation, lhs, rhs)``).
 
   Attributes:
     config: the quantization recipe (`jint4.Int4Config`).
     rng_collection: the rng stream for stochastic rounding and sampling;
       without it the key comes from the operands' bits and the layer path.
+    fit_block: fit the Hadamard block to each call's contraction size
+      (`jint4.config.fit_hadamard_block`), and compute in float where no
+      block fits: for products whose contraction size varies between calls,
+      such as attention's P V over the keys. Off: a block that does not
+      divide the contraction size is an error.
   """
   config: Int4Config = Int4Config()
   rng_collection: str = "quant"
+  fit_block: bool = False
 
   @nn.compact
-  def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers,
-               precision=None, preferred_element_type=None,
-               out_sharding=None) -> jax.Array:
-    cfg = self.config
+  def __call__(self, lhs, rhs, dimension_numbers=None, precision=None,
+               preferred_element_type=None, out_sharding=None) -> jax.Array:
     with layer_errors(layer_path(self)):
-      _check_hook_args(cfg, out_sharding)
-      ops = flatten_dot_general(lhs, rhs, dimension_numbers)
-      key = _quant_key(self, lhs, rhs, self.rng_collection)
-      step_x = step_w = jnp.float32(1)
-      log2 = None
-      if cfg.quantizes_forward:
-        if cfg.uses_hadamard and cfg.hadamard_block == "auto":
-          log2 = self.variable(
-              QUANT_STATE, "hadamard_log2_block",
-              lambda: _init_steps(ops, cfg).log2_block).value
+      _check_hook_args(self.config, out_sharding)
+      return _product(
+          lambda l, r, dims, cfg: linen_dot_general(
+              self, l, r, dims, config=cfg, rng_collection=self.rng_collection,
+              precision=precision, preferred_element_type=preferred_element_type),
+          lhs, rhs, dimension_numbers, self.config, self.fit_block,
+          layer_path(self), precision, preferred_element_type)
 
-        def initial():
-          return _init_steps(ops, cfg, log2_block=log2)
 
-        step_x = self.param("step_size_x", lambda _: initial().step_x)
-        step_w = self.param("step_size_w", lambda _: initial().step_w)
-        if cfg.warmup_steps:
-          step_x, step_w = _warmup(self, cfg.warmup_steps, step_x, step_w,
-                                   initial)
-      return int4_dot_general(
-          lhs, rhs, dimension_numbers, step_x, step_w, key, config=cfg,
-          hadamard_log2_block=log2, precision=precision,
-          preferred_element_type=preferred_element_type)
+def linen_dot_general(module: nn.Module, lhs, rhs, dimension_numbers, *,
+                      config: Int4Config, rng_collection: str = "quant",
+                      precision=None, preferred_element_type=None) -> jax.Array:
+  """`jint4.int4_dot_general` with its quantizer state in ``module``'s
+  scope: ``step_size_x`` / ``step_size_w`` params (set by
+  `jint4.init_step_sizes` at init), the "auto" block and the warm-up
+  counters in ``quant_state``, as `jint4.Int4Dense` has them."""
+  ops = flatten_dot_general(lhs, rhs, dimension_numbers)
+  key = _quant_key(module, lhs, rhs, rng_collection)
+  step_x = step_w = jnp.float32(1)
+  log2 = None
+  if config.quantizes_forward:
+    if config.uses_hadamard and config.hadamard_block == "auto":
+      log2 = module.variable(
+          QUANT_STATE, "hadamard_log2_block",
+          lambda: _init_steps(ops, config).log2_block).value
+
+    def initial():
+      return _init_steps(ops, config, log2_block=log2)
+
+    step_x = module.param("step_size_x", lambda _: initial().step_x)
+    step_w = module.param("step_size_w", lambda _: initial().step_w)
+    if config.warmup_steps:
+      step_x, step_w = _warmup(module, config.warmup_steps, step_x, step_w,
+                               initial)
+  return int4_dot_general(
+      lhs, rhs, dimension_numbers, step_x, step_w, key, config=config,
+      hadamard_log2_block=log2, precision=precision,
+      preferred_element_type=preferred_element_type)
+
+
+def _product(int4_product, lhs, rhs, dimension_numbers, config, fit_block, name,
+             precision, preferred_element_type):
+  """Runs ``int4_product(lhs, rhs, dimension_numbers, config)`` for a hook
+  called as ``dot_general(lhs, rhs, dimension_numbers)`` or as
+  ``einsum(equation, lhs, rhs)``; with ``fit_block``, with the block fitted
+  to the contraction size, or as the float product where none fits."""
+  perm = None
+  if isinstance(lhs, str):
+    equation, lhs, rhs = lhs, rhs, dimension_numbers
+    dimension_numbers, perm = einsum_dimension_numbers(equation, lhs, rhs)
+  elif dimension_numbers is None:
+    raise TypeError("The INT4 dot_general needs dimension_numbers (or is"
+                    " called as an einsum: (equation, lhs, rhs)).")
+  if fit_block:
+    (contract, _), _ = dimension_numbers
+    k = int(np.prod([jnp.shape(lhs)[a] for a in contract]))
+    config, _ = fit_hadamard_block(config, k)
+    if config is None:
+      _warn_float_product(name, k)
+      y = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                              preferred_element_type=preferred_element_type)
+  if config is not None:
+    y = int4_product(lhs, rhs, dimension_numbers, config)
+  return y if perm is None else jnp.transpose(y, perm)
+
+
+_warned_float: set = set()
+
+
+def _warn_float_product(name, k):
+  if name not in _warned_float:
+    _warned_float.add(name)
+    warnings.warn(
+        f"{name}: no Hadamard block >= {MIN_HADAMARD_BLOCK} divides the"
+        f" contraction size {k}, so this product runs in float (this warning"
+        " is given once per layer).", RuntimeWarning, stacklevel=4)
 
 
 class Int4NnxDotGeneral(nnx.Module):
@@ -121,7 +185,8 @@ class Int4NnxDotGeneral(nnx.Module):
   """
 
   def __init__(self, config: Int4Config = Int4Config(), *,
-               name: Optional[str] = None, rngs: Optional[nnx.Rngs] = None):
+               name: Optional[str] = None, rngs: Optional[nnx.Rngs] = None,
+               fit_block: bool = False):
     if not isinstance(config, Int4Config):
       raise TypeError(f"config must be a jint4.Int4Config; got {type(config)}.")
     if config.warmup_steps:
@@ -129,32 +194,28 @@ class Int4NnxDotGeneral(nnx.Module):
                        " hooks only; use warmup_steps=0 with"
                        " Int4NnxDotGeneral.")
     self.config = config
+    self.fit_block = fit_block
     self.name = name or type(self).__name__
     self.quant_rngs = (rngs["quant"].fork() if rngs is not None
                        and "quant" in rngs else _data(None))
     if config.quantizes_forward:
       add_lazy_step_sizes(self)
 
-  def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers,
-               precision=None, preferred_element_type=None,
-               out_sharding=None) -> jax.Array:
+  def __call__(self, lhs, rhs, dimension_numbers=None, precision=None,
+               preferred_element_type=None, out_sharding=None) -> jax.Array:
     """``lax.dot_general(lhs, rhs, dimension_numbers)`` in INT4; called as
     ``(equation, lhs, rhs, ...)``, as ``nnx.Einsum`` calls its
     ``einsum_op``, ``jnp.einsum(equation, lhs, rhs)`` in INT4."""
     with layer_errors(self.name):
       _check_hook_args(self.config, out_sharding)
-      if isinstance(lhs, str):
-        equation, lhs, rhs = lhs, rhs, dimension_numbers
-        dimension_numbers, perm = einsum_dimension_numbers(equation, lhs, rhs)
-        y = self._dot_general(lhs, rhs, dimension_numbers, precision,
-                              preferred_element_type)
-        return jnp.transpose(y, perm)
-      return self._dot_general(lhs, rhs, dimension_numbers, precision,
-                               preferred_element_type)
+      return _product(
+          lambda l, r, dims, cfg: self._dot_general(
+              l, r, dims, cfg, precision, preferred_element_type),
+          lhs, rhs, dimension_numbers, self.config, self.fit_block, self.name,
+          precision, preferred_element_type)
 
-  def _dot_general(self, lhs, rhs, dimension_numbers, precision,
+  def _dot_general(self, lhs, rhs, dimension_numbers, cfg, precision,
                    preferred_element_type):
-    cfg = self.config
     ops = flatten_dot_general(lhs, rhs, dimension_numbers)
     key = self.quant_rngs() if self.quant_rngs is not None else data_key(
         lhs, rhs, self.name)

@@ -1,22 +1,31 @@
 """`int4ify`: turn the linear layers of an existing model into INT4 layers.
 
+What converts, in Linen and NNX alike (subclasses included):
+
+  Dense / Linear          -> `Int4Dense`'s body / an `Int4Linear`
+  DenseGeneral / LinearGeneral, nnx.Einsum
+                          -> the INT4 product hook (`Int4DotGeneral`,
+                             `Int4NnxDotGeneral`) as the layer's product
+  Linen nn.Einsum         -> its body with an INT4 product (`jint4.nn.einsum`)
+  Conv as patch embedding -> a linear layer on patches (`jint4.nn.patch_conv`)
+  (kernel_size == strides, VALID; other convs stay float, with a warning)
+  Embed                   -> LSQ on its output, with ``embedding_lsq``
+                             (`jint4.nn.embed`); ``attend`` stays float
+  attention's Q K^T, P V  -> INT4 products, with ``attention_products``
+                             (`jint4.nn.attention`)
+
 Linen: the model's code is not touched. `int4ify` returns an `Int4Model`
-that runs the model under a Flax method interceptor: every `nn.Dense.__call__`
-(subclasses included) whose module path is not kept in float runs
-`Int4Dense`'s body in that Dense's own scope, so the variables keep their
-paths and names (``kernel``, ``bias``) and only gain the quantizer state
-(``step_size_x``, ``step_size_w``, ...).
+that runs the model under a Flax method interceptor, which runs each
+converted layer's INT4 body in the layer's own scope (or sets its product
+hook for the call), so the variables keep their paths and names
+(``kernel``, ``bias``, ``embedding``) and only gain the quantizer state
+(``step_size_x``, ``step_size_w``, ...; a hooked layer's sit in its
+``Int4DotGeneral_0`` submodule).
 
-``nn.DenseGeneral`` (attention's projections, e.g. in
-``nn.MultiHeadDotProductAttention``) runs with the INT4 product hook
-`Int4DotGeneral` as its ``dot_general_cls``: its params are unchanged and the
-step sizes sit in its ``Int4DotGeneral_0`` submodule.
-
-NNX: the model is a mutable object graph, so `int4ify` replaces its
-`nnx.Linear` submodules (subclasses included) in place by `Int4Linear`s
-holding the same kernel and bias, gives ``nnx.LinearGeneral`` and
-``nnx.Einsum`` layers (``nnx.MultiHeadAttention``'s projections) the INT4
-hook `Int4NnxDotGeneral` as their product, and returns the model.
+NNX: the model is a mutable object graph, so `int4ify` changes it in place:
+converted layers are replaced by INT4 modules holding the same `nnx.Param`
+objects, hooked layers get the hook as their product, and it returns the
+model.
 
 ``keep`` selects layers to keep in float: a regular expression searched in
 the layer's path ("/"-joined: ``"Decoder_0/lm_head"`` in Linen, attribute
@@ -25,16 +34,16 @@ classifier / LM head in float: ``int4ify(model, keep=r"lm_head|classifier")``.
 
 Per layer: a contraction dim that the configured Hadamard block does not
 divide (784, 48, ...: typical first layers) gets the largest power-of-two
-block that divides it, down to `MIN_HADAMARD_BLOCK`; with none that large
-(an odd dim, say) the layer stays in float. Nothing is left in float
-silently: `int4ify_report(model)` lists every layer that holds a kernel,
-converted or kept and why (`jint4.nn.report`), and layer types that hold a
-kernel but are not converted warn once per type.
+block that divides it, down to `jint4.config.MIN_HADAMARD_BLOCK`; with none
+that large (an odd dim, say) the layer stays in float. Nothing is left in
+float silently: `int4ify_report(model)` lists every layer that holds a
+kernel or an embedding and every attention's products, converted or kept
+and why (`jint4.nn.report`), and layer types that hold a kernel but are not
+converted warn once per type.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import warnings
@@ -47,19 +56,29 @@ import numpy as np
 from flax import nnx
 
 from jint4.config import Int4Config
+from jint4.config import fit_hadamard_block
 from jint4.nn import linen as linen_lib
+from jint4.nn.attention import PV
+from jint4.nn.attention import QK
+from jint4.nn.attention import Int4NnxAttention
+from jint4.nn.attention import product_shape
+from jint4.nn.attention import takes_einsum_hooks
 from jint4.nn.dot_general import Int4DotGeneral
 from jint4.nn.dot_general import Int4NnxDotGeneral
+from jint4.nn.dot_general import einsum_dimension_numbers
+from jint4.nn.einsum import einsum_contraction
+from jint4.nn.einsum import int4_einsum
+from jint4.nn.embed import LsqEmbed
+from jint4.nn.embed import lsq_embed_output
 from jint4.nn.nnx import Int4Linear
+from jint4.nn.patch_conv import Int4PatchConv
+from jint4.nn.patch_conv import int4_patch_conv
+from jint4.nn.patch_conv import patch_contraction
+from jint4.nn.patch_conv import patch_conv_why
 from jint4.nn.report import LayerReport
 from jint4.nn.report import format_table
 
 Keep = Union[None, str, Callable[[str], bool]]
-
-# The smallest Hadamard block a converted layer may fall back to: below it the
-# transform no longer spreads outliers, and such narrow layers (the first
-# layer of a small image model, say) cost little in float.
-MIN_HADAMARD_BLOCK = 4
 
 # NNX models' reports, kept beside the model (NNX modules are changed in place).
 _NNX_REPORTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -120,17 +139,8 @@ def int4ify_report(model: Any) -> List[LayerReport]:
 
 def hadamard_block_for(d: int, config: Int4Config) -> Tuple[Optional[Int4Config], str]:
   """The config a layer with contraction dim ``d`` runs, or (None, why) when
-  it stays in float: the configured block if it divides ``d``, else the
-  largest power of two that divides ``d``, if >= `MIN_HADAMARD_BLOCK`."""
-  block = config.hadamard_block
-  if not config.uses_hadamard or block == "auto" or d % block == 0:
-    return config, ""
-  fit = d & -d  # the largest power of two dividing d
-  if fit < MIN_HADAMARD_BLOCK:
-    return None, (f"no Hadamard block >= {MIN_HADAMARD_BLOCK} divides the"
-                  f" contraction dim {d}")
-  return dataclasses.replace(config, hadamard_block=min(fit, block)), (
-      f"block {min(fit, block)}: {block} does not divide {d}")
+  it stays in float (`jint4.config.fit_hadamard_block`)."""
+  return fit_hadamard_block(config, d)
 
 
 def _keep_fn(keep: Keep) -> Callable[[str], bool]:
@@ -150,6 +160,13 @@ def _block_of(config: Optional[Int4Config]) -> Optional[int]:
   if not config.uses_hadamard:
     return 1
   return None if config.hadamard_block == "auto" else config.hadamard_block
+
+
+_PRODUCT_NAMES = {QK: "attention Q K^T", PV: "attention P V"}
+
+
+def _is_int4_hook(cls) -> bool:
+  return isinstance(cls, functools.partial) and cls.func is Int4DotGeneral
 
 
 def _warn_unsupported(layer: str, path: str) -> None:
@@ -187,26 +204,37 @@ class Int4Model:
 
   def _intercept(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
     path = "/".join(map(str, module.path))
     layer = type(module).__name__
-    if isinstance(module, linen_lib.Int4Dense):
-      out = next_fun(*args, **kwargs)
-      self._record(LayerReport(
-          path=path, layer=layer, shape=(jax.numpy.shape(args[0])[-1], module.features),
-          converted=True, block=_block_of(module.config), why="INT4 already"))
-      return out
-    if isinstance(module, nn.DenseGeneral):
-      return self._dense_general(module, path, layer, next_fun, args, kwargs)
-    if not isinstance(module, nn.Dense):
-      out = next_fun(*args, **kwargs)
-      if module.has_variable("params", "kernel"):
-        shape = tuple(module.get_variable("params", "kernel").shape)
-        self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
-                                 why="not converted: jint4 does not convert this"
-                                     " layer type"))
-      return out
+    if isinstance(module, nn.Embed):
+      return self._embed(module, context.method_name, path, next_fun, args, kwargs)
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    for cls, handler in ((linen_lib.Int4Dense, self._int4_dense),
+                         (Int4DotGeneral, self._product_hook),
+                         (nn.MultiHeadDotProductAttention, self._attention),
+                         (nn.DenseGeneral, self._dense_general),
+                         (nn.Einsum, self._einsum),
+                         (nn.Conv, self._conv),
+                         (nn.Dense, self._dense)):
+      if isinstance(module, cls):
+        return handler(module, path, layer, next_fun, args, kwargs)
+    out = next_fun(*args, **kwargs)
+    if module.has_variable("params", "kernel"):
+      shape = tuple(module.get_variable("params", "kernel").shape)
+      self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
+                               why="not converted: jint4 does not convert this"
+                                   " layer type"))
+    return out
+
+  def _int4_dense(self, module, path, layer, next_fun, args, kwargs):
+    out = next_fun(*args, **kwargs)
+    self._record(LayerReport(
+        path=path, layer=layer, shape=(jax.numpy.shape(args[0])[-1], module.features),
+        converted=True, block=_block_of(module.config), why="INT4 already"))
+    return out
+
+  def _dense(self, module, path, layer, next_fun, args, kwargs):
     (inputs,) = args
     d = jax.numpy.shape(inputs)[-1]
     config = self._decide(module, path, layer, (d, module.features), d)
@@ -217,6 +245,115 @@ class Int4Model:
         dtype=module.dtype, param_dtype=module.param_dtype,
         kernel_init=module.kernel_init, bias_init=module.bias_init,
         config=config, rng_collection=self.rng_collection)
+
+  def _einsum(self, module, path, layer, next_fun, args, kwargs):
+    """``nn.Einsum`` runs `jint4.nn.einsum.int4_einsum` in its scope."""
+    inputs = args[0]
+    einsum_str = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    equation = (einsum_str or module.einsum_str or "").replace(" ", "")
+    try:
+      kernel = jax.ShapeDtypeStruct(tuple(module.shape), jax.numpy.float32)
+      einsum_dimension_numbers(equation, inputs, kernel)
+    except ValueError as e:  # Flax's own call reports a malformed equation
+      self._record(LayerReport(path=path, layer=layer, shape=tuple(module.shape),
+                               converted=False, why=f"not converted: {e}"))
+      return next_fun(*args, **kwargs)
+    config = self._decide(module, path, layer, tuple(module.shape),
+                          einsum_contraction(equation, module.shape))
+    if config is None:
+      return next_fun(*args, **kwargs)
+    return int4_einsum(module, inputs, einsum_str, config=config,
+                       rng_collection=self.rng_collection)
+
+  def _conv(self, module, path, layer, next_fun, args, kwargs):
+    """A patch embedding (kernel_size == strides, VALID) is a linear layer
+    on patches (`jint4.nn.patch_conv`); other convs stay float."""
+    inputs = args[0] if args else kwargs["inputs"]
+    why = patch_conv_why(module)
+    if why:
+      out = next_fun(*args, **kwargs)
+      self._record(LayerReport(
+          path=path, layer=layer,
+          shape=tuple(module.get_variable("params", "kernel").shape),
+          converted=False, why=why))
+      return out
+    k = patch_contraction(module.kernel_size, jax.numpy.shape(inputs)[-1])
+    config = self._decide(module, path, layer, (k, module.features), k)
+    if config is None:
+      return next_fun(*args, **kwargs)
+    return int4_patch_conv(module, inputs, config=config,
+                           rng_collection=self.rng_collection)
+
+  def _embed(self, module, method, path, next_fun, args, kwargs):
+    """Embedding outputs get LSQ with ``embedding_lsq`` (the paper's recipe);
+    ``attend`` (a tied output head) stays float, as the paper keeps the head."""
+    shape = (module.num_embeddings, module.features)
+    if method == "attend":
+      self._record(LayerReport(path=f"{path}.attend", layer="Embed.attend",
+                               shape=shape[::-1], converted=False,
+                               why="tied output head: float, as the paper keeps"
+                                   " the head"))
+      return next_fun(*args, **kwargs)
+    if method != "__call__":
+      return next_fun(*args, **kwargs)
+    why = ("kept by keep=" if self.keep(path) else "" if self.config.embedding_lsq
+           else "output in float (Int4Config(embedding_lsq=True) quantizes it)")
+    self._record(LayerReport(path=path, layer=type(module).__name__, shape=shape,
+                             converted=not why,
+                             why=why or "LSQ on the output (no matmul)"))
+    out = next_fun(*args, **kwargs)
+    return out if why else lsq_embed_output(module, out, config=self.config)
+
+  def _attention(self, module, path, layer, next_fun, args, kwargs):
+    """With ``attention_products``, Q K^T and P V run as INT4 products: the
+    hooks ``qk_product`` / ``pv_product`` (`Int4DotGeneral`, block fitted per
+    call) are set for this call; their rows are recorded when they run."""
+    if _is_int4_hook(module.qk_attn_weights_einsum_cls):
+      return next_fun(*args, **kwargs)  # a subclass's call of its parent's
+    inputs_q = args[0] if args else kwargs["inputs_q"]
+    features = module.qkv_features or jax.numpy.shape(inputs_q)[-1]
+    why = ""
+    if not self.config.attention_products:
+      why = ("float: Int4Config.attention_products is off (the paper keeps"
+             " attention's products float)")
+    elif not takes_einsum_hooks(module.attention_fn):
+      why = "custom attention_fn without einsum hooks (kept as given)"
+    elif (module.qk_attn_weights_einsum_cls is not None
+          or module.attn_weights_value_einsum_cls is not None):
+      why = "custom attention einsums (kept as given)"
+    elif module.precision is not None:
+      why = "precision= is set (Flax takes no einsum hooks with it)"
+    kept = {name: why or ("kept by keep=" if self.keep(f"{path}/{name}") else "")
+            for name in (QK, PV)}
+    for name, reason in kept.items():
+      if reason:
+        self._record(LayerReport(
+            path=f"{path}/{name}", layer=_PRODUCT_NAMES[name],
+            shape=(module.num_heads, features // module.num_heads),
+            converted=False, why=reason))
+    if all(kept.values()):
+      return next_fun(*args, **kwargs)
+    hooks = {name: (lambda: jax.numpy.einsum) if kept[name] else functools.partial(
+        Int4DotGeneral, config=self.config, rng_collection=self.rng_collection,
+        fit_block=True, name=name) for name in (QK, PV)}
+    object.__setattr__(module, "qk_attn_weights_einsum_cls", hooks[QK])
+    object.__setattr__(module, "attn_weights_value_einsum_cls", hooks[PV])
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(module, "qk_attn_weights_einsum_cls", None)
+      object.__setattr__(module, "attn_weights_value_einsum_cls", None)
+
+  def _product_hook(self, module, path, layer, next_fun, args, kwargs):
+    """Records the row of an attention product hook set by `_attention`."""
+    if module.fit_block and module.name in _PRODUCT_NAMES and isinstance(args[0], str):
+      k, n = product_shape(*args[:3])
+      config, why = fit_hadamard_block(module.config, k)
+      self._record(LayerReport(path=path, layer=_PRODUCT_NAMES[module.name],
+                               shape=(k, n), converted=config is not None,
+                               block=_block_of(config),
+                               why=why or "INT4 product"))
+    return next_fun(*args, **kwargs)
 
   def _dense_general(self, module, path, layer, next_fun, args, kwargs):
     """`nn.DenseGeneral` (attention's projections) runs with the INT4 hook
@@ -310,6 +447,18 @@ def _replace_nnx_linears(node: Any, config: Int4Config, keep, path,
         setter(name, _linear_to_int4(child, layer_config, joined))
     elif isinstance(child, (nnx.LinearGeneral, nnx.Einsum)):
       rows.append(_nnx_hooked_row(child, config, keep, joined))
+    elif isinstance(child, nnx.Conv):
+      row, layer_config = _nnx_conv_row(child, config, keep, joined)
+      rows.append(row)
+      if layer_config is not None:
+        setter(name, Int4PatchConv(child, config=layer_config, name=joined))
+    elif isinstance(child, nnx.Embed):
+      rows.append(_nnx_embed_row(child, config, keep, joined))
+      if rows[-1].converted:
+        setter(name, LsqEmbed(child, config=config, name=joined))
+    elif isinstance(child, nnx.MultiHeadAttention):
+      rows.append(_nnx_attention_row(child, config, keep, joined))
+      _replace_nnx_linears(child, config, keep, child_path, rows)
     elif isinstance(child, Int4Linear):
       rows.append(LayerReport(path=joined, layer="Int4Linear",
                               shape=tuple(child.kernel[...].shape), converted=True,
@@ -340,6 +489,53 @@ def _nnx_linear_row(linear, config, keep, path):
     return kept(why)
   return LayerReport(path=path, layer=type(linear).__name__, shape=shape, converted=True,
                      block=_block_of(layer_config), why=why), layer_config
+
+
+def _nnx_conv_row(conv, config, keep, path):
+  """(row, the layer's config or None): a patch-embedding conv becomes an
+  `Int4PatchConv` holding the same kernel and bias."""
+  shape = tuple(conv.kernel[...].shape)
+  row = functools.partial(LayerReport, path=path, layer=type(conv).__name__,
+                          shape=shape)
+  why = patch_conv_why(conv)
+  if why:
+    _warn_unsupported(f"{type(conv).__name__} (not a patch embedding)", path)
+    return row(converted=False, why=why), None
+  if keep(path):
+    return row(converted=False, why="kept by keep="), None
+  layer_config, why = hadamard_block_for(
+      patch_contraction(conv.kernel_size, conv.in_features), config)
+  if layer_config is None:
+    return row(converted=False, why=why), None
+  return row(converted=True, block=_block_of(layer_config), why=why), layer_config
+
+
+def _nnx_embed_row(embed, config, keep, path) -> LayerReport:
+  why = ("kept by keep=" if keep(path) else "" if config.embedding_lsq
+         else "output in float (Int4Config(embedding_lsq=True) quantizes it)")
+  return LayerReport(path=path, layer=type(embed).__name__,
+                     shape=(embed.num_embeddings, embed.features),
+                     converted=not why,
+                     why=why or "LSQ on the output; attend (a tied head) stays float")
+
+
+def _nnx_attention_row(attention, config, keep, path) -> LayerReport:
+  """Q K^T and P V of an ``nnx.MultiHeadAttention``: with
+  ``attention_products``, its ``attention_fn`` becomes an `Int4NnxAttention`."""
+  fn_path = f"{path}/attention_fn"
+  row = functools.partial(LayerReport, path=fn_path, layer="attention Q K^T, P V",
+                          shape=(attention.num_heads, attention.head_dim))
+  if not config.attention_products:
+    return row(converted=False,
+               why=("float: Int4Config.attention_products is off (the paper"
+                    " keeps attention's products float)"))
+  if keep(fn_path):
+    return row(converted=False, why="kept by keep=")
+  if attention.attention_fn is not nnx.dot_product_attention:
+    return row(converted=False, why="custom attention_fn (kept as given)")
+  attention.attention_fn = _nnx_data(Int4NnxAttention(config, name=fn_path))
+  return row(converted=True, block=_block_of(config),
+             why="block fitted per call to head_dim and to the key length")
 
 
 def _nnx_hooked_row(layer, config, keep, path) -> LayerReport:

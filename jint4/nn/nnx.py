@@ -149,7 +149,9 @@ def lazy_step_sizes(layer: nnx.Module, inputs: jax.Array, kernel: jax.Array,
   init = init_step_sizes(inputs, kernel, config)
   ready = flag > 0
   # The init value now, with the gradient passed on to the parameter.
-  steps = tuple(jnp.where(ready, p, i + (p - jax.lax.stop_gradient(p)))
+  # (The init rule is data, not a function to differentiate through.)
+  steps = tuple(jnp.where(ready, p,
+                          jax.lax.stop_gradient(i) + (p - jax.lax.stop_gradient(p)))
                 for p, i in zip(params[:2], init[:2]))
   log2 = jnp.where(ready, params[2], init.log2_block)
   layer.step_size_x[...] = jnp.where(ready, params[0], init.step_x)

@@ -1,10 +1,12 @@
 """What `int4ify` did to each linear-like layer of a model, as a table.
 
-Every layer that holds a ``kernel`` gets a row: its path, type, shape, whether
-it computes in INT4 and, when it does not, why (kept by ``keep``, no usable
-Hadamard block for its contraction dim, a custom ``dot_general``, a layer type
-jint4 does not convert); for converted layers the Hadamard block it uses. A
-layer is never left in float without a row saying so.
+Every layer that holds a ``kernel`` or an ``embedding``, and each of
+attention's two products (Q K^T, P V), gets a row: its path, type, shape,
+whether it computes in INT4 and, when it does not, why (kept by ``keep``, no
+usable Hadamard block for its contraction dim, a custom ``dot_general``, a
+layer type jint4 does not convert, an option that is off); for converted
+layers the Hadamard block it uses (1: no Hadamard transform). A layer is
+never left in float without a row saying so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ class LayerReport:
   """One row: ``converted`` layers run INT4 with ``block``; others say ``why``."""
   path: str
   layer: str                    # the layer's type name, e.g. "Dense"
-  shape: Tuple[int, ...]        # the kernel's shape
+  shape: Tuple[int, ...]        # the kernel's shape (products: contraction, free)
   converted: bool
   block: Optional[int] = None   # the Hadamard block (None: not converted or "auto")
   why: str = ""

@@ -70,8 +70,8 @@ def test_linen_params_are_the_float_layers_plus_step_sizes(name):
 
 def test_linen_einsum_takes_no_hook():
   """Linen's nn.Einsum (this Flax) calls jnp.einsum itself and has neither
-  dot_general nor dot_general_cls, so the hook cannot go in; use
-  nn.DenseGeneral (or NNX's nnx.Einsum, which takes an einsum_op)."""
+  dot_general nor dot_general_cls, so the hook cannot go in: int4ify runs
+  its body with an INT4 product instead (tests/nn/test_einsum.py)."""
   fields = nn.Einsum.__dataclass_fields__
   assert "dot_general_cls" not in fields and "dot_general" not in fields
   with pytest.raises(TypeError):

@@ -164,8 +164,9 @@ def test_report_lists_every_layer_with_why(capsys):
   jax.eval_shape(model.init, jax.random.key(1), tokens)
   rows = _rows(model)
   printed = capsys.readouterr().out
-  assert "12 of 13 linear-like layers in INT4" in printed
-  assert len(rows) == 13
+  assert "12 of 14 linear-like layers in INT4" in printed
+  assert len(rows) == 14  # 12 Dense, the LM head, the embedding
+  assert not rows["Embed_0"].converted and "embedding_lsq" in rows["Embed_0"].why
   assert rows["lm_head"].converted is False and "keep" in rows["lm_head"].why
   block = rows["Block_0/query"]
   assert block.converted and block.block == 32 and block.shape == (DIM, DIM)
@@ -219,7 +220,7 @@ def test_unknown_layers_warn_and_custom_dot_general_is_kept():
   with pytest.warns(RuntimeWarning, match="Conv layers .* not converted"):
     jax.eval_shape(model.init, jax.random.key(0), x)
   rows = _rows(model)
-  assert not rows["conv"].converted and "layer type" in rows["conv"].why
+  assert not rows["conv"].converted and "not a patch embedding" in rows["conv"].why
   assert not rows["custom"].converted and "dot_general" in rows["custom"].why
   assert rows["sub"].converted and rows["sub"].layer == "MyDense"
 
