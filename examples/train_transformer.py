@@ -1,8 +1,9 @@
 """Quick start: train a small GPT with INT4 matmuls, next to its float twin.
 
-The model below is ordinary Flax Linen code: every linear layer is a plain
-`nn.Dense`. `jint4.int4ify` turns it into an INT4-training model without
-touching that code: its Dense layers compute their forward and backward
+The model below is ordinary Flax Linen code: `nn.Dense` MLPs and Flax's own
+`nn.MultiHeadDotProductAttention`. `jint4.int4ify` turns it into an
+INT4-training model without touching that code: its Dense layers and
+attention's projections compute their forward and backward
 matmuls in 4-bit integers (Hadamard quantizer + LSQ step sizes forward, bit
 splitting backward, with leverage score sampling on GPUs with INT4 tensor
 cores: ``backward="auto"``; Xi et al. 2023). As in the paper, the LM head is
@@ -87,26 +88,17 @@ def make_batches(data: np.ndarray, batch: int, seq_len: int, seed: int = 0
 
 
 # ----------------------------------------------------------------------------
-# Model: a small decoder-only Transformer, with plain nn.Dense everywhere.
+# Model: a small decoder-only Transformer, with Flax's own layers.
 # ----------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
+  """Flax's own multi-head attention, each token seeing tokens <= itself."""
   num_heads: int
 
   @nn.compact
   def __call__(self, x):
-    b, t, d = x.shape
-    head_dim = d // self.num_heads
-    split = lambda y: y.reshape(b, t, self.num_heads, head_dim)
-    q = split(nn.Dense(d, name="query")(x))
-    k = split(nn.Dense(d, name="key")(x))
-    v = split(nn.Dense(d, name="value")(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # token i sees tokens <= i
-    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-    return nn.Dense(d, name="out")(out)
+    causal = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    return nn.MultiHeadDotProductAttention(self.num_heads, name="mha")(x, mask=causal)
 
 
 class MLP(nn.Module):
@@ -217,6 +209,9 @@ def parse_args(argv=None):
   p.add_argument("--backward", default="auto",
                  choices=jint4.config.BACKWARD_MODES,
                  help="jint4 gradient quantizer")
+  p.add_argument("--attention-products", action="store_true",
+                 help="also run attention's Q K^T and P V in INT4 (the paper"
+                      " keeps them float)")
   p.add_argument("--log-every", type=int, default=0,
                  help="print losses every N steps; 0: steps / 10")
   p.add_argument("--eval-batches", type=int, default=8,
@@ -243,8 +238,10 @@ def main(argv=None) -> int:
   # and keeps the LM head in float, as the paper does.
   model = GPT(d_model=args.d_model, num_layers=args.layers,
               num_heads=args.heads, max_len=args.seq_len)
-  config = jint4.Int4Config(forward=args.forward, backward=args.backward)
-  int4_model = jint4.int4ify(model, config, keep=r"lm_head")
+  config = jint4.Int4Config(forward=args.forward, backward=args.backward,
+                            attention_products=args.attention_products)
+  # report=True prints, at init, every layer: converted to INT4 or kept, and why.
+  int4_model = jint4.int4ify(model, config, keep=r"lm_head", report=True)
 
   # Same init key -> same initial weights. The INT4 model's Dense layers also
   # get step_size_x / step_size_w, initialised from this first batch.
@@ -253,7 +250,7 @@ def main(argv=None) -> int:
                                          args.seed))[0])
   runs = {}
   for name, m in (("float32", model), ("int4", int4_model)):
-    params = m.init(init_key, sample)["params"]
+    params = jax.jit(m.init)(init_key, sample)["params"]
     tx = make_optimizer(args.lr, args.steps)
     train_step, eval_loss = make_steps(m, tx)
     runs[name] = dict(params=params, opt_state=tx.init(params),
