@@ -62,7 +62,9 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from jint4 import partition
 from jint4.config import Int4Config
 from jint4.kernels import contract
 from jint4.kernels.engine import Engine
@@ -101,31 +103,66 @@ def int4_matmul(x: jax.Array, kernel: jax.Array, step_x: jax.Array,
     [..., C] in the promoted dtype of x and kernel.
   """
   _check_inputs(x, kernel, step_x, step_w, key, config, hadamard_log2_block)
-  out_dtype = jnp.result_type(x.dtype, kernel.dtype)
   d, c = kernel.shape
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, d)
+  y = _matmul3(x.reshape(1, -1, d), kernel[None], step_x, step_w, key,
+               config=config, bias=bias, log2=hadamard_log2_block, batched=False)
+  return y.reshape(*lead, c)
+
+
+def _matmul3(x3, kernel3, step_x, step_w, key, *, config, bias, log2, batched):
+  """y[b] = x3[b] @ kernel3[b] for x3 [B, N, D], kernel3 [B, D, C], as one op
+  (`jint4.partition`: one partitioning rule for the forward, one for the
+  backward); ``batched``: independent randomness per b (the key folded with
+  b), else B == 1 and the key is used as given."""
+  out_dtype = jnp.result_type(x3.dtype, kernel3.dtype)
+  _, n, d = x3.shape
+  c = kernel3.shape[2]
   if config.uses_hadamard and config.hadamard_block == "auto":
-    block, log2 = None, jnp.asarray(hadamard_log2_block, jnp.int32)
+    block, log2 = None, jnp.asarray(log2, jnp.int32)
   else:
     block = config.hadamard_block if config.uses_hadamard else 1
     log2 = jnp.zeros((), jnp.int32)
   if bias is not None and bias.shape != (c,):
     raise ValueError(f"bias must have shape ({c},); got {bias.shape}.")
-  if x2.shape[0] == 0 or c == 0:
+  if n == 0 or c == 0:
     # No tokens (or no outputs): nothing to quantize, and every gradient is
     # an empty sum. The float product has the right shapes and zero
     # gradients, as nn.Dense gives.
-    y = jnp.matmul(x2, kernel, preferred_element_type=jnp.float32)
+    y = jnp.einsum("bnd,bdc->bnc", x3, kernel3, preferred_element_type=jnp.float32)
     if bias is not None:
       y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype).reshape(*lead, c)
-  static = _Static(config=config, block=block, x_dtype=np.dtype(x.dtype),
+    return y.astype(out_dtype)
+  if batched:  # the batch index folded into the key
+    key = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(x3.shape[0]))
+  else:
+    key = jax.tree.map(lambda k: k[None], key)
+  key_data, key_impl = _key_data(key)
+  static = _Static(config=config, block=block, x_dtype=np.dtype(x3.dtype),
                    out_dtype=np.dtype(out_dtype),
-                   bias_dtype=None if bias is None else np.dtype(bias.dtype))
-  y = _int4_matmul_2d(x2, kernel, bias, jnp.asarray(step_x),
-                      jnp.asarray(step_w), key, log2, static)
-  return y.reshape(*lead, c)
+                   bias_dtype=None if bias is None else np.dtype(bias.dtype),
+                   key_impl=key_impl, flat_residual=d % 8 != 0,
+                   name=partition.layer_name())
+  if bias is None:
+    bias = jnp.zeros((c,), jnp.float32)
+  return _int4_matmul_3d(x3, kernel3, bias, jnp.asarray(step_x),
+                         jnp.asarray(step_w), key_data, log2, static)
+
+
+def _key_data(key):
+  """(raw key data, the keys' implementation name or None for raw keys):
+  what the partitioned op carries across its boundary, one key per batch
+  element."""
+  key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key), str(jax.random.key_impl(key))
+  return key, None
+
+
+def _wrap_key(key_data, static):
+  if static.key_impl is None:
+    return key_data
+  return jax.random.wrap_key_data(key_data, impl=static.key_impl)
 
 
 def int4_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
@@ -195,12 +232,12 @@ def int4_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
           f"bias must have the shape of rhs's free dims {ops.rhs_free_shape};"
           f" got {bias.shape}.")
     bias = bias.reshape(-1)
-  matmul = functools.partial(int4_matmul, config=config, bias=bias,
-                             hadamard_log2_block=hadamard_log2_block)
   if not ops.batched:
-    y = matmul(ops.x, ops.w, step_lhs, step_rhs, key)
+    y = int4_matmul(ops.x, ops.w, step_lhs, step_rhs, key, config=config,
+                    bias=bias, hadamard_log2_block=hadamard_log2_block)
   else:
-    y = _batched_int4_matmul(matmul, ops, step_lhs, step_rhs, key)
+    y = _batched_int4_matmul(ops, step_lhs, step_rhs, key, config=config,
+                             bias=bias, log2=hadamard_log2_block)
   y = y.reshape(ops.out_shape)
   if preferred_element_type is not None:
     y = y.astype(preferred_element_type)
@@ -306,22 +343,22 @@ def _dimension_numbers(dimension_numbers, lhs_ndim, rhs_ndim):
           norm(lb, lhs_ndim, "lhs"), norm(rb, rhs_ndim, "rhs"))
 
 
-def _batched_int4_matmul(matmul, ops, step_x, step_w, key):
-  """One `int4_matmul` per batch element (vmapped): one step pair shared by
+def _batched_int4_matmul(ops, step_x, step_w, key, *, config, bias, log2):
+  """One INT4 product per batch element, as one op: one step pair shared by
   all elements, the batch index folded into the key, and the step gradients
-  summed over the elements (vmap's rule for unbatched custom_vjp inputs)
-  times 1 / sqrt(B), which makes them LSQ's gradient over the whole tensor."""
+  summed over the elements times 1 / sqrt(B), which makes them LSQ's
+  gradient over the whole tensor."""
   b = ops.x.shape[0]
   if b == 0:
     # No batch elements: the float product has the right (empty) shapes.
     out_dtype = jnp.result_type(ops.x.dtype, ops.w.dtype)
     return jnp.zeros((0, ops.x.shape[1], ops.w.shape[2]), out_dtype)
+  _check_inputs(ops.x[0], ops.w[0], step_x, step_w, key, config, log2)
   scale = 1.0 / float(np.sqrt(b))
   step_x = _scale_gradient(jnp.asarray(step_x), scale)
   step_w = _scale_gradient(jnp.asarray(step_w), scale)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
-  return jax.vmap(lambda x, w, k: matmul(x, w, step_x, step_w, k))(
-      ops.x, ops.w, keys)
+  return _matmul3(ops.x, ops.w, step_x, step_w, key, config=config, bias=bias,
+                  log2=log2, batched=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -347,40 +384,87 @@ class _Static:
   block: Optional[int]  # None: the traced log2 block is used
   x_dtype: np.dtype
   out_dtype: np.dtype
-  bias_dtype: Optional[np.dtype]  # None: no bias
+  bias_dtype: Optional[np.dtype]  # None: no bias (a zero bias is passed)
+  key_impl: Optional[str] = None  # the key's PRNG implementation (None: raw)
+  name: str = "int4_matmul"       # the layer, for errors raised when partitioned
+  flat_residual: bool = False     # D % 8 != 0: the residual cannot split by rows
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _int4_matmul_2d(x2, kernel, bias, sx, sw, key, log2, static):
-  return _forward(x2, kernel, bias, sx, sw, key, log2, static)[0]
+def _int4_matmul_3d(x3, kernel3, bias, sx, sw, key_data, log2, static):
+  return _forward(x3, kernel3, bias, sx, sw, key_data, log2, static)[0]
 
 
 def _block(static, log2):
   return static.block if static.block is not None else log2
 
 
-def _forward(x2, kernel, bias, sx, sw, key, log2, static):
+def _forward(x3, kernel3, bias, sx, sw, key_data, log2, static):
   cfg = static.config
   if not cfg.quantizes_forward:
-    y = jnp.matmul(x2, kernel, precision=_HIGHEST,
+    y = jnp.einsum("bnd,bdc->bnc", x3, kernel3, precision=_HIGHEST,
                    preferred_element_type=jnp.float32)
-    if bias is not None:
-      y = y + bias.astype(jnp.float32)
-    return y.astype(static.out_dtype), (x2, kernel, sx, sw, key, log2)
-  y, res_x, qwt = run_per_platform(
-      cfg.engine, functools.partial(_quantized_forward, static=static),
-      x2, kernel, bias, sx, sw, key, log2)
-  return y, (res_x, qwt, kernel, sx, sw, key, log2)
+    y = y + bias.astype(jnp.float32)
+    return y.astype(static.out_dtype), (x3, kernel3, sx, sw)
+  spec = partition.OpSpec(shard_fn=_forward_shard, layout_fn=_forward_layout,
+                          shardings_fn=_forward_shardings, static=static,
+                          block=static.block)
+  y, nibbles, flags, norms, qwt = _FORWARD[static.flat_residual](
+      spec, x3, kernel3, bias, sx, sw, key_data, log2)
+  return y, (nibbles, flags, norms, qwt, kernel3, sx, sw, key_data, log2)
+
+
+def _forward_shard(spec, comm, x3, kernel3, bias, sx, sw, key_data, log2):
+  """The forward on one shard: x3 [B, N, D] and kernel3 [B, D, C] local."""
+  static = spec.static
+  fn = functools.partial(_quantized_forward, static=static, comm=comm)
+
+  def one(x2, kernel, key):
+    return run_per_platform(static.config.engine, fn, x2, kernel, bias, sx, sw,
+                            key, log2)
+
+  keys = _wrap_key(key_data, static)
+  y, res, qwt = _per_element(one, x3, kernel3, keys)
+  nibbles, flags = _residual_grid(res, x3.shape, static)
+  return y, nibbles, flags, res.norms, qwt
+
+
+def _per_element(fn, a3, b3, keys):
+  """``fn(a, b, key)`` per batch element (leading dim) of a3, b3, keys."""
+  if jax.tree.leaves(a3)[0].shape[0] == 1:  # one element: no vmap around the op
+    first = lambda tree: jax.tree.map(lambda t: t[0], tree)
+    return jax.tree.map(lambda t: t[None], fn(first(a3), first(b3), first(keys)))
+  return jax.vmap(fn)(a3, b3, keys)
+
+
+def _residual_grid(res, x_shape, static):
+  """The residual's packed bytes laid out by rows ([B, N, D/2] and
+  [planes, B, N, D/8]), so that they shard like x; [B, N*D/2] and
+  [planes, B, N*D/8] when D % 8 != 0 (rows then share bytes)."""
+  b, n, d = x_shape
+  if static.flat_residual:
+    return res.nibbles, jnp.moveaxis(res.flags, 1, 0)
+  return (res.nibbles.reshape(b, n, d // 2),
+          jnp.moveaxis(res.flags, 1, 0).reshape(-1, b, n, d // 8))
+
+
+def _residual_of(nibbles, flags, norms, i):
+  """Batch element ``i``'s `contract.Residual` from the grid form."""
+  return contract.Residual(nibbles[i].reshape(-1),
+                           flags[:, i].reshape(flags.shape[0], -1), norms[i])
 
 
 def _quantized_forward(eng: Engine, x2, kernel, bias, sx, sw, key, log2, *,
-                       static):
+                       static, comm):
   cfg = static.config
-  seeds = contract.seeds_from_key(key, _NUM_SEEDS)
+  lay = comm.layout
+  seeds = contract.seeds_from_key(comm.key_for(key, "n", "d"), _NUM_SEEDS)
   block = _block(static, log2)
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
   qx, res_x = eng.hadamard_quantize(x2, sx32, block=block, qn=cfg.qn,
                                     qp=cfg.qp, seed=seeds[_SEED_RESIDUAL])
+  # A row's norm (and its NaN flag) over the whole contraction dim.
+  res_x = res_x._replace(norms=comm.row_norms(res_x.norms, "d"))
   # kernel[D, C] -> q_w[C, D] (this GEMM's operand) and q_w^T[D, C] (the dX
   # GEMM's), Hb along D, both K-major, in one pass; q_w^T is kept for the
   # backward (1 byte per weight) instead of quantizing the kernel again.
@@ -391,10 +475,19 @@ def _quantized_forward(eng: Engine, x2, kernel, bias, sx, sw, key, log2, *,
   # out_dtype, so no pass over y).
   qw, qwt, col_bias = eng.hadamard_quantize_weight(kernel, sw32, block=block,
                                                    qn=cfg.qn, qp=cfg.qp)
-  if bias is not None:
+  # Sharded: the kernel's shard is quantized where it lives and its codes
+  # move (packed) to x's grid; a column is poisoned by any shard of it.
+  col_bias = comm.regrid(comm.psum(col_bias, "kd"), lay.kc, lay.c, 0)
+  qw = comm.regrid_codes(qw, [(0, lay.kc, lay.c), (1, lay.kd, lay.d)],
+                         pack_axis=1)
+  partial = bool(lay.d)  # a shard of D: y is summed over the shards
+  if static.bias_dtype is not None and not partial:
     col_bias = col_bias + bias.astype(jnp.float32)
   y = eng.int_gemm(qx, qw, scale=sx32 * sw32, row_scale=res_x.row_flag,
-                   col_bias=col_bias, out_dtype=static.out_dtype)
+                   col_bias=col_bias,
+                   out_dtype=jnp.float32 if partial else static.out_dtype)
+  if partial:
+    y = comm.psum(y, "d") + bias.astype(jnp.float32)
   return y.astype(static.out_dtype), res_x, qwt
 
 
@@ -402,65 +495,98 @@ _NUM_SEEDS = 6
 _SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE = range(5)
 
 
-def _bias_grad(g, bias_dtype):
-  """The bias gradient: the float32 row sum of G (None without a bias)."""
-  if bias_dtype is None:
-    return None
-  return jnp.sum(g.astype(jnp.float32), axis=0).astype(bias_dtype)
-
-
 def _backward(static, res, g):
   cfg = static.config
+  bias_grad = (None if static.bias_dtype is None else
+               jnp.sum(g.astype(jnp.float32), axis=(0, 1)).astype(static.bias_dtype))
   if not cfg.quantizes_forward:
-    x2, kernel, sx, sw, _, _ = res
+    x3, kernel3, sx, sw = res
     g32 = g.astype(jnp.float32)
-    dx = jnp.matmul(g32, kernel.astype(jnp.float32).T, precision=_HIGHEST)
-    dk = jnp.matmul(x2.astype(jnp.float32).T, g32, precision=_HIGHEST)
-    return (dx.astype(x2.dtype), dk.astype(kernel.dtype),
-            _bias_grad(g, static.bias_dtype), jnp.zeros_like(sx), jnp.zeros_like(sw),
-            None, None)
-  res_x, qwt, kernel, sx, sw, key, log2 = res
-  dx, dk, dsx, dsw = run_per_platform(
-      cfg.engine, functools.partial(_quantized_backward, static=static),
-      g, res_x, qwt, kernel, sx, sw, key, log2)
-  return (dx, dk, _bias_grad(g, static.bias_dtype),
-          dsx.astype(sx.dtype).reshape(sx.shape),
-          dsw.astype(sw.dtype).reshape(sw.shape), None, None)
+    dx = jnp.einsum("bnc,bdc->bnd", g32, kernel3.astype(jnp.float32),
+                    precision=_HIGHEST)
+    dk = jnp.einsum("bnd,bnc->bdc", x3.astype(jnp.float32), g32,
+                    precision=_HIGHEST)
+    return (dx.astype(x3.dtype), dk.astype(kernel3.dtype), bias_grad,
+            jnp.zeros_like(sx), jnp.zeros_like(sw), None, None)
+  nibbles, flags, norms, qwt, kernel3, sx, sw, key_data, log2 = res
+  spec = partition.OpSpec(shard_fn=_backward_shard, layout_fn=_backward_layout,
+                          shardings_fn=_backward_shardings, static=static,
+                          block=static.block)
+  dx, dk, dsx, dsw = _BACKWARD[static.flat_residual](
+      spec, g, nibbles, flags, norms, qwt, kernel3, sx, sw, key_data, log2)
+  return (dx, dk, bias_grad, jnp.sum(dsx).astype(sx.dtype).reshape(sx.shape),
+          jnp.sum(dsw).astype(sw.dtype).reshape(sw.shape), None, None)
+
+
+def _backward_shard(spec, comm, g3, nibbles, flags, norms, qwt3, kernel3, sx, sw,
+                    key_data, log2):
+  """The backward on one shard: dx, dk and the step gradients per batch
+  element (their sum is the step's gradient)."""
+  static = spec.static
+  fn = functools.partial(_quantized_backward, static=static, comm=comm)
+  keys = _wrap_key(key_data, static)
+  index = jnp.arange(g3.shape[0])
+
+  def one(i, qwt_kernel, key):
+    qwt, kernel = qwt_kernel
+    res_x = _residual_of(nibbles, flags, norms, i)
+    return run_per_platform(static.config.engine, fn, g3[i], res_x, qwt, kernel,
+                            sx, sw, key, log2)
+
+  return _per_element(one, index, (qwt3, kernel3), keys)
 
 
 def _quantized_backward(eng: Engine, g, res_x, qwt, kernel, sx, sw, key, log2,
-                        *, static):
+                        *, static, comm):
   cfg = static.config
-  seeds = contract.seeds_from_key(key, _NUM_SEEDS)
+  lay = comm.layout
+  # Randomness: per element of G from its (n, c) shard; the sampled rows are
+  # one decision for every shard that holds a row (only n splits them).
+  seeds = contract.seeds_from_key(comm.key_for(key, "n", "c"), _NUM_SEEDS)
+  row_seeds = contract.seeds_from_key(comm.key_for(key, "n"), _NUM_SEEDS)
   block = _block(static, log2)
   qn, qp = cfg.qn, cfg.qp
   n, c = g.shape
-  d = kernel.shape[0]
   sx32, sw32 = sx.astype(jnp.float32), sw.astype(jnp.float32)
   # dX_hat leaves its GEMM in bfloat16 for bfloat16 activations (dX is
   # rounded to bfloat16 at the end anyway; half the bytes for the GEMM to
-  # write and lsq_backward to read), else in float32.
-  dxh_dtype = jnp.bfloat16 if static.x_dtype == jnp.bfloat16 else jnp.float32
+  # write and lsq_backward to read), else in float32; float32 where the
+  # shards' partial products are still to be added.
+  dxh_dtype = (jnp.bfloat16 if static.x_dtype == jnp.bfloat16 and not lay.c
+               else jnp.float32)
   # Likewise dW_hat for a bfloat16 kernel (dK is rounded to it at the end).
-  dwh_dtype = jnp.bfloat16 if kernel.dtype == jnp.bfloat16 else jnp.float32
-  ctx = _Context(eng=eng, cfg=cfg, seeds=seeds, res_x=res_x, shape_x=(n, d),
-                 sx=sx32, sw=sw32, dxh_dtype=dxh_dtype, dwh_dtype=dwh_dtype)
+  dwh_dtype = (jnp.bfloat16 if kernel.dtype == jnp.bfloat16 and not lay.n
+               else jnp.float32)
+  # The dX GEMM's operand q_w^T[D, C] (Hb along D), K-major over C, kept by
+  # the forward on the kernel's grid; moved (packed) to G's grid.
+  qwt = comm.regrid_codes(qwt, [(0, lay.kd, lay.d), (1, lay.kc, lay.c)],
+                          pack_axis=0)
+  d = qwt.shape[0]
+  ctx = _Context(eng=eng, cfg=cfg, seeds=seeds, row_seeds=row_seeds, comm=comm,
+                 res_x=res_x, shape_x=(n, d), sx=sx32, sw=sw32,
+                 dxh_dtype=dxh_dtype, dwh_dtype=dwh_dtype)
 
-  # dX GEMM operand: q_w^T[D, C] (Hb along D), K-major over C, from the forward.
   # Each mode gives dX_hat (as rows + optional token slots) and dW_hat[D, C],
-  # both in the Hadamard domain.
+  # both in the Hadamard domain, partial over the shards of C and of N.
   mode = backward_mode(cfg, engine=eng)
   dx_rows, slots, dwh_hat = _GRADIENT_PRODUCTS[mode](ctx, g, qwt)
+  dx_rows = comm.psum(dx_rows, "c")
 
   # Activation side, one fused pass: gather the kept rows to their token, STE
   # mask and step gradient from the residual, then Hb^T.
   dx, delta_sum_x = eng.lsq_backward(dx_rows, res_x, qn=qn, qp=qp, slots=slots,
                                      block=block, out_dtype=static.x_dtype)
-  dsx = lsq.grad_scale(n * d, qp=qp) * delta_sum_x
-  # Weight side: the kernel is kept, so its mask and delta are exact.
+  numel_x = comm.global_size(n, "n") * comm.global_size(d, "d")
+  dsx = lsq.grad_scale(numel_x, qp=qp) * comm.psum(delta_sum_x, "n", "d")
+  # Weight side: dW_hat summed over the token shards onto the kernel's grid;
+  # the kernel is kept, so its mask and delta are exact.
+  dwh_hat = comm.reduce_regrid(dwh_hat, comm.axes("n"),
+                               [(0, lay.d, lay.kd), (1, lay.c, lay.kc)])
   dk, delta_sum_w = eng.lsq_weight_backward(dwh_hat, kernel, sw32, block=block,
                                             qn=qn, qp=qp)
-  dsw = lsq.grad_scale(d * c, qp=qp) * delta_sum_w
+  numel_w = comm.global_size(kernel.shape[0], "kd") * comm.global_size(
+      kernel.shape[1], "kc")
+  dsw = lsq.grad_scale(numel_w, qp=qp) * comm.psum(delta_sum_w, "kd", "kc")
   return dx, dk, dsx, dsw
 
 
@@ -469,7 +595,9 @@ class _Context:
   """What every gradient-product mode may use."""
   eng: Engine
   cfg: Int4Config
-  seeds: jax.Array
+  seeds: jax.Array           # per element of G (this shard's)
+  row_seeds: jax.Array       # per row decision (the same on a row's shards)
+  comm: partition.Comm
   res_x: contract.Residual   # the activation residual (codes, flags, norms)
   shape_x: Tuple[int, int]
   sx: jax.Array
@@ -514,8 +642,11 @@ def _products_bitsplit(ctx, g, qwt):
   """
   eng = ctx.eng
   # max|G| in XLA where the engine wants it there: it can then join the
-  # fusion that produces G (one read of G fewer than the handler's own pass).
-  abs_max = bitsplit.abs_max(g) if eng.abs_max_in_xla else None
+  # fusion that produces G (one read of G fewer than the handler's own pass);
+  # with G sharded, one max over the shards: every shard splits alike.
+  abs_max = None
+  if eng.abs_max_in_xla or not ctx.comm.trivial:
+    abs_max = ctx.comm.pmax(bitsplit.abs_max(g), "n", "c")
   v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT], abs_max=abs_max)
   dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False,
                          out_dtype=ctx.dxh_dtype)                        # [N, D]
@@ -527,11 +658,15 @@ def _products_bitsplit(ctx, g, qwt):
 
 def _products_lss(ctx, g, qwt):
   """Bit splitting + leverage score sampling with a static budget."""
-  eng, cfg, seeds = ctx.eng, ctx.cfg, ctx.seeds
+  eng, cfg, seeds, comm = ctx.eng, ctx.cfg, ctx.seeds, ctx.comm
   n = g.shape[0]
+  # Sharded rows: each shard samples its own rows with its share of the
+  # budget (stratified sampling: still unbiased).
   budget = lss.budget_rows(n, cfg.lss_budget)
-  g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT])     # [2N, C]
-  u = contract.uniform24(seeds[_SEED_SAMPLE], 2)
+  abs_max = None if comm.trivial else comm.pmax(bitsplit.abs_max(g), "n", "c")
+  g2, s_hi, s_lo, g2_norm = _bit_split(eng, g, seeds[_SEED_SPLIT], abs_max)
+  g2_norm = comm.row_norms(g2_norm, "c")                           # [2N]
+  u = contract.uniform24(ctx.row_seeds[_SEED_SAMPLE], 2)
   finite = jnp.isfinite(s_hi)
 
   def half_scale(index):
@@ -584,6 +719,13 @@ def backward_mode(config: Int4Config, platform: Optional[str] = None, *,
   return "lss" if engine.int4_tensor_cores else "bitsplit"
 
 
+def _bit_split(eng, g, seed, abs_max):
+  """`Engine.bit_split`, with one max|G| for all shards when sharded."""
+  if abs_max is None:
+    return eng.bit_split(g, seed)
+  return eng.bit_split(g, seed, abs_max=abs_max)
+
+
 _GRADIENT_PRODUCTS = {
     "exact": _products_exact,
     "luq": _products_luq,
@@ -592,10 +734,107 @@ _GRADIENT_PRODUCTS = {
     "lss": _products_lss,
 }
 
-_int4_matmul_2d.defvjp(
-    lambda x2, kernel, bias, sx, sw, key, log2, static: _forward(
-        x2, kernel, bias, sx, sw, key, log2, static),
+_int4_matmul_3d.defvjp(
+    lambda x3, kernel3, bias, sx, sw, key_data, log2, static: _forward(
+        x3, kernel3, bias, sx, sw, key_data, log2, static),
     _backward)
+
+
+# --- the partitioning rules (jint4.partition) ---------------------------------
+# The residual of D % 8 != 0 ("flat") packs rows together: its rows cannot
+# be sharded.
+
+def _forward_layout(spec, mesh, arg_shapes):
+  x, kernel = arg_shapes[0], arg_shapes[1]
+  layout = partition.read_layout(mesh, x, kernel, block=spec.block,
+                                 name=spec.static.name)
+  return _unsplit_flat_rows(spec, layout)
+
+
+def _backward_layout(spec, mesh, arg_shapes):
+  nibbles, kernel = arg_shapes[1], arg_shapes[5]
+  b, n, d = (partition.spec_axes(nibbles.sharding, 2) + [()])[:3] if (
+      spec.static.flat_residual) else partition.spec_axes(nibbles.sharding, 3)
+  x = jax.ShapeDtypeStruct(
+      (kernel.shape[0], arg_shapes[0].shape[1], kernel.shape[1]), jnp.float32,
+      sharding=partition.named(mesh, P(partition.entry(b), partition.entry(n),
+                                       partition.entry(d))))
+  layout = partition.read_layout(mesh, x, kernel, block=spec.block,
+                                 name=spec.static.name)
+  return _unsplit_flat_rows(spec, layout)
+
+
+def _unsplit_flat_rows(spec, layout):
+  if spec.static.flat_residual and (layout.n or layout.d):
+    partition.warn_replicated(
+        spec.static.name, "a contraction dim that is not a multiple of 8 packs"
+        " several rows into one residual byte, so its rows are not split")
+    layout = dataclasses.replace(layout, n=(), d=())
+  return layout
+
+
+def _residual_specs(layout, flat):
+  b, n, d = (partition.entry(a) for a in (layout.b, layout.n, layout.d))
+  if flat:
+    return P(b, None), P(None, b, None)
+  return P(b, n, d), P(None, b, n, d)
+
+
+def _forward_shardings(spec, mesh, layout, arg_shapes):
+  named = functools.partial(partition.named, mesh)
+  nibbles, flags = _residual_specs(layout, spec.static.flat_residual)
+  scalar = named(P())
+  results = (named(layout.y_spec()), named(nibbles), named(flags),
+             named(P(partition.entry(layout.b), partition.entry(layout.n))),
+             named(layout.kernel_spec()))
+  keys = named(P(partition.entry(layout.b), None))
+  operands = (named(layout.x_spec()), named(layout.kernel_spec()),
+              named(P(partition.entry(layout.c))), scalar, scalar, keys, scalar)
+  return results, operands
+
+
+def _backward_shardings(spec, mesh, layout, arg_shapes):
+  named = functools.partial(partition.named, mesh)
+  nibbles, flags = _residual_specs(layout, spec.static.flat_residual)
+  scalar = named(P())
+  kernel = named(layout.kernel_spec())
+  per_b = named(P(partition.entry(layout.b)))
+  results = (named(layout.x_spec()), kernel, per_b, per_b)
+  operands = (named(layout.y_spec()), named(nibbles), named(flags),
+              named(P(partition.entry(layout.b), partition.entry(layout.n))),
+              kernel, kernel, scalar, scalar,
+              named(P(partition.entry(layout.b), None)), scalar)
+  return results, operands
+
+
+# Where each operand / result holds the batch dim (None: it has none), for
+# vmap, which folds its axis into that dim.
+_FORWARD_B = ((0, 0, None, None, None, 0, None), (0, 0, 1, 0, 0))
+_BACKWARD_B = ((0, 0, 1, 0, 0, 0, None, None, 0, None), (0, 0, 0, 0))
+
+# Shardy factors: b batch, n token rows, c features; x's contraction dim is
+# (f s t): f its residual flag bytes (D/8), (f s) its code bytes (D/2), so
+# that the residual shards with x. The kernel's contraction dim (e) is not
+# tied to x's: with FSDP it is sharded over the axis that shards x's tokens,
+# and the partitioner is not to move x's sharding to follow it. Its features
+# (c) are tied to y's (tensor parallelism). p: flag planes, k: key words.
+_SIZES = {"s": 4, "t": 2}
+_FORWARD = {
+    False: partition.partitioned(
+        "b n (f s t), b e c, c, , , b k, -> b n c, b n (f s), p b n f, b n, b e c",
+        "jint4_int4_matmul_forward", *_FORWARD_B, factor_sizes=_SIZES),
+    True: partition.partitioned(
+        "b n d, b e c, c, , , b k, -> b n c, b h, p b g, b n, b e c",
+        "jint4_int4_matmul_forward", *_FORWARD_B),
+}
+_BACKWARD = {
+    False: partition.partitioned(
+        "b n c, b n (f s), p b n f, b n, b e c, b e c, , , b k, -> b n (f s t), b e c, b, b",
+        "jint4_int4_matmul_backward", *_BACKWARD_B, factor_sizes=_SIZES),
+    True: partition.partitioned(
+        "b n c, b h, p b g, b n, b e c, b e c, , , b k, -> b n d, b e c, b, b",
+        "jint4_int4_matmul_backward", *_BACKWARD_B),
+}
 
 
 def _check_inputs(x, kernel, step_x, step_w, key, config, log2):

@@ -77,7 +77,8 @@ class LsqWeightBackward(Protocol):
 
 
 class BitSplit(Protocol):
-  def __call__(self, g: jax.Array, seed: jax.Array
+  def __call__(self, g: jax.Array, seed: jax.Array,
+               abs_max: Optional[jax.Array] = None
                ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]: ...
 
 

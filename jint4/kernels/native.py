@@ -239,14 +239,20 @@ def lsq_weight_backward(grad, kernel, step, *, block, qn: int, qp: int, out_dtyp
   return dk.astype(out_dtype or kernel.dtype), delta_sum
 
 
-def bit_split(g, seed):
+def _abs_max_operand(abs_max):
+  # The caller's max|g| as f32[], or f32[0]: the handler computes it.
+  return (jnp.zeros((0,), jnp.float32) if abs_max is None
+          else jnp.asarray(abs_max, jnp.float32).reshape(()))
+
+
+def bit_split(g, seed, abs_max=None):
   r, c = g.shape
   g2, scales, norms = _call(
       "jint4_bit_split",
       (jax.ShapeDtypeStruct((2 * r, c), jnp.int8),
        jax.ShapeDtypeStruct((2,), jnp.float32),
        jax.ShapeDtypeStruct((2 * r,), jnp.float32)),
-      _float_operand(g), jnp.asarray(seed, jnp.uint32))
+      _float_operand(g), jnp.asarray(seed, jnp.uint32), _abs_max_operand(abs_max))
   return g2, scales[0], scales[1], norms
 
 
@@ -257,9 +263,7 @@ def bit_split_joined(g, seed, abs_max=None):
       (jax.ShapeDtypeStruct((r, c), jnp.int8),
        jax.ShapeDtypeStruct((c, r), jnp.int8),
        jax.ShapeDtypeStruct((2,), jnp.float32)),
-      _float_operand(g), jnp.asarray(seed, jnp.uint32),
-      (jnp.zeros((0,), jnp.float32) if abs_max is None
-       else jnp.asarray(abs_max, jnp.float32).reshape(())))
+      _float_operand(g), jnp.asarray(seed, jnp.uint32), _abs_max_operand(abs_max))
   return v, vt, scales[0], scales[1]
 
 

@@ -207,16 +207,19 @@ def _slot_sum(rows: jax.Array, slots: jax.Array) -> jax.Array:
   return pick(slots[0]) + pick(slots[1])
 
 
-def bit_split(g: jax.Array, seed: jax.Array):
+def bit_split(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None):
   """Bit splitting (`jint4.quant.bitsplit`) with counter noise, rows stacked.
 
   Returns (g2, scale_hi, scale_lo, norms): g2 int8 [2R, C] holds hi (rows
   0..R-1) over lo (rows R..2R-1) of g[R, C] (any float dtype, computed in
   float32); norms float32 [2R] are the Euclidean norms of the dequantized
   rows (scale_hi * hi_i, then scale_lo * lo_i): leverage scores.
+  ``abs_max``: max|g| (`quant.bitsplit.abs_max`) when the caller has it (e.g.
+  max|G| all-reduced over the shards of a sharded G, so that every shard
+  splits with the same scale); used as given. None: computed here.
   """
   hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(
-      g.astype(jnp.float32), uniform(seed, g.shape))
+      g.astype(jnp.float32), uniform(seed, g.shape), abs_max)
   norms = jnp.concatenate([s_hi * _row_norm(hi), s_lo * _row_norm(lo)])
   return jnp.concatenate([hi, lo]), s_hi, s_lo, norms
 

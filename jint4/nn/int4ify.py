@@ -221,7 +221,7 @@ class Int4Model:
         return handler(module, path, layer, next_fun, args, kwargs)
     out = next_fun(*args, **kwargs)
     if module.has_variable("params", "kernel"):
-      shape = tuple(module.get_variable("params", "kernel").shape)
+      shape = tuple(jax.numpy.shape(nn.unbox(module.get_variable("params", "kernel"))))
       self._record(LayerReport(path=path, layer=layer, shape=shape, converted=False,
                                why="not converted: jint4 does not convert this"
                                    " layer type"))
@@ -274,7 +274,7 @@ class Int4Model:
       out = next_fun(*args, **kwargs)
       self._record(LayerReport(
           path=path, layer=layer,
-          shape=tuple(module.get_variable("params", "kernel").shape),
+          shape=tuple(jax.numpy.shape(nn.unbox(module.get_variable("params", "kernel")))),
           converted=False, why=why))
       return out
     k = patch_contraction(module.kernel_size, jax.numpy.shape(inputs)[-1])
@@ -582,12 +582,6 @@ def _is_nnx_container(node):
 
 def _linear_to_int4(linear: "nnx.Linear", config: Int4Config,
                     path: str) -> Int4Linear:
-  kernel = linear.kernel[...]
-  layer = Int4Linear(
-      linear.in_features, linear.out_features, use_bias=linear.use_bias,
-      dtype=linear.dtype, param_dtype=linear.param_dtype, config=config,
-      kernel_init=lambda *_: kernel,
-      bias_init=(lambda *_: linear.bias[...]) if linear.use_bias else
-      nnx.initializers.zeros_init(),
-      name=path, rngs=nnx.Rngs(0))
-  return layer
+  # The Int4Linear holds the Linear's own kernel and bias Params, so their
+  # metadata (sharding annotations, ...) stays as it was.
+  return Int4Linear.from_linear(linear, config=config, name=path)

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jint4 import partition
 from jint4.config import Int4Config
 from jint4.matmul import int4_matmul
 from jint4.quant_init import init_step_sizes
@@ -130,9 +131,11 @@ def layer_path(module: nn.Module) -> str:
 
 @contextlib.contextmanager
 def layer_errors(path: str):
-  """Prefixes a layer's bad-input errors with the layer's path."""
+  """Prefixes a layer's bad-input errors with the layer's path (also those
+  found when XLA partitions the layer's op: `jint4.partition.naming`)."""
   try:
-    yield
+    with partition.naming(path):
+      yield
   except (ValueError, TypeError) as e:
     # Only the plain types: subclasses (JAX's tracer errors) have their own
     # constructors and messages.
@@ -188,14 +191,16 @@ def _quant_key(module, inputs, kernel, rng_collection):
 
 
 def data_key(inputs: jax.Array, kernel: jax.Array, name: str) -> jax.Array:
-  """A PRNG key from the bits of sum(inputs), sum(kernel) and a layer name.
+  """A PRNG key from the bits of the inputs, of the kernel and a layer name.
 
   Used when no rng stream is given: it changes whenever the data or the
-  weights change (every training step) and is a pure function of them.
+  weights change (every training step) and is a pure function of them. The
+  bits are summed as integers (mod 2^32): an exact sum in any order, so the
+  key is the same however the arrays are sharded.
   """
   def bits(t):
-    total = jnp.sum(jax.lax.stop_gradient(t).astype(jnp.float32))
-    return jax.lax.bitcast_convert_type(total, jnp.uint32)
+    t = jax.lax.stop_gradient(t).astype(jnp.float32)
+    return jnp.sum(jax.lax.bitcast_convert_type(t, jnp.uint32), dtype=jnp.uint32)
 
   key = jax.random.key(zlib.crc32(name.encode()) & 0x7FFFFFFF)
   key = jax.random.fold_in(key, bits(inputs))

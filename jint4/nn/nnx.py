@@ -78,6 +78,32 @@ class Int4Linear(nnx.Module):
     if config.quantizes_forward:
       add_lazy_step_sizes(self)
 
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, *, config: Int4Config = Int4Config(),
+                  name: Optional[str] = None,
+                  rngs: Optional[nnx.Rngs] = None) -> "Int4Linear":
+    """An `Int4Linear` computing ``linear`` (an `nnx.Linear`) in INT4.
+
+    It takes over ``linear``'s ``kernel`` and ``bias`` (the same `nnx.Param`
+    objects: values, state paths and metadata such as ``out_sharding``
+    unchanged, as `jint4.int4ify` needs) and adds the lazy step sizes,
+    which carry no sharding metadata (replicated). ``rngs``: an optional
+    ``quant`` stream, as for the constructor.
+    """
+    if not isinstance(linear, nnx.Linear):
+      raise TypeError(f"Int4Linear.from_linear takes an nnx.Linear; got"
+                      f" {type(linear)}.")
+    # Placeholders of no size, replaced by the Linear's own Params below.
+    placeholder = lambda key, shape, dtype: jnp.zeros((0,), dtype)
+    layer = cls(linear.in_features, linear.out_features,
+                use_bias=linear.use_bias, dtype=linear.dtype,
+                param_dtype=linear.param_dtype, kernel_init=placeholder,
+                bias_init=placeholder, config=config, name=name,
+                rngs=rngs if rngs is not None else nnx.Rngs(0))
+    layer.kernel = linear.kernel
+    layer.bias = linear.bias if linear.use_bias else _data(None)
+    return layer
+
   def calibrate(self, inputs: jax.Array) -> None:
     """Sets the step sizes (and the "auto" block) from a batch and the
     current kernel, as the first call does."""

@@ -417,6 +417,16 @@ def test_bit_split_bit_exact(shape, dtype):
   assert_same_ints(g2, out_ref[0])
   for a, b in zip((s_hi, s_lo, norms), out_ref[1:]):
     assert_same_floats(a, b)
+  # A larger max|g| from the caller (e.g. all-reduced over the shards of G):
+  # the same in both engines, and the scales follow it.
+  m = 2.0 * on_cpu(bitsplit.abs_max, g) + 1e-3
+  split = lambda mod: on_cpu(lambda g, m: mod.bit_split(g, seed(5), abs_max=m), g, m)
+  given, given_ref = split(native), split(reference)
+  assert_same_ints(given[0], given_ref[0])
+  for a, b in zip(given[1:], given_ref[1:]):
+    assert_same_floats(a, b)
+  assert float(given[1]) == float(m * np.float32(1 / 7))
+  assert float(given[2]) == float(m * np.float32(1 / 98))
 
 
 def _with_neighbours(values):
@@ -499,9 +509,10 @@ def test_bit_split_joined(shape, dtype):
   assert np.abs(np.asarray(v, np.int32)).max(initial=0) <= 98
 
 
+@pytest.mark.parametrize("fn", ["bit_split", "bit_split_joined"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("special", [None, 0.0, np.nan, np.inf])
-def test_bit_split_joined_with_given_abs_max(special, dtype):
+def test_bit_split_with_given_abs_max(special, dtype, fn):
   """abs_max = quant.bitsplit.abs_max(g) given by the caller: bit-identical to
   the split that computes it, in both engines (NaN, Inf and all-zero g too);
   any other value is used as given, the same way in both engines."""
@@ -512,13 +523,13 @@ def test_bit_split_joined_with_given_abs_max(special, dtype):
     g = g.at[5, 7].set(special)
   g = g.astype(dtype)
   m = on_cpu(bitsplit.abs_max, g)
-  own = on_cpu(native.bit_split_joined, g, seed(3))
+  own = on_cpu(getattr(native, fn), g, seed(3))
   for mod in (native, reference):
-    given = on_cpu(lambda g, m: mod.bit_split_joined(g, seed(3), abs_max=m), g, m)
+    given = on_cpu(lambda g, m: getattr(mod, fn)(g, seed(3), abs_max=m), g, m)
     for a, b in zip(given, own):
       assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
-  for other in (2.0 * np.abs(np.asarray(m, np.float32)) + 1.0, -1.0):
-    nat, ref = (on_cpu(lambda g, m: mod.bit_split_joined(g, seed(3), abs_max=m), g,
+  for other in (2.0 * np.abs(np.asarray(m, np.float32)) + 1.0, -1.0, np.nan, np.inf, 0.0):
+    nat, ref = (on_cpu(lambda g, m: getattr(mod, fn)(g, seed(3), abs_max=m), g,
                        jnp.float32(other)) for mod in (native, reference))
     for a, b in zip(nat, ref):
       assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
@@ -687,6 +698,9 @@ cases = {
       "jint4_bit_split_joined", (S((4, 8), jnp.int8), S((8, 4), jnp.int8),
                                  S((2,), jnp.float32)),
       jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32))[0],
+  "split_abs_max_shape": lambda: native._call(
+      "jint4_bit_split", (S((8, 8), jnp.int8), S((2,), jnp.float32), S((8,), jnp.float32)),
+      jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32))[0],
   "int4_attr": lambda: native._call(
       "jint4_int_gemm", S((2, 3), jnp.float32), jnp.ones((2, 4), jnp.int8),
       jnp.ones((3, 4), jnp.int8), jnp.float32(1), jnp.ones((2,), jnp.float32),
@@ -771,6 +785,8 @@ def test_bad_native_input_raises_clear_errors():
       "slots": ["jint4_lsq_backward", "slots[0][3] = 3", "out of range"],
       "resplit_rows": ["jint4_resplit_rows", "rows[1] = -1", "out of range"],
       "abs_max_shape": ["jint4_bit_split_joined", "'abs_max'", "got [2]"],
+      "split_abs_max_shape": ["jint4_bit_split:", "'abs_max'", "f32[] (max|g|) or empty",
+                              "got [2]"],
       "int4_attr": ["'int4'", "0 or 1"],
       "col_bias": ["jint4_int_gemm", "'col_bias'", "[3]", "got [2]"],
       "weight_log2_block": ["jint4_lsq_weight_backward", "does not divide",

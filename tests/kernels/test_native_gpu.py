@@ -192,6 +192,20 @@ def test_bit_split(shape, dtype):
   assert_same_floats(s_hi, ref[1])
   assert_same_floats(s_lo, ref[2])
   np.testing.assert_allclose(norms, ref[3], rtol=1e-6)
+  # With max|g| given by the caller (XLA's reduction on the GPU): the same.
+  given = on_gpu(lambda g: native.bit_split(g, seed(3), abs_max=bitsplit.abs_max(g)), g)
+  assert_same_ints(given[0], ref[0])
+  for a, b in zip(given[1:3], ref[1:3]):
+    assert_same_floats(a, b)
+  np.testing.assert_allclose(given[3], ref[3], rtol=1e-6)
+  # A larger one (e.g. all-reduced over the shards of G): as the twin.
+  big = 2.0 * on_cpu(bitsplit.abs_max, g)
+  (g2, s_hi, s_lo, norms), ref, _ = twins(native.bit_split, g, seed(3), big,
+                                          cpu_handler=False)
+  assert_same_ints(g2, ref[0])
+  assert_same_floats(s_hi, ref[1])
+  assert_same_floats(s_lo, ref[2])
+  np.testing.assert_allclose(norms, ref[3], rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

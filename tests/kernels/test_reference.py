@@ -603,6 +603,46 @@ def test_bit_split_joined_is_14_hi_plus_lo(dtype):
   np.testing.assert_array_equal(np.asarray(v), np.asarray(v32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bit_split_with_given_abs_max(dtype):
+  """abs_max: the caller's max|g| (e.g. max|G| all-reduced over the shards of
+  a sharded G), used as given. The true max gives the split that computes it,
+  bit for bit; a larger one sets the scales, and the split stays an unbiased
+  estimate of g (each element within one lo step)."""
+  rng = np.random.default_rng(12)
+  g = jnp.asarray(rng.normal(0, 1e-2, (8, 16)), dtype)
+  s = seed(7, 8)
+  m = bitsplit.abs_max(g)
+  own, given = jax.jit(lambda g, s, m: (ref.bit_split(g, s), ref.bit_split(g, s, m)))(g, s, m)
+  for a, b in zip(given, own):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  big = np.float32(2.0) * np.float32(m)                  # 2x the true max
+  split = jax.jit(lambda s: ref.bit_split(g, s, abs_max=big))
+  g2, s_hi, s_lo, norms = split(s)
+  assert float(s_hi) == float(big * np.float32(1 / 7))
+  assert float(s_lo) == float(big * np.float32(1 / 98))
+  assert float(s_hi) == 2 * float(own[1]) and float(s_lo) == 2 * float(own[2])
+  hi, lo = f64(g2[:8]), f64(g2[8:])
+  assert np.abs(hi).max() <= 4                           # |t| <= 49: half the range
+  np.testing.assert_allclose(f64(norms), np.concatenate(
+      [float(s_hi) * np.linalg.norm(hi, axis=1), float(s_lo) * np.linalg.norm(lo, axis=1)]),
+      rtol=1e-6)
+  decoded = float(s_hi) * hi + float(s_lo) * lo
+  assert np.all(np.abs(decoded - f64(g)) <= float(s_lo) * (1 + 1e-5))
+  # Unbiased: the mean over seeds of the decoded split is g.
+  n = 4000
+  seeds = jnp.stack([jnp.arange(n, dtype=jnp.uint32), jnp.full((n,), 9, jnp.uint32)], 1)
+  g2s, s_his, s_los, _ = jax.jit(jax.vmap(split))(seeds)
+  mean = (f64(s_his)[:, None, None] * f64(g2s[:, :8])
+          + f64(s_los)[:, None, None] * f64(g2s[:, 8:])).mean(axis=0)
+  tol = hoeffding_tol(float(s_lo), n, g.size)
+  assert np.all(np.abs(mean - f64(g)) <= tol + 1e-6 * float(s_lo))
+  # The joined split takes the same abs_max the same way.
+  v, _, t_hi, t_lo = ref.bit_split_joined(g, s, abs_max=big)
+  np.testing.assert_array_equal(f64(v), 14 * hi + lo)
+  assert float(t_hi) == float(s_hi) and float(t_lo) == float(s_lo)
+
+
 def test_resplit_rows_is_joined_split_of_gathered_rows():
   rng = np.random.default_rng(11)
   g = jnp.asarray(rng.normal(0, 1e-3, (8, 24)), jnp.float32)

@@ -45,7 +45,8 @@ def test_linen_products_equal_flax_attention_without_quantization():
   x = jax.random.normal(jax.random.key(0), (2, 16, 64))
   mask = nn.make_causal_mask(jnp.ones((2, 16)))
   variables = SelfAttend().init(jax.random.key(1), x)
-  ref = SelfAttend().apply(variables, x, mask)
+  with jax.default_matmul_precision("highest"):  # GPUs default to TF32 dots
+    ref = SelfAttend().apply(variables, x, mask)
   model = jint4.int4ify(SelfAttend(), EXACT_ON)
   ours = jax.jit(model.init)(jax.random.key(1), x)
   assert set(ours["params"]["attn"]) == set(variables["params"]["attn"])  # no steps
@@ -135,7 +136,8 @@ def test_nnx_attention_fn_equals_nnx_without_quantization(causal):
   mask = jnp.ones((2, 1, 16, 16), bool).at[:, :, :, -3:].set(False)
   fn = Int4NnxAttention(EXACT_ON, name="attn")
   got = fn(q, k, v, mask=mask, deterministic=True, is_causal=causal)
-  ref = _nnx_reference(q, k, v, mask=mask, deterministic=True, is_causal=causal)
+  with jax.default_matmul_precision("highest"):
+    ref = _nnx_reference(q, k, v, mask=mask, deterministic=True, is_causal=causal)
   np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 

@@ -297,10 +297,12 @@ ffi::Error LsqWeightBackwardImpl(ffi::AnyBuffer grad,
 }
 
 // ---------------------------------------------------------------------------
-// jint4_bit_split: g (f32|bf16|f16)[R,C], seed u32[2]
-//   -> g2 s8[2R,C], scales f32[2], norms f32[2R]
+// jint4_bit_split: g (f32|bf16|f16)[R,C], seed u32[2], abs_max f32[] or
+//   f32[0] -> g2 s8[2R,C], scales f32[2], norms f32[2R]
+//   abs_max: the caller's max|g| (used as given), or empty: computed here.
 // ---------------------------------------------------------------------------
 ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
+                        ffi::Buffer<ffi::F32> abs_max,
                         ffi::ResultBuffer<ffi::S8> g2,
                         ffi::ResultBuffer<ffi::F32> scales,
                         ffi::ResultBuffer<ffi::F32> norms) {
@@ -313,9 +315,12 @@ ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
   JINT4_RETURN_IF_ERROR(CheckShape(*g2, {2 * r, c}, kOp, "g2"));
   JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
   JINT4_RETURN_IF_ERROR(CheckShape(*norms, {2 * r}, kOp, "norms"));
+  JINT4_CHECK_ARG(abs_max.element_count() <= 1, kOp, ": 'abs_max' must be f32[] (max|g|)"
+                  " or empty; got ", ShapeString(abs_max.dimensions()));
   const uint32_t* sd = seed.typed_data();
   BitSplit(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0], sd[1],
-           g2->typed_data(), scales->typed_data(), norms->typed_data());
+           g2->typed_data(), scales->typed_data(), norms->typed_data(),
+           abs_max.element_count() == 1 ? abs_max.typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
@@ -503,6 +508,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split, jint4::cpu::BitSplitImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()           // g
                                   .Arg<ffi::Buffer<ffi::U32>>()    // seed
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // abs_max
                                   .Ret<ffi::Buffer<ffi::S8>>()     // g2
                                   .Ret<ffi::Buffer<ffi::F32>>()    // scales
                                   .Ret<ffi::Buffer<ffi::F32>>());  // norms

@@ -407,13 +407,15 @@ float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kerne
 
 void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
               uint32_t seed0, uint32_t seed1, int8_t* g2, float* scales,
-              float* norms) {
+              float* norms, const float* abs_max) {
   const int64_t count = r * c;
   WithLoader(g, type, c, [&](auto load) {
-    SplitCore(r, c, load, seed0, seed1, scales,
-              [&](int64_t i, int64_t j, const SplitDigits& d) {
-                DigitsToInt8(d, &g2[i * c + j], &g2[count + i * c + j]);
-              });
+    SplitCore(
+        r, c, load, seed0, seed1, scales,
+        [&](int64_t i, int64_t j, const SplitDigits& d) {
+          DigitsToInt8(d, &g2[i * c + j], &g2[count + i * c + j]);
+        },
+        abs_max);
   });
   for (int64_t half = 0; half < 2; ++half) {
     for (int64_t i = 0; i < r; ++i) {

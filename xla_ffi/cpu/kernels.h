@@ -81,9 +81,11 @@ float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kerne
 
 // jint4_bit_split on g[r, c] (of `type`): g2[2r, c] (hi rows over lo rows),
 // scales[2] = {s_hi, s_lo}, norms[2r] = {s_hi * |hi_i|, then s_lo * |lo_i|}.
+// abs_max: the caller's m = max|g| (NaN if g holds a NaN), used as given;
+// null: computed here.
 void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
               uint32_t seed0, uint32_t seed1, int8_t* g2, float* scales,
-              float* norms);
+              float* norms, const float* abs_max = nullptr);
 
 // jint4_bit_split_joined on g[r, c]: v[r, c] = vt[c, r] = 14 hi + lo;
 // scales[2] = {s_hi, s_lo}. Either of v, vt may be null (not written).

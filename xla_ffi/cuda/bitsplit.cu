@@ -4,7 +4,8 @@
 // share the passes:
 //   pass 0: cudaMemsetAsync of the scratch (max bits, per-row integer sums).
 //   pass 1: m = max|t| with NaN propagation (BlockAbsMaxToGlobal: |t| as uint32
-//           bit patterns; every NaN pattern is above +Inf).
+//           bit patterns; every NaN pattern is above +Inf). Skipped when the
+//           caller passes m (abs_max f32[] of bit_split / bit_split_joined).
 //   pass 2: SplitValue per element (f = 98 / SafeMax(m), noise Uniform(i),
 //           i = r * C + c). Stacked form: hi to g2[r], lo to g2[R + r] and
 //           the integer sums of hi^2 and lo^2 per row (exact in int32 for
@@ -593,8 +594,11 @@ ffi::Error CheckFloatInput(const char* op, ffi::AnyBuffer g, ffi::AnyBuffer seed
 bool IsS8(ffi::Result<ffi::AnyBuffer>& b) { return b->element_type() == ffi::DataType::S8; }
 bool IsF32(ffi::Result<ffi::AnyBuffer>& b) { return b->element_type() == ffi::DataType::F32; }
 
+// abs_max: f32[] holding the caller's m = max|g| (NaN if g holds a NaN; the
+// passes read it in place of the max pass), or f32[0]: pass 1 runs. Pass 0
+// runs either way (the row sums).
 ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
-                        ffi::AnyBuffer g, ffi::AnyBuffer seed,
+                        ffi::AnyBuffer g, ffi::AnyBuffer seed, ffi::AnyBuffer abs_max,
                         ffi::Result<ffi::AnyBuffer> g2, ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> norms) {
   FloatKind kind;
@@ -606,10 +610,18 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
       static_cast<int64_t>(norms->element_count()) != 2 * R) {
     return InvalidArgument("bit_split: results must be g2 s8[2R, C], scales f32[2], norms f32[2R]");
   }
+  if (abs_max.element_type() != ffi::DataType::F32 || abs_max.element_count() > 1) {
+    return InvalidArgument("bit_split: abs_max must be f32[] (max|g|) or f32[0]");
+  }
+  const bool given = abs_max.element_count() == 1;
   unsigned int* max_bits;
   int* sums;
   err = Scratch(scratch, stream, R, &max_bits, &sums);
   if (err.failure()) return err;
+  if (given) {  // read only (the max pass is the only writer, and it is skipped)
+    max_bits = const_cast<unsigned int*>(
+        reinterpret_cast<const unsigned int*>(abs_max.untyped_data()));
+  }
   const uint32_t* sd = reinterpret_cast<const uint32_t*>(seed.untyped_data());
   if (R * C > 0) {
     const int64_t chunks = CeilDiv(C, kSplitCols);
@@ -625,12 +637,16 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
       const T* gp = reinterpret_cast<const T*>(g.untyped_data());
       int8_t* out = reinterpret_cast<int8_t*>(g2->untyped_data());
       if (vec) {
-        AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(gp, R * C, max_bits);
+        if (!given) {
+          AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(gp, R * C, max_bits);
+        }
         StackedSplitDenseKernel<T><<<static_cast<unsigned>(vec_blocks), kThreads, 0, stream>>>(
             gp, R, C, segs, max_bits, sd, out, sums);
       } else {
         DenseSource<T> src{gp, C};
-        AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
+        if (!given) {
+          AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
+        }
         StackedSplitKernel<<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
             src, R, C, chunks, max_bits, sd, out, sums);
       }
@@ -770,6 +786,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::ScratchAllocator>()
         .Arg<xla::ffi::AnyBuffer>()     // g f32 | bf16 | f16 [R, C]
         .Arg<xla::ffi::AnyBuffer>()     // seed u32[2]
+        .Arg<xla::ffi::AnyBuffer>()     // abs_max f32[] or f32[0]
         .Ret<xla::ffi::AnyBuffer>()     // g2 s8[2R, C]
         .Ret<xla::ffi::AnyBuffer>()     // scales f32[2]
         .Ret<xla::ffi::AnyBuffer>()     // norms f32[2R]
