@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import importlib
 import sys
 import time
@@ -212,6 +213,15 @@ def parse_args(argv=None):
   p.add_argument("--attention-products", action="store_true",
                  help="also run attention's Q K^T and P V in INT4 (the paper"
                       " keeps them float)")
+  p.add_argument("--mesh", default="",
+                 help="train on a device mesh, e.g. 'data=4,model=2': batches"
+                      " sharded over 'data', attention heads and MLP columns"
+                      " over 'model' (Megatron tensor parallelism); on CPU the"
+                      " devices are host devices")
+  p.add_argument("--fsdp", action="store_true",
+                 help="with --mesh: also shard the kernels' model dim over"
+                      " 'data' (FSDP / ZeRO-3); jint4 gathers them as 4-bit"
+                      " codes")
   p.add_argument("--log-every", type=int, default=0,
                  help="print losses every N steps; 0: steps / 10")
   p.add_argument("--eval-batches", type=int, default=8,
@@ -220,10 +230,68 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+# ----------------------------------------------------------------------------
+# Multi-device: the user's sharding, by parameter path (as MaxText's logical
+# axis rules do); jint4 needs nothing more.
+# ----------------------------------------------------------------------------
+
+def parse_mesh(spec: str):
+  """'data=4,model=2' -> (('data', 4), ('model', 2))."""
+  axes = []
+  for part in spec.split(","):
+    name, _, size = part.partition("=")
+    if name not in ("data", "model") or not size.isdigit():
+      raise SystemExit(f"--mesh takes data=N,model=M; got {spec!r}")
+    axes.append((name, int(size)))
+  return tuple(axes)
+
+
+def make_mesh(axes):
+  """A mesh over the first prod(sizes) devices; on CPU, host devices (the
+  XLA flag must be set before JAX starts its CPU backend)."""
+  count = int(np.prod([size for _, size in axes]))
+  if jax.default_backend() == "cpu" and jax.device_count() < count:
+    raise SystemExit(
+        f"--mesh needs {count} devices; run with XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={count} (set before JAX"
+        " starts)")
+  names = tuple(name for name, _ in axes)
+  sizes = tuple(size for _, size in axes)
+  return jax.sharding.Mesh(np.array(jax.devices()[:count]).reshape(sizes), names)
+
+
+def param_sharding(params, mesh, fsdp: bool):
+  """NamedShardings for the GPT's params: attention heads and the MLP's
+  hidden units over 'model' (column-parallel q/k/v and up, row-parallel out
+  and down), with --fsdp the model dim over 'data' too; the rest replicated.
+  """
+  P = jax.sharding.PartitionSpec
+  model = "model" if "model" in mesh.axis_names else None
+  data = "data" if fsdp and "data" in mesh.axis_names else None
+  rules = (
+      (r"attn/mha/(query|key|value)/kernel", P(data, model, None)),
+      (r"attn/mha/(query|key|value)/bias", P(model, None)),
+      (r"attn/mha/out/kernel", P(model, None, data)),
+      (r"mlp/up/kernel", P(data, model)),
+      (r"mlp/up/bias", P(model)),
+      (r"mlp/down/kernel", P(model, data)),
+  )
+
+  def spec(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for pattern, rule in rules:
+      if re.search(pattern, name):
+        return jax.sharding.NamedSharding(mesh, rule)
+    return jax.sharding.NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
 def main(argv=None) -> int:
   script_start = time.time()
   args = parse_args(argv)
   log_every = args.log_every or max(1, args.steps // 10)
+  mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
 
   # Data: the first 90% of the corpus for training, the rest held out.
   data = encode(load_text())
@@ -251,9 +319,11 @@ def main(argv=None) -> int:
   runs = {}
   for name, m in (("float32", model), ("int4", int4_model)):
     params = jax.jit(m.init)(init_key, sample)["params"]
+    if mesh is not None:
+      params = jax.device_put(params, param_sharding(params, mesh, args.fsdp))
     tx = make_optimizer(args.lr, args.steps)
     train_step, eval_loss = make_steps(m, tx)
-    runs[name] = dict(params=params, opt_state=tx.init(params),
+    runs[name] = dict(params=params, opt_state=jax.jit(tx.init)(params),
                       train_step=train_step, eval_loss=eval_loss, losses=[])
 
   def evaluate(run):
@@ -266,6 +336,10 @@ def main(argv=None) -> int:
         f" {n_params:,} parameters; {args.steps} steps of {args.batch} x"
         f" {args.seq_len} tokens")
   print(f"jint4 config: {config}")
+  if mesh is not None:
+    print(f"mesh: {dict(zip(mesh.axis_names, mesh.devices.shape))} over"
+          f" {mesh.devices.size} {jax.default_backend()} devices; FSDP:"
+          f" {'on' if args.fsdp else 'off'}")
   print(f"{'step':>6} | {'float32 train':>13} {'eval':>7} | {'int4 train':>10}"
         f" {'eval':>7} | {'time':>6}")
   print("-" * 62)
@@ -276,8 +350,11 @@ def main(argv=None) -> int:
 
   start = time.time()
   quant_key = jax.random.key(args.seed + 1)
+  batch_sharding = (None if mesh is None else jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data" if "data" in mesh.axis_names else None)))
   for step in range(1, args.steps + 1):
-    inputs, targets = map(jnp.asarray, next(train_batches))
+    inputs, targets = (jax.device_put(jnp.asarray(a), batch_sharding)
+                       for a in next(train_batches))
     key = jax.random.fold_in(quant_key, step)
     for run in runs.values():  # both models see the very same batch
       tic = time.time()
