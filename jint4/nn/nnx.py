@@ -137,15 +137,24 @@ class Int4Linear(nnx.Module):
                          bias=bias, hadamard_log2_block=log2 if auto else None)
 
   def _key(self, rngs, inputs, kernel):
-    if isinstance(rngs, nnx.Rngs):
-      return rngs["quant"]() if "quant" in rngs else rngs()
-    if isinstance(rngs, nnx.RngStream):
-      return rngs()
-    if rngs is not None:
-      return rngs
-    if self.quant_rngs is not None:
-      return self.quant_rngs()
-    return data_key(inputs, kernel, self.name)
+    return call_key(self, rngs, inputs, kernel)
+
+
+def call_key(layer: nnx.Module, rngs, inputs: jax.Array,
+             kernel: jax.Array) -> jax.Array:
+  """An NNX INT4 layer's key for one call: the call's ``rngs`` (an
+  `nnx.Rngs`, whose ``quant`` stream is preferred, a stream or a key), else
+  the layer's own ``quant_rngs`` stream, else a key derived from the data
+  (`jint4.nn.linen.data_key`, with the layer's ``name``)."""
+  if isinstance(rngs, nnx.Rngs):
+    return rngs["quant"]() if "quant" in rngs else rngs()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  if rngs is not None:
+    return rngs
+  if layer.quant_rngs is not None:
+    return layer.quant_rngs()
+  return data_key(inputs, kernel, layer.name)
 
 
 def add_lazy_step_sizes(layer: nnx.Module) -> None:

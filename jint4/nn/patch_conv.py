@@ -64,10 +64,10 @@ from flax.linen.linear import canonicalize_padding
 from jint4.config import Int4Config
 from jint4.matmul import int4_matmul
 from jint4.nn.linen import _quantized_dense
-from jint4.nn.linen import data_key
 from jint4.nn.linen import layer_errors
 from jint4.nn.linen import layer_path
 from jint4.nn.nnx import add_lazy_step_sizes
+from jint4.nn.nnx import call_key
 from jint4.nn.nnx import lazy_step_sizes
 
 _data = getattr(nnx, "data", lambda value: value)
@@ -319,14 +319,4 @@ class Int4PatchConv(nnx.Module):
     return y
 
   def _key(self, rngs, inputs, kernel):
-    # As Int4Linear: a per-call stream or key first, then the layer's own
-    # stream, else a key derived from the data.
-    if isinstance(rngs, nnx.Rngs):
-      return rngs["quant"]() if "quant" in rngs else rngs()
-    if isinstance(rngs, nnx.RngStream):
-      return rngs()
-    if rngs is not None:
-      return rngs
-    if self.quant_rngs is not None:
-      return self.quant_rngs()
-    return data_key(inputs, kernel, self.name)
+    return call_key(self, rngs, inputs, kernel)

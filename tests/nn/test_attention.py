@@ -11,6 +11,7 @@ from flax import nnx
 import jint4
 from jint4.nn import dot_general as dot_general_lib
 from jint4.nn.attention import Int4NnxAttention
+from tests.nn import training
 
 ON = jint4.Int4Config(attention_products=True)
 EXACT_ON = jint4.Int4Config(forward="none", backward="exact", attention_products=True)
@@ -72,20 +73,8 @@ def test_linen_products_run_int4_and_train():
       k: v for k, v in params["attn"].items() if "product" not in k}}}, x)
   y = jax.jit(model.apply)({"params": params}, x)
   assert _rel(y, ref) < 0.6
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt):
-    loss, g = jax.value_and_grad(
-        lambda p: jnp.mean((model.apply({"params": p}, x) - target) ** 2))(params)
-    updates, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, updates), opt, loss, g
-
-  losses = []
-  for _ in range(25):
-    params, opt, loss, g = step(params, opt)
-    losses.append(float(loss))
+  losses, g = training.train_linen(
+      lambda p: jnp.mean((model.apply({"params": p}, x) - target) ** 2), params, 25)
   for name in ("qk_product", "pv_product"):
     for s in ("step_size_x", "step_size_w"):
       assert float(jnp.abs(g["attn"][name][s])) > 0, (name, s)

@@ -3,12 +3,12 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 import jint4
 from jint4.nn import int4ify as int4ify_lib
 from jint4.nn.einsum import einsum_contraction
+from tests.nn import training
 
 EXACT = jint4.Int4Config(forward="none", backward="exact")
 
@@ -74,20 +74,8 @@ def test_einsum_trains_under_jit():
   target = jnp.roll(x, 1, axis=-1)
   model = jint4.int4ify(Heads())
   params = jax.jit(model.init)(jax.random.key(1), x)["params"]
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, opt):
-    loss, g = jax.value_and_grad(
-        lambda p: jnp.mean((model.apply({"params": p}, x) - target) ** 2))(params)
-    updates, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, updates), opt, loss, g
-
-  losses = []
-  for _ in range(30):
-    params, opt, loss, g = step(params, opt)
-    losses.append(float(loss))
+  losses, g = training.train_linen(
+      lambda p: jnp.mean((model.apply({"params": p}, x) - target) ** 2), params, 30)
   assert jax.tree.map(jnp.shape, g) == jax.tree.map(jnp.shape, params)
   assert float(jnp.abs(g["qkv"]["step_size_x"])) > 0
   assert losses[-1] < 0.7 * losses[0], losses

@@ -12,6 +12,7 @@ from jint4 import Int4Config
 from jint4.nn.embed import LsqEmbed
 from jint4.nn.embed import lsq_embed_output
 from jint4.quant import lsq
+from tests.nn import training
 
 V, D = 11, 8
 CFG = Int4Config()
@@ -206,18 +207,6 @@ class Net(nnx.Module):
     return self.embed.attend(self.mix(self.embed(tokens)))
 
 
-def _optimizer(model, tx):
-  try:
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
-  except TypeError:  # older flax
-    return nnx.Optimizer(model, tx)
-
-
-def _update(opt, model, grads):
-  try:
-    opt.update(model, grads)
-  except TypeError:  # older flax
-    opt.update(grads)
 
 
 def _params(module):
@@ -269,7 +258,7 @@ def test_nnx_first_jitted_step_learns_step_size():
   net, float_embed = _lsq_net()
   init = lsq.init_step_size(float_embed(TOKENS), qp=CFG.qp)
   lr = 5e-2
-  opt = _optimizer(net, optax.sgd(lr))
+  opt = training.optimizer(net, optax.sgd(lr))
 
   @nnx.jit
   def step(m, opt):
@@ -277,7 +266,7 @@ def test_nnx_first_jitted_step_learns_step_size():
       return optax.softmax_cross_entropy_with_integer_labels(
           m(TOKENS), TARGETS).mean()
     loss, grads = nnx.value_and_grad(loss_fn)(m)
-    _update(opt, m, grads)
+    training.update(opt, m, grads)
     return loss, grads
 
   loss0, grads = step(net, opt)

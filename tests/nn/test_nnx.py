@@ -10,22 +10,11 @@ from flax import nnx
 import jint4
 from jint4 import Int4Config, Int4Linear
 from jint4.quant import hadamard, lsq
+from tests.nn import training
 
 X = jax.random.normal(jax.random.key(0), (4, 16, 64))
 
 
-def _optimizer(model, tx):
-  try:
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
-  except TypeError:  # older flax
-    return nnx.Optimizer(model, tx)
-
-
-def _update(opt, model, grads):
-  try:
-    opt.update(model, grads)
-  except TypeError:  # older flax
-    opt.update(grads)
 
 
 def _regression_step():
@@ -35,7 +24,7 @@ def _regression_step():
   @nnx.jit
   def step(m, opt):
     loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - target) ** 2))(m)
-    _update(opt, m, grads)
+    training.update(opt, m, grads)
     return loss, grads
 
   return step
@@ -69,7 +58,7 @@ def test_trains_under_nnx_jit(block):
   m.calibrate(X)
   if block == "auto":
     assert int(m.hadamard_log2_block[...]) >= 0
-  opt = _optimizer(m, optax.adam(3e-2))
+  opt = training.optimizer(m, optax.adam(3e-2))
   step = _regression_step()
   losses = [float(step(m, opt)[0]) for _ in range(30)]
   assert losses[-1] < 0.6 * losses[0], losses
@@ -85,7 +74,7 @@ def test_traced_first_call_learns_step_size_x():
   step sizes from its batch, passes their gradient on, and later steps keep
   learning them (they used to stay 0.0 with zero gradient)."""
   m = Int4Linear(64, 8, rngs=nnx.Rngs(0, quant=1))
-  opt = _optimizer(m, optax.sgd(1e-2))
+  opt = training.optimizer(m, optax.sgd(1e-2))
   step = _regression_step()
   _, grads = step(m, opt)
   init = jint4.init_step_sizes(X, m.kernel[...], m.config)

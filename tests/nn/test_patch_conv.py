@@ -11,6 +11,7 @@ from flax import nnx
 from jint4 import Int4Config, Int4Linear
 from jint4.nn.patch_conv import (Int4PatchConv, int4_patch_conv, patch_contraction,
                                  patch_conv_why, patchify)
+from tests.nn import training
 
 FLOAT = Int4Config(forward="none", backward="exact")
 INT4 = Int4Config()
@@ -172,18 +173,6 @@ def test_linen_grads_and_training():
   assert losses[-1] < 0.8 * losses[0], losses
 
 
-def _optimizer(model, tx):
-  try:
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
-  except TypeError:  # older flax
-    return nnx.Optimizer(model, tx)
-
-
-def _update(opt, model, grads):
-  try:
-    opt.update(model, grads)
-  except TypeError:  # older flax
-    opt.update(grads)
 
 
 def _flat_paths(module, kind):
@@ -208,12 +197,12 @@ def test_nnx_keeps_conv_params_and_trains():
   x = _x((4, 8, 8, 2))
   teacher = nnx.Conv(2, 8, (4, 4), strides=(4, 4), padding="VALID", rngs=nnx.Rngs(9))
   target = jnp.tanh(teacher(x))
-  opt = _optimizer(layer, optax.sgd(0.1))
+  opt = training.optimizer(layer, optax.sgd(0.1))
 
   @nnx.jit
   def step(m, opt):
     loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(m)
-    _update(opt, m, grads)
+    training.update(opt, m, grads)
     return loss, grads
 
   loss0, grads = step(layer, opt)

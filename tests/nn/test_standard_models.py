@@ -17,6 +17,7 @@ from flax import nnx
 
 import jint4
 from jint4.nn import dot_general as dot_general_lib
+from tests.nn import training
 
 HIDDEN, HEADS, MLP, CLASSES = 32, 2, 64, 4
 DEPTH = 1  # one block each: the layer types, not the depth, are under test
@@ -87,24 +88,6 @@ def _flat(tree):
           for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _train(loss_of, params, steps=10):
-  """Adam under jax.jit: (losses, the last gradient)."""
-  tx = optax.adam(3e-3)
-
-  @jax.jit
-  def step(params, opt):
-    loss, g = jax.value_and_grad(loss_of)(params)
-    updates, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, updates), opt, loss, g
-
-  opt = tx.init(params)
-  losses = []
-  for _ in range(steps):
-    params, opt, loss, g = step(params, opt)
-    losses.append(float(loss))
-  return losses, g
-
-
 def _vit_data():
   images = jax.random.normal(jax.random.key(0), (8, 16, 16, 2))
   labels = jax.random.randint(jax.random.key(1), (8,), 0, CLASSES)
@@ -137,7 +120,7 @@ def test_linen_vit_runs_every_projection_in_int4():
     logits = model.apply({"params": p}, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  losses, g = _train(loss_of, params)
+  losses, g = training.train_linen(loss_of, params, 10)
   assert _flat(g) == _flat(params)
   assert float(jnp.abs(g["embedding"]["step_size_w"])) > 0
   assert losses[-1] < 0.5 * losses[0], losses
@@ -182,7 +165,7 @@ def test_linen_bert_runs_every_projection_and_product_in_int4(capsys):
     return (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             + optax.softmax_cross_entropy_with_integer_labels(mlm, tokens).mean())
 
-  losses, g = _train(loss_of, params)
+  losses, g = training.train_linen(loss_of, params, 10)
   assert _flat(g) == _flat(params)
   assert float(jnp.abs(g["layer_0"]["attention"]["pv_product"]["step_size_x"])) > 0
   assert float(jnp.abs(g["word_embeddings"]["step_size"])) > 0
