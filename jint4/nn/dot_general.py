@@ -59,8 +59,8 @@ from jint4.config import fit_hadamard_block
 from jint4.matmul import flatten_dot_general
 from jint4.matmul import int4_dot_general
 from jint4.nn.linen import QUANT_STATE
-from jint4.nn.linen import _quant_key
-from jint4.nn.linen import _warmup
+from jint4.nn.linen import quant_key
+from jint4.nn.linen import warmup
 from jint4.nn.linen import data_key
 from jint4.nn.linen import layer_errors
 from jint4.nn.linen import layer_path
@@ -112,7 +112,7 @@ def linen_dot_general(module: nn.Module, lhs, rhs, dimension_numbers, *,
   `jint4.init_step_sizes` at init), the "auto" block and the warm-up
   counters in ``quant_state``, as `jint4.Int4Dense` has them."""
   ops = flatten_dot_general(lhs, rhs, dimension_numbers)
-  key = _quant_key(module, lhs, rhs, rng_collection)
+  key = quant_key(module, lhs, rhs, rng_collection)
   step_x = step_w = jnp.float32(1)
   log2 = None
   if config.quantizes_forward:
@@ -127,7 +127,7 @@ def linen_dot_general(module: nn.Module, lhs, rhs, dimension_numbers, *,
     step_x = module.param("step_size_x", lambda _: initial().step_x)
     step_w = module.param("step_size_w", lambda _: initial().step_w)
     if config.warmup_steps:
-      step_x, step_w = _warmup(module, config.warmup_steps, step_x, step_w,
+      step_x, step_w = warmup(module, config.warmup_steps, step_x, step_w,
                                initial)
   return int4_dot_general(
       lhs, rhs, dimension_numbers, step_x, step_w, key, config=config,

@@ -99,11 +99,14 @@ def int4_dense(module: nn.Module, inputs: jax.Array, *, features: int,
   inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias,
                                                  dtype=dtype)
   with layer_errors(layer_path(module)):
-    return _quantized_dense(module, inputs, kernel, bias, config, rng_collection)
+    return quantized_dense(module, inputs, kernel, bias, config, rng_collection)
 
 
-def _quantized_dense(module, inputs, kernel, bias, config, rng_collection):
-  key = _quant_key(module, inputs, kernel, rng_collection)
+def quantized_dense(module, inputs, kernel, bias, config, rng_collection):
+  """``int4_matmul(inputs, kernel) + bias`` with the step sizes (and the
+  "auto" block, the warm-up state) as variables of ``module``'s scope: the
+  INT4 part of every Linen layer whose product is a matmul."""
+  key = quant_key(module, inputs, kernel, rng_collection)
   if not config.quantizes_forward:
     return int4_matmul(inputs, kernel, jnp.float32(1), jnp.float32(1), key,
                        config=config, bias=bias)
@@ -119,7 +122,7 @@ def _quantized_dense(module, inputs, kernel, bias, config, rng_collection):
   step_x = module.param("step_size_x", lambda _: initial().step_x)
   step_w = module.param("step_size_w", lambda _: initial().step_w)
   if config.warmup_steps:
-    step_x, step_w = _warmup(module, config.warmup_steps, step_x, step_w, initial)
+    step_x, step_w = warmup(module, config.warmup_steps, step_x, step_w, initial)
   return int4_matmul(inputs, kernel, step_x, step_w, key, config=config,
                      bias=bias, hadamard_log2_block=log2)
 
@@ -147,7 +150,7 @@ def layer_errors(path: str):
 _warned_frozen: set = set()
 
 
-def _warmup(module, steps, step_x, step_w, initial):
+def warmup(module, steps, step_x, step_w, initial):
   """Step sizes during and after the paper's pre-training warm-up."""
   counter = module.variable(QUANT_STATE, "step", lambda: jnp.zeros((), jnp.int32))
   ratio_x = module.variable(QUANT_STATE, "step_ratio_x",
@@ -184,7 +187,8 @@ def _warmup(module, steps, step_x, step_w, initial):
   return out
 
 
-def _quant_key(module, inputs, kernel, rng_collection):
+def quant_key(module, inputs, kernel, rng_collection):
+  """The layer's rng stream if the caller passed one, else `data_key`."""
   if module.has_rng(rng_collection):
     return module.make_rng(rng_collection)
   return data_key(inputs, kernel, "/".join(map(str, module.path)))

@@ -63,7 +63,7 @@ from flax.linen.linear import canonicalize_padding
 
 from jint4.config import Int4Config
 from jint4.matmul import int4_matmul
-from jint4.nn.linen import _quantized_dense
+from jint4.nn.linen import quantized_dense
 from jint4.nn.linen import layer_errors
 from jint4.nn.linen import layer_path
 from jint4.nn.nnx import add_lazy_step_sizes
@@ -227,7 +227,7 @@ def int4_patch_conv(module: nn.Conv, inputs: jax.Array, *, config: Int4Config,
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias,
                                                 dtype=module.dtype)
     patches = patchify(inputs, kernel_size)
-    return _quantized_dense(module, patches, kernel.reshape(-1, module.features),
+    return quantized_dense(module, patches, kernel.reshape(-1, module.features),
                             bias, config, rng_collection)
 
 
