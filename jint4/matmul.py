@@ -407,8 +407,7 @@ def _forward(x3, kernel3, bias, sx, sw, key_data, log2, static):
     y = y + bias.astype(jnp.float32)
     return y.astype(static.out_dtype), (x3, kernel3, sx, sw)
   spec = partition.OpSpec(shard_fn=_forward_shard, layout_fn=_forward_layout,
-                          shardings_fn=_forward_shardings, static=static,
-                          block=static.block)
+                          shardings_fn=_forward_shardings, static=static)
   y, nibbles, flags, norms, qwt = _FORWARD[static.flat_residual](
       spec, x3, kernel3, bias, sx, sw, key_data, log2)
   return y, (nibbles, flags, norms, qwt, kernel3, sx, sw, key_data, log2)
@@ -487,7 +486,9 @@ def _quantized_forward(eng: Engine, x2, kernel, bias, sx, sw, key, log2, *,
                    col_bias=col_bias,
                    out_dtype=jnp.float32 if partial else static.out_dtype)
   if partial:
-    y = comm.psum(y, "d") + bias.astype(jnp.float32)
+    y = comm.psum(y, "d")
+    if static.bias_dtype is not None:
+      y = y + bias.astype(jnp.float32)
   return y.astype(static.out_dtype), res_x, qwt
 
 
@@ -510,8 +511,7 @@ def _backward(static, res, g):
             jnp.zeros_like(sx), jnp.zeros_like(sw), None, None)
   nibbles, flags, norms, qwt, kernel3, sx, sw, key_data, log2 = res
   spec = partition.OpSpec(shard_fn=_backward_shard, layout_fn=_backward_layout,
-                          shardings_fn=_backward_shardings, static=static,
-                          block=static.block)
+                          shardings_fn=_backward_shardings, static=static)
   dx, dk, dsx, dsw = _BACKWARD[static.flat_residual](
       spec, g, nibbles, flags, norms, qwt, kernel3, sx, sw, key_data, log2)
   return (dx, dk, bias_grad, jnp.sum(dsx).astype(sx.dtype).reshape(sx.shape),
@@ -664,7 +664,7 @@ def _products_lss(ctx, g, qwt):
   # budget (stratified sampling: still unbiased).
   budget = lss.budget_rows(n, cfg.lss_budget)
   abs_max = None if comm.trivial else comm.pmax(bitsplit.abs_max(g), "n", "c")
-  g2, s_hi, s_lo, g2_norm = _bit_split(eng, g, seeds[_SEED_SPLIT], abs_max)
+  g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT], abs_max=abs_max)
   g2_norm = comm.row_norms(g2_norm, "c")                           # [2N]
   u = contract.uniform24(ctx.row_seeds[_SEED_SAMPLE], 2)
   finite = jnp.isfinite(s_hi)
@@ -719,13 +719,6 @@ def backward_mode(config: Int4Config, platform: Optional[str] = None, *,
   return "lss" if engine.int4_tensor_cores else "bitsplit"
 
 
-def _bit_split(eng, g, seed, abs_max):
-  """`Engine.bit_split`, with one max|G| for all shards when sharded."""
-  if abs_max is None:
-    return eng.bit_split(g, seed)
-  return eng.bit_split(g, seed, abs_max=abs_max)
-
-
 _GRADIENT_PRODUCTS = {
     "exact": _products_exact,
     "luq": _products_luq,
@@ -746,21 +739,23 @@ _int4_matmul_3d.defvjp(
 
 def _forward_layout(spec, mesh, arg_shapes):
   x, kernel = arg_shapes[0], arg_shapes[1]
-  layout = partition.read_layout(mesh, x, kernel, block=spec.block,
-                                 name=spec.static.name)
-  return _unsplit_flat_rows(spec, layout)
+  return _layout(spec, mesh, partition.spec_axes(x.sharding, 3), x.shape, kernel)
 
 
 def _backward_layout(spec, mesh, arg_shapes):
-  nibbles, kernel = arg_shapes[1], arg_shapes[5]
-  b, n, d = (partition.spec_axes(nibbles.sharding, 2) + [()])[:3] if (
-      spec.static.flat_residual) else partition.spec_axes(nibbles.sharding, 3)
-  x = jax.ShapeDtypeStruct(
-      (kernel.shape[0], arg_shapes[0].shape[1], kernel.shape[1]), jnp.float32,
-      sharding=partition.named(mesh, P(partition.entry(b), partition.entry(n),
-                                       partition.entry(d))))
-  layout = partition.read_layout(mesh, x, kernel, block=spec.block,
-                                 name=spec.static.name)
+  """x's grid is the residual's: (b, n, d) from the codes' sharding."""
+  g, nibbles, kernel = arg_shapes[0], arg_shapes[1], arg_shapes[5]
+  if spec.static.flat_residual:   # [B, N*D/2]: rows not split
+    x_axes = partition.spec_axes(nibbles.sharding, 1) + [(), ()]
+  else:
+    x_axes = partition.spec_axes(nibbles.sharding, 3)
+  return _layout(spec, mesh, x_axes, (g.shape[0], g.shape[1], kernel.shape[1]),
+                 kernel)
+
+
+def _layout(spec, mesh, x_axes, x_dims, kernel):
+  layout = partition.read_layout(mesh, x_axes, x_dims, kernel,
+                                 block=spec.static.block, name=spec.static.name)
   return _unsplit_flat_rows(spec, layout)
 
 

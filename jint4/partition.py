@@ -170,8 +170,6 @@ class Comm:
                    pack_axis: int) -> jax.Array:
     """int8 codes in [-8, 7] regridded per ``(axis, src, dst)``; what is
     gathered moves packed two codes per byte along ``pack_axis``."""
-    if all(src == dst for _, src, dst in grids):
-      return q
     if not any(src and src != dst for _, src, dst in grids):
       for axis, src, dst in grids:       # slices only: nothing to move
         q = self.regrid(q, src, dst, axis)
@@ -227,14 +225,12 @@ class OpSpec:
   ``layout_fn(spec, mesh, arg_shapes)`` reads a `Layout` from the operands'
   shardings (raising on one the op cannot run); ``shardings_fn(spec, mesh,
   layout, arg_shapes)`` gives (result shardings, operand shardings).
-  ``block`` and ``auto_block`` say how the Hadamard block constrains a
-  sharded contraction dim.
+  ``static``: the op's own static arguments, read by those three.
   """
   shard_fn: Callable[..., Any]
   layout_fn: Callable[..., Layout]
   shardings_fn: Callable[..., Tuple[Any, Any]]
   static: Any
-  block: Optional[int]
 
 
 def partitioned(rule: str, name: str, in_b: Sequence[Optional[int]],
@@ -351,12 +347,13 @@ def mesh_sizes(mesh) -> Tuple[Tuple[str, int], ...]:
                                                 np.shape(mesh.devices)))
 
 
-def read_layout(mesh, x_shape, kernel_shape, *, block: Optional[int],
+def read_layout(mesh, x_axes, x_dims, kernel_shape, *, block: Optional[int],
                 name: str = "int4_matmul") -> Layout:
-  """The `Layout` of x [B, N, D] and kernel [B, D, C] from their shardings,
+  """The `Layout` of x [B, N, D] (``x_axes``: per dim, its mesh axes;
+  ``x_dims``: its sizes) and the kernel [B, D, C] (a shape with a sharding),
   checked against the op's constraints."""
   sizes = mesh_sizes(mesh)
-  b, n, d = spec_axes(x_shape.sharding, 3)
+  b, n, d = x_axes
   kb, kd, kc = spec_axes(kernel_shape.sharding, 3)
   # The kernel follows x's batch sharding (a batch axis elsewhere in the
   # kernel would be gathered); its features shard the output unless x
@@ -366,21 +363,22 @@ def read_layout(mesh, x_shape, kernel_shape, *, block: Optional[int],
   used = set(b + n + d)
   c = _NONE if any(a in used for a in kc) else kc
   layout = Layout(b=b, n=n, d=d, c=c, kd=kd, kc=kc, sizes=sizes)
-  big_d = x_shape.shape[2]
-  for axes, what, size in ((d, "x's contraction dim", big_d),
-                           (kd, "the kernel's contraction dim", big_d)):
+  for dims, shape in (((b, n, d), x_dims), ((kb, kd, kc), kernel_shape.shape)):
+    for axes, size in zip(dims, shape):
+      if axes and size % layout.count(axes):
+        raise ValueError(
+            f"{name}: a dim of size {size} does not split evenly over mesh"
+            f" axes {axes}; pad it or shard it over axes whose sizes divide"
+            " it.")
+  for axes, what in ((d, "x's contraction dim"), (kd, "the kernel's contraction dim")):
     if not axes:
       continue
-    shard = size // layout.count(axes)
-    if size % layout.count(axes):
-      raise ValueError(
-          f"{name}: {what} ({size}) does not split evenly over mesh axes"
-          f" {axes}; shard it over axes whose sizes divide it.")
     if block is None:
       raise ValueError(
           f"{name}: {what} is sharded over {axes}, which the searched"
           " Hadamard block (hadamard_block='auto') cannot follow; use a"
           " fixed Int4Config(hadamard_block=...) that divides each shard.")
+    shard = x_dims[2] // layout.count(axes)
     if shard % block or shard % 8:
       need = block * 8 // math.gcd(block, 8)
       raise ValueError(
@@ -389,13 +387,6 @@ def read_layout(mesh, x_shape, kernel_shape, *, block: Optional[int],
           f" divide: the block would straddle shards. Shard that dim over"
           f" fewer devices (so each shard holds a multiple of {need}), or use"
           f" a smaller Int4Config(hadamard_block=...).")
-  for dims, shape in (((b, n, d), x_shape.shape), ((kb, kd, kc), kernel_shape.shape)):
-    for axes, size in zip(dims, shape):
-      if axes and size % layout.count(axes):
-        raise ValueError(
-            f"{name}: a dim of size {size} does not split evenly over mesh"
-            f" axes {axes}; pad it or shard it over axes whose sizes divide"
-            " it.")
   return layout
 
 

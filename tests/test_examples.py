@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jint4
-from tests.test_partition import _gathers
+from tests.test_partition import _matrix_gathers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--steps", "6", "--batch", "8", "--seq-len", "32", "--eval-batches", "1", "--layers", "1",
@@ -62,9 +62,8 @@ def test_example_train_step_gathers_no_float_matrix_the_float_model_does_not():
     opt = jax.jit(tx.init)(params)
     hlo[name] = train_step.lower(params, opt, batch, batch, jax.random.key(1)).compile(
         ).as_text()
-  matrices = lambda gs: [(t, s) for t, s in gs if sum(v > 1 for v in s) >= 2]
   floats = lambda gs: sorted(g for g in gs if g[0] in ("f32", "bf16", "f16"))
-  int4, ref = matrices(_gathers(hlo["int4"])), matrices(_gathers(hlo["float"]))
+  int4, ref = _matrix_gathers(hlo["int4"]), _matrix_gathers(hlo["float"])
   extra = list(floats(int4))
   for g in floats(ref):
     if g in extra:

@@ -135,6 +135,12 @@ def _gathers(hlo: str):
   return out
 
 
+def _matrix_gathers(hlo: str):
+  """`_gathers` of matrices only (activations, gradients, kernels): vectors
+  (a column's NaN flag, per-row scalars) are not counted."""
+  return [(t, s) for t, s in _gathers(hlo) if sum(v > 1 for v in s) >= 2]
+
+
 def _nbytes(dtype, shape):
   return int(np.prod(shape, dtype=np.int64)) * {"f32": 4, "bf16": 2, "f16": 2}.get(
       dtype, 1)
@@ -151,10 +157,7 @@ def test_hlo_gathers_no_float_tensor_the_float_model_does_not(layout, engine):
   for name, cfg in (("int4", jint4.Int4Config(engine=engine)),
                     ("float", jint4.Int4Config(forward="none", backward="exact"))):
     hlo[name] = _grads(cfg, jax.random.key(1)).lower(*args).compile().as_text()
-  # Vectors (a column's NaN flag, per-row scalars) are not counted: only
-  # gathers of matrices (activations, gradients, kernels).
-  matrices = lambda gs: [(t, s) for t, s in gs if sum(v > 1 for v in s) >= 2]
-  int4, ref = matrices(_gathers(hlo["int4"])), matrices(_gathers(hlo["float"]))
+  int4, ref = _matrix_gathers(hlo["int4"]), _matrix_gathers(hlo["float"])
   float_ref = [g for g in ref if g[0] in ("f32", "bf16", "f16")]
   for dtype, shape in int4:
     if dtype in ("f32", "bf16", "f16"):

@@ -58,9 +58,8 @@ from jint4.config import Int4Config
 from jint4.config import fit_hadamard_block
 from jint4.matmul import flatten_dot_general
 from jint4.matmul import int4_dot_general
-from jint4.nn.linen import QUANT_STATE
 from jint4.nn.linen import quant_key
-from jint4.nn.linen import warmup
+from jint4.nn.linen import step_size_variables
 from jint4.nn.linen import data_key
 from jint4.nn.linen import layer_errors
 from jint4.nn.linen import layer_path
@@ -116,19 +115,9 @@ def linen_dot_general(module: nn.Module, lhs, rhs, dimension_numbers, *,
   step_x = step_w = jnp.float32(1)
   log2 = None
   if config.quantizes_forward:
-    if config.uses_hadamard and config.hadamard_block == "auto":
-      log2 = module.variable(
-          QUANT_STATE, "hadamard_log2_block",
-          lambda: _init_steps(ops, config).log2_block).value
-
-    def initial():
-      return _init_steps(ops, config, log2_block=log2)
-
-    step_x = module.param("step_size_x", lambda _: initial().step_x)
-    step_w = module.param("step_size_w", lambda _: initial().step_w)
-    if config.warmup_steps:
-      step_x, step_w = warmup(module, config.warmup_steps, step_x, step_w,
-                               initial)
+    step_x, step_w, log2 = step_size_variables(
+        module, config,
+        lambda log2_block: _init_steps(ops, config, log2_block=log2_block))
   return int4_dot_general(
       lhs, rhs, dimension_numbers, step_x, step_w, key, config=config,
       hadamard_log2_block=log2, precision=precision,

@@ -163,6 +163,17 @@ def _block_of(config: Optional[Int4Config]) -> Optional[int]:
 
 
 _PRODUCT_NAMES = {QK: "attention Q K^T", PV: "attention P V"}
+_PRODUCTS_OFF = ("float: Int4Config.attention_products is off (the paper keeps"
+                 " attention's products float)")
+
+
+def _embed_kept_why(config: Int4Config, kept: bool) -> str:
+  """Why an embedding's output stays float ("" when LSQ quantizes it)."""
+  if kept:
+    return "kept by keep="
+  if config.embedding_lsq:
+    return ""
+  return "output in float (Int4Config(embedding_lsq=True) quantizes it)"
 
 
 def _is_int4_hook(cls) -> bool:
@@ -296,8 +307,7 @@ class Int4Model:
       return next_fun(*args, **kwargs)
     if method != "__call__":
       return next_fun(*args, **kwargs)
-    why = ("kept by keep=" if self.keep(path) else "" if self.config.embedding_lsq
-           else "output in float (Int4Config(embedding_lsq=True) quantizes it)")
+    why = _embed_kept_why(self.config, self.keep(path))
     self._record(LayerReport(path=path, layer=type(module).__name__, shape=shape,
                              converted=not why,
                              why=why or "LSQ on the output (no matmul)"))
@@ -314,8 +324,7 @@ class Int4Model:
     features = module.qkv_features or jax.numpy.shape(inputs_q)[-1]
     why = ""
     if not self.config.attention_products:
-      why = ("float: Int4Config.attention_products is off (the paper keeps"
-             " attention's products float)")
+      why = _PRODUCTS_OFF
     elif not takes_einsum_hooks(module.attention_fn):
       why = "custom attention_fn without einsum hooks (kept as given)"
     elif (module.qk_attn_weights_einsum_cls is not None
@@ -511,8 +520,7 @@ def _nnx_conv_row(conv, config, keep, path):
 
 
 def _nnx_embed_row(embed, config, keep, path) -> LayerReport:
-  why = ("kept by keep=" if keep(path) else "" if config.embedding_lsq
-         else "output in float (Int4Config(embedding_lsq=True) quantizes it)")
+  why = _embed_kept_why(config, keep(path))
   return LayerReport(path=path, layer=type(embed).__name__,
                      shape=(embed.num_embeddings, embed.features),
                      converted=not why,
@@ -526,9 +534,7 @@ def _nnx_attention_row(attention, config, keep, path) -> LayerReport:
   row = functools.partial(LayerReport, path=fn_path, layer="attention Q K^T, P V",
                           shape=(attention.num_heads, attention.head_dim))
   if not config.attention_products:
-    return row(converted=False,
-               why=("float: Int4Config.attention_products is off (the paper"
-                    " keeps attention's products float)"))
+    return row(converted=False, why=_PRODUCTS_OFF)
   if keep(fn_path):
     return row(converted=False, why="kept by keep=")
   if attention.attention_fn is not nnx.dot_product_attention:
@@ -544,7 +550,7 @@ def _nnx_hooked_row(layer, config, keep, path) -> LayerReport:
   kernel_shape = tuple(layer.kernel[...].shape)
   if isinstance(layer, nnx.Einsum):
     attr, default = "einsum_op", jax.numpy.einsum
-    k = _einsum_contraction(layer.einsum_str, kernel_shape)
+    k = einsum_contraction(layer.einsum_str, kernel_shape)
   else:
     attr, default = "dot_general", jax.lax.dot_general
     k = int(np.prod(layer.in_features))
@@ -564,14 +570,6 @@ def _nnx_hooked_row(layer, config, keep, path) -> LayerReport:
   # The product was a static attribute; the hook holds state (data).
   setattr(layer, attr, _nnx_data(Int4NnxDotGeneral(layer_config, name=path)))
   return row(converted=True, block=_block_of(layer_config), why=why)
-
-
-def _einsum_contraction(equation: str, kernel_shape) -> int:
-  """The size of the dims an einsum ``x,kernel->out`` sums over in the kernel."""
-  inputs, out = equation.replace(" ", "").split("->")
-  x, kernel = inputs.split(",")
-  summed = [i for i, c in enumerate(kernel) if c in x and c not in out]
-  return int(np.prod([kernel_shape[i] for i in summed]))
 
 
 def _is_nnx_container(node):

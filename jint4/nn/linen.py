@@ -110,21 +110,32 @@ def quantized_dense(module, inputs, kernel, bias, config, rng_collection):
   if not config.quantizes_forward:
     return int4_matmul(inputs, kernel, jnp.float32(1), jnp.float32(1), key,
                        config=config, bias=bias)
+  step_x, step_w, log2 = step_size_variables(
+      module, config,
+      lambda log2_block: init_step_sizes(inputs, kernel, config,
+                                         log2_block=log2_block))
+  return int4_matmul(inputs, kernel, step_x, step_w, key, config=config,
+                     bias=bias, hadamard_log2_block=log2)
+
+
+def step_size_variables(module, config, init):
+  """(step_x, step_w, log2 block or None) as variables of ``module``'s scope:
+  the params ``step_size_x`` / ``step_size_w``, set at init by
+  ``init(log2_block)`` (a `jint4.QuantInit`), the "auto" block in
+  ``quant_state`` (searched by ``init(None)``), and the warm-up state."""
   log2 = None
   if config.uses_hadamard and config.hadamard_block == "auto":
-    log2 = module.variable(
-        QUANT_STATE, "hadamard_log2_block",
-        lambda: init_step_sizes(inputs, kernel, config).log2_block).value
+    log2 = module.variable(QUANT_STATE, "hadamard_log2_block",
+                           lambda: init(None).log2_block).value
 
   def initial():
-    return init_step_sizes(inputs, kernel, config, log2_block=log2)
+    return init(log2)
 
   step_x = module.param("step_size_x", lambda _: initial().step_x)
   step_w = module.param("step_size_w", lambda _: initial().step_w)
   if config.warmup_steps:
     step_x, step_w = warmup(module, config.warmup_steps, step_x, step_w, initial)
-  return int4_matmul(inputs, kernel, step_x, step_w, key, config=config,
-                     bias=bias, hadamard_log2_block=log2)
+  return step_x, step_w, log2
 
 
 def layer_path(module: nn.Module) -> str:
