@@ -1,0 +1,91 @@
+"""The GPT pre-training example and the grid report, at a tiny size: real text,
+an INT4 mode that learns, a checkpoint resumed on the very same curve, and a
+RESULTS page with the paired ratio to float."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+TINY = ["--steps", "8", "--eval-every", "4", "--d-model", "32", "--layers", "1",
+        "--seq-len", "32", "--batch", "4", "--eval-batches", "1", "--no-progress"]
+
+
+def _load(name):
+  if name not in sys.modules:
+    if str(EXAMPLES) not in sys.path:
+      sys.path.insert(0, str(EXAMPLES))  # the examples import their shared modules
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses (Flax modules) look it up
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+def _metrics(path):
+  return json.loads((path / "metrics.json").read_text())
+
+
+def test_corpus_is_real_text_with_a_disjoint_held_out_split():
+  corpora = _load("corpora")
+  text = corpora.text_corpus()
+  assert len(text.train) > 3_000_000 and len(text.eval) > 300_000
+  sample = bytes(text.train[:2000].astype(np.uint8)).decode()
+  assert "In the beginning God created" in sample
+  # Held-out chapters are not in the training text.
+  held = bytes(text.eval[5000:5200].astype(np.uint8)).decode()
+  train = bytes(text.train.astype(np.uint8)).decode()
+  assert held not in train
+  x, y = corpora.lm_batch(text.train, 4, 16, seed=3, step=7)
+  x2, _ = corpora.lm_batch(text.train, 4, 16, seed=3, step=7)
+  np.testing.assert_array_equal(x, x2)  # a pure function of (seed, step)
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+
+
+def test_int4_gpt_learns_and_writes_metrics_and_curves(tmp_path):
+  gpt = _load("train_gpt")
+  assert gpt.main(TINY + ["--quant", "hq_lss", "--out-dir", str(tmp_path)]) == 0
+  m = _metrics(tmp_path)
+  losses = [h["eval_loss"] for h in m["history"]]
+  assert m["quant"] == "hq_lss" and "backward='lss'" in m["config"]
+  assert [h["step"] for h in m["history"]] == [0, 4, 8]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5
+  assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_resume_continues_the_same_curve(tmp_path):
+  gpt = _load("train_gpt")
+  whole, parts = tmp_path / "whole", tmp_path / "parts"
+  argv = TINY + ["--quant", "hq_bitsplit", "--no-plot"]
+  assert gpt.main(argv + ["--out-dir", str(whole)]) == 0
+  assert gpt.main(argv + ["--out-dir", str(parts), "--stop-after", "4"]) == 0
+  assert _metrics(parts)["history"][-1]["step"] == 4
+  assert gpt.main(argv + ["--out-dir", str(parts), "--resume"]) == 0
+  drop_time = lambda hs: [{k: v for k, v in h.items() if k != "time_s"} for h in hs]
+  # The quantizer's step sizes and the optimizer state came back with the
+  # weights, and batches and keys depend only on the step: the same numbers.
+  assert drop_time(_metrics(parts)["history"]) == drop_time(_metrics(whole)["history"])
+
+
+def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
+  report = _load("report")
+  out = tmp_path / "RESULTS.md"
+  extra = " ".join(TINY[:-1])
+  argv = ["--examples", "gpt", "--stages", "gpt", "--modes", "fp,hq_lss", "--seeds", "1",
+          "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--extra", extra]
+  assert report.main(argv) == 0
+  text = out.read_text()
+  assert "| fp | 1 |" in text and "| hq_lss | 1 |" in text
+  fp = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["final"]["eval_loss"]
+  lss = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "hq_lss" / "seed0")["final"]["eval_loss"]
+  assert f"{lss / fp:.4f}" in text  # the ratio to fp, paired by seed
+  assert (tmp_path / "results" / "gpt_cpu.png").stat().st_size > 1000
+  # A finished grid is not run again.
+  before = (tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0" / "metrics.json").stat().st_mtime
+  assert report.main(argv) == 0
+  after = (tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0" / "metrics.json").stat().st_mtime
+  assert before == after
