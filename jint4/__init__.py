@@ -9,8 +9,14 @@ The public surface is this module's ``__all__``; the quantizers themselves
 and the baselines) are `jint4.quant`, for research use.
 """
 
+from jint4 import optim
 from jint4 import quant
 from jint4.config import Int4Config
+from jint4.diagnosis import EstimatorStats
+from jint4.diagnosis import LayerDiagnosis
+from jint4.diagnosis import diagnose
+from jint4.diagnosis import format_diagnosis
+from jint4.diagnosis import plot_diagnosis
 from jint4.kernels import engine_info
 from jint4.matmul import backward_mode
 from jint4.matmul import int4_dot_general
@@ -22,6 +28,7 @@ from jint4.nn.int4ify import Int4Model
 from jint4.nn.int4ify import int4ify
 from jint4.nn.int4ify import int4ify_report
 from jint4.nn.report import LayerReport
+from jint4.optim import relative_step_sizes
 from jint4.nn.linen import Int4Dense
 from jint4.nn.nnx import Int4Linear
 from jint4.nn.nnx import QuantState
@@ -31,22 +38,28 @@ from jint4.quant_init import init_step_sizes
 __version__ = "0.1.0"
 
 __all__ = [
+    "EstimatorStats",
     "Int4Config",
     "Int4Dense",
     "Int4DotGeneral",
     "Int4Linear",
     "Int4Model",
+    "LayerDiagnosis",
     "LayerReport",
     "Int4NnxDotGeneral",
     "QuantInit",
     "QuantState",
     "backward_mode",
     "calibrate",
+    "diagnose",
     "engine_info",
+    "format_diagnosis",
     "init_step_sizes",
     "int4_dot_general",
     "int4_matmul",
     "int4ify",
     "int4ify_report",
+    "plot_diagnosis",
     "quant",
+    "relative_step_sizes",
 ]

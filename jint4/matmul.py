@@ -55,9 +55,11 @@ makes the gradients NaN. An all-zero G gives zero gradients.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +117,10 @@ def _matmul3(x3, kernel3, step_x, step_w, key, *, config, bias, log2, batched):
   (`jint4.partition`: one partitioning rule for the forward, one for the
   backward); ``batched``: independent randomness per b (the key folded with
   b), else B == 1 and the key is used as given."""
+  hook = _PRODUCT_HOOK.get()
+  if hook is not None:  # `product_hook`: jint4.diagnose is watching
+    return _run_hooked(hook, x3, kernel3, step_x, step_w, key, config=config,
+                       bias=bias, log2=log2, batched=batched)
   out_dtype = jnp.result_type(x3.dtype, kernel3.dtype)
   _, n, d = x3.shape
   c = kernel3.shape[2]
@@ -315,6 +321,60 @@ def flatten_dot_general(lhs, rhs, dimension_numbers) -> DotGeneralOperands:
 
 def _prod(sizes) -> int:
   return int(np.prod(sizes, dtype=np.int64))
+
+
+# --- the product hook (jint4.diagnose) -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductCall:
+  """One INT4 product as every entry point hands it to the op: y[b] =
+  x3[b] @ kernel3[b] (+ bias), x3 [B, N, D], kernel3 [B, D, C]. What a
+  `product_hook` is shown."""
+  name: str                   # the layer's path (`jint4.partition.layer_name`)
+  x3: jax.Array
+  kernel3: jax.Array
+  step_x: jax.Array
+  step_w: jax.Array
+  config: Int4Config
+  log2: Optional[jax.Array]   # hadamard_log2_block as given (None unless "auto")
+  batched: bool               # a batched dot_general (key folded per element)
+  bias: Optional[jax.Array]   # [C], added to every y[b] (None: no bias)
+
+
+_PRODUCT_HOOK = contextvars.ContextVar("jint4_product_hook", default=None)
+
+
+@contextlib.contextmanager
+def product_hook(hook: Optional[Callable[[ProductCall, Callable], jax.Array]]):
+  """While active, each INT4 product traced in this context calls
+  ``hook(call, run)`` and returns what the hook returns, y3 [B, N, C]-shaped;
+  ``run(config, x3, kernel3)`` computes the product of ``x3`` and
+  ``kernel3`` (``call``'s operands or others of their shapes) with
+  ``config``, its steps, key and bias, with no hook. The hook is read when a
+  product is traced (inside `jax.jit`, at trace time), and is unset by
+  default: then nothing changes. `jint4.diagnose` uses it to record each
+  product's operands and add zero probes to its operands and its output,
+  whose gradients are the product's dX, dW and output gradient G."""
+  token = _PRODUCT_HOOK.set(hook)
+  try:
+    yield
+  finally:
+    _PRODUCT_HOOK.reset(token)
+
+
+def _run_hooked(hook, x3, kernel3, step_x, step_w, key, *, config, bias, log2,
+                batched):
+  call = ProductCall(name=partition.layer_name(), x3=x3, kernel3=kernel3,
+                     step_x=jnp.asarray(step_x), step_w=jnp.asarray(step_w),
+                     config=config, log2=log2, batched=batched, bias=bias)
+
+  def run(cfg: Int4Config, x3: jax.Array, kernel3: jax.Array) -> jax.Array:
+    with product_hook(None):
+      return _matmul3(x3, kernel3, step_x, step_w, key, config=cfg, bias=bias,
+                      log2=log2, batched=batched)
+
+  return hook(call, run)
 
 
 def _dimension_numbers(dimension_numbers, lhs_ndim, rhs_ndim):
