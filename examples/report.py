@@ -78,6 +78,7 @@ STAGES: Dict[str, Tuple[Stage, ...]] = {
               script="train_vit.py"),
     ),
 }
+STAGES_BY_NAME = {s.name: s for group in STAGES.values() for s in group}
 
 
 def parse_args(argv=None):
@@ -96,6 +97,9 @@ def parse_args(argv=None):
   p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "grid"))
   p.add_argument("--out", default=os.path.join(ROOT, "docs", "RESULTS.md"))
   p.add_argument("--summarize-only", action="store_true")
+  p.add_argument("--diagnose-stage", default="gpt",
+                 help="the stage whose final INT4 weights jint4.diagnose examines")
+  p.add_argument("--diagnose-mode", default="hq_lss")
   p.add_argument("--extra", default="", help="more arguments for every cell")
   return p.parse_args(argv)
 
@@ -139,12 +143,9 @@ def command(args, stage: Stage, mode: str, seed: int) -> List[str]:
   cmd += ["--quant", mode, "--seed", str(seed), "--out-dir", cell_dir(args, stage, mode, seed),
           "--no-progress", "--resume", *args.extra.split()]
   if stage.init_from:
-    source = next(s for s in STAGES_BY_NAME.values() if s.name == stage.init_from)
+    source = STAGES_BY_NAME[stage.init_from]
     cmd += ["--init-from", cell_dir(args, source, "fp", seed)]
   return cmd
-
-
-STAGES_BY_NAME = {s.name: s for group in STAGES.values() for s in group}
 
 
 def run_cell(args, stage: Stage, mode: str, seed: int) -> Tuple[str, float, int]:
@@ -264,6 +265,47 @@ def plot_stage(stage: Stage, runs, path: str) -> None:
   plt.close(fig)
 
 
+def _example_module(script: str):
+  import importlib.util
+  name = os.path.splitext(script)[0]
+  if name not in sys.modules:
+    sys.path.insert(0, HERE)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, script))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its Flax modules (dataclasses) look it up
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+def diagnose_cell(args, stage: Stage, mode: str, seed: int, png: str) -> Optional[str]:
+  """`jint4.diagnose` on a finished cell's final checkpoint: its table as text
+  (None when the cell has not run), and the PNG."""
+  import jax
+  import jint4
+  path = cell_dir(args, stage, mode, seed)
+  if not _done(path):
+    return None
+  module = _example_module(stage.script)
+  trainer = sys.modules["trainer"]
+  argv = [*stage.argv, *(stage.gpu_argv if args.size == "gpu" else ()), *args.extra.split(),
+          "--quant", mode, "--seed", str(seed)]
+  if stage.init_from:
+    source = STAGES_BY_NAME[stage.init_from]
+    argv += ["--init-from", cell_dir(args, source, "fp", seed)]
+  ex = module.parse_args(argv)
+  task = module.task(ex)
+  model, initial = trainer.build(task, trainer.quant_config(ex), seed)
+  params = trainer.load_params(path)
+  batch = {k: np.asarray(v)[:8] for k, v in task.eval_batches[0].items()}
+  rows = jint4.diagnose(model, {**initial, "params": params}, batch["inputs"],
+                        lambda out, b: task.loss_fn(out, b)[0], batch,
+                        key=jax.random.key(seed), samples=16,
+                        estimators=("lss", "bitsplit", "luq"),
+                        initial_variables=initial, apply_kwargs=task.model_kwargs)
+  jint4.plot_diagnosis(rows, png)
+  return jint4.format_diagnosis(rows)
+
+
 def summarize(args, stages: Sequence[Stage]) -> str:
   import jax
   figs = os.path.join(os.path.dirname(args.out), "results")
@@ -283,6 +325,19 @@ def summarize(args, stages: Sequence[Stage]) -> str:
               f" {any_run['args']['steps']} steps of batch {any_run['args']['batch']}.", "",
               *stage_table(stage, runs), "", *verdicts(stage, runs), "",
               f"![{stage.name}](results/{os.path.basename(png)})", ""]
+  diag_stage = next((s for s in stages if s.name == args.diagnose_stage), None)
+  if diag_stage is not None:
+    png = os.path.join(figs, f"diagnosis_{diag_stage.name}_{args.size}.png")
+    table = diagnose_cell(args, diag_stage, args.diagnose_mode, 0, png)
+    if table is not None:
+      parts += [f"## Diagnostics: {diag_stage.title}, {args.diagnose_mode}, seed 0, final weights",
+                "", "`jint4.diagnose` on the final checkpoint and 8 held-out sequences"
+                " (docs/DIAGNOSTICS.md says how to read it):", "", "```", table, "```", "",
+                f"![diagnosis](results/{os.path.basename(png)})", ""]
+  notes = os.path.join(figs, "NOTES.md")
+  if os.path.exists(notes):
+    with open(notes) as f:
+      parts = [f.read().strip(), ""] + parts
   header = [
       "# Results: INT4 training next to float, on real data", "",
       "Each cell trains an unedited Flax model with `jint4.int4ify` (`fp`: the float",

@@ -94,6 +94,10 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES)
   p.add_argument("--warmup-steps", type=int, default=0,
                  help="jint4 step-size warm-up (Int4Config.warmup_steps)")
+  p.add_argument("--lss-budget", type=float, default=None,
+                 help="Int4Config.lss_budget for the lss modes (default: the paper's 1.0)")
+  p.add_argument("--relative-steps", action="store_true",
+                 help="wrap the optimizer in jint4.relative_step_sizes")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--no-plot", action="store_true", help="no curves.png")
 
@@ -102,7 +106,8 @@ def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
     return None
-  return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps)
+  extra = {} if getattr(args, "lss_budget", None) is None else {"lss_budget": args.lss_budget}
+  return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps, **extra)
 
 
 def make_optimizer(lr: float, steps: int, weight_decay: float = 0.01
@@ -251,6 +256,8 @@ def train(args, task: Task, example: str, *, variables=None) -> Dict[str, Any]:
   model, fresh = build(task, config, args.seed, report=config is not None)
   params, state = _split(variables if variables is not None else fresh)
   tx = make_optimizer(args.lr, args.steps)
+  if getattr(args, "relative_steps", False):
+    tx = jint4.optim.relative_step_sizes(tx)
   opt_state = jax.jit(tx.init)(params)
   train_step, eval_step = make_steps(model, task, tx, tuple(state))
 

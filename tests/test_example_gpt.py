@@ -84,6 +84,9 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   lss = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "hq_lss" / "seed0")["final"]["eval_loss"]
   assert f"{lss / fp:.4f}" in text  # the ratio to fp, paired by seed
   assert (tmp_path / "results" / "gpt_cpu.png").stat().st_size > 1000
+  # jint4.diagnose on the final hq_lss weights: one row per INT4 product.
+  assert "## Diagnostics" in text and "block_0/mlp/down" in text
+  assert (tmp_path / "results" / "diagnosis_gpt_cpu.png").stat().st_size > 1000
   # A finished grid is not run again.
   before = (tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0" / "metrics.json").stat().st_mtime
   assert report.main(argv) == 0
