@@ -318,6 +318,11 @@ def _step_sizes(tree):
           if "step_size" in str(path[-1].key)]
 
 
+def task(args) -> trainer.Task:
+  """The task of ``args.stage`` (what `examples/report.py`'s diagnostics build)."""
+  return (pretrain_task if args.stage == "pretrain" else finetune_task)(args)[0]
+
+
 def finetune_variables(args, task: trainer.Task) -> Optional[Dict[str, Any]]:
   """The variables a fine-tune starts from: a fresh init of the classifier
   model (the same for every mode: float init, seed ``args.seed``) whose
