@@ -165,9 +165,8 @@ def run_cell(args, stage: Stage, mode: str, seed: int) -> Tuple[str, float, int]
 
 def run_grid(args, stages: Sequence[Stage]) -> None:
   # A stage that starts from another's fp checkpoint waits for it.
-  order = sorted(stages, key=lambda s: s.init_from is not None)
-  for group in (list(g) for g in ([s for s in order if not s.init_from],
-                                  [s for s in order if s.init_from])):
+  for group in ([s for s in stages if not s.init_from],
+                [s for s in stages if s.init_from]):
     work = [(s, m, seed) for s in group for m, seed in cells(args, s)]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
       for path, seconds, rc in pool.map(lambda c: run_cell(args, *c), work):
