@@ -16,7 +16,13 @@ inputs. Int4Dense gets the same bfloat16 inputs and bfloat16 parameters
 (``Int4Dense(dtype=bfloat16, param_dtype=bfloat16)``), HQ forward, with the
 backward modes of ``--backward`` (``lss``: bit splitting + leverage score
 sampling, the paper's default; ``bitsplit``: bit splitting, all rows kept;
-``exact``: float gradient products, only when listed).
+``exact``: float gradient products, only when listed). With ``--fp8`` (the
+default) also what a Flax user would pick instead of INT4: the same bf16
+``nn.Dense`` with Flax's FP8 ``dot_general``
+(``dot_general_cls=flax.linen.fp8_ops.Fp8DotGeneralOp``: e4m3 forward, e5m2
+output gradient, delayed scaling; its scales and amax histories are
+differentiated like the parameters, as Flax's overwrite-with-gradient rule
+needs).
 
 How: for each shape, every case is compiled and warmed up first; then the
 timed runs go round robin over the cases of that shape (so load changes on a
@@ -57,6 +63,7 @@ import sys
 import time
 
 import flax.linen as nn
+from flax.linen import fp8_ops
 import jax
 import jax.numpy as jnp
 
@@ -65,6 +72,7 @@ import common  # noqa: E402
 import jint4  # noqa: E402
 
 BF16 = "bf16 nn.Dense"
+FP8 = "fp8 nn.Dense"
 DEFAULTS = {  # backend -> (tokens, hidden sizes)
     "gpu": (16384, [1024, 2048, 4096, 8192]),
     "cpu": (2048, [1024]),
@@ -94,6 +102,8 @@ def parse_args(argv=None):
                       f" {','.join(jint4.config.BACKWARD_MODES)}")
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
                  help="Int4Config.engine of the Int4Dense cases")
+  p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time nn.Dense with Flax's FP8 dot_general")
   p.add_argument("--budget-s", type=float, default=None,
                  help="soft wall-clock budget: no shape is started after it"
                       " (the rest are recorded as skipped)")
@@ -112,10 +122,12 @@ def parse_args(argv=None):
   return args
 
 
-def layers(backward_modes, engine, d_out):
+def layers(backward_modes, engine, d_out, fp8=False):
   """{case name: (module, backward mode or None)} for one output width."""
   bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   out = {BF16: (nn.Dense(d_out, **bf16), None)}
+  if fp8:
+    out[FP8] = (nn.Dense(d_out, dot_general_cls=fp8_ops.Fp8DotGeneralOp, **bf16), None)
   for mode in backward_modes:
     config = jint4.Int4Config(backward=mode, engine=engine)
     out[f"int4 {mode}"] = (jint4.Int4Dense(d_out, config=config, **bf16), mode)
@@ -178,18 +190,20 @@ def time_cases(steps: dict, repeats: int, warmup: int, calls: int = 5) -> dict:
 
 def run_shape(args, d_in, d_out) -> list:
   """Result rows (one per case) of one shape."""
-  cases = layers(args.backward, args.engine, d_out)
+  cases = layers(args.backward, args.engine, d_out, args.fp8)
   steps, residual = {}, {}
   for name, (layer, _) in cases.items():
     step, step_args, residual[name] = make_step(layer, args.tokens, d_in, d_out)
     steps[name] = (step, step_args)
   timed = time_cases(steps, args.repeats, args.warmup, args.calls)
   base = timed[BF16]["median_ms"]
+  fp8 = timed[FP8]["median_ms"] if FP8 in timed else None
   flops = 3 * 2 * args.tokens * d_in * d_out  # forward, dX and dW GEMMs
   rows = []
   for name, r in timed.items():
     r.update(shape=[args.tokens, d_in, d_out], case=name,
              backward=cases[name][1], speedup_vs_bf16=base / r["median_ms"],
+             speedup_vs_fp8=fp8 / r["median_ms"] if fp8 else None,
              tflops_equivalent=flops / (r["median_ms"] * 1e-3) / 1e12,
              residual_bytes_per_input_element=residual[name])
     rows.append(r)
@@ -203,7 +217,8 @@ def shape_label(shape) -> str:
 
 def print_table(rows):
   header = (f"{'shape':>24} | {'case':16} | {'median ms':>10} | {'min ms':>10} |"
-            f" {'vs bf16':>7} | {'TFLOP/s':>7} | {'res B/el':>8} | {'compile s':>9}")
+            f" {'vs bf16':>7} | {'vs fp8':>7} | {'TFLOP/s':>7} | {'res B/el':>8} |"
+            f" {'compile s':>9}")
   print("\n" + header + "\n" + "-" * len(header))
   for r in rows:
     if "skipped" in r:
@@ -211,7 +226,9 @@ def print_table(rows):
       continue
     print(f"{shape_label(r['shape']):>24} | {r['case']:16} |"
           f" {r['median_ms']:10.3f} | {r['min_ms']:10.3f} |"
-          f" {r['speedup_vs_bf16']:6.2f}x | {r['tflops_equivalent']:7.2f} |"
+          f" {r['speedup_vs_bf16']:6.2f}x |"
+          + (f" {r['speedup_vs_fp8']:6.2f}x |" if r.get("speedup_vs_fp8") else f" {'-':>7} |")
+          + f" {r['tflops_equivalent']:7.2f} |"
           f" {r['residual_bytes_per_input_element']:8.3f} |"
           f" {r['first_call_s']:9.1f}")
 
@@ -223,6 +240,9 @@ def plot(args, rows, name, env):
     by_shape = {tuple(r["shape"]): r["speedup_vs_bf16"] for r in rows
                 if r.get("backward") == mode}
     series[f"int4 {mode}"] = [by_shape.get(tuple(s), math.nan) for s in shapes]
+  if args.fp8:
+    by_shape = {tuple(r["shape"]): r["speedup_vs_bf16"] for r in rows if r.get("case") == FP8}
+    series["fp8 (Flax)"] = [by_shape.get(tuple(s), math.nan) for s in shapes]
   return common.bar_plot(
       args.out_dir, name, [shape_label(s) for s in shapes], series,
       "speed-up vs bf16 nn.Dense (fwd + bwd)",

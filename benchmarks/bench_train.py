@@ -12,11 +12,16 @@ Attention is ``jax.nn.dot_product_attention`` with ``--attention``: ``auto``
 (default) picks cuDNN's fused flash attention on a GPU and XLA's on a CPU;
 ``xla`` materialises the [T, T] scores.
 
-Variants: ``bf16`` is that model as written (``nn.Dense`` everywhere);
-``int4`` is the very same model passed through
+Variants (``--variants``): ``bf16`` is that model as written (``nn.Dense``
+everywhere); ``int4`` is the very same model passed through
 ``jint4.int4ify(model, Int4Config(backward=..., engine=...), keep="lm_head")``,
 so every Dense of the blocks runs HQ forward + INT4 backward while the LM head
-stays in float, as in the paper (embeddings are ``nn.Embed`` and stay float).
+stays in float, as in the paper (embeddings are ``nn.Embed`` and stay float);
+``fp8`` is what a Flax user would pick instead: every Dense of the blocks with
+Flax's own FP8 ``dot_general`` (``dot_general_cls=flax.linen.fp8_ops.
+Fp8DotGeneralOp``: e4m3 inputs and kernels, e5m2 output gradients, delayed
+scaling from an amax history, which the train step overwrites with its
+gradient as Flax prescribes), the LM head again in bf16.
 
 How: each (width, variant) runs in a fresh subprocess (this script re-invoked
 with the internal ``--_one`` flag, printing one JSON line), so that the peak
@@ -65,6 +70,7 @@ import sys
 import time
 
 import flax.linen as nn
+from flax.linen import fp8_ops
 import jax
 import jax.numpy as jnp
 import optax
@@ -76,7 +82,7 @@ import jint4  # noqa: E402
 # NOTE: the parent process must not initialise a JAX backend (no device
 # calls): on a GPU it would hold memory that the subprocesses need.
 
-VARIANTS = ("bf16", "int4")
+VARIANTS = ("bf16", "int4", "fp8")
 HEAD_DIM = 128
 LINEAR_INPUTS_PER_BLOCK = 7  # x D elements per token: qkv, out, up (D each), down (4D)
 RESULT_MARK = "BENCH_TRAIN_RESULT "
@@ -93,11 +99,13 @@ BF16 = jnp.bfloat16
 class Block(nn.Module):
   heads: int
   attention: str = "xla"
+  fp8: bool = False      # Flax's FP8 dot_general in every Dense
 
   @nn.compact
   def __call__(self, x):
     b, t, d = x.shape
-    dense = functools.partial(nn.Dense, dtype=BF16)
+    dense = functools.partial(nn.Dense, dtype=BF16, dot_general_cls=(
+        fp8_ops.Fp8DotGeneralOp if self.fp8 else None))
     h = nn.LayerNorm(dtype=BF16, name="ln_1")(x)
     qkv = dense(3 * d, name="qkv")(h).reshape(b, t, 3, self.heads, d // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -114,6 +122,7 @@ class GPT(nn.Module):
   layers: int
   seq_len: int
   attention: str = "xla"
+  fp8: bool = False
 
   @nn.compact
   def __call__(self, tokens):
@@ -121,7 +130,7 @@ class GPT(nn.Module):
     x = x + nn.Embed(self.seq_len, self.hidden, dtype=BF16, name="pos_emb")(
         jnp.arange(tokens.shape[1]))
     for i in range(self.layers):
-      x = Block(self.hidden // HEAD_DIM, self.attention, name=f"block_{i}")(x)
+      x = Block(self.hidden // HEAD_DIM, self.attention, self.fp8, name=f"block_{i}")(x)
     x = nn.LayerNorm(dtype=BF16, name="ln_f")(x)
     return nn.Dense(self.vocab, dtype=BF16, name="lm_head")(x)
 
@@ -154,21 +163,38 @@ def training(model, *, config=None, vocab, seq_len, batch, lr=1e-4) -> Training:
   inputs, targets = data[:, :-1], data[:, 1:]
   # One sequence is enough for init (and int4's step-size init) and keeps
   # init's memory out of the peak.
-  params = jax.jit(model.init)(k_init, inputs[:1])["params"]
+  variables = dict(jax.jit(model.init)(k_init, inputs[:1]))
+  params = variables.pop("params")
+  # Other collections: FP8's scales and amax histories, which its train step
+  # overwrites with their gradients (Flax's OVERWRITE_WITH_GRADIENT rule).
+  # They travel inside the optimizer state, so that every variant's step has
+  # the same signature.
+  extra0 = variables
   tx = optax.adamw(lr, weight_decay=0.1,
                    mask=lambda p: jax.tree_util.tree_map(lambda a: a.ndim >= 2, p))
   opt_state = jax.jit(tx.init)(params)
+  if extra0:
+    opt_state = (opt_state, extra0)
 
-  def loss_fn(params, inputs, targets, key):
-    logits = model.apply({"params": params}, inputs, rngs={"quant": key})
+  def apply_loss(params, extra, inputs, targets, key):
+    logits = model.apply({"params": params, **extra}, inputs, rngs={"quant": key})
     return optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), targets).mean()
 
+  def loss_fn(params, inputs, targets, key):
+    return apply_loss(params, extra0, inputs, targets, key)
+
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, inputs, targets, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    if not extra0:
+      loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+    adam, extra = opt_state
+    loss, (grads, extra) = jax.value_and_grad(apply_loss, argnums=(0, 1))(
+        params, extra, inputs, targets, key)
+    updates, adam = tx.update(grads, adam, params)
+    return optax.apply_updates(params, updates), (adam, extra), loss
 
   return Training(params=params, opt_state=opt_state, inputs=inputs, targets=targets,
                   k_quant=k_quant, loss_fn=loss_fn, train_step=train_step)
@@ -187,7 +213,8 @@ def run_one(args) -> dict:
   attention = resolve_attention(args.attention)
   config = (jint4.Int4Config(backward=args.backward, engine=args.engine)
             if variant == "int4" else None)
-  t = training(GPT(args.vocab, d, args.layers, args.seq_len, attention), config=config,
+  t = training(GPT(args.vocab, d, args.layers, args.seq_len, attention,
+                   fp8=variant == "fp8"), config=config,
                vocab=args.vocab, seq_len=args.seq_len, batch=args.tokens // args.seq_len)
   params, inputs, targets, k_quant = t.params, t.inputs, t.targets, t.k_quant
   loss_fn, train_step = t.loss_fn, t.train_step
@@ -195,8 +222,8 @@ def run_one(args) -> dict:
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
   activation_bytes = whole_model_activation_bytes(loss_fn, params, inputs,
                                                   targets, k_quant)
-  per_element = 2.0 if variant == "bf16" else int4_residual_bytes_per_element(
-      d, args.backward, args.engine)
+  per_element = (int4_residual_bytes_per_element(d, args.backward, args.engine)
+                 if variant == "int4" else dense_residual_bytes_per_element(d, variant))
 
   state = (params, t.opt_state)
   losses, times = [], []
@@ -254,6 +281,17 @@ def whole_model_activation_bytes(loss_fn, params, inputs, targets, key):
   return (size[1] - size[0]) * inputs.shape[0]
 
 
+def dense_residual_bytes_per_element(d, variant, rows=64):
+  """Bytes a bf16 nn.Dense(d -> d), FP8 or not, keeps per element of its input."""
+  layer = nn.Dense(d, dtype=BF16, dot_general_cls=(
+      fp8_ops.Fp8DotGeneralOp if variant == "fp8" else None))
+  params = jax.eval_shape(layer.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((rows, d), BF16))
+  size = [common.residual_bytes(layer.apply, params, jax.ShapeDtypeStruct((n, d), BF16))
+          for n in (rows, 2 * rows)]
+  return (size[1] - size[0]) / (rows * d)
+
+
 def int4_residual_bytes_per_element(d, backward, engine, rows=64):
   """Bytes an Int4Dense(d -> d) keeps per element of its bf16 input."""
   layer = jint4.Int4Dense(d, dtype=BF16, config=jint4.Int4Config(
@@ -301,42 +339,45 @@ def ratio(a, b):
   return a / b if a is not None and b else None
 
 
-def print_table(rows):
-  gib = lambda b: f"{b / 2**30:8.2f}" if b is not None else f"{'-':>8}"
-  mib = lambda b: f"{b / 2**20:9.1f}"
-  header = (f"{'D':>5} | {'params':>7} | {'bf16 tok/s':>11} | {'int4 tok/s':>11} |"
-            f" {'int4/bf16':>9} | {'bf16 GiB':>8} | {'int4 GiB':>8} |"
-            f" {'lin. saved MiB bf16/int4':>24} | {'compile s':>11}")
+def print_table(rows, variants):
+  gib = lambda b: f"{b / 2**30:7.2f}" if b is not None else f"{'-':>7}"
+  others = [v for v in variants if v != "bf16"]
+  header = (f"{'D':>5} | {'params':>7} | " + " | ".join(f"{v + ' tok/s':>11}" for v in variants)
+            + "".join(f" | {v + '/bf16':>9}" for v in others)
+            + (" | int4/fp8" if {"int4", "fp8"} <= set(variants) else "")
+            + " | " + " | ".join(f"{v + ' GiB':>8}" for v in variants))
   print("\n" + header + "\n" + "-" * len(header))
   for r in rows:
-    if "skipped" in r or "error" in r.get("bf16", {}) or "error" in r.get("int4", {}):
+    failed = [v for v in variants if "error" in r.get(v, {})]
+    if "skipped" in r or failed:
       why = r.get("skipped") or "; ".join(
-          f"{v} failed: {error_summary(r[v]['error'])}"
-          for v in VARIANTS if "error" in r.get(v, {}))
+          f"{v} failed: {error_summary(r[v]['error'])}" for v in failed)
       print(f"{r['hidden']:>5} | {why}")
       continue
-    b, i = r["bf16"], r["int4"]
-    print(f"{r['hidden']:>5} | {b['n_params'] / 1e6:6.0f}M |"
-          f" {b['tokens_per_s']:11.0f} | {i['tokens_per_s']:11.0f} |"
-          f" {r['int4_vs_bf16_tokens_per_s']:8.2f}x |"
-          f" {gib(b['peak_bytes_in_use'])} | {gib(i['peak_bytes_in_use'])} |"
-          f"   {mib(b['linear_input_bytes_saved'])} / {mib(i['linear_input_bytes_saved'])}"
-          f" | {b['first_call_s']:5.0f} {i['first_call_s']:5.0f}")
+    line = (f"{r['hidden']:>5} | {r['bf16']['n_params'] / 1e6:6.0f}M | "
+            + " | ".join(f"{r[v]['tokens_per_s']:11.0f}" for v in variants)
+            + "".join(f" | {r[f'{v}_vs_bf16_tokens_per_s']:8.2f}x" for v in others))
+    if {"int4", "fp8"} <= set(variants):
+      line += f" | {r['int4_vs_fp8_tokens_per_s']:7.2f}x"
+    line += " | " + " | ".join(f"{gib(r[v]['peak_bytes_in_use']):>8}" for v in variants)
+    print(line)
 
 
 def plot(args, rows, name, device):
-  done = [r for r in rows if "int4_vs_bf16_tokens_per_s" in r]
+  others = [v for v in args.variants if v != "bf16"]
+  done = [r for r in rows if all(f"{v}_vs_bf16_tokens_per_s" in r for v in others)]
   nan = lambda v: math.nan if v is None else v
-  series = {"tokens/s int4 / bf16": [r["int4_vs_bf16_tokens_per_s"] for r in done]}
-  if any(r["int4_vs_bf16_peak_memory"] is not None for r in done):
-    series["peak memory int4 / bf16"] = [nan(r["int4_vs_bf16_peak_memory"])
-                                         for r in done]
+  series = {f"tokens/s {v} / bf16": [r[f"{v}_vs_bf16_tokens_per_s"] for r in done]
+            for v in others}
+  for v in others:
+    if any(r[f"{v}_vs_bf16_peak_memory"] is not None for r in done):
+      series[f"peak memory {v} / bf16"] = [nan(r[f"{v}_vs_bf16_peak_memory"]) for r in done]
   return common.bar_plot(
       args.out_dir, name, [f"D={r['hidden']}" for r in done], series,
-      "int4 / bf16",
+      "variant / bf16",
       f"GPT train step, {args.layers} blocks, {args.tokens} tokens/step,"
-      f" {device}, engine {args.engine}\n(tokens/s > 1: INT4 faster;"
-      " memory < 1: INT4 smaller)", hline=1.0)
+      f" {device}, engine {args.engine}\n(tokens/s > 1: faster than bf16;"
+      " memory < 1: smaller)", hline=1.0)
 
 
 def output_name(args, backend: str) -> str:
@@ -357,7 +398,8 @@ def main(argv=None) -> int:
       "environment": None,
       "settings": {k: getattr(args, k) for k in (
           "hidden", "layers", "seq_len", "tokens", "vocab", "repeats", "calls",
-          "warmup", "engine", "backward", "attention", "budget_s", "small")},
+          "warmup", "engine", "backward", "attention", "budget_s", "small",
+          "variants")},
       "results": [],
   }
   report["settings"].update(
@@ -374,7 +416,7 @@ def main(argv=None) -> int:
       report["results"].append(row)
       print(f"  D={width}: skipped (budget)", flush=True)
       continue
-    for variant in VARIANTS:
+    for variant in args.variants:
       r = run_child(args, width, variant)
       if "error" in r:
         failed = True
@@ -388,11 +430,14 @@ def main(argv=None) -> int:
               f" {r['tokens_per_s']:.0f} tokens/s, loss {r['loss_first']:.3f}"
               f" -> {r['loss_last']:.3f}", flush=True)
       row[variant] = r
-    if "error" not in row["bf16"] and "error" not in row["int4"]:
-      row["int4_vs_bf16_tokens_per_s"] = ratio(row["int4"]["tokens_per_s"],
-                                               row["bf16"]["tokens_per_s"])
-      row["int4_vs_bf16_peak_memory"] = ratio(row["int4"]["peak_bytes_in_use"],
-                                              row["bf16"]["peak_bytes_in_use"])
+    pairs = [(v, "bf16") for v in args.variants if v != "bf16"]
+    if {"int4", "fp8"} <= set(args.variants):
+      pairs.append(("int4", "fp8"))
+    for a, b in pairs:
+      if "error" not in row[a] and "error" not in row[b]:
+        row[f"{a}_vs_{b}_tokens_per_s"] = ratio(row[a]["tokens_per_s"], row[b]["tokens_per_s"])
+        row[f"{a}_vs_{b}_peak_memory"] = ratio(row[a]["peak_bytes_in_use"],
+                                               row[b]["peak_bytes_in_use"])
     report["results"].append(row)
     if name:
       common.write(args.out_dir, name, report)
@@ -403,7 +448,7 @@ def main(argv=None) -> int:
   name = name or output_name(args, jax.default_backend())
   report["total_s"] = time.perf_counter() - start
   json_path = common.write(args.out_dir, name, report)
-  print_table(report["results"])
+  print_table(report["results"], args.variants)
   png_path = plot(args, report["results"], name, report["environment"]["device"])
   print(f"\nwrote {json_path} and {png_path}")
   return 1 if failed else 0
@@ -434,6 +479,9 @@ def parse_args(argv=None):
                  help="back-to-back steps per timed sample (one sync each)")
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps after the compiling one")
+  p.add_argument("--variants", type=common.comma_list(str), default=list(VARIANTS),
+                 help="comma-separated, of " + ",".join(VARIANTS) + " (bf16 is the"
+                      " baseline every ratio divides by, always run)")
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
                  help="Int4Config.engine of the int4 variant")
   p.add_argument("--backward", default="auto",
@@ -458,6 +506,10 @@ def parse_args(argv=None):
   for key, value in (SMALL if args.small else DEFAULTS).items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  bad = [v for v in args.variants if v not in VARIANTS]
+  if bad:
+    p.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
+  args.variants = ["bf16"] + [v for v in VARIANTS[1:] if v in args.variants]
   if not args.hidden or any(d < HEAD_DIM or d % HEAD_DIM for d in args.hidden):
     p.error(f"--hidden: widths must be positive multiples of {HEAD_DIM} (the"
             f" head size); got {args.hidden}")
