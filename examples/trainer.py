@@ -96,6 +96,8 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
                  help="jint4 step-size warm-up (Int4Config.warmup_steps)")
   p.add_argument("--lss-budget", type=float, default=None,
                  help="Int4Config.lss_budget for the lss modes (default: the paper's 1.0)")
+  p.add_argument("--step-init", default=None, choices=jint4.config.STEP_INITS,
+                 help="Int4Config.step_init (default: the config's)")
   p.add_argument("--relative-steps", action="store_true",
                  help="wrap the optimizer in jint4.relative_step_sizes")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,7 +108,8 @@ def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
     return None
-  extra = {} if getattr(args, "lss_budget", None) is None else {"lss_budget": args.lss_budget}
+  extra = {name: getattr(args, name) for name in ("lss_budget", "step_init")
+           if getattr(args, name, None) is not None}
   return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps, **extra)
 
 

@@ -7,7 +7,9 @@ everywhere (paper Sec. 4.1, LSQ's init):
     s_x0 = 2 mean|X Hb| / sqrt(Qp),      s_w0 = 2 mean|W Hb| / sqrt(Qp),
 
 with Hb the block-diagonal Hadamard transform along the contraction dim D
-(block 1 for ``forward="lsq"``). With ``hadamard_block="auto"`` the block is
+(block 1 for ``forward="lsq"``); with ``Int4Config(step_init="mse")`` each
+step is instead the one with the least quantization error of X Hb (W Hb),
+searched around that rule (`jint4.quant.lsq.mse_step_size`). With ``hadamard_block="auto"`` the block is
 chosen first by the reference code's per-layer search
 (`jint4.quant.hadamard.search_hadamard_block`) on the same batch and kernel.
 An empty batch carries no information: its step is 1.0, as for an all-zero
@@ -59,12 +61,12 @@ def init_step_sizes(x: jax.Array, kernel: jax.Array, config: Int4Config, *,
     log2 = block
   else:
     log2 = jnp.asarray(int(block).bit_length() - 1, jnp.int32)
-  return QuantInit(_init_step(x.reshape(-1, kernel.shape[0]), block, -1, config.qp),
-                   _init_step(kernel, block, 0, config.qp), log2)
+  return QuantInit(_init_step(x.reshape(-1, kernel.shape[0]), block, -1, config),
+                   _init_step(kernel, block, 0, config), log2)
 
 
-def _init_step(t, block, axis, qp):
-  """`lsq.init_step_size` of t Hb, computed on t / 2^e with 2^e near max|t|
+def _init_step(t, block, axis, config):
+  """The init rule's step of t Hb, computed on t / 2^e with 2^e near max|t|
   and scaled back: exact (powers of two), and the transform's sums cannot
   overflow for finite t near float32's limit. A non-finite t is left as it
   is, so its step stays NaN / Inf."""
@@ -74,4 +76,4 @@ def _init_step(t, block, axis, qp):
   _, e = jnp.frexp(jnp.where(usable, peak, 1.0))
   scale = jnp.where(usable, jnp.ldexp(jnp.float32(1.0), e), 1.0)
   th = hadamard.apply_block_hadamard(t / scale, block, axis=axis)
-  return lsq.init_step_size(th, qp=qp) * scale
+  return lsq.step_size_rule(th, config.step_init, qn=config.qn, qp=config.qp) * scale

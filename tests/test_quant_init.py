@@ -76,3 +76,21 @@ def test_finite_inputs_near_the_float_limit_give_finite_steps(block):
   for a, b in ((small.step_x, big.step_x), (small.step_w, big.step_w)):
     assert np.isfinite(float(b))
     np.testing.assert_allclose(float(b), float(a) * 2.0 ** 120, rtol=1e-6)
+
+
+def test_mse_rule_searches_around_the_lsq_rule_on_the_transform():
+  for forward in ("hq", "lsq"):
+    lsq_init = jint4.init_step_sizes(X, W, Int4Config(forward=forward))
+    mse_init = jint4.init_step_sizes(X, W, Int4Config(forward=forward, step_init="mse"))
+    b = 32 if forward == "hq" else 1
+    xh = hadamard.hadamard_transform(X, b).reshape(-1, 64)
+    np.testing.assert_allclose(mse_init.step_x, lsq.mse_step_size(xh, qn=7, qp=7), rtol=1e-5)
+    for s_mse, s_lsq in ((mse_init.step_x, lsq_init.step_x), (mse_init.step_w, lsq_init.step_w)):
+      assert 0.1 <= float(s_mse / s_lsq) < 1.0  # Gaussian data: finer than LSQ's rule
+  with pytest.raises(ValueError, match="step_init"):
+    Int4Config(step_init="minmax")
+  # Every layer type reads it: an int4ified Dense starts from the MSE step.
+  model = jint4.int4ify(nn.Dense(16), Int4Config(step_init="mse"))
+  params = model.init(jax.random.key(0), X)["params"]
+  want = jint4.init_step_sizes(X, params["kernel"], Int4Config(step_init="mse"))
+  np.testing.assert_allclose(params["step_size_x"], want.step_x, rtol=1e-5)

@@ -51,7 +51,7 @@ from jint4.nn.linen import layer_errors
 from jint4.nn.linen import layer_path
 from jint4.nn.nnx import QuantState
 from jint4.quant.lsq import fake_quantize
-from jint4.quant.lsq import init_step_size
+from jint4.quant.lsq import step_size_rule
 
 STEP_SIZE = "step_size"
 
@@ -91,7 +91,8 @@ def lsq_embed_output(module: nn.Embed, out: jax.Array, *,
       step = meta.unbox(module.get_variable("params", STEP_SIZE))
     else:
       step = module.scope.param(STEP_SIZE,
-                                lambda _: init_step_size(out, qp=config.qp))
+                                lambda _: step_size_rule(out, config.step_init, qn=config.qn,
+                                                         qp=config.qp))
     return fake_quantize(out, step, qn=config.qn, qp=config.qp).astype(out.dtype)
 
 
@@ -155,7 +156,8 @@ class LsqEmbed(nnx.Module):
       return param
     # The init rule is a starting point, not part of the model: no gradient
     # through mean|E| into the table on the first step.
-    init = jax.lax.stop_gradient(init_step_size(out, qp=self.config.qp))
+    init = jax.lax.stop_gradient(step_size_rule(out, self.config.step_init,
+                                                qn=self.config.qn, qp=self.config.qp))
     ready = flag > 0
     # The init value now, with its gradient passed on to the parameter, so
     # the very first (traced) training step already learns it.

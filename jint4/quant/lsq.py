@@ -45,6 +45,46 @@ def init_step_size(t: jax.Array, *, qp: int) -> jax.Array:
   return jnp.where(s == 0, jnp.ones_like(s), s)
 
 
+# The factors of the LSQ rule that `mse_step_size` tries: 0.10, 0.125, ..., 1.20.
+MSE_SEARCH_FACTORS = tuple(0.1 + 0.025 * i for i in range(45))
+
+
+def mse_step_size(t: jax.Array, *, qn: int, qp: int) -> jax.Array:
+  """The step s minimising the quantization error sum (s int_s(T) - T)^2,
+  searched over `MSE_SEARCH_FACTORS` times LSQ's rule (`init_step_size`).
+
+  LSQ's rule 2 mean|T| / sqrt(Qp) is tuned for no particular distribution:
+  for a Gaussian T (what a Hadamard transform makes of a layer's input) and
+  Qp = 7 it is about 0.6 sigma, which clips almost nothing but rounds
+  coarsely; the error-minimising step is about 0.34 sigma, with about 2.4x
+  less squared error. Heavy-tailed tensors get larger factors. Same
+  conventions as `init_step_size`: 1.0 for an all-zero or empty tensor,
+  NaN / Inf stay visible. One pass over T per factor (`jax.lax.map`), so the
+  memory is one T.
+  """
+  base = init_step_size(t, qp=qp)
+  if t.size == 0:
+    return base
+  t = t.astype(jnp.float32)
+  factors = jnp.asarray(MSE_SEARCH_FACTORS, jnp.float32)
+
+  def error(factor):
+    s = base * factor
+    return jnp.sum(jnp.square(quantize(t, s, qn=qn, qp=qp) * s - t))
+
+  best = factors[jnp.argmin(jax.lax.map(error, factors))]
+  zero = jnp.max(jnp.abs(t)) == 0
+  return jnp.where(zero, base, base * best)
+
+
+def step_size_rule(t: jax.Array, rule: str, *, qn: int, qp: int) -> jax.Array:
+  """The initial step of T by ``rule``: "lsq" (`init_step_size`) or "mse"
+  (`mse_step_size`)."""
+  if rule == "mse":
+    return mse_step_size(t, qn=qn, qp=qp)
+  return init_step_size(t, qp=qp)
+
+
 def grad_scale(numel: int, *, qp: int) -> float:
   """LSQ's step-size gradient scale g = 1 / sqrt(Qp * numel(T))."""
   return float(1.0 / (qp * numel) ** 0.5)

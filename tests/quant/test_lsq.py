@@ -294,3 +294,40 @@ def test_unbiasedness_check_detects_bias():
 def test_init_step_size_keeps_nan_visible():
   s = lsq.init_step_size(jnp.asarray([1.0, jnp.nan]), qp=7)
   assert bool(jnp.isnan(s))
+
+
+def _relative_error(t, s, qn=7, qp=7):
+  return float(jnp.linalg.norm(lsq.fake_quantize_value(t, s, qn=qn, qp=qp) - t)
+               / jnp.linalg.norm(t))
+
+
+def test_mse_step_size_of_a_gaussian_is_about_0_34_sigma_with_less_error():
+  t = jax.random.normal(jax.random.key(3), (4096, 64)) * 3.0
+  rule, best = lsq.init_step_size(t, qp=7), lsq.mse_step_size(t, qn=7, qp=7)
+  # LSQ's rule: 2 E|T| / sqrt(7) = 0.603 sigma; the error minimum of a
+  # 15-level uniform quantizer of a Gaussian: about 0.34 sigma.
+  assert 0.58 * 3.0 < float(rule) < 0.62 * 3.0
+  assert 0.32 * 3.0 < float(best) < 0.37 * 3.0
+  assert _relative_error(t, best) < 0.7 * _relative_error(t, rule)
+  # No other step of the search does better.
+  for factor in lsq.MSE_SEARCH_FACTORS:
+    assert _relative_error(t, best) <= _relative_error(t, rule * factor) + 1e-6
+
+
+def test_mse_step_size_follows_the_range_of_the_tensor():
+  """A uniform tensor is best quantized with bins spanning its range, larger
+  than the Gaussian's factor of the LSQ rule."""
+  t = jax.random.uniform(jax.random.key(4), (8192,), minval=-1.0, maxval=1.0)
+  best = float(lsq.mse_step_size(t, qn=7, qp=7))
+  assert 0.12 < best < 0.16   # about 2 / 15: the range in 15 bins
+
+
+def test_mse_step_size_edge_cases():
+  assert float(lsq.mse_step_size(jnp.zeros((4, 4)), qn=7, qp=7)) == 1.0
+  assert float(lsq.mse_step_size(jnp.zeros((0,)), qn=7, qp=7)) == 1.0
+  assert math.isnan(float(lsq.mse_step_size(jnp.array([1.0, jnp.nan]), qn=7, qp=7)))
+  assert math.isinf(float(lsq.mse_step_size(jnp.array([1.0, jnp.inf]), qn=7, qp=7)))
+  t = jax.random.normal(jax.random.key(5), (64, 32))
+  np.testing.assert_allclose(jax.jit(functools.partial(lsq.mse_step_size, qn=7, qp=7))(t),
+                             lsq.mse_step_size(t, qn=7, qp=7), rtol=1e-6)
+  assert lsq.step_size_rule(t, "lsq", qn=7, qp=7) == lsq.init_step_size(t, qp=7)
