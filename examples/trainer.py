@@ -6,8 +6,10 @@ of (seed, step). `train` then
 
 * converts the model with `jint4.int4ify` for the chosen ``--quant`` mode
   (`QUANT_MODES`; ``fp`` trains the float model itself);
-* runs AdamW with warm-up + cosine decay under `jax.jit`, a fresh
-  ``'quant'`` key every step, and a progress bar with loss and tokens/s;
+* runs AdamW with warm-up + cosine decay under `jax.jit`, wrapped in
+  `jint4.relative_step_sizes` for the INT4 modes (the one line jint4 asks
+  of an Adam loop; ``--plain-steps`` leaves it out), a fresh ``'quant'``
+  key every step, and a progress bar with loss and tokens/s;
 * evaluates every ``--eval-every`` steps on a fixed held-out set;
 * saves an orbax checkpoint every ``--ckpt-every`` steps (params, quantizer
   state, optimizer state, step); ``--resume`` continues from the latest one
@@ -96,10 +98,14 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
                  help="jint4 step-size warm-up (Int4Config.warmup_steps)")
   p.add_argument("--lss-budget", type=float, default=None,
                  help="Int4Config.lss_budget for the lss modes (default: the paper's 1.0)")
+  p.add_argument("--hadamard-block", default=None,
+                 type=lambda v: v if v == "auto" else int(v),
+                 help="Int4Config.hadamard_block: a power of two or auto (default: the config's)")
   p.add_argument("--step-init", default=None, choices=jint4.config.STEP_INITS,
                  help="Int4Config.step_init (default: the config's)")
-  p.add_argument("--relative-steps", action="store_true",
-                 help="wrap the optimizer in jint4.relative_step_sizes")
+  p.add_argument("--plain-steps", action="store_true",
+                 help="do not wrap the optimizer in jint4.relative_step_sizes (the"
+                      " step sizes then move by ~lr per step, as any Adam parameter)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--no-plot", action="store_true", help="no curves.png")
 
@@ -108,7 +114,7 @@ def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
     return None
-  extra = {name: getattr(args, name) for name in ("lss_budget", "step_init")
+  extra = {name: getattr(args, name) for name in ("lss_budget", "step_init", "hadamard_block")
            if getattr(args, name, None) is not None}
   return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps, **extra)
 
@@ -259,8 +265,8 @@ def train(args, task: Task, example: str, *, variables=None) -> Dict[str, Any]:
   model, fresh = build(task, config, args.seed, report=config is not None)
   params, state = _split(variables if variables is not None else fresh)
   tx = make_optimizer(args.lr, args.steps)
-  if getattr(args, "relative_steps", False):
-    tx = jint4.optim.relative_step_sizes(tx)
+  if config is not None and not getattr(args, "plain_steps", False):
+    tx = jint4.relative_step_sizes(tx)
   opt_state = jax.jit(tx.init)(params)
   train_step, eval_step = make_steps(model, task, tx, tuple(state))
 

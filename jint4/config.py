@@ -13,6 +13,9 @@ leverage score sampling (a budget of N of the 2N bit-split rows) where it pays:
 on GPUs with INT4 tensor cores. Elsewhere (Hopper, CPU) the INT4 operands run on
 INT8 engines, where the two bit-split halves cost one GEMM together, so sampling
 would save no work and only add variance: ``backward="auto"`` keeps every row.
+One departure: the step sizes start at the least quantization error
+(``step_init="mse"``) rather than LSQ's rule, which is about 1.8x too coarse
+for the Hadamard-transformed tensors (``step_init="lsq"`` restores it).
 """
 
 from __future__ import annotations
@@ -65,12 +68,13 @@ class Int4Config:
       the kept-row count is ``ceil(lss_budget * N)`` out of the 2N bit-split rows
       (paper: 1.0, i.e. N rows). Must be in (0, 2].
     step_init: the rule that sets the step sizes at init (and calibration, and
-      warm-up). ``"lsq"``: LSQ's ``2 mean|T| / sqrt(qp)`` on the
-      Hadamard-transformed tensor T (paper Sec. 4.1). ``"mse"``: the step
-      with the least quantization error of T, searched from 0.1x to 1.2x
-      that rule (`jint4.quant.lsq.mse_step_size`); for the near-Gaussian T
-      that the transform makes, about 0.55x the LSQ rule and 2.4x less
-      squared error.
+      warm-up). ``"mse"`` (default): the step with the least quantization
+      error of the Hadamard-transformed tensor T, searched from 0.1x to 1.2x
+      LSQ's rule (`jint4.quant.lsq.mse_step_size`); for the near-Gaussian T
+      that the transform makes, about 0.55x LSQ's rule with 2.4x less squared
+      error, which lowered the INT4 pre-training loss gap (docs/RESULTS.md).
+      ``"lsq"``: LSQ's ``2 mean|T| / sqrt(qp)`` on T, as the paper does
+      (Sec. 4.1).
     warmup_steps: pre-training warm-up: for this many training steps the step
       sizes follow the init rule (``step_init``) of the current batch instead
       of being learned (needs the ``quant_state`` collection mutable).
@@ -96,7 +100,7 @@ class Int4Config:
   qp: int = 7
   hadamard_block: Union[int, Literal["auto"]] = 32
   lss_budget: float = 1.0
-  step_init: StepInit = "lsq"
+  step_init: StepInit = "mse"
   warmup_steps: int = 0
   embedding_lsq: bool = False
   attention_products: bool = False

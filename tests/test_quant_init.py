@@ -17,7 +17,7 @@ W = jax.random.normal(jax.random.key(1), (64, 16)) * 0.1
 
 @pytest.mark.parametrize("forward,block", [("hq", 32), ("hq", 1), ("lsq", 32)])
 def test_rule_is_two_mean_abs_of_the_transform_over_sqrt_qp(forward, block):
-  cfg = Int4Config(forward=forward, hadamard_block=block, qp=7)
+  cfg = Int4Config(forward=forward, hadamard_block=block, qp=7, step_init="lsq")
   init = jint4.init_step_sizes(X, W, cfg)
   b = block if forward == "hq" else 1
   want_x = 2 * np.mean(np.abs(np.asarray(hadamard.hadamard_transform(X, b)))) / np.sqrt(7)
@@ -28,7 +28,7 @@ def test_rule_is_two_mean_abs_of_the_transform_over_sqrt_qp(forward, block):
 
 
 def test_auto_block_is_the_search_and_traceable():
-  cfg = Int4Config(hadamard_block="auto")
+  cfg = Int4Config(hadamard_block="auto", step_init="lsq")
   init = jax.jit(lambda x, w: jint4.init_step_sizes(x, w, cfg))(X, W)
   assert int(init.log2_block) == int(hadamard.search_hadamard_block(X, W))
   b = 2 ** int(init.log2_block)
@@ -80,7 +80,7 @@ def test_finite_inputs_near_the_float_limit_give_finite_steps(block):
 
 def test_mse_rule_searches_around_the_lsq_rule_on_the_transform():
   for forward in ("hq", "lsq"):
-    lsq_init = jint4.init_step_sizes(X, W, Int4Config(forward=forward))
+    lsq_init = jint4.init_step_sizes(X, W, Int4Config(forward=forward, step_init="lsq"))
     mse_init = jint4.init_step_sizes(X, W, Int4Config(forward=forward, step_init="mse"))
     b = 32 if forward == "hq" else 1
     xh = hadamard.hadamard_transform(X, b).reshape(-1, 64)
@@ -89,6 +89,7 @@ def test_mse_rule_searches_around_the_lsq_rule_on_the_transform():
       assert 0.1 <= float(s_mse / s_lsq) < 1.0  # Gaussian data: finer than LSQ's rule
   with pytest.raises(ValueError, match="step_init"):
     Int4Config(step_init="minmax")
+  assert Int4Config().step_init == "mse"
   # Every layer type reads it: an int4ified Dense starts from the MSE step.
   model = jint4.int4ify(nn.Dense(16), Int4Config(step_init="mse"))
   params = model.init(jax.random.key(0), X)["params"]

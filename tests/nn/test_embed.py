@@ -73,7 +73,7 @@ def test_linen_output_is_lsq_with_init_step():
   table = variables["params"]["embed"]["embedding"]
   ref = table[TOKENS]
   step = variables["params"]["embed"]["step_size"]
-  expected = 2 * jnp.mean(jnp.abs(ref)) / jnp.sqrt(float(CFG.qp))
+  expected = lsq.mse_step_size(ref, qn=CFG.qn, qp=CFG.qp)   # the default step_init
   np.testing.assert_allclose(step, expected, rtol=1e-6)
   codes = _codes(out, step)
   assert len(np.unique(codes)) <= CFG.qn + CFG.qp + 1
@@ -243,7 +243,7 @@ def test_nnx_first_call_sets_step_and_quantizes():
   out = net.embed(TOKENS)
   ref = float_embed(TOKENS)
   step = net.embed.step_size[...]
-  np.testing.assert_allclose(step, lsq.init_step_size(ref, qp=CFG.qp), rtol=1e-6)
+  np.testing.assert_allclose(step, lsq.step_size_rule(ref, CFG.step_init, qn=CFG.qn, qp=CFG.qp), rtol=1e-6)
   assert int(net.embed.calibrated[...]) == 1
   codes = _codes(out, step)
   assert len(np.unique(codes)) <= CFG.qn + CFG.qp + 1
@@ -256,7 +256,7 @@ def test_nnx_first_call_sets_step_and_quantizes():
 
 def test_nnx_first_jitted_step_learns_step_size():
   net, float_embed = _lsq_net()
-  init = lsq.init_step_size(float_embed(TOKENS), qp=CFG.qp)
+  init = lsq.step_size_rule(float_embed(TOKENS), CFG.step_init, qn=CFG.qn, qp=CFG.qp)
   lr = 5e-2
   opt = training.optimizer(net, optax.sgd(lr))
 

@@ -23,8 +23,9 @@ def test_params_are_dense_params_plus_step_sizes():
 
 def test_step_sizes_follow_the_init_rule():
   v = Int4Dense(32).init(jax.random.key(1), X)
-  sx = lsq.init_step_size(hadamard.hadamard_transform(X, 32), qp=7)
-  sw = lsq.init_step_size(hadamard.hadamard_transform(v["params"]["kernel"], 32, axis=0), qp=7)
+  rule = lambda t: lsq.mse_step_size(t, qn=7, qp=7)   # the default step_init
+  sx = rule(hadamard.hadamard_transform(X, 32))
+  sw = rule(hadamard.hadamard_transform(v["params"]["kernel"], 32, axis=0))
   np.testing.assert_allclose(v["params"]["step_size_x"], sx, rtol=1e-6)
   np.testing.assert_allclose(v["params"]["step_size_w"], sw, rtol=1e-6)
 
@@ -96,7 +97,7 @@ def test_warmup_follows_the_rule_then_learns():
   x2 = X * 3.0
   g, state = step(params, state, x2)
   assert float(g["step_size_x"]) == 0.0 and float(g["step_size_w"]) == 0.0
-  rule = lsq.init_step_size(hadamard.hadamard_transform(x2, 32), qp=7)
+  rule = lsq.mse_step_size(hadamard.hadamard_transform(x2, 32), qn=7, qp=7)
   np.testing.assert_allclose(state["step_ratio_x"] * params["step_size_x"], rule, rtol=1e-5)
   g, state = step(params, state, x2)
   assert int(state["step"]) == 2

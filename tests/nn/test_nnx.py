@@ -46,7 +46,7 @@ def test_first_call_sets_step_size_from_batch():
   assert float(m.step_size_x[...]) == 0.0
   y = m(X)
   assert y.shape == (4, 16, 32)
-  expected = lsq.init_step_size(hadamard.hadamard_transform(X, 32), qp=7)
+  expected = lsq.mse_step_size(hadamard.hadamard_transform(X, 32), qn=7, qp=7)  # default rule
   np.testing.assert_allclose(m.step_size_x[...], expected, rtol=1e-6)
   ref = X @ m.kernel[...] + m.bias[...]
   assert float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)) < 0.35
