@@ -349,7 +349,10 @@ def summarize(args, stages: Sequence[Stage]) -> str:
       "standard deviation over seeds. Modes: `hq_lss` the paper (HQ forward, bit",
       "splitting + leverage score sampling backward), `hq_bitsplit` every",
       "bit-split row kept, `hq_only` INT4 forward with a float backward, `lsq_luq`",
-      "the paper's baseline (LSQ forward without Hadamard, LUQ gradients).", "",
+      "the paper's baseline (LSQ forward without Hadamard, LUQ gradients). Every",
+      "INT4 mode runs jint4's defaults (step sizes start at the least quantization",
+      "error, `step_init=\"mse\"`) and the examples' AdamW wrapped in",
+      "`jint4.relative_step_sizes`.", "",
       f"Measured {datetime.date.today().isoformat()} on {platform.machine()} CPU"
       f" ({os.cpu_count()} cores), {jax.default_backend()} backend, jax {jax.__version__},"
       f" Python {platform.python_version()}. Reproduce: `python examples/report.py"

@@ -3,7 +3,7 @@
 # that need a GPU.
 #
 # Usage: bash tools/gpu_test.sh [--out DIR] [--wheel-dir DIR] [--ffi-include DIR]
-#                               [--no-cpu-suite]
+#                               [--no-cpu-suite] [--no-build]
 #
 #   --out DIR          where the logs and summary.txt go (default:
 #                      $TMPDIR/jint4_gpu_test, or /tmp/jint4_gpu_test)
@@ -15,6 +15,10 @@
 #                      include/ folder of the oldest jaxlib you support; see
 #                      docs/HOPPER.md). Default: the installed jaxlib's headers.
 #   --no-cpu-suite     skip step 3 (the CPU suite, which CPU-only CI runs too).
+#   --no-build         skip the build in step 1 and test the jint4 that the
+#                      active Python imports (e.g. PYTHONPATH at a checkout
+#                      whose jint4/ holds an extension built elsewhere for
+#                      this Python); step 1 still checks it has CUDA handlers.
 #
 # Needs: nvcc on PATH, a CUDA GPU, and jax with its CUDA plugin, flax, optax,
 # pytest and pytest-xdist (the dev extra) installed in the active Python
@@ -29,18 +33,22 @@
 #   4. the bad-input script of test_native.py with the CUDA backend present
 #      (step 3 runs it under JAX_PLATFORMS=cpu only);
 #   5. compute-sanitizer memcheck over a small run of every op, when
-#      compute-sanitizer is on PATH.
+#      compute-sanitizer is on PATH;
+#   6. tools/ffi_error_probe: does this jaxlib turn a failing FFI handler into
+#      a Python exception, whatever way its message was built, on the CPU and
+#      on the GPU (needs g++)?
 # Exits 0 when every step that ran passed.
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-OUT="${TMPDIR:-/tmp}/jint4_gpu_test" WHEEL_DIR="" FFI_INCLUDE="" CPU_SUITE=1
+OUT="${TMPDIR:-/tmp}/jint4_gpu_test" WHEEL_DIR="" FFI_INCLUDE="" CPU_SUITE=1 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --wheel-dir) WHEEL_DIR="$2"; shift 2 ;;
     --ffi-include) FFI_INCLUDE="$2"; shift 2 ;;
     --no-cpu-suite) CPU_SUITE=0; shift ;;
+    --no-build) BUILD=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_test.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -82,6 +90,7 @@ print(" ".join(r.replace(" ", "") for r in requires if not r.startswith("jaxlib"
 EOF
 }
 build() {
+  [ $BUILD -eq 1 ] || { check_build; return; }
   local index=() config=() deps=()
   [ -z "$WHEEL_DIR" ] || index=(--no-index --find-links "$WHEEL_DIR")
   [ -z "$FFI_INCLUDE" ] || config=(-C "cmake.define.JINT4_FFI_INCLUDE_DIR=$FFI_INCLUDE")
@@ -93,6 +102,9 @@ build() {
   done
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     "$PY" -m pip install -v --no-build-isolation "${index[@]}" "${config[@]}" -e . || return
+  check_build
+}
+check_build() {
   "$PY" - <<'EOF'
 import json, sys
 import jint4
@@ -134,6 +146,14 @@ if command -v compute-sanitizer > /dev/null; then
     "$PY" -m pytest -q -n 0 -p no:cacheprovider tests/kernels/test_native_gpu.py -k sanitizer
 else
   say "SKIP sanitizer (compute-sanitizer is not on PATH)"
+fi
+
+# 6. Failing FFI handlers of every kind must raise, on both platforms.
+if command -v g++ > /dev/null; then
+  step ffi_error_probe "$PY" tools/ffi_error_probe/run.py --platforms cpu,cuda \
+    --out "$OUT" ${FFI_INCLUDE:+--ffi-include "$FFI_INCLUDE"}
+else
+  say "SKIP ffi_error_probe (g++ is not on PATH)"
 fi
 
 exit $FAILED
