@@ -148,17 +148,7 @@ def make_step(layer: nn.Module, tokens: int, d_in: int, d_out: int, seed=0):
     return jnp.sum(y * cot, dtype=jnp.float32)
 
   step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
-  return step, (params, x, cot, kq), residual_bytes_per_element(
-      layer, params, d_in, kq)
-
-
-def residual_bytes_per_element(layer, params, d_in, key, rows=64):
-  """Bytes kept for the backward per input element: the growth of the vjp's
-  residuals from ``rows`` to ``2 * rows`` input rows, per added element."""
-  apply = lambda p, x: layer.apply(p, x, rngs={"quant": key})
-  size = [common.residual_bytes(apply, params, jax.ShapeDtypeStruct(
-      (n, d_in), jnp.bfloat16)) for n in (rows, 2 * rows)]
-  return (size[1] - size[0]) / (rows * d_in)
+  return step, (params, x, cot, kq), common.residual_bytes_per_element(layer, d_in)
 
 
 def time_cases(steps: dict, repeats: int, warmup: int, calls: int = 5) -> dict:

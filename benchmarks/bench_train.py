@@ -186,15 +186,11 @@ def training(model, *, config=None, vocab, seq_len, batch, lr=1e-4) -> Training:
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, inputs, targets, key):
-    if not extra0:
-      loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets, key)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-    adam, extra = opt_state
+    adam, extra = opt_state if extra0 else (opt_state, {})
     loss, (grads, extra) = jax.value_and_grad(apply_loss, argnums=(0, 1))(
         params, extra, inputs, targets, key)
     updates, adam = tx.update(grads, adam, params)
-    return optax.apply_updates(params, updates), (adam, extra), loss
+    return optax.apply_updates(params, updates), (adam, extra) if extra0 else adam, loss
 
   return Training(params=params, opt_state=opt_state, inputs=inputs, targets=targets,
                   k_quant=k_quant, loss_fn=loss_fn, train_step=train_step)
@@ -222,8 +218,7 @@ def run_one(args) -> dict:
   n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
   activation_bytes = whole_model_activation_bytes(loss_fn, params, inputs,
                                                   targets, k_quant)
-  per_element = (int4_residual_bytes_per_element(d, args.backward, args.engine)
-                 if variant == "int4" else dense_residual_bytes_per_element(d, variant))
+  per_element = linear_residual_bytes_per_element(d, variant, args.backward, args.engine)
 
   state = (params, t.opt_state)
   losses, times = [], []
@@ -281,27 +276,16 @@ def whole_model_activation_bytes(loss_fn, params, inputs, targets, key):
   return (size[1] - size[0]) * inputs.shape[0]
 
 
-def dense_residual_bytes_per_element(d, variant, rows=64):
-  """Bytes a bf16 nn.Dense(d -> d), FP8 or not, keeps per element of its input."""
-  layer = nn.Dense(d, dtype=BF16, dot_general_cls=(
-      fp8_ops.Fp8DotGeneralOp if variant == "fp8" else None))
-  params = jax.eval_shape(layer.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((rows, d), BF16))
-  size = [common.residual_bytes(layer.apply, params, jax.ShapeDtypeStruct((n, d), BF16))
-          for n in (rows, 2 * rows)]
-  return (size[1] - size[0]) / (rows * d)
-
-
-def int4_residual_bytes_per_element(d, backward, engine, rows=64):
-  """Bytes an Int4Dense(d -> d) keeps per element of its bf16 input."""
-  layer = jint4.Int4Dense(d, dtype=BF16, config=jint4.Int4Config(
-      backward=backward, engine=engine))
-  key = jax.random.key(0)
-  params = jax.eval_shape(layer.init, key, jax.ShapeDtypeStruct((rows, d), BF16))
-  apply = lambda p, x: layer.apply(p, x, rngs={"quant": key})
-  size = [common.residual_bytes(apply, params, jax.ShapeDtypeStruct((n, d), BF16))
-          for n in (rows, 2 * rows)]
-  return (size[1] - size[0]) / (rows * d)
+def linear_residual_bytes_per_element(d, variant, backward, engine):
+  """Bytes one of the variant's linear layers, d -> d on bf16 inputs, keeps
+  per element of its input."""
+  if variant == "int4":
+    layer = jint4.Int4Dense(d, dtype=BF16, config=jint4.Int4Config(
+        backward=backward, engine=engine))
+  else:
+    layer = nn.Dense(d, dtype=BF16, dot_general_cls=(
+        fp8_ops.Fp8DotGeneralOp if variant == "fp8" else None))
+  return common.residual_bytes_per_element(layer, d, dtype=BF16)
 
 
 # ----------------------------------------------------------------------------

@@ -88,6 +88,20 @@ def residual_bytes(fn, *args) -> int:
                      leaf.dtype, jax.dtypes.prng_key)))
 
 
+def residual_bytes_per_element(layer, d_in: int, *, rows: int = 64, dtype="bfloat16") -> float:
+  """Bytes a Flax layer keeps for the backward per element of its input:
+  the growth of its vjp's residuals (`residual_bytes`) from ``rows`` to
+  ``2 * rows`` input rows of width ``d_in``, per added element (tracing
+  only). A ``'quant'`` rng is passed, which jint4's layers draw from and
+  others ignore."""
+  key = jax.random.key(0)
+  x = lambda n: jax.ShapeDtypeStruct((n, d_in), dtype)
+  params = jax.eval_shape(layer.init, key, x(rows))
+  apply = lambda p, x: layer.apply(p, x, rngs={"quant": key})
+  size = [residual_bytes(apply, params, x(n)) for n in (rows, 2 * rows)]
+  return (size[1] - size[0]) / (rows * d_in)
+
+
 def sample(fn, args, calls: int):
   """One timed sample: ``calls`` back-to-back calls of fn(*args) and one
   synchronization (JAX dispatches asynchronously: a training loop does not
