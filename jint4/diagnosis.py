@@ -12,7 +12,7 @@ the product hooks), with the library's own quantizers and backward:
 
   forward     e = ||Q(X) Q(W)^T - X W^T||_F / ||X W^T||_F of the layer's
               forward with its learned steps, of HQ with the init rule's
-              steps s0 = 2 mean|T Hb| / sqrt(Qp) on this batch, and of LSQ
+              steps (`jint4.init_step_sizes`) on this batch, and of LSQ
               without the Hadamard transform (the paper's LSQ baseline)
   gradients   per estimator, dX and dW over ``samples`` keys against the
               exact gradient (``backward="exact"``: float G against the

@@ -2,14 +2,15 @@
 
 Every INT4 layer (`Int4Dense`, `Int4Linear`, layers converted by `int4ify`)
 and `jint4.calibrate` start their quantizers here, so one rule holds
-everywhere (paper Sec. 4.1, LSQ's init):
+everywhere. By default (``Int4Config(step_init="mse")``) each step is the
+one with the least quantization error of X Hb (W Hb), searched around LSQ's
+rule (`jint4.quant.lsq.mse_step_size`); with ``step_init="lsq"`` it is LSQ's
+rule itself (paper Sec. 4.1):
 
     s_x0 = 2 mean|X Hb| / sqrt(Qp),      s_w0 = 2 mean|W Hb| / sqrt(Qp),
 
 with Hb the block-diagonal Hadamard transform along the contraction dim D
-(block 1 for ``forward="lsq"``); with ``Int4Config(step_init="mse")`` each
-step is instead the one with the least quantization error of X Hb (W Hb),
-searched around that rule (`jint4.quant.lsq.mse_step_size`). With ``hadamard_block="auto"`` the block is
+(block 1 for ``forward="lsq"``). With ``hadamard_block="auto"`` the block is
 chosen first by the reference code's per-layer search
 (`jint4.quant.hadamard.search_hadamard_block`) on the same batch and kernel.
 An empty batch carries no information: its step is 1.0, as for an all-zero

@@ -13,10 +13,12 @@ embeddings (any leading dims, ``features`` last), v = E / s:
     dL/dE = 1[-Qn <= v <= Qp] * dL/dE_hat                  (straight-through)
     dL/ds = sum(dL/dE_hat * delta) / sqrt(Qp * numel(E)),
     delta = -Qn if v < -Qn,  Qp if v > Qp,  round(v) - v otherwise,
-    s0    = 2 mean|E| / sqrt(Qp)                            (init batch)
+    s0    = step_init's rule on E                           (init batch)
 
-(`jint4.quant.lsq.fake_quantize` and `init_step_size`). The gradient of the
-embedding table is the float one with the clipped entries masked out. NaN in E
+(`jint4.quant.lsq.fake_quantize` and `step_size_rule`: the least
+quantization error by default, 2 mean|E| / sqrt(Qp) with
+``step_init="lsq"``). The gradient of the embedding table is the float one
+with the clipped entries masked out. NaN in E
 gives NaN in E_hat, so a bad index or table stays visible.
 
 Parameters (nothing else of the embedding layer changes, so a float checkpoint
@@ -73,8 +75,8 @@ def lsq_embed_output(module: nn.Embed, out: jax.Array, *,
   """LSQ of ``out``, the result of ``module``'s `nn.Embed.__call__`.
 
   Runs in the Embed's bound scope (from a Flax method interceptor); creates
-  the float32 scalar param ``step_size`` there, set to 2 mean|out| / sqrt(Qp)
-  on the init batch, and returns ``out`` fake-quantized in its own dtype.
+  the float32 scalar param ``step_size`` there, set by ``config.step_init``'s
+  rule on the init batch, and returns ``out`` fake-quantized in its own dtype.
   """
   _check_config(config)
   if not config.quantizes_forward:

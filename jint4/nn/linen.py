@@ -4,7 +4,7 @@ Same constructor arguments and parameter names as `nn.Dense` (``kernel`` of
 shape (in, out), ``bias``), plus the quantizer state:
 
   params/step_size_x, params/step_size_w   learned LSQ step sizes (scalars),
-      initialised by `jint4.init_step_sizes` (s0 = 2 mean|T Hb| / sqrt(Qp)) on
+      initialised by `jint4.init_step_sizes` (the ``step_init`` rule) on
       the init batch and the initial kernel (paper Sec. 4.1); after loading
       other kernels, `jint4.calibrate` sets them again.
   quant_state/hadamard_log2_block          only with hadamard_block="auto": the

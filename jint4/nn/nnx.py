@@ -7,7 +7,7 @@ variables, ``calibrated`` (0 until the step sizes are set) and the Hadamard
 block in use (``hadamard_log2_block``, searched with ``hadamard_block="auto"``).
 
 NNX builds parameters before any data is seen, so the step sizes are set by
-`jint4.init_step_sizes` (s0 = 2 mean|T Hb| / sqrt(Qp), paper Sec. 4.1) on the
+`jint4.init_step_sizes` (the config's ``step_init`` rule, Sec. 4.1) on the
 first batch the layer sees and its kernel at that time, eager or traced: the
 first call uses the init values and passes their gradient on to the step
 parameters, and stores the init values (NNX transforms such as `nnx.jit` and
