@@ -20,6 +20,7 @@ whether the INT4 gap grows with training tokens.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -221,6 +222,14 @@ def stage_table(stage: Stage, runs) -> List[str]:
   return lines
 
 
+def measured_on(runs) -> str:
+  """The machines (and dates, versions) the runs of a stage recorded, most
+  runs first; "not recorded" for runs that predate the record."""
+  where = collections.Counter(m.get("machine", "not recorded")
+                              for r in runs.values() for m in r.values())
+  return "; ".join(w if len(where) == 1 else f"{w} ({n} runs)" for w, n in where.most_common())
+
+
 def verdicts(stage: Stage, runs) -> List[str]:
   """The targets, checked: within 2% of fp and ahead of lsq_luq."""
   if "fp" not in runs:
@@ -324,7 +333,8 @@ def summarize(args, stages: Sequence[Stage]) -> str:
                     *(stage.gpu_argv if args.size == "gpu" else ()), "--quant MODE --seed S"])
     parts += [f"## {stage.title}", "",
               f"`{cmd}`: {any_run['params']:,} parameters,"
-              f" {any_run['args']['steps']} steps of batch {any_run['args']['batch']}.", "",
+              f" {any_run['args']['steps']} steps of batch {any_run['args']['batch']}."
+              f" Measured: {measured_on(runs)}.", "",
               *stage_table(stage, runs), "", *verdicts(stage, runs), "",
               f"![{stage.name}](results/{os.path.basename(png)})", ""]
   diag_stage = next((s for s in stages if s.name == args.diagnose_stage), None)
@@ -353,7 +363,8 @@ def summarize(args, stages: Sequence[Stage]) -> str:
       "INT4 mode runs jint4's defaults (step sizes start at the least quantization",
       "error, `step_init=\"mse\"`) and the examples' AdamW wrapped in",
       "`jint4.relative_step_sizes`.", "",
-      f"Measured {datetime.date.today().isoformat()} on {platform.machine()} CPU"
+      "Each stage says where its runs were measured; the diagnostics ran"
+      f" {datetime.date.today().isoformat()} on {platform.machine()} CPU"
       f" ({os.cpu_count()} cores), {jax.default_backend()} backend, jax {jax.__version__},"
       f" Python {platform.python_version()}. Reproduce: `python examples/report.py"
       f" --size {args.size}` (`--summarize-only` rebuilds this page from the runs).", ""]

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import datetime
 import os
+import platform
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -101,6 +103,8 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
   p.add_argument("--hadamard-block", default=None,
                  type=lambda v: v if v == "auto" else int(v),
                  help="Int4Config.hadamard_block: a power of two or auto (default: the config's)")
+  p.add_argument("--qn", type=int, default=None,
+                 help="Int4Config.qn: 7 (paper) or 8 (reference code) (default: the config's)")
   p.add_argument("--step-init", default=None, choices=jint4.config.STEP_INITS,
                  help="Int4Config.step_init (default: the config's)")
   p.add_argument("--plain-steps", action="store_true",
@@ -110,11 +114,22 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
   p.add_argument("--no-plot", action="store_true", help="no curves.png")
 
 
+def machine() -> str:
+  """Where a run was measured, for the results page: the date, the device
+  (CPU model and cores, or the accelerator), jax and Python versions."""
+  device = jax.devices()[0]
+  where = (f"{platform.machine()} CPU ({os.cpu_count()} cores)" if device.platform == "cpu"
+           else f"{device.device_kind} ({device.platform})")
+  return (f"{datetime.date.today().isoformat()}, {where}, jax {jax.__version__},"
+          f" Python {platform.python_version()}")
+
+
 def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
     return None
-  extra = {name: getattr(args, name) for name in ("lss_budget", "step_init", "hadamard_block")
+  extra = {name: getattr(args, name) for name in ("lss_budget", "step_init", "hadamard_block",
+                                                  "qn")
            if getattr(args, name, None) is not None}
   return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps, **extra)
 
@@ -342,7 +357,7 @@ def train(args, task: Task, example: str, *, variables=None) -> Dict[str, Any]:
 
   result = {"example": example, "quant": args.quant, "seed": args.seed,
             "config": repr(config), "args": vars(args), "params": n_params,
-            "tokens_per_s": timer["rate"] or None,
+            "tokens_per_s": timer["rate"] or None, "machine": machine(),
             "final": {k: v for k, v in history[-1].items() if k.startswith("eval_")},
             "history": history}
   with open(metrics_path, "w") as f:

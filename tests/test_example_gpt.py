@@ -83,6 +83,11 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   fp = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["final"]["eval_loss"]
   lss = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "hq_lss" / "seed0")["final"]["eval_loss"]
   assert f"{lss / fp:.4f}" in text  # the ratio to fp, paired by seed
+  # Where the runs were measured, as each run recorded it.
+  import jax
+  machine = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["machine"]
+  assert f"jax {jax.__version__}" in machine and "CPU" in machine
+  assert f"Measured: {machine}." in text
   assert (tmp_path / "results" / "gpt_cpu.png").stat().st_size > 1000
   # jint4.diagnose on the final hq_lss weights: one row per INT4 product.
   assert "## Diagnostics" in text and "block_0/mlp/down" in text
@@ -92,3 +97,22 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   assert report.main(argv) == 0
   after = (tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0" / "metrics.json").stat().st_mtime
   assert before == after
+
+
+def test_measured_on_names_every_machine_of_a_stage():
+  report = _load("report")
+  runs = {"fp": {0: {"machine": "A"}, 1: {"machine": "A"}}, "hq_lss": {0: {}}}
+  assert report.measured_on(runs) == "A (2 runs); not recorded (1 runs)"
+  assert report.measured_on({"fp": {0: {"machine": "A"}}}) == "A"
+
+
+def test_recipe_flags_reach_the_int4_config():
+  gpt, trainer = _load("train_gpt"), _load("trainer")
+  args = gpt.parse_args(["--quant", "hq_bitsplit", "--qn", "8", "--hadamard-block", "16",
+                         "--step-init", "lsq", "--lss-budget", "1.5"])
+  config = trainer.quant_config(args)
+  assert (config.qn, config.hadamard_block, config.step_init, config.lss_budget) == (
+      8, 16, "lsq", 1.5)
+  default = trainer.quant_config(gpt.parse_args(["--quant", "hq_bitsplit"]))
+  assert (default.qn, default.hadamard_block, default.step_init) == (7, 32, "mse")
+  assert trainer.quant_config(gpt.parse_args(["--quant", "fp"])) is None
