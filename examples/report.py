@@ -75,8 +75,9 @@ STAGES: Dict[str, Tuple[Stage, ...]] = {
               init_from="bert_pretrain", metric="eval_loss"),
     ),
     "vit": (
+        # Six seeds: one scan of the 355 held out is 0.28 accuracy points.
         Stage(name="vit", title="ViT on scikit-learn's digits (10 classes)",
-              script="train_vit.py"),
+              script="train_vit.py", seeds=6),
     ),
 }
 STAGES_BY_NAME = {s.name: s for group in STAGES.values() for s in group}
