@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -319,7 +317,6 @@ def diagnose_cell(args, stage: Stage, mode: str, seed: int, png: str) -> Optiona
 
 
 def summarize(args, stages: Sequence[Stage]) -> str:
-  import jax
   figs = os.path.join(os.path.dirname(args.out), "results")
   os.makedirs(figs, exist_ok=True)
   parts = []
@@ -364,10 +361,8 @@ def summarize(args, stages: Sequence[Stage]) -> str:
       "INT4 mode runs jint4's defaults (step sizes start at the least quantization",
       "error, `step_init=\"mse\"`) and the examples' AdamW wrapped in",
       "`jint4.relative_step_sizes`.", "",
-      "Each stage says where its runs were measured; the diagnostics ran"
-      f" {datetime.date.today().isoformat()} on {platform.machine()} CPU"
-      f" ({os.cpu_count()} cores), {jax.default_backend()} backend, jax {jax.__version__},"
-      f" Python {platform.python_version()}. Reproduce: `python examples/report.py"
+      "Each stage says where its runs were measured; the diagnostics below:"
+      f" {_example_module('trainer.py').machine()}. Reproduce: `python examples/report.py"
       f" --size {args.size}` (`--summarize-only` rebuilds this page from the runs).", ""]
   return "\n".join(header + parts)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import datetime
+import json
 import os
 import platform
 import sys

@@ -7,6 +7,7 @@ import json
 import pathlib
 import sys
 
+import jax
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -84,7 +85,6 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   lss = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "hq_lss" / "seed0")["final"]["eval_loss"]
   assert f"{lss / fp:.4f}" in text  # the ratio to fp, paired by seed
   # Where the runs were measured, as each run recorded it.
-  import jax
   machine = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["machine"]
   assert f"jax {jax.__version__}" in machine and "CPU" in machine
   assert f"Measured: {machine}." in text
