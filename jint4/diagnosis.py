@@ -636,8 +636,8 @@ def _lss_fractions(x3, step_x, g3, log2, config, key):
   """The expected fractions of the 2N bit-split rows that leverage score
   sampling keeps, sum_i p_i / 2N, and keeps for sure (p_i = 1), for dX
   (scores ||G2_i||) and dW (||G2_i|| ||X_i||, X_i the row's LSQ codes), per
-  batch element as the op samples them, with the layer's budget; for one
-  draw of the bit split's stochastic rounding."""
+  batch element as the op samples them, with the layer's budget and split
+  scale; for one draw of the bit split's stochastic rounding."""
   n = g3.shape[1]
   budget = lss.budget_rows(n, config.lss_budget)
   block = log2 if config.hadamard_block == "auto" else config.hadamard_block
@@ -648,7 +648,11 @@ def _lss_fractions(x3, step_x, g3, log2, config, key):
   x_norm = jnp.linalg.norm(codes, axis=-1)                       # [B, N]
 
   def one(g, xn, key):
-    hi, lo, s_hi, s_lo = bitsplit.bit_split(g, jax.random.uniform(key, g.shape))
+    split = (bitsplit.bit_split_rows if config.lss_split_scale == "row"
+             else bitsplit.bit_split)
+    hi, lo, s_hi, s_lo = split(g, jax.random.uniform(key, g.shape))
+    # A scale per tensor (a scalar) or per row ([N]) as a column.
+    s_hi, s_lo = jnp.reshape(s_hi, (-1, 1)), jnp.reshape(s_lo, (-1, 1))
     g2 = jnp.concatenate([s_hi * hi, s_lo * lo]).astype(jnp.float32)
     g2_norm = jnp.linalg.norm(g2, axis=-1)
     out = []

@@ -24,7 +24,10 @@ cores, else "bitsplit": `backward_mode`, per platform):
              the kept rows, so the per-row factors s_half / p_i cannot go to an
              epilogue: the weighted kept rows are bit-split again (unbiased),
              and the hi/lo GEMM pair over the B kept rows runs joined (below).
-             B = ceil(lss_budget * N).
+             B = ceil(lss_budget * N). With lss_split_scale="row" each row
+             G_i is split with its own M_i = max|G_i| (G_i / M_i split with
+             M = 1; M_i joins the row's half scale, hence its score and
+             factor): no new integer kernel.
   "bitsplit": bit splitting, every row kept: the hi/lo GEMM pair of each
              gradient runs joined, one GEMM per gradient.
   Joined pairs: s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A), since
@@ -723,14 +726,22 @@ def _products_lss(ctx, g, qwt):
   # Sharded rows: each shard samples its own rows with its share of the
   # budget (stratified sampling: still unbiased).
   budget = lss.budget_rows(n, cfg.lss_budget)
-  abs_max = None if comm.trivial else comm.pmax(bitsplit.abs_max(g), "n", "c")
+  if cfg.lss_split_scale == "row":
+    g, row_scale, poison = _unit_rows(comm, g)
+    abs_max = jnp.float32(1.0)
+  else:
+    row_scale, poison = jnp.ones((n,), jnp.float32), jnp.float32(1.0)
+    abs_max = None if comm.trivial else comm.pmax(bitsplit.abs_max(g), "n", "c")
   g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT], abs_max=abs_max)
-  g2_norm = comm.row_norms(g2_norm, "c")                           # [2N]
+  s_hi, s_lo = s_hi * poison, s_lo * poison
+  # Per-row scales: the halves' norms and factors times the row's M_i.
+  rows2 = jnp.concatenate([row_scale, row_scale])                 # [2N]
+  g2_norm = comm.row_norms(g2_norm, "c") * rows2 * poison         # [2N]
   u = contract.uniform24(ctx.row_seeds[_SEED_SAMPLE], 2)
   finite = jnp.isfinite(s_hi)
 
   def half_scale(index):
-    return jnp.where(index >= n, s_lo, s_hi)
+    return jnp.where(index >= n, s_lo, s_hi) * rows2[index]
 
   # dX: kept rows of G2 times W_hat; the factor s_half / p_i of a kept row
   # scales its output row, so it rides in the GEMM epilogue. The rows go back
@@ -759,6 +770,19 @@ def _products_lss(ctx, g, qwt):
   dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo2 * ctx.sx, int4=False,
                          out_dtype=ctx.dwh_dtype)                        # [D, C]
   return part, slots, dwh_hat
+
+
+def _unit_rows(comm, g):
+  """G's rows over their own max for the per-row bit split
+  (`bitsplit.bit_split_rows`): (G_i / M_i, M [N], poison), M_i = max|G_i|
+  over the row's shards along C. poison is NaN when any row of the global G
+  holds a NaN or Inf (counted before the max, which may drop NaN), so that
+  every scale turns NaN as with one scale per tensor."""
+  local = bitsplit.row_abs_max(g)
+  poison = bitsplit.nonfinite_poison(
+      comm.psum(jnp.sum(~jnp.isfinite(local)), "n", "c"))
+  row_max = comm.pmax(local, "c")
+  return bitsplit.unit_rows(g, bitsplit.row_reciprocals(row_max)), row_max, poison
 
 
 def backward_mode(config: Int4Config, platform: Optional[str] = None, *,

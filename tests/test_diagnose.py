@@ -257,3 +257,23 @@ def test_hook_is_transparent():
     hooked = f()
   np.testing.assert_array_equal(hooked, f())
   assert seen == ["int4_matmul"]
+
+
+def test_lss_fractions_follow_the_split_scale():
+  """The fractions come from the split the layer's config runs: on rows whose
+  sizes span decades the two scales give different scores (with one scale
+  per tensor the small rows' high halves are zero), the same budget."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 64, D)), jnp.float32)
+  sizes = 10.0 ** rng.uniform(-3, 0, (2, 64, 1))
+  g = jnp.asarray(rng.normal(size=(2, 64, D)) * sizes, jnp.float32)
+  frac = {}
+  for scale in ("tensor", "row"):
+    cfg = jint4.Int4Config(backward="lss", lss_split_scale=scale)
+    frac[scale] = diagnose_lib._lss_fractions(x, jnp.float32(0.3), g, 5, cfg,
+                                              jax.random.key(0))
+  for which in ("dx", "dw"):
+    tensor, row = (float(frac[s][f"lss_sure_{which}"]) for s in ("tensor", "row"))
+    assert abs(row - tensor) > 0.01, (which, tensor, row)
+    for s in ("tensor", "row"):
+      assert float(frac[s][f"lss_kept_{which}"]) == pytest.approx(0.5, abs=1 / 64)

@@ -96,7 +96,7 @@ def test_layout_equals_one_device(layout, engine):
   # expectation (test_stochastic_gradients_are_unbiased_when_sharded).
 
 
-@pytest.mark.parametrize("backward", ["bitsplit", "lss"])
+@pytest.mark.parametrize("backward", ["bitsplit", "lss", "lss_tensor"])
 @pytest.mark.parametrize("layout", ["data", "tensor_row", "fsdp_tensor"])
 def test_stochastic_gradients_are_unbiased_when_sharded(layout, backward):
   """Stratified sampling and per-shard rounding: the mean over keys tends to
@@ -105,7 +105,10 @@ def test_stochastic_gradients_are_unbiased_when_sharded(layout, backward):
   x_spec, w_spec, _ = LAYOUTS[layout]
   xs, ws = _put(x, x_spec), _put(w, w_spec)
   exact = _grads(jint4.Int4Config(backward="exact"), jax.random.key(0))(x, w, SX, SW)[1]
-  cfg = jint4.Int4Config(backward=backward, lss_budget=0.5)
+  # lss: per-row split scales (a row's max over its shards of C);
+  # lss_tensor: one scale, the max over every shard.
+  cfg = jint4.Int4Config(backward=backward.removesuffix("_tensor"), lss_budget=0.5,
+                         lss_split_scale="tensor" if backward.endswith("_tensor") else "row")
 
   @jax.jit
   def sample(keys):
@@ -146,15 +149,18 @@ def _nbytes(dtype, shape):
       dtype, 1)
 
 
+@pytest.mark.parametrize("backward", ["auto", "lss"])
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_hlo_gathers_no_float_tensor_the_float_model_does_not(layout, engine):
+def test_hlo_gathers_no_float_tensor_the_float_model_does_not(layout, engine, backward):
   _engine_or_skip(engine)
   x, w, _ = _data()
   x_spec, w_spec, _ = LAYOUTS[layout]
   args = (_put(x, x_spec), _put(w, w_spec), SX, SW)
+  int4_cfg = (jint4.Int4Config(engine=engine) if backward == "auto" else
+              jint4.Int4Config(engine=engine, backward="lss"))
   hlo = {}
-  for name, cfg in (("int4", jint4.Int4Config(engine=engine)),
+  for name, cfg in (("int4", int4_cfg),
                     ("float", jint4.Int4Config(forward="none", backward="exact"))):
     hlo[name] = _grads(cfg, jax.random.key(1)).lower(*args).compile().as_text()
   int4, ref = _matrix_gathers(hlo["int4"]), _matrix_gathers(hlo["float"])

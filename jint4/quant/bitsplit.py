@@ -19,6 +19,19 @@ rows leverage score sampling (`jint4.quant.lss`) draws from. (Clamps of
 Special values: an all-zero G gives zero halves and zero scales (no 0/0); a
 NaN or Inf anywhere in G makes M, hence both scales, NaN or Inf, so every
 product computed from the halves is non-finite too.
+
+Per-row scales (`bit_split_rows`): the same split of each token row G_i with
+its own M_i = max|G_i|, i.e. of the unit rows G_i / M_i with M = 1, whose
+scales are then multiplied by M_i (1 / M_i is computed so that every
+platform gets the same digits: `row_reciprocals`). With one M per tensor, a
+gradient whose rows differ in size by 10x or more gets high digits of 0 or
++-1 on most rows, so a row's low half weighs about as much as its high half
+and leverage score sampling cannot prefer either; with M_i every row's high
+half carries the row's large entries (its low half is at most M_i / 14 per
+entry), and the sampler keeps the high halves and samples the low ones.
+Still INT4 halves, still unbiased. A NaN or Inf anywhere in G makes every
+row's scales NaN (not only its own row's): the same visibility as one scale
+per tensor.
 """
 
 from __future__ import annotations
@@ -41,6 +54,86 @@ def abs_max(g: jax.Array) -> jax.Array:
   """
   g = g.astype(jnp.float32)
   return jnp.where(jnp.any(jnp.isnan(g)), jnp.nan, jnp.max(jnp.abs(g), initial=0.0))
+
+
+def row_abs_max(g: jax.Array) -> jax.Array:
+  """max|G_i| over the last axis, float32 [N] (NaN for a row holding a NaN)."""
+  g = as_float32(g)
+  return jnp.where(jnp.any(jnp.isnan(g), axis=-1), jnp.nan,
+                   jnp.max(jnp.abs(g), axis=-1, initial=0.0))
+
+
+def pow2(e: jax.Array) -> jax.Array:
+  """2^e as float32 for int32 e in [-126, 127], built from its bits (exact,
+  the same on every platform)."""
+  bits = (jnp.asarray(e, jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def row_reciprocals(m_rows: jax.Array) -> jax.Array:
+  """1 / M_i, float32 [N], truncated to 24 bits and the same on every
+  platform: the mantissa's reciprocal is an integer long division (a float
+  division is not: a GPU's XLA rounds it within 2 ulp, not to nearest), so
+  the per-row split's digits match bit for bit wherever it runs. Never above
+  the true 1 / M_i (so |G_ij / M_i| <= 1 holds after rounding), at most one
+  unit in the last place below it. 1 for all-zero, subnormal and non-finite
+  rows (their scales carry the rest); for rows of 2^126 and above it is too
+  large, and their split clips (no gradient of that size is finite for
+  long)."""
+  m = m_rows.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(m, jnp.int32)
+  e = bits >> 23                                   # biased exponent (m >= 0)
+  mant = (bits & 0x7FFFFF) | 0x800000              # m = mant 2^(e - 150)
+  # q = floor(2^47 / mant), in (2^23, 2^24], six bits per step of int32 long
+  # division (rem < mant < 2^24, so rem << 6 fits).
+  q = jnp.zeros_like(mant)
+  rem = jnp.full_like(mant, 1 << 23)
+  for _ in range(4):
+    rem = rem << 6
+    digit = rem // mant
+    rem = rem - digit * mant
+    q = (q << 6) + digit
+  # 1 / m = (q 2^-24) 2^(127 - e): both factors exact in float32.
+  e = jnp.clip(e, 1, 252)
+  inv = q.astype(jnp.float32) * np.float32(2.0 ** -24) * pow2(127 - e)
+  ok = (bits >= 0x800000) & jnp.isfinite(m)        # normal, non-zero, finite
+  return jnp.where(ok, inv, 1.0)
+
+
+def unit_rows(g: jax.Array, inv_rows: jax.Array) -> jax.Array:
+  """G_i / M_i as G_i times `row_reciprocals`, rounded once in float32:
+  every entry in [-1, 1]."""
+  return as_float32(g) * inv_rows[:, None]
+
+
+def as_float32(g: jax.Array) -> jax.Array:
+  """g in float32, holding exactly g's values: XLA may skip a rounding to a
+  narrower float followed by a widening (excess precision, as its GPU
+  compiler does), which would give the per-row split other inputs on a GPU
+  than on the CPU; reduce_precision keeps the rounding."""
+  g32 = g.astype(jnp.float32)
+  info = jnp.finfo(g.dtype)
+  if info.bits >= 32:
+    return g32
+  return jax.lax.reduce_precision(g32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def nonfinite_poison(count: jax.Array) -> jax.Array:
+  """1.0, or NaN when ``count`` (of non-finite row maxima) is positive."""
+  return jnp.where(count > 0, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+
+def bit_split_rows(g: jax.Array, u: jax.Array):
+  """`bit_split` of each row of a 2-D G with its own scale M_i = max|G_i|.
+
+  Returns (hi, lo, scale_hi, scale_lo) with hi, lo int8 [N, C] in [-7, 7] and
+  float32 [N] scales M_i / 7 and M_i / 98 such that
+  G_i ~= scale_hi_i hi_i + scale_lo_i lo_i.
+  """
+  m = row_abs_max(g)
+  hi, lo, s_hi, s_lo = bit_split(unit_rows(g, row_reciprocals(m)), u, m=1.0)
+  scale = m * nonfinite_poison(jnp.sum(~jnp.isfinite(m)))
+  return hi, lo, s_hi * scale, s_lo * scale
 
 
 def bit_split(g: jax.Array, u: jax.Array, m: jax.Array | None = None):

@@ -146,3 +146,91 @@ def test_eager_matches_jit_and_any_shape():
   for a, b in zip(eager, jitted):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert eager[0].shape == g.shape
+
+
+# --- one scale per row ----------------------------------------------------------
+
+split_rows = jax.jit(bitsplit.bit_split_rows)
+
+
+def rows_of_many_sizes(seed, shape=(16, 24)):
+  """Dense rows whose sizes span four decades (a language model's gradient)."""
+  rng = np.random.default_rng(seed)
+  sizes = 10.0 ** rng.uniform(-4, 0, shape[0])
+  return jnp.asarray(rng.normal(size=shape) * sizes[:, None], jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_row_split_is_each_rows_own_split(dtype):
+  g = rows_of_many_sizes(20).astype(dtype)
+  u = noise(21, g.shape)
+  hi, lo, s_hi, s_lo = split_rows(g, u)
+  assert s_hi.shape == s_lo.shape == (g.shape[0],)
+  m = np.max(np.abs(f64(g)), axis=1)
+  np.testing.assert_allclose(f64(s_lo), m / 98, rtol=1e-6)
+  np.testing.assert_allclose(f64(s_hi), m / 7, rtol=1e-6)
+  # The largest entry of every row gets the top high digit, however small
+  # the row: the high half carries the row.
+  assert (np.max(np.abs(f64(hi)), axis=1) == 7).all()
+  # Within one low step of its own row, not of the tensor's max.
+  err = np.abs(f64(s_hi)[:, None] * f64(hi) + f64(s_lo)[:, None] * f64(lo) - f64(g))
+  assert (err <= f64(s_lo)[:, None] * (1 + 1e-5)).all()
+  # Exactly the per-tensor split of the row times its reciprocal.
+  inv = bitsplit.row_reciprocals(bitsplit.row_abs_max(g))
+  for i in (0, 7):
+    h1, l1, _, _ = split(g[i:i + 1].astype(jnp.float32) * inv[i], u[i:i + 1], 1.0)
+    np.testing.assert_array_equal(np.asarray(h1), np.asarray(hi[i:i + 1]))
+    np.testing.assert_array_equal(np.asarray(l1), np.asarray(lo[i:i + 1]))
+
+
+def test_row_reciprocals_are_the_truncated_reciprocal():
+  rng = np.random.default_rng(27)
+  m = np.concatenate([10.0 ** rng.uniform(-37, 37, 2000), [1.0, 0.5, 3.0, 2.0 ** -126,
+                                                           2.0 ** 125, 7.0]]).astype(np.float32)
+  inv = np.asarray(bitsplit.row_reciprocals(jnp.asarray(m)), np.float64)
+  exact = 1.0 / m.astype(np.float64)
+  # Never above 1 / M (so |G / M| <= 1 survives rounding), at most one ulp
+  # of float32 below it.
+  assert (inv <= exact).all()
+  assert (exact - inv <= np.spacing(exact.astype(np.float32)).astype(np.float64)).all()
+  assert (np.asarray(jnp.asarray(m) * jnp.asarray(inv, jnp.float32)) <= 1.0).all()
+  special = np.asarray(bitsplit.row_reciprocals(
+      jnp.asarray([0.0, 1e-40, np.inf, np.nan], jnp.float32)))
+  np.testing.assert_array_equal(special, [1.0, 1.0, 1.0, 1.0])
+
+
+def test_row_split_unbiased():
+  g = rows_of_many_sizes(22, shape=(8, 16))
+
+  @jax.jit
+  def mean_recon(u):
+    hi, lo, s_hi, s_lo = jax.vmap(lambda u: bitsplit.bit_split_rows(g, u))(u)
+    rec = (s_hi[..., None] * hi.astype(jnp.float32)
+           + s_lo[..., None] * lo.astype(jnp.float32))
+    return jnp.mean(rec, axis=0), s_lo[0]
+
+  m, s_lo = mean_recon(noise(23, (N_DRAWS,) + g.shape))
+  s_lo = f64(s_lo)[:, None]
+  tol = hoeffding_tol(1.0, N_DRAWS, g.size) * s_lo + 1e-5 * s_lo
+  assert (np.abs(f64(m) - f64(g)) <= tol).all()
+
+
+def test_row_split_zero_rows_and_non_finite():
+  g = rows_of_many_sizes(24, shape=(6, 8)).at[2].set(0.0)
+  hi, lo, s_hi, s_lo = split_rows(g, noise(25, g.shape))
+  assert not f64(hi[2]).any() and not f64(lo[2]).any()
+  assert float(s_hi[2]) == 0.0 and np.isfinite(f64(s_hi)).all()
+  # One NaN or Inf anywhere: every row's scales are NaN, not only its own.
+  for bad in (np.nan, np.inf):
+    _, _, s_hi, s_lo = split_rows(g.at[4, 1].set(bad), noise(25, g.shape))
+    assert np.isnan(f64(s_hi)).all() and np.isnan(f64(s_lo)).all()
+
+
+def test_unit_rows_never_exceed_one():
+  g = rows_of_many_sizes(26, shape=(64, 33))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    gd = g.astype(dtype)
+    unit = bitsplit.unit_rows(gd, bitsplit.row_reciprocals(bitsplit.row_abs_max(gd)))
+    assert unit.dtype == jnp.float32
+    top = np.max(np.abs(np.asarray(unit)), axis=1)
+    assert (top > 1 - 1e-6).all() and (top <= 1.0).all()
