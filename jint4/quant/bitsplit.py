@@ -22,8 +22,8 @@ product computed from the halves is non-finite too.
 
 Per-row scales (`bit_split_rows`): the same split of each token row G_i with
 its own M_i = max|G_i|, i.e. of the unit rows G_i / M_i with M = 1, whose
-scales are then multiplied by M_i (1 / M_i is computed so that every
-platform gets the same digits: `row_reciprocals`). With one M per tensor, a
+scales are then multiplied by M_i (1 / M_i is computed bit for bit alike
+on every platform: `row_reciprocals`). With one M per tensor, a
 gradient whose rows differ in size by 10x or more gets high digits of 0 or
 +-1 on most rows, so a row's low half weighs about as much as its high half
 and leverage score sampling cannot prefer either; with M_i every row's high
@@ -74,7 +74,7 @@ def row_reciprocals(m_rows: jax.Array) -> jax.Array:
   """1 / M_i, float32 [N], truncated to 24 bits and the same on every
   platform: the mantissa's reciprocal is an integer long division (a float
   division is not: a GPU's XLA rounds it within 2 ulp, not to nearest), so
-  the per-row split's digits match bit for bit wherever it runs. Never above
+  that a GPU and the CPU scale the rows alike before the split. Never above
   the true 1 / M_i (so |G_ij / M_i| <= 1 holds after rounding), at most one
   unit in the last place below it. 1 for all-zero, subnormal and non-finite
   rows (their scales carry the rest); for rows of 2^126 and above it is too
