@@ -8,6 +8,7 @@ over seeds, the ratio to float (paired by seed), and the mean curves as PNGs.
     python examples/report.py                       # the whole grid, CPU size
     python examples/report.py --examples gpt --seeds 3 --jobs 2
     python examples/report.py --size gpu           # bigger models, more steps
+    python examples/report.py --examples width     # the GPT gap against width
     python examples/report.py --summarize-only     # rebuild RESULTS.md
 
 The grid is resumable: a finished cell (its metrics.json reaches the last
@@ -36,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODES = ("fp", "hq_lss", "hq_bitsplit", "hq_only", "lsq_luq")
 PAPER_MODES = ("hq_lss", "hq_bitsplit")  # the targets: within 2% of fp, ahead of lsq_luq
+WIDTH_MODES = ("fp", *PAPER_MODES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,14 +79,30 @@ STAGES: Dict[str, Tuple[Stage, ...]] = {
         Stage(name="vit", title="ViT on scikit-learn's digits (10 classes)",
               script="train_vit.py", seeds=6),
     ),
+    # Not in the default --examples: how the pre-training gap depends on the
+    # model's width: the GPT stage at half and at twice its width, BERT
+    # pre-training at twice.
+    "width": (
+        *(Stage(name=f"gpt_w{w}", title=f"GPT pre-training at width {w} ({label} the gpt stage's)",
+                script="train_gpt.py", modes=WIDTH_MODES, argv=("--d-model", str(w)),
+                gpu_argv=("--d-model", str(4 * w), "--layers", "6", "--heads", "8",
+                          "--seq-len", "256", "--batch", "64", "--steps", "5000",
+                          "--eval-every", "500"))
+          for w, label in ((64, "half"), (256, "twice"))),
+        Stage(name="bert_pretrain_w256",
+              title="BERT MLM pre-training at width 256 (twice the bert_pretrain stage's)",
+              script="train_bert.py", modes=WIDTH_MODES,
+              argv=("--stage", "pretrain", "--d-model", "256")),
+    ),
 }
+DEFAULT_EXAMPLES = ("gpt", "bert", "vit")
 STAGES_BY_NAME = {s.name: s for group in STAGES.values() for s in group}
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--examples", default="gpt,bert,vit",
+  p.add_argument("--examples", default=",".join(DEFAULT_EXAMPLES),
                  help="comma-separated: " + ", ".join(STAGES))
   p.add_argument("--stages", default="", help="only these stages (comma-separated)")
   p.add_argument("--modes", default=",".join(MODES))

@@ -99,6 +99,22 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   assert before == after
 
 
+def test_width_stages_run_the_examples_at_other_widths_on_request():
+  report, gpt = _load("report"), _load("train_gpt")
+  default = [s.name for s in report.selected_stages(report.parse_args([]))]
+  assert not [n for n in default if n.startswith("gpt_w")]
+  stages = [s for s in report.selected_stages(report.parse_args(["--examples", "width"]))
+            if s.script == "train_gpt.py"]
+  base = gpt.parse_args([]).d_model
+  assert [gpt.parse_args(list(s.argv)).d_model for s in stages] == [base // 2, 2 * base]
+  gpu = report.STAGES_BY_NAME["gpt"].gpu_argv
+  wide = gpt.parse_args(list(gpu)).d_model
+  assert [gpt.parse_args([*s.argv, *s.gpu_argv]).d_model for s in stages] == [wide // 2, 2 * wide]
+  bert = _load("train_bert")
+  wide_bert = report.STAGES_BY_NAME["bert_pretrain_w256"]
+  assert bert.parse_args(list(wide_bert.argv)).d_model == 2 * bert.parse_args([]).d_model
+
+
 def test_measured_on_names_every_machine_of_a_stage():
   report = _load("report")
   runs = {"fp": {0: {"machine": "A"}, 1: {"machine": "A"}}, "hq_lss": {0: {}}}
