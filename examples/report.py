@@ -8,7 +8,7 @@ over seeds, the ratio to float (paired by seed), and the mean curves as PNGs.
     python examples/report.py                       # the whole grid, CPU size
     python examples/report.py --examples gpt --seeds 3 --jobs 2
     python examples/report.py --size gpu           # bigger models, more steps
-    python examples/report.py --examples width     # the GPT gap against width
+    python examples/report.py --examples width     # the pre-training gap against width
     python examples/report.py --summarize-only     # rebuild RESULTS.md
 
 The grid is resumable: a finished cell (its metrics.json reaches the last
@@ -38,6 +38,9 @@ ROOT = os.path.dirname(HERE)
 MODES = ("fp", "hq_lss", "hq_bitsplit", "hq_only", "lsq_luq")
 PAPER_MODES = ("hq_lss", "hq_bitsplit")  # the targets: within 2% of fp, ahead of lsq_luq
 WIDTH_MODES = ("fp", *PAPER_MODES)
+# The GPT stages' GPU size beside their width (--d-model: 4x the CPU's).
+GPT_GPU_ARGV = ("--layers", "6", "--heads", "8", "--seq-len", "256", "--batch", "64",
+                "--steps", "5000", "--eval-every", "500")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,10 +60,7 @@ class Stage:
 STAGES: Dict[str, Tuple[Stage, ...]] = {
     "gpt": (
         Stage(name="gpt", title="GPT pre-training (byte-level LM, Bible text)",
-              script="train_gpt.py",
-              gpu_argv=("--d-model", "512", "--layers", "6", "--heads", "8",
-                        "--seq-len", "256", "--batch", "64", "--steps", "5000",
-                        "--eval-every", "500")),
+              script="train_gpt.py", gpu_argv=("--d-model", "512", *GPT_GPU_ARGV)),
         Stage(name="gpt_long", title="GPT pre-training, long horizon (10x steps, width 64)",
               script="train_gpt.py", modes=("fp", "hq_lss", "hq_bitsplit"), seeds=1,
               argv=("--d-model", "64", "--steps", "6000", "--eval-every", "500"),
@@ -85,9 +85,7 @@ STAGES: Dict[str, Tuple[Stage, ...]] = {
     "width": (
         *(Stage(name=f"gpt_w{w}", title=f"GPT pre-training at width {w} ({label} the gpt stage's)",
                 script="train_gpt.py", modes=WIDTH_MODES, argv=("--d-model", str(w)),
-                gpu_argv=("--d-model", str(4 * w), "--layers", "6", "--heads", "8",
-                          "--seq-len", "256", "--batch", "64", "--steps", "5000",
-                          "--eval-every", "500"))
+                gpu_argv=("--d-model", str(4 * w), *GPT_GPU_ARGV))
           for w, label in ((64, "half"), (256, "twice"))),
         # At the bert_pretrain stage's 2e-3, float BERT (post-LN) at width 256
         # is still on the early loss plateau after 400 steps (2.70; 1.78 at 1e-3).

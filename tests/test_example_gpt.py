@@ -101,8 +101,8 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
 
 def test_width_stages_run_the_examples_at_other_widths_on_request():
   report, gpt = _load("report"), _load("train_gpt")
-  default = [s.name for s in report.selected_stages(report.parse_args([]))]
-  assert not [n for n in default if n.startswith("gpt_w")]
+  default = report.selected_stages(report.parse_args([]))
+  assert not set(default) & set(report.STAGES["width"])
   stages = [s for s in report.selected_stages(report.parse_args(["--examples", "width"]))
             if s.script == "train_gpt.py"]
   base = gpt.parse_args([]).d_model
