@@ -322,7 +322,7 @@ def diagnose_cell(args, stage: Stage, mode: str, seed: int, png: str) -> Optiona
     argv += ["--init-from", cell_dir(args, source, "fp", seed)]
   ex = module.parse_args(argv)
   task = module.task(ex)
-  model, initial = trainer.build(task, trainer.quant_config(ex), seed)
+  model, initial = trainer.build(task, trainer.quant_config(ex), seed, keep=ex.keep)
   params = trainer.load_params(path)
   batch = {k: np.asarray(v)[:8] for k, v in task.eval_batches[0].items()}
   rows = jint4.diagnose(model, {**initial, "params": params}, batch["inputs"],

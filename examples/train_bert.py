@@ -345,7 +345,7 @@ def finetune_variables(args, task: trainer.Task) -> Optional[Dict[str, Any]]:
   config = trainer.quant_config(args)
   if config is None:
     return {"params": params}
-  model = jint4.int4ify(task.model, config, keep=task.keep)
+  model = jint4.int4ify(task.model, config, keep=trainer.keep_pattern(task, args.keep))
   # Under jit: the same result as eager calibration, in a fraction of the time.
   variables = jax.jit(lambda v, x: jint4.calibrate(model, x, variables=v))(
       {"params": params}, inputs)

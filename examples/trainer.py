@@ -111,6 +111,9 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
                  help="Int4Config.qn: 7 (paper) or 8 (reference code) (default: the config's)")
   p.add_argument("--step-init", default=None, choices=jint4.config.STEP_INITS,
                  help="Int4Config.step_init (default: the config's)")
+  p.add_argument("--keep", default="",
+                 help="more layers left in float: a regex on the layer path (see the"
+                      " table printed at the start), besides the example's own (its head)")
   p.add_argument("--plain-steps", action="store_true",
                  help="do not wrap the optimizer in jint4.relative_step_sizes (the"
                       " step sizes then move by ~lr per step, as any Adam parameter)")
@@ -188,13 +191,22 @@ def _split(variables):
   return params, state
 
 
-def build(task: Task, config: Optional[jint4.Int4Config], seed: int, report: bool = False):
-  """(model, variables) for a quant config: the float model or its INT4 twin.
+def keep_pattern(task: Task, extra: str = "") -> Optional[str]:
+  """The layers left in float: the task's own and ``extra`` (``--keep``),
+  one regex (`jint4.int4ify`'s ``keep=``)."""
+  parts = [p for p in (task.keep, extra) if p]
+  return "|".join(f"(?:{p})" for p in parts) or None
+
+
+def build(task: Task, config: Optional[jint4.Int4Config], seed: int, report: bool = False,
+          keep: str = ""):
+  """(model, variables) for a quant config: the float model or its INT4 twin,
+  with the task's layers and those ``keep`` names left in float.
 
   The same seed gives the same initial weights for every mode.
   """
   model = task.model if config is None else jint4.int4ify(
-      task.model, config, keep=task.keep, report=report)
+      task.model, config, keep=keep_pattern(task, keep), report=report)
   sample = task.batch(0)["inputs"]
   variables = jax.jit(lambda k, x: model.init(k, x, **task.model_kwargs))(
       jax.random.key(seed), jnp.asarray(sample))
@@ -281,7 +293,8 @@ def train(args, task: Task, example: str, *, variables=None) -> Dict[str, Any]:
   config = quant_config(args)
   directory = out_dir(args, example)
   os.makedirs(directory, exist_ok=True)
-  model, fresh = build(task, config, args.seed, report=config is not None)
+  model, fresh = build(task, config, args.seed, report=config is not None,
+                       keep=getattr(args, "keep", ""))
   params, state = _split(variables if variables is not None else fresh)
   tx = make_optimizer(args.lr, args.steps)
   if config is not None and not getattr(args, "plain_steps", False):

@@ -133,3 +133,15 @@ def test_recipe_flags_reach_the_int4_config():
   default = trainer.quant_config(gpt.parse_args(["--quant", "hq_bitsplit"]))
   assert (default.qn, default.hadamard_block, default.step_init) == (7, 32, "mse")
   assert trainer.quant_config(gpt.parse_args(["--quant", "fp"])) is None
+
+
+def test_keep_flag_leaves_more_layers_float_beside_the_head():
+  gpt, trainer = _load("train_gpt"), _load("trainer")
+  import jint4
+  args = gpt.parse_args(TINY + ["--quant", "hq_only", "--keep", r"mlp/down"])
+  model, _ = trainer.build(gpt.task(args), trainer.quant_config(args), 0, keep=args.keep)
+  float_layers = {r.path for r in jint4.int4ify_report(model)
+                  if not r.converted and r.why.startswith("kept")}
+  assert float_layers == {"block_0/mlp/down", "lm_head"}
+  task = gpt.task(gpt.parse_args(TINY))
+  assert trainer.keep_pattern(task) == "(?:lm_head)"
