@@ -122,8 +122,10 @@ say "$(tail -1 "$OUT/build.log")"
 
 # 2-3. Test suites (JINT4_REQUIRE_NATIVE=1: a missing native engine fails
 # them instead of skipping them).
+# -v: each test's outcome is logged as it ends, so a run stopped by an outer
+# time limit still says which tests failed (the tracebacks come at the end).
 export JINT4_REQUIRE_NATIVE=1 PYTHONUNBUFFERED=1
-step gpu_suite "$PY" -m pytest -q -n 0 -rfE -p no:cacheprovider -m gpu tests/
+step gpu_suite "$PY" -m pytest -v --tb=short -n 0 -rfE -p no:cacheprovider -m gpu tests/
 # The CPU handlers' suite compares them with the pure-JAX twins on the CPU;
 # on the GPU the twins would run on XLA:GPU's int8 dot, which is not exact
 # for some small shapes (test_native_gpu.py's test_xla_gpu_int8_dot_exactness).
