@@ -294,7 +294,7 @@ def train(args, task: Task, example: str, *, variables=None) -> Dict[str, Any]:
   directory = out_dir(args, example)
   os.makedirs(directory, exist_ok=True)
   model, fresh = build(task, config, args.seed, report=config is not None,
-                       keep=getattr(args, "keep", ""))
+                       keep=args.keep)
   params, state = _split(variables if variables is not None else fresh)
   tx = make_optimizer(args.lr, args.steps)
   if config is not None and not getattr(args, "plain_steps", False):

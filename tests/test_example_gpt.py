@@ -10,6 +10,8 @@ import sys
 import jax
 import numpy as np
 
+import jint4
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TINY = ["--steps", "8", "--eval-every", "4", "--d-model", "32", "--layers", "1",
@@ -137,7 +139,6 @@ def test_recipe_flags_reach_the_int4_config():
 
 def test_keep_flag_leaves_more_layers_float_beside_the_head():
   gpt, trainer = _load("train_gpt"), _load("trainer")
-  import jint4
   args = gpt.parse_args(TINY + ["--quant", "hq_only", "--keep", r"mlp/down"])
   model, _ = trainer.build(gpt.task(args), trainer.quant_config(args), 0, keep=args.keep)
   float_layers = {r.path for r in jint4.int4ify_report(model)
