@@ -31,6 +31,9 @@ examples, no download):
 
     python examples/train_bert.py --stage pretrain --quant fp       # 2-core CPU: ~1 minute
     python examples/train_bert.py --stage pretrain                  # hq_bitsplit: ~2-3 minutes
+    python examples/train_bert.py --stage pretrain --keep 'attention/(value|out)$'
+        # attention's value and output projections in float: where most of
+        # INT4 pre-training's gap to fp sits on this model (docs/RESULTS.md)
     python examples/train_bert.py --stage finetune --init-from runs/bert_pretrain/fp/seed0
     python examples/train_bert.py --stage finetune --quant fp --init-from runs/bert_pretrain/fp/seed0
     python examples/train_bert.py --stage finetune --quant fp       # from scratch
