@@ -10,11 +10,11 @@ move a value across a rounding boundary: hence tolerances, not equality. Both
 runs pass the same ``'quant'`` rng: without one, each layer derives its key
 from the bits of its input, which that float drift changes, so the two
 backends would draw independent stochastic roundings and samples, and only
-their expectations would agree. Both run their float matmuls (the tied MLM
-decoder, the kept heads, BERT's P V product, whose 17 keys no Hadamard block
-divides) at float32 precision: XLA:GPU's default for them is
-TF32, whose 1e-3 relative error would move far more values across the INT4
-rounding boundaries than the backends' ulp drift. And
+their expectations would agree. Both run their float matmuls (the kept
+heads, and the ViT's P V product, whose 17 keys no Hadamard block divides)
+at float32 precision: XLA:GPU's default for them is TF32, whose 1e-3
+relative error would move far more values across the INT4 rounding
+boundaries than the backends' ulp drift. And
 the partitioned op (`jint4.partition`) under a one-GPU mesh against the same
 program without one: the same integer GEMMs, so the forward bit for bit.
 """
