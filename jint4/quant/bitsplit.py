@@ -150,7 +150,12 @@ def bit_split(g: jax.Array, u: jax.Array, m: jax.Array | None = None):
   g = g.astype(jnp.float32)
   m = abs_max(g) if m is None else jnp.asarray(m, jnp.float32).reshape(())
   safe_m = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-  t = g * (RANGE / safe_m)
+  # The barrier keeps f = 98 / M a value: with M a compile-time constant (the
+  # row split passes 1.0) some XLA versions fold (g f) / 14 into g (f / 14),
+  # which rounds ties of t / 14 differently from the two roundings written
+  # here and done by the native handlers.
+  f = jax.lax.optimization_barrier(RANGE / safe_m)
+  t = g * f
   # Divisions by constants are written as products with the float32
   # reciprocals (XLA would rewrite them so anyway, and the native handlers
   # must round identically).

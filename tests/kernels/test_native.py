@@ -476,6 +476,18 @@ def test_bit_split_rounding_boundaries():
         assert_same_floats(a, b)
 
 
+def test_bit_split_with_constant_abs_max_rounds_as_written():
+  """abs_max a compile-time constant (the row split passes 1.0 for its unit
+  rows): the twin still rounds t = g 98 / M, then t / 14, as two roundings,
+  at every hi tie (g near (2k + 1) / 14) and its neighbours."""
+  g = _as_matrix(_with_neighbours(np.arange(-7, 7) * (2 / 14) + 1 / 14), 16)
+  for fn in ("bit_split", "bit_split_joined"):
+    nat, ref = (on_cpu(lambda g: getattr(mod, fn)(g, seed(12), abs_max=jnp.float32(1.0)), g)
+                for mod in (native, reference))
+    for a, b in zip(nat, ref):
+      assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("special", [0.0, np.nan, np.inf])
 def test_bit_split_special_values(special, dtype):

@@ -222,6 +222,19 @@ def test_bit_split_joined(shape, dtype):
     assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
 
 
+def test_bit_split_with_constant_abs_max_at_hi_ties():
+  """abs_max a compile-time constant (the row split's 1.0): the CUDA handlers
+  and the twin agree on every tie of t / 14 (g near (2k + 1) / 14)."""
+  g = np.arange(-7, 7) * (2 / 14) + 1 / 14
+  g = np.concatenate([g, np.nextafter(g.astype(np.float32), 2),
+                      np.nextafter(g.astype(np.float32), -2)]).astype(np.float32)
+  g = jnp.asarray(np.resize(g, (4, 64)))
+  for fn in (native.bit_split, native.bit_split_joined):
+    out, ref, _ = twins(fn, g, seed(5), abs_max=jnp.float32(1.0), cpu_handler=False)
+    for a, b in zip(out, ref):
+      assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (33, 96), (1000, 300), (4096, 1024)], ids=str)
 def test_resplit_rows(shape):
   r, c = shape

@@ -74,6 +74,18 @@ def test_hi_rounds_to_nearest_and_lo_rounds_the_remainder():
   assert (lo == np.floor(r)).any() and (lo == np.ceil(r)).any()
 
 
+def test_constant_max_keeps_both_roundings():
+  """With M a compile-time constant, hi is still round(fl(fl(g 98 / M) / 14))
+  (the native handlers' arithmetic), not g (98 / M / 14) in one rounding:
+  g = fl((2k + 1) / 14) and its neighbours sit on the ties of t / 14."""
+  g = np.arange(-7, 7) * (2 / 14) + 1 / 14
+  g = np.concatenate([g, np.nextafter(g.astype(np.float32), 2), np.nextafter(
+      g.astype(np.float32), -2)]).astype(np.float32)
+  hi = np.asarray(jax.jit(lambda g: bitsplit.bit_split(g, jnp.zeros_like(g), 1.0)[0])(g))
+  t = g * np.float32(98.0)
+  np.testing.assert_array_equal(hi, np.clip(np.round(t * bitsplit.INV_HI_STEP), -7, 7))
+
+
 def test_extreme_noise_gives_floor_and_ceil():
   g = make_grad(4)
   t = 98 * f64(g) / np.max(np.abs(f64(g)))
