@@ -99,7 +99,9 @@ def parse_args(argv=None):
   p.add_argument("--backward", type=common.comma_list(str),
                  default=["lss", "bitsplit"],
                  help="comma-separated Int4Dense backward modes, of"
-                      f" {','.join(jint4.config.BACKWARD_MODES)}")
+                      f" {','.join(jint4.config.BACKWARD_MODES)}, each optionally"
+                      " with :row or :tensor, the bit split's Int4Config.split_scale"
+                      " (e.g. bitsplit:tensor; default: the config's)")
   p.add_argument("--engine", default="auto", choices=jint4.config.ENGINES,
                  help="Int4Config.engine of the Int4Dense cases")
   p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True,
@@ -110,7 +112,9 @@ def parse_args(argv=None):
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
       os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
   args = p.parse_args(argv)
-  bad = [m for m in args.backward if m not in jint4.config.BACKWARD_MODES]
+  bad = [m for m in args.backward if m.split(":")[0] not in jint4.config.BACKWARD_MODES
+         or m.count(":") > 1
+         or (":" in m and m.split(":")[1] not in jint4.config.SPLIT_SCALES)]
   if bad or not args.backward:
     p.error(f"--backward: unknown mode(s) {bad}; choose from"
             f" {','.join(jint4.config.BACKWARD_MODES)}")
@@ -129,7 +133,9 @@ def layers(backward_modes, engine, d_out, fp8=False):
   if fp8:
     out[FP8] = (nn.Dense(d_out, dot_general_cls=fp8_ops.Fp8DotGeneralOp, **bf16), None)
   for mode in backward_modes:
-    config = jint4.Int4Config(backward=mode, engine=engine)
+    backward, _, scale = mode.partition(":")
+    config = jint4.Int4Config(backward=backward, engine=engine,
+                              **({"split_scale": scale} if scale else {}))
     out[f"int4 {mode}"] = (jint4.Int4Dense(d_out, config=config, **bf16), mode)
   return out
 

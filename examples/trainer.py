@@ -77,8 +77,8 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
   """The flags every example shares (model flags are the example's own)."""
   p.add_argument("--quant", default="hq_bitsplit", choices=tuple(QUANT_MODES),
                  help="fp: float; hq_lss: the paper (HQ forward, bit splitting +"
-                      " LSS backward; bit-split scales per row unless"
-                      " --lss-split-scale tensor); hq_bitsplit: every bit-split row kept;"
+                      " LSS backward); hq_bitsplit: every bit-split row kept (both"
+                      " split per row unless --split-scale tensor);"
                       " hq_only: INT4 forward, float backward; lsq_luq: the"
                       " paper's baseline")
   p.add_argument("--seed", type=int, default=0, help="init, data order and quantization keys")
@@ -101,9 +101,10 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
                  help="jint4 step-size warm-up (Int4Config.warmup_steps)")
   p.add_argument("--lss-budget", type=float, default=None,
                  help="Int4Config.lss_budget for the lss modes (default: the paper's 1.0)")
-  p.add_argument("--lss-split-scale", default=None, choices=jint4.config.SPLIT_SCALES,
-                 help="Int4Config.lss_split_scale for the lss modes: one bit-split scale"
-                      " per tensor (the paper's) or per token row (default: the config's)")
+  p.add_argument("--split-scale", default=None, choices=jint4.config.SPLIT_SCALES,
+                 help="Int4Config.split_scale for hq_lss and hq_bitsplit: one bit-split"
+                      " scale per tensor (the paper's) or per token row (default: the"
+                      " config's)")
   p.add_argument("--hadamard-block", default=None,
                  type=lambda v: v if v == "auto" else int(v),
                  help="Int4Config.hadamard_block: a power of two or auto (default: the config's)")
@@ -135,7 +136,7 @@ def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
     return None
-  extra = {name: getattr(args, name) for name in ("lss_budget", "lss_split_scale", "step_init",
+  extra = {name: getattr(args, name) for name in ("lss_budget", "split_scale", "step_init",
                                                   "hadamard_block", "qn")
            if getattr(args, name, None) is not None}
   return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps, **extra)

@@ -69,13 +69,17 @@ class Int4Config:
     lss_budget: fraction of the N token rows kept by leverage score sampling;
       the kept-row count is ``ceil(lss_budget * N)`` out of the 2N bit-split rows
       (paper: 1.0, i.e. N rows). Must be in (0, 2].
-    lss_split_scale: the scale of the bit split that leverage score sampling
-      draws from (``"lss"`` only). ``"row"`` (default): one M_i = max|G_i|
-      per token row (`jint4.quant.bitsplit.bit_split_rows`), so each row's
-      high half carries the row and the sampler keeps high halves and
-      samples low ones; on dense gradients such as a language model's this
-      halves the loss gap that sampling adds at the paper's budget
-      (docs/RESULTS.md). Still INT4 halves and unbiased. ``"tensor"``: one
+    split_scale: the scale of the output gradient's bit split (``"lss"``
+      and ``"bitsplit"``). ``"row"`` (default): one M_i = max|G_i| per token
+      row (`jint4.quant.bitsplit.bit_split_rows`). For ``"lss"`` each row's
+      high half then carries the row, so the sampler keeps high halves and
+      samples low ones (on a language model's dense gradient this halves the
+      loss gap that sampling adds at the paper's budget). For ``"bitsplit"``
+      the dX GEMM's rows keep 98 levels each, where one M leaves a row far
+      below max|G| (a masked-LM loss's unmasked tokens) mostly rounding
+      noise; its dW GEMM reduces over the rows and keeps one M (one more
+      memory-bound pass over G than ``"tensor"``). docs/RESULTS.md has the
+      measurements. Still INT4 halves and unbiased. ``"tensor"``: one
       M = max|G| for the whole gradient, as the paper writes it.
     step_init: the rule that sets the step sizes at init (and calibration, and
       warm-up). ``"mse"`` (default): the step with the least quantization
@@ -110,7 +114,7 @@ class Int4Config:
   qp: int = 7
   hadamard_block: Union[int, Literal["auto"]] = 32
   lss_budget: float = 1.0
-  lss_split_scale: SplitScale = "row"
+  split_scale: SplitScale = "row"
   step_init: StepInit = "mse"
   warmup_steps: int = 0
   embedding_lsq: bool = False
@@ -122,7 +126,7 @@ class Int4Config:
     _check_choice("backward", self.backward, BACKWARD_MODES)
     _check_choice("engine", self.engine, ENGINES)
     _check_choice("step_init", self.step_init, STEP_INITS)
-    _check_choice("lss_split_scale", self.lss_split_scale, SPLIT_SCALES)
+    _check_choice("split_scale", self.split_scale, SPLIT_SCALES)
     if not isinstance(self.qn, int) or not 1 <= self.qn <= 8:
       raise ValueError(
           f"Int4Config.qn must be an int in [1, 8]; got {self.qn!r}. Use qn=7"

@@ -648,7 +648,7 @@ def _lss_fractions(x3, step_x, g3, log2, config, key):
   x_norm = jnp.linalg.norm(codes, axis=-1)                       # [B, N]
 
   def one(g, xn, key):
-    split = (bitsplit.bit_split_rows if config.lss_split_scale == "row"
+    split = (bitsplit.bit_split_rows if config.split_scale == "row"
              else bitsplit.bit_split)
     hi, lo, s_hi, s_lo = split(g, jax.random.uniform(key, g.shape))
     # A scale per tensor (a scalar) or per row ([N]) as a column.

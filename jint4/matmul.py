@@ -24,7 +24,7 @@ cores, else "bitsplit": `backward_mode`, per platform):
              the kept rows, so the per-row factors s_half / p_i cannot go to an
              epilogue: the weighted kept rows are bit-split again (unbiased),
              and the hi/lo GEMM pair over the B kept rows runs joined (below).
-             B = ceil(lss_budget * N). With lss_split_scale="row" each row
+             B = ceil(lss_budget * N). With split_scale="row" each row
              G_i is split with its own M_i = max|G_i| (G_i / M_i split with
              M = 1; M_i joins the row's half scale, hence its score and
              factor): no new integer kernel.
@@ -556,7 +556,8 @@ def _quantized_forward(eng: Engine, x2, kernel, bias, sx, sw, key, log2, *,
 
 
 _NUM_SEEDS = 6
-_SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE = range(5)
+(_SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE,
+ _SEED_SPLIT_ROWS) = range(6)
 
 
 def _backward(static, res, g):
@@ -702,17 +703,30 @@ def _products_bitsplit(ctx, g, qwt):
   s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A): the two INT4 GEMMs of
   the hi and lo halves share A, so they run as one GEMM on v = 14 hi + lo
   (exact int32; `reference.bit_split_joined`).
+
+  With ``split_scale="row"`` the dX GEMM's rows are split on their own
+  M_i = max|G_i| (unit rows G_i / M_i, M_i in the epilogue's row scale): a
+  token whose gradient is small next to the tensor's largest (the unmasked
+  tokens of a masked-LM loss) keeps 98 levels of its own instead of the few
+  lowest of max|G|. The dW GEMM reduces over the rows, where a per-row factor
+  cannot leave the sum, so its operand is the split with one scale.
   """
-  eng = ctx.eng
+  eng, comm = ctx.eng, ctx.comm
   # max|G| in XLA where the engine wants it there: it can then join the
   # fusion that produces G (one read of G fewer than the handler's own pass);
   # with G sharded, one max over the shards: every shard splits alike.
   abs_max = None
-  if eng.abs_max_in_xla or not ctx.comm.trivial:
-    abs_max = ctx.comm.pmax(bitsplit.abs_max(g), "n", "c")
+  if eng.abs_max_in_xla or not comm.trivial:
+    abs_max = comm.pmax(bitsplit.abs_max(g), "n", "c")
   v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT], abs_max=abs_max)
-  dxh_hat = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, int4=False,
-                         out_dtype=ctx.dxh_dtype)                        # [N, D]
+  row_scale = None
+  if ctx.cfg.split_scale == "row":
+    units, row_max, poison = _unit_rows(comm, g)
+    v, _, _, s_lo_rows = eng.bit_split_joined(units, ctx.seeds[_SEED_SPLIT_ROWS],
+                                              abs_max=jnp.float32(1.0))
+    row_scale = row_max * poison
+  dxh_hat = eng.int_gemm(v, qwt, scale=(s_lo if row_scale is None else s_lo_rows) * ctx.sw,
+                         row_scale=row_scale, int4=False, out_dtype=ctx.dxh_dtype)  # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]
   dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo * ctx.sx, int4=False,
                          out_dtype=ctx.dwh_dtype)                        # [D, C]
@@ -726,7 +740,7 @@ def _products_lss(ctx, g, qwt):
   # Sharded rows: each shard samples its own rows with its share of the
   # budget (stratified sampling: still unbiased).
   budget = lss.budget_rows(n, cfg.lss_budget)
-  if cfg.lss_split_scale == "row":
+  if cfg.split_scale == "row":
     g, row_scale, poison = _unit_rows(comm, g)
     abs_max = jnp.float32(1.0)
   else:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,10 +70,22 @@ def test_bench_layer(tmp_path):
 
 def test_bench_layer_without_fp8(tmp_path):
   report = run_script("bench_layer.py", tmp_path, "--tokens", "64", "--hidden", "64",
-                      "--repeats", "1", "--warmup", "0", "--backward", "bitsplit",
-                      "--no-fp8")
-  assert {r["case"] for r in report["results"]} == {"bf16 nn.Dense", "int4 bitsplit"}
+                      "--repeats", "1", "--warmup", "0", "--backward",
+                      "bitsplit,bitsplit:tensor", "--no-fp8")
+  assert {r["case"] for r in report["results"]} == {
+      "bf16 nn.Dense", "int4 bitsplit", "int4 bitsplit:tensor"}
+  assert {r["backward"] for r in report["results"]} == {None, "bitsplit", "bitsplit:tensor"}
   assert all(r["speedup_vs_fp8"] is None for r in report["results"])
+
+
+@pytest.mark.parametrize("bad", ["bitsplit:col", "sparse", "lss:row:tensor"])
+def test_bench_layer_rejects_unknown_modes(bad):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_layer.py"),
+                         "--backward", bad], capture_output=True, text=True, timeout=300,
+                        env=env, cwd=ROOT)
+  assert proc.returncode == 2 and "unknown mode" in proc.stderr, proc.stderr
 
 
 def test_bench_train(tmp_path):

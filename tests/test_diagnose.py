@@ -269,7 +269,7 @@ def test_lss_fractions_follow_the_split_scale():
   g = jnp.asarray(rng.normal(size=(2, 64, D)) * sizes, jnp.float32)
   frac = {}
   for scale in ("tensor", "row"):
-    cfg = jint4.Int4Config(backward="lss", lss_split_scale=scale)
+    cfg = jint4.Int4Config(backward="lss", split_scale=scale)
     frac[scale] = diagnose_lib._lss_fractions(x, jnp.float32(0.3), g, 5, cfg,
                                               jax.random.key(0))
   for which in ("dx", "dw"):

@@ -128,10 +128,10 @@ def test_recipe_flags_reach_the_int4_config():
   gpt, trainer = _load("train_gpt"), _load("trainer")
   args = gpt.parse_args(["--quant", "hq_bitsplit", "--qn", "8", "--hadamard-block", "16",
                          "--step-init", "lsq", "--lss-budget", "1.5",
-                         "--lss-split-scale", "tensor"])
+                         "--split-scale", "tensor"])
   config = trainer.quant_config(args)
   assert (config.qn, config.hadamard_block, config.step_init, config.lss_budget,
-          config.lss_split_scale) == (8, 16, "lsq", 1.5, "tensor")
+          config.split_scale) == (8, 16, "lsq", 1.5, "tensor")
   default = trainer.quant_config(gpt.parse_args(["--quant", "hq_bitsplit"]))
   assert (default.qn, default.hadamard_block, default.step_init) == (7, 32, "mse")
   assert trainer.quant_config(gpt.parse_args(["--quant", "fp"])) is None

@@ -77,7 +77,8 @@ def test_exact_backward_matches_autodiff_of_fake_quant_twin():
 
 
 @pytest.mark.parametrize("backward,split_scale",
-                         [("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor")])
+                         [("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
+                          ("bitsplit", "row")])
 def test_quantized_gradients_are_unbiased(backward, split_scale):
   """Mean over keys -> the exact-mode gradient, at the 1/sqrt(n) rate."""
   x, w, sx, sw = _data(n=32, d=32, c=16, seed=1)
@@ -88,7 +89,7 @@ def test_quantized_gradients_are_unbiased(backward, split_scale):
       lambda x, w, sw: jnp.sum(int4_matmul(x, w, sx, sw, k, config=cfg) * ct),
       argnums=(0, 1, 2))(x, w, sw)
   exact = jax.jit(grads, static_argnums=0)(Int4Config(backward="exact"), KEY)
-  cfg = Int4Config(backward=backward, lss_budget=0.5, lss_split_scale=split_scale)
+  cfg = Int4Config(backward=backward, lss_budget=0.5, split_scale=split_scale)
   keys = jax.random.split(jax.random.key(3), 2000)
   samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
   for est, ref, name in zip(samples, exact, ("dx", "dw", "dsw")):
@@ -120,29 +121,53 @@ def test_lss_variance_shrinks_with_budget():
   assert var[0.25] > var[1.0] > var[2.0]
 
 
-def test_row_split_scale_lowers_lss_variance_on_dense_gradients():
-  """A dense gradient whose rows differ in size (a language model's): with
-  one scale per tensor the low halves weigh about as much as the high ones
-  and the sampler keeps half of either; per-row scales let it keep the high
-  halves, which lowers the variance of both gradients at the same budget."""
-  x, w, sx, sw = _data(n=64, d=32, c=16, seed=5)
-  sizes = 10.0 ** jax.random.uniform(jax.random.key(6), (64,), minval=-2, maxval=0)
-  ct = jax.random.normal(jax.random.key(7), (64, 16)) * sizes[:, None]
+def _samples_by_split_scale(backward, data_seed, ct, key):
+  """The exact (dX, dW) of one product and, per split scale, 200 draws."""
+  x, w, sx, sw = _data(n=ct.shape[0], d=32, c=ct.shape[1], seed=data_seed)
 
   def grads(cfg, k):
     return jax.grad(lambda x, w: jnp.sum(int4_matmul(x, w, sx, sw, k, config=cfg) * ct),
                     argnums=(0, 1))(x, w)
 
-  exact = grads(Int4Config(backward="exact"), KEY)
-  keys = jax.random.split(jax.random.key(8), 200)
-  err = {}
-  for scale in ("tensor", "row"):
-    cfg = Int4Config(backward="lss", lss_split_scale=scale)
-    samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
-    err[scale] = [float(jnp.mean(jnp.sum((s - e) ** 2, axis=(1, 2))))
-                  / float(jnp.sum(e ** 2)) for s, e in zip(samples, exact)]
-  for t, r in zip(err["tensor"], err["row"]):
-    assert r < 0.4 * t, err
+  keys = jax.random.split(key, 200)
+  draws = {scale: jax.jit(jax.vmap(lambda k: grads(
+      Int4Config(backward=backward, split_scale=scale), k)))(keys)
+      for scale in ("tensor", "row")}
+  return grads(Int4Config(backward="exact"), KEY), draws
+
+
+def _relative_mse(samples, exact, rows=slice(None)):
+  """E||est - exact||^2 / ||exact||^2 over the draws, on some rows."""
+  return (float(jnp.mean(jnp.sum((samples - exact)[:, rows] ** 2, axis=(1, 2))))
+          / float(jnp.sum(exact[rows] ** 2)))
+
+
+def test_row_split_scale_lowers_lss_variance_on_dense_gradients():
+  """A dense gradient whose rows differ in size (a language model's): with
+  one scale per tensor the low halves weigh about as much as the high ones
+  and the sampler keeps half of either; per-row scales let it keep the high
+  halves, which lowers the variance of both gradients at the same budget."""
+  sizes = 10.0 ** jax.random.uniform(jax.random.key(6), (64,), minval=-2, maxval=0)
+  ct = jax.random.normal(jax.random.key(7), (64, 16)) * sizes[:, None]
+  exact, draws = _samples_by_split_scale("lss", 5, ct, jax.random.key(8))
+  for which in (0, 1):   # dX, dW
+    t, r = (_relative_mse(draws[s][which], exact[which]) for s in ("tensor", "row"))
+    assert r < 0.4 * t, (which, t, r)
+
+
+def test_row_split_scale_keeps_small_rows_of_dx_with_bitsplit():
+  """A masked-LM-like gradient (a few large token rows, the rest 100x
+  smaller): with one scale per tensor the small rows' dX is mostly the
+  stochastic rounding's noise; with one per row each keeps its own 98 levels.
+  dW (one scale either way) is unchanged in distribution."""
+  big = np.arange(64) < 8
+  ct = jax.random.normal(jax.random.key(9), (64, 16)) * jnp.where(big, 1.0, 0.01)[:, None]
+  exact, draws = _samples_by_split_scale("bitsplit", 6, ct, jax.random.key(10))
+  dx = {s: _relative_mse(draws[s][0], exact[0], ~big) for s in draws}
+  dw = {s: _relative_mse(draws[s][1], exact[1]) for s in draws}
+  assert dx["tensor"] > 0.1, dx          # the small rows drown in the noise
+  assert dx["row"] < 0.01 * dx["tensor"], dx
+  assert 0.5 < dw["row"] / dw["tensor"] < 2.0, dw
 
 
 def test_hq_lowers_forward_error_on_outlier_activations():
@@ -275,7 +300,7 @@ def test_nonfinite_values_stay_visible():
   assert bool(jnp.all(jnp.isnan(y[:, 7])))
   for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
                           ("exact", "tensor")):
-    cfg = Int4Config(backward=backward, lss_split_scale=scale)
+    cfg = Int4Config(backward=backward, split_scale=scale)
     ct = jnp.zeros((32, 16)).at[0, 0].set(jnp.nan)
     _, vjp = jax.vjp(lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg), x, w)
     gx, gw = vjp(ct)
@@ -325,8 +350,8 @@ def test_config_validation():
     Int4Config(qn=9, qp=7)
   with pytest.raises(ValueError, match="lss_budget"):
     Int4Config(lss_budget=0.0)
-  with pytest.raises(ValueError, match="lss_split_scale"):
-    Int4Config(lss_split_scale="token")
+  with pytest.raises(ValueError, match="split_scale"):
+    Int4Config(split_scale="token")
   with pytest.raises(TypeError):
     Int4Config("hq")  # keyword-only
   cfg = Int4Config()

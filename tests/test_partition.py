@@ -96,7 +96,7 @@ def test_layout_equals_one_device(layout, engine):
   # expectation (test_stochastic_gradients_are_unbiased_when_sharded).
 
 
-@pytest.mark.parametrize("backward", ["bitsplit", "lss", "lss_tensor"])
+@pytest.mark.parametrize("backward", ["bitsplit", "bitsplit_tensor", "lss", "lss_tensor"])
 @pytest.mark.parametrize("layout", ["data", "tensor_row", "fsdp_tensor"])
 def test_stochastic_gradients_are_unbiased_when_sharded(layout, backward):
   """Stratified sampling and per-shard rounding: the mean over keys tends to
@@ -105,10 +105,10 @@ def test_stochastic_gradients_are_unbiased_when_sharded(layout, backward):
   x_spec, w_spec, _ = LAYOUTS[layout]
   xs, ws = _put(x, x_spec), _put(w, w_spec)
   exact = _grads(jint4.Int4Config(backward="exact"), jax.random.key(0))(x, w, SX, SW)[1]
-  # lss: per-row split scales (a row's max over its shards of C);
-  # lss_tensor: one scale, the max over every shard.
+  # Per-row split scales (a row's max over its shards of C); *_tensor: one
+  # scale, the max over every shard.
   cfg = jint4.Int4Config(backward=backward.removesuffix("_tensor"), lss_budget=0.5,
-                         lss_split_scale="tensor" if backward.endswith("_tensor") else "row")
+                         split_scale="tensor" if backward.endswith("_tensor") else "row")
 
   @jax.jit
   def sample(keys):

@@ -636,7 +636,7 @@ def test_native_ops_vmap_and_grad_through_int4_matmul():
   for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor")):
     def loss(cfg):
       cfg = jint4.Int4Config(engine=cfg.engine, backward=backward,
-                             lss_split_scale=scale)
+                             split_scale=scale)
       return lambda x, w: jnp.sum(jint4.int4_matmul(x, w, jnp.float32(0.5),
                                                     jnp.float32(0.05), key, config=cfg) ** 2)
     gn = jax.jit(jax.grad(loss(cfg_n), argnums=(0, 1)))(x, w)
