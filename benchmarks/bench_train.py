@@ -207,7 +207,8 @@ def run_one(args) -> dict:
   """Times the train step of one variant at one width; returns a JSON dict."""
   variant, d = args._one, args.hidden[0]
   attention = resolve_attention(args.attention)
-  config = (jint4.Int4Config(backward=args.backward, engine=args.engine)
+  config = (jint4.Int4Config(backward=args.backward, engine=args.engine,
+                             split_scale=args.split_scale)
             if variant == "int4" else None)
   t = training(GPT(args.vocab, d, args.layers, args.seq_len, attention,
                    fp8=variant == "fp8"), config=config,
@@ -298,7 +299,8 @@ def run_child(args, width: int, variant: str) -> dict:
          "--seq-len", str(args.seq_len), "--tokens", str(args.tokens),
          "--vocab", str(args.vocab), "--repeats", str(args.repeats),
          "--warmup", str(args.warmup), "--engine", args.engine,
-         "--backward", args.backward, "--attention", args.attention,
+         "--backward", args.backward, "--split-scale", args.split_scale,
+         "--attention", args.attention,
          "--calls", str(args.calls)]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -382,7 +384,7 @@ def main(argv=None) -> int:
       "environment": None,
       "settings": {k: getattr(args, k) for k in (
           "hidden", "layers", "seq_len", "tokens", "vocab", "repeats", "calls",
-          "warmup", "engine", "backward", "attention", "budget_s", "small",
+          "warmup", "engine", "backward", "split_scale", "attention", "budget_s", "small",
           "variants")},
       "results": [],
   }
@@ -471,6 +473,10 @@ def parse_args(argv=None):
   p.add_argument("--backward", default="auto",
                  choices=jint4.config.BACKWARD_MODES,
                  help="Int4Config.backward of the int4 variant")
+  p.add_argument("--split-scale", default=jint4.Int4Config().split_scale,
+                 choices=jint4.config.SPLIT_SCALES,
+                 help="Int4Config.split_scale of the int4 variant (its bit split's scale:"
+                      " per token row or per tensor)")
   p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"),
                  help="jax.nn.dot_product_attention implementation (auto:"
                       " cudnn on a GPU, xla elsewhere)")

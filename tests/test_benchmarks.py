@@ -91,9 +91,11 @@ def test_bench_layer_rejects_unknown_modes(bad):
 def test_bench_train(tmp_path):
   report = run_script("bench_train.py", tmp_path, "--small", "--hidden", "128",
                       "--seq-len", "32", "--tokens", "64", "--vocab", "64",
-                      "--repeats", "1", "--warmup", "0", "--calls", "2")
+                      "--repeats", "1", "--warmup", "0", "--calls", "2",
+                      "--split-scale", "tensor")
   assert {"benchmark", "environment", "settings", "results"} <= set(report)
   assert report["settings"]["calls"] == 2
+  assert report["settings"]["split_scale"] == "tensor"   # reached the children
   assert report["settings"]["layers"] == 1  # from --small
   (row,) = report["results"]
   assert row["hidden"] == 128 and row["heads"] == 1
