@@ -299,12 +299,14 @@ def test_nonfinite_values_stay_visible():
   y = int4_matmul(x, w.at[2, 7].set(jnp.inf), sx, sw, KEY)
   assert bool(jnp.all(jnp.isnan(y[:, 7])))
   for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
-                          ("exact", "tensor")):
+                          ("bitsplit", "row"), ("exact", "tensor")):
     cfg = Int4Config(backward=backward, split_scale=scale)
     ct = jnp.zeros((32, 16)).at[0, 0].set(jnp.nan)
     _, vjp = jax.vjp(lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg), x, w)
     gx, gw = vjp(ct)
     assert bool(jnp.any(jnp.isnan(gx))) and bool(jnp.any(jnp.isnan(gw))), backward
+    if backward == "bitsplit":   # per row too, every row's scale turns NaN
+      assert bool(jnp.all(jnp.isnan(gx))), (backward, scale)
 
 
 @pytest.mark.parametrize("backward", ["lss", "bitsplit", "exact", "luq", "minmax"])
