@@ -29,7 +29,10 @@ cores, else "bitsplit": `backward_mode`, per platform):
              M = 1; M_i joins the row's half scale, hence its score and
              factor): no new integer kernel.
   "bitsplit": bit splitting, every row kept: the hi/lo GEMM pair of each
-             gradient runs joined, one GEMM per gradient.
+             gradient runs joined, one GEMM per gradient. With
+             split_scale="row" the dX GEMM's rows are split on their own
+             M_i (M_i in its epilogue's row scale); the dW GEMM sums over
+             the rows and keeps the split with one M.
   Joined pairs: s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A), since
   s_hi = 14 s_lo, and 14 hi + lo is an exact integer in [-98, 98]: one GEMM on
   the joined digits gives the same int32 accumulator as the two INT4 GEMMs
@@ -719,14 +722,14 @@ def _products_bitsplit(ctx, g, qwt):
   if eng.abs_max_in_xla or not comm.trivial:
     abs_max = comm.pmax(bitsplit.abs_max(g), "n", "c")
   v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT], abs_max=abs_max)
-  row_scale = None
+  dx_scale, row_scale = s_lo * ctx.sw, None
   if ctx.cfg.split_scale == "row":
     units, row_max, poison = _unit_rows(comm, g)
     v, _, _, s_lo_rows = eng.bit_split_joined(units, ctx.seeds[_SEED_SPLIT_ROWS],
                                               abs_max=jnp.float32(1.0))
-    row_scale = row_max * poison
-  dxh_hat = eng.int_gemm(v, qwt, scale=(s_lo if row_scale is None else s_lo_rows) * ctx.sw,
-                         row_scale=row_scale, int4=False, out_dtype=ctx.dxh_dtype)  # [N, D]
+    dx_scale, row_scale = s_lo_rows * ctx.sw, row_max * poison
+  dxh_hat = eng.int_gemm(v, qwt, scale=dx_scale, row_scale=row_scale, int4=False,
+                         out_dtype=ctx.dxh_dtype)                        # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]
   dwh_hat = eng.int_gemm(qxt, vt, scale=s_lo * ctx.sx, int4=False,
                          out_dtype=ctx.dwh_dtype)                        # [D, C]
