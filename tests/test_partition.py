@@ -89,9 +89,10 @@ def test_layout_equals_one_device(layout, engine):
     np.testing.assert_allclose(y, y1, rtol=1e-6, atol=1e-6)
   else:                        # the same integer GEMMs: bit for bit
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y1))
-  # Float sums over the shards, in another order: equal to rounding.
+  # Float sums over the shards, in another order: equal to rounding (a few
+  # tens of float32 ulps of the largest entry).
   for a, b in ((g[0], g1[0]), (g[1], g1[1]), (g[3], g1[3])):      # dx, dw, ds_w
-    assert float(jnp.max(jnp.abs(a - b))) <= 2e-6 * float(jnp.max(jnp.abs(b)))
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
   # ds_x reads the residual's stochastic bit, drawn per shard: equal in
   # expectation (test_stochastic_gradients_are_unbiased_when_sharded).
 

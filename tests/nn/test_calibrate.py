@@ -28,8 +28,10 @@ def test_linen_float_checkpoint_gets_steps_from_loaded_kernels():
   for name in ("up", "down"):
     np.testing.assert_array_equal(params[name]["kernel"], float_params[name]["kernel"])
   init = jint4.init_step_sizes(X, float_params["up"]["kernel"], jint4.Int4Config())
-  np.testing.assert_array_equal(params["up"]["step_size_x"], init.step_x)
-  np.testing.assert_array_equal(params["up"]["step_size_w"], init.step_w)
+  # Two compiled programs compute the same rule: XLA may fuse its float
+  # reductions differently in each (an ulp apart).
+  np.testing.assert_allclose(params["up"]["step_size_x"], init.step_x, rtol=3e-7)
+  np.testing.assert_allclose(params["up"]["step_size_w"], init.step_w, rtol=3e-7)
   # The steps come from the loaded kernels, not from a fresh init.
   fresh = jax.jit(model.init)(jax.random.key(7), X)["params"]
   assert float(fresh["up"]["step_size_w"]) != float(params["up"]["step_size_w"])
