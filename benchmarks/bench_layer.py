@@ -112,9 +112,8 @@ def parse_args(argv=None):
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
       os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
   args = p.parse_args(argv)
-  bad = [m for m in args.backward if m.split(":")[0] not in jint4.config.BACKWARD_MODES
-         or m.count(":") > 1
-         or (":" in m and m.split(":")[1] not in jint4.config.SPLIT_SCALES)]
+  bad = [m for m in args.backward if split_mode(m)[0] not in jint4.config.BACKWARD_MODES
+         or split_mode(m)[1] not in ("", *jint4.config.SPLIT_SCALES)]
   if bad or not args.backward:
     p.error(f"--backward: unknown mode(s) {bad}; choose from"
             f" {','.join(jint4.config.BACKWARD_MODES)}")
@@ -126,6 +125,12 @@ def parse_args(argv=None):
   return args
 
 
+def split_mode(mode: str):
+  """``--backward``'s MODE[:SCALE] as (backward, split_scale or "")."""
+  backward, _, scale = mode.partition(":")
+  return backward, scale
+
+
 def layers(backward_modes, engine, d_out, fp8=False):
   """{case name: (module, backward mode or None)} for one output width."""
   bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -133,7 +138,7 @@ def layers(backward_modes, engine, d_out, fp8=False):
   if fp8:
     out[FP8] = (nn.Dense(d_out, dot_general_cls=fp8_ops.Fp8DotGeneralOp, **bf16), None)
   for mode in backward_modes:
-    backward, _, scale = mode.partition(":")
+    backward, scale = split_mode(mode)
     config = jint4.Int4Config(backward=backward, engine=engine,
                               **({"split_scale": scale} if scale else {}))
     out[f"int4 {mode}"] = (jint4.Int4Dense(d_out, config=config, **bf16), mode)

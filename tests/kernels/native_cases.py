@@ -129,3 +129,11 @@ def near_limit_operand(shape, axis, seed=0):
   else:
     x[:, 1] = line
   return x
+
+
+def bit_split_hi_ties():
+  """float32 g on every tie of the high digit's rounding t / 14 for M = 1
+  (g near (2k + 1) / 14, t = 98 g), with both float32 neighbours."""
+  v = (np.arange(-7, 7) * (2 / 14) + 1 / 14).astype(np.float32)
+  return np.concatenate([v, np.nextafter(v, np.float32(np.inf)),
+                         np.nextafter(v, np.float32(-np.inf))])

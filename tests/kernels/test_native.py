@@ -21,7 +21,8 @@ from jint4.kernels import native, reference
 from jint4.quant import bitsplit, hadamard
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         WEIGHT_SHAPES, activations, assert_same_floats,
-                                        assert_same_ints, dtype_id, int_operand,
+                                        assert_same_ints, bit_split_hi_ties, dtype_id,
+                                        int_operand,
                                         largest_log2, near_limit_operand, random_rows,
                                         random_slots, seed,
                                         weight_backward_slack)
@@ -480,7 +481,7 @@ def test_bit_split_with_constant_abs_max_rounds_as_written():
   """abs_max a compile-time constant (the row split passes 1.0 for its unit
   rows): the twin still rounds t = g 98 / M, then t / 14, as two roundings,
   at every hi tie (g near (2k + 1) / 14) and its neighbours."""
-  g = _as_matrix(_with_neighbours(np.arange(-7, 7) * (2 / 14) + 1 / 14), 16)
+  g = _as_matrix(bit_split_hi_ties(), 16)
   for fn in ("bit_split", "bit_split_joined"):
     nat, ref = (on_cpu(lambda g: getattr(mod, fn)(g, seed(12), abs_max=jnp.float32(1.0)), g)
                 for mod in (native, reference))
@@ -633,7 +634,8 @@ def test_native_ops_vmap_and_grad_through_int4_matmul():
   cfg_n = jint4.Int4Config(engine="native")
   cfg_r = jint4.Int4Config(engine="reference")
   key = jax.random.key(0)
-  for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor")):
+  for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
+                          ("bitsplit", "row")):
     def loss(cfg):
       cfg = jint4.Int4Config(engine=cfg.engine, backward=backward,
                              split_scale=scale)

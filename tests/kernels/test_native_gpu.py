@@ -16,7 +16,8 @@ from jint4.kernels import native, reference
 from jint4.quant import bitsplit
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         activations, assert_same_floats,
-                                        assert_same_ints, dtype_id, int_operand,
+                                        assert_same_ints, bit_split_hi_ties, dtype_id,
+                                        int_operand,
                                         largest_log2, near_limit_operand, random_rows,
                                         random_slots, seed)
 
@@ -225,10 +226,7 @@ def test_bit_split_joined(shape, dtype):
 def test_bit_split_with_constant_abs_max_at_hi_ties():
   """abs_max a compile-time constant (the row split's 1.0): the CUDA handlers
   and the twin agree on every tie of t / 14 (g near (2k + 1) / 14)."""
-  g = np.arange(-7, 7) * (2 / 14) + 1 / 14
-  g = np.concatenate([g, np.nextafter(g.astype(np.float32), 2),
-                      np.nextafter(g.astype(np.float32), -2)]).astype(np.float32)
-  g = jnp.asarray(np.resize(g, (4, 64)))
+  g = jnp.asarray(np.resize(bit_split_hi_ties(), (4, 64)))
   for fn in (native.bit_split, native.bit_split_joined):
     out, ref, _ = twins(fn, g, seed(5), abs_max=jnp.float32(1.0), cpu_handler=False)
     for a, b in zip(out, ref):
