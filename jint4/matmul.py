@@ -26,13 +26,14 @@ cores, else "bitsplit": `backward_mode`, per platform):
              and the hi/lo GEMM pair over the B kept rows runs joined (below).
              B = ceil(lss_budget * N). With split_scale="row" each row
              G_i is split with its own M_i = max|G_i| (G_i / M_i split with
-             M = 1; M_i joins the row's half scale, hence its score and
-             factor): no new integer kernel.
+             M = 1, the handler scaling the rows as it reads G; M_i joins
+             the row's half scale, hence its score and factor).
   "bitsplit": bit splitting, every row kept: the hi/lo GEMM pair of each
              gradient runs joined, one GEMM per gradient. With
              split_scale="row" the dX GEMM's rows are split on their own
              M_i (M_i in its epilogue's row scale); the dW GEMM sums over
-             the rows and keeps the split with one M.
+             the rows and keeps the split with one M. One pass over G
+             writes both operands.
   Joined pairs: s_hi (hi A) + s_lo (lo A) = s_lo ((14 hi + lo) A), since
   s_hi = 14 s_lo, and 14 hi + lo is an exact integer in [-98, 98]: one GEMM on
   the joined digits gives the same int32 accumulator as the two INT4 GEMMs
@@ -558,9 +559,8 @@ def _quantized_forward(eng: Engine, x2, kernel, bias, sx, sw, key, log2, *,
   return y.astype(static.out_dtype), res_x, qwt
 
 
-_NUM_SEEDS = 6
-(_SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE,
- _SEED_SPLIT_ROWS) = range(6)
+_NUM_SEEDS = 5
+_SEED_RESIDUAL, _SEED_SPLIT, _SEED_SAMPLE, _SEED_RESPLIT, _SEED_BASELINE = range(_NUM_SEEDS)
 
 
 def _backward(static, res, g):
@@ -715,19 +715,23 @@ def _products_bitsplit(ctx, g, qwt):
   cannot leave the sum, so its operand is the split with one scale.
   """
   eng, comm = ctx.eng, ctx.comm
-  # max|G| in XLA where the engine wants it there: it can then join the
-  # fusion that produces G (one read of G fewer than the handler's own pass);
-  # with G sharded, one max over the shards: every shard splits alike.
-  abs_max = None
-  if eng.abs_max_in_xla or not comm.trivial:
-    abs_max = comm.pmax(bitsplit.abs_max(g), "n", "c")
-  v, vt, _, s_lo = eng.bit_split_joined(g, ctx.seeds[_SEED_SPLIT], abs_max=abs_max)
-  dx_scale, row_scale = s_lo * ctx.sw, None
+  seed = ctx.seeds[_SEED_SPLIT]
   if ctx.cfg.split_scale == "row":
-    units, row_max, poison = _unit_rows(comm, g)
-    v, _, _, s_lo_rows = eng.bit_split_joined(units, ctx.seeds[_SEED_SPLIT_ROWS],
-                                              abs_max=jnp.float32(1.0))
-    dx_scale, row_scale = s_lo_rows * ctx.sw, row_max * poison
+    # One pass over G writes both operands: v from the unit rows (M = 1),
+    # v^T with max|G|, the max of the rows' maxima.
+    row_max, row_inv, poison = _row_scales(comm, g)
+    abs_max = comm.pmax(bitsplit.max_of_rows(row_max), "n")
+    v, vt, _, s_lo = eng.bit_split_joined(g, seed, abs_max=abs_max, row_inv=row_inv)
+    dx_scale, row_scale = bitsplit.INV_RANGE * ctx.sw, row_max * poison
+  else:
+    # max|G| in XLA where the engine wants it there: it can then join the
+    # fusion that produces G (one read of G fewer than the handler's own
+    # pass); with G sharded, one max over the shards: every shard splits alike.
+    abs_max = None
+    if eng.abs_max_in_xla or not comm.trivial:
+      abs_max = comm.pmax(bitsplit.abs_max(g), "n", "c")
+    v, vt, _, s_lo = eng.bit_split_joined(g, seed, abs_max=abs_max)
+    dx_scale, row_scale = s_lo * ctx.sw, None
   dxh_hat = eng.int_gemm(v, qwt, scale=dx_scale, row_scale=row_scale, int4=False,
                          out_dtype=ctx.dxh_dtype)                        # [N, D]
   qxt = ctx.qx(transpose=True)                                          # [D, N]
@@ -744,12 +748,14 @@ def _products_lss(ctx, g, qwt):
   # budget (stratified sampling: still unbiased).
   budget = lss.budget_rows(n, cfg.lss_budget)
   if cfg.split_scale == "row":
-    g, row_scale, poison = _unit_rows(comm, g)
+    # The unit rows G_i / M_i, split with M = 1 as the handler reads G.
+    row_scale, row_inv, poison = _row_scales(comm, g)
     abs_max = jnp.float32(1.0)
   else:
-    row_scale, poison = jnp.ones((n,), jnp.float32), jnp.float32(1.0)
+    row_scale, row_inv, poison = jnp.ones((n,), jnp.float32), None, jnp.float32(1.0)
     abs_max = None if comm.trivial else comm.pmax(bitsplit.abs_max(g), "n", "c")
-  g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT], abs_max=abs_max)
+  g2, s_hi, s_lo, g2_norm = eng.bit_split(g, seeds[_SEED_SPLIT], abs_max=abs_max,
+                                          row_inv=row_inv)
   s_hi, s_lo = s_hi * poison, s_lo * poison
   # Per-row scales: the halves' norms and factors times the row's M_i.
   rows2 = jnp.concatenate([row_scale, row_scale])                 # [2N]
@@ -789,17 +795,18 @@ def _products_lss(ctx, g, qwt):
   return part, slots, dwh_hat
 
 
-def _unit_rows(comm, g):
-  """G's rows over their own max for the per-row bit split
-  (`bitsplit.bit_split_rows`): (G_i / M_i, M [N], poison), M_i = max|G_i|
-  over the row's shards along C. poison is NaN when any row of the global G
-  holds a NaN or Inf (counted before the max, which may drop NaN), so that
-  every scale turns NaN as with one scale per tensor."""
+def _row_scales(comm, g):
+  """The per-row bit split's scales (`bitsplit.bit_split_rows`): (M [N],
+  1 / M [N], poison), M_i = max|G_i| over the row's shards along C, 1 / M_i
+  by `bitsplit.row_reciprocals` (the split handlers scale the rows as they
+  read G). poison is NaN when any row of the global G holds a NaN or Inf
+  (counted before the max, which may drop NaN), so that every scale turns
+  NaN as with one scale per tensor."""
   local = bitsplit.row_abs_max(g)
   poison = bitsplit.nonfinite_poison(
       comm.psum(jnp.sum(~jnp.isfinite(local)), "n", "c"))
   row_max = comm.pmax(local, "c")
-  return bitsplit.unit_rows(g, bitsplit.row_reciprocals(row_max)), row_max, poison
+  return row_max, bitsplit.row_reciprocals(row_max), poison
 
 
 def backward_mode(config: Int4Config, platform: Optional[str] = None, *,

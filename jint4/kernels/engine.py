@@ -78,13 +78,15 @@ class LsqWeightBackward(Protocol):
 
 class BitSplit(Protocol):
   def __call__(self, g: jax.Array, seed: jax.Array,
-               abs_max: Optional[jax.Array] = None
+               abs_max: Optional[jax.Array] = None,
+               row_inv: Optional[jax.Array] = None
                ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]: ...
 
 
 class BitSplitJoined(Protocol):
   def __call__(self, g: jax.Array, seed: jax.Array,
-               abs_max: Optional[jax.Array] = None
+               abs_max: Optional[jax.Array] = None,
+               row_inv: Optional[jax.Array] = None
                ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]: ...
 
 

@@ -245,25 +245,38 @@ def _abs_max_operand(abs_max):
           else jnp.asarray(abs_max, jnp.float32).reshape(()))
 
 
-def bit_split(g, seed, abs_max=None):
+def _row_inv_operand(row_inv, r):
+  # The per-row split's 1 / M_i as f32[R], or f32[0]: one scale per tensor.
+  if row_inv is None:
+    return jnp.zeros((0,), jnp.float32)
+  row_inv = jnp.asarray(row_inv, jnp.float32)
+  if row_inv.shape != (r,):
+    raise ValueError(f"row_inv must be float32[{r}] (one 1 / max|g_i| per row of g);"
+                     f" got shape {row_inv.shape}")
+  return row_inv
+
+
+def bit_split(g, seed, abs_max=None, row_inv=None):
   r, c = g.shape
   g2, scales, norms = _call(
       "jint4_bit_split",
       (jax.ShapeDtypeStruct((2 * r, c), jnp.int8),
        jax.ShapeDtypeStruct((2,), jnp.float32),
        jax.ShapeDtypeStruct((2 * r,), jnp.float32)),
-      _float_operand(g), jnp.asarray(seed, jnp.uint32), _abs_max_operand(abs_max))
+      _float_operand(g), jnp.asarray(seed, jnp.uint32), _abs_max_operand(abs_max),
+      _row_inv_operand(row_inv, r))
   return g2, scales[0], scales[1], norms
 
 
-def bit_split_joined(g, seed, abs_max=None):
+def bit_split_joined(g, seed, abs_max=None, row_inv=None):
   r, c = g.shape
   v, vt, scales = _call(
       "jint4_bit_split_joined",
       (jax.ShapeDtypeStruct((r, c), jnp.int8),
        jax.ShapeDtypeStruct((c, r), jnp.int8),
        jax.ShapeDtypeStruct((2,), jnp.float32)),
-      _float_operand(g), jnp.asarray(seed, jnp.uint32), _abs_max_operand(abs_max))
+      _float_operand(g), jnp.asarray(seed, jnp.uint32), _abs_max_operand(abs_max),
+      _row_inv_operand(row_inv, r))
   return v, vt, scales[0], scales[1]
 
 

@@ -207,7 +207,8 @@ def _slot_sum(rows: jax.Array, slots: jax.Array) -> jax.Array:
   return pick(slots[0]) + pick(slots[1])
 
 
-def bit_split(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None):
+def bit_split(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None,
+              row_inv: jax.Array | None = None):
   """Bit splitting (`jint4.quant.bitsplit`) with counter noise, rows stacked.
 
   Returns (g2, scale_hi, scale_lo, norms): g2 int8 [2R, C] holds hi (rows
@@ -217,14 +218,23 @@ def bit_split(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None):
   ``abs_max``: max|g| (`quant.bitsplit.abs_max`) when the caller has it (e.g.
   max|G| all-reduced over the shards of a sharded G, so that every shard
   splits with the same scale); used as given. None: computed here.
+  ``row_inv``: float32 [R] for the per-row split: the rows g_i * row_inv_i
+  (one float32 product each, `quant.bitsplit.unit_rows`) are split in g's
+  place, ``abs_max`` being their max. With row_inv_i = 1 / M_i
+  (`quant.bitsplit.row_reciprocals`) and abs_max = 1 the scales are the
+  constants fl(1/7), fl(1/98) and the caller multiplies in M_i; one read of
+  g instead of a materialized float32 copy of the unit rows.
   """
+  if row_inv is not None:
+    g = bitsplit_lib.unit_rows(g, row_inv)
   hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(
       g.astype(jnp.float32), uniform(seed, g.shape), abs_max)
   norms = jnp.concatenate([s_hi * _row_norm(hi), s_lo * _row_norm(lo)])
   return jnp.concatenate([hi, lo]), s_hi, s_lo, norms
 
 
-def bit_split_joined(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None):
+def bit_split_joined(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = None,
+                     row_inv: jax.Array | None = None):
   """Bit splitting with the halves joined for one GEMM: v = 14 hi + lo.
 
   s_hi (hi A) + s_lo (lo A) = s_lo (v A) up to float rounding, with v in
@@ -235,11 +245,21 @@ def bit_split_joined(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = 
   v^T is the K-major operand of the GEMM that reduces over the rows.
   ``abs_max``: max|g| (`quant.bitsplit.abs_max`) when the caller has it, so
   that XLA may compute it inside the fusion that produces g; used as given.
+  ``row_inv``: float32 [R], 1 / M_i (`quant.bitsplit.row_reciprocals`): v
+  is then the split of the unit rows g_i * row_inv_i with M = 1 (scale
+  fl(1/98) times the caller's M_i: the operand of a GEMM that keeps the
+  rows), while v^T stays the split of g with one scale (the operand of the
+  GEMM that reduces over the rows, where a per-row factor cannot leave the
+  sum). Both use the same noise; the scales returned are v^T's. One read of
+  g gives both operands.
   """
-  hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(
-      g.astype(jnp.float32), uniform(seed, g.shape), abs_max)
-  v = _join(hi, lo)
-  return v, v.T, s_hi, s_lo
+  u = uniform(seed, g.shape)
+  hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(g.astype(jnp.float32), u, abs_max)
+  vt = _join(hi, lo).T
+  if row_inv is None:
+    return vt.T, vt, s_hi, s_lo
+  hi, lo, _, _ = bitsplit_lib.bit_split(bitsplit_lib.unit_rows(g, row_inv), u, 1.0)
+  return _join(hi, lo), vt, s_hi, s_lo
 
 
 def resplit_rows(g2: jax.Array, rows: jax.Array, row_scale: jax.Array,

@@ -63,6 +63,13 @@ def row_abs_max(g: jax.Array) -> jax.Array:
                    jnp.max(jnp.abs(g), axis=-1, initial=0.0))
 
 
+def max_of_rows(m_rows: jax.Array) -> jax.Array:
+  """max|G| from the rows' maxima (`row_abs_max`): the same value as
+  `abs_max(G)`, NaN if any row's is."""
+  m_rows = m_rows.astype(jnp.float32)
+  return jnp.where(jnp.any(jnp.isnan(m_rows)), jnp.nan, jnp.max(m_rows, initial=0.0))
+
+
 def pow2(e: jax.Array) -> jax.Array:
   """2^e as float32 for int32 e in [-126, 127], built from its bits (exact,
   the same on every platform)."""
@@ -110,12 +117,21 @@ def as_float32(g: jax.Array) -> jax.Array:
   """g in float32, holding exactly g's values: XLA may skip a rounding to a
   narrower float followed by a widening (excess precision, as its GPU
   compiler does), which would give the per-row split other inputs on a GPU
-  than on the CPU; reduce_precision keeps the rounding."""
+  than on the CPU; reduce_precision keeps the rounding. reduce_precision
+  flushes the narrow type's subnormals to zero (float16's below 2^-14, well
+  inside float32's normal range): those are rounded to its subnormal grid
+  here instead, so that they keep their value as in the native handlers."""
   g32 = g.astype(jnp.float32)
   info = jnp.finfo(g.dtype)
   if info.bits >= 32:
     return g32
-  return jax.lax.reduce_precision(g32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  rounded = jax.lax.reduce_precision(g32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  if info.nexp >= 8:   # bfloat16: its subnormals are float32's
+    return rounded
+  # k ulp_sub with k = round-half-even(g / ulp_sub): both products exact.
+  ulp = float(info.smallest_subnormal)
+  sub = jnp.round(g32 * np.float32(1.0 / ulp)) * np.float32(ulp)
+  return jnp.where(jnp.abs(g32) < float(info.smallest_normal), sub, rounded)
 
 
 def nonfinite_poison(count: jax.Array) -> jax.Array:

@@ -137,3 +137,20 @@ def bit_split_hi_ties():
   v = (np.arange(-7, 7) * (2 / 14) + 1 / 14).astype(np.float32)
   return np.concatenate([v, np.nextafter(v, np.float32(np.inf)),
                          np.nextafter(v, np.float32(-np.inf))])
+
+
+def rows_of_many_sizes(shape, dtype, seed=0, specials=False):
+  """(g, row_inv) for the per-row split: rows whose sizes span 1e-4 .. 1e2
+  (a zero row among them), row_inv = 1 / max|g_i| as the library computes it
+  (`bitsplit.row_reciprocals`). With ``specials`` one row holds a NaN and
+  another an Inf (their row_inv is 1)."""
+  from jint4.quant import bitsplit
+  r, c = shape
+  g = np.asarray(activations(shape, seed=seed)) * np.logspace(-4, 2, r, dtype=np.float32)[:, None]
+  if r >= 3:
+    g[r // 2] = 0.0
+  if specials and r >= 3 and c >= 2:
+    g[0, 1] = np.nan
+    g[r - 1, 0] = np.inf
+  g = jnp.asarray(g, dtype)
+  return g, jax.jit(lambda g: bitsplit.row_reciprocals(bitsplit.row_abs_max(g)))(g)

@@ -22,9 +22,8 @@ from jint4.quant import bitsplit, hadamard
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         WEIGHT_SHAPES, activations, assert_same_floats,
                                         assert_same_ints, bit_split_hi_ties, dtype_id,
-                                        int_operand,
-                                        largest_log2, near_limit_operand, random_rows,
-                                        random_slots, seed,
+                                        int_operand, largest_log2, near_limit_operand,
+                                        random_rows, random_slots, rows_of_many_sizes, seed,
                                         weight_backward_slack)
 
 if not native.available():
@@ -522,6 +521,38 @@ def test_bit_split_joined(shape, dtype):
   assert np.abs(np.asarray(v, np.int32)).max(initial=0) <= 98
 
 
+@pytest.mark.parametrize("specials", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", QUANT_SHAPES + [(0, 4)], ids=str)
+def test_bit_split_per_row(shape, dtype, specials):
+  """row_inv: both handlers split the unit rows g_i * row_inv_i as they read
+  g, bit-identical to the twin; the joined one writes v from the unit rows
+  (M = 1) and v^T from g with max|g|, with the same noise."""
+  g, row_inv = rows_of_many_sizes(shape, dtype, specials=specials)
+  m = on_cpu(bitsplit.abs_max, g)
+  for fn, abs_max in (("bit_split", jnp.float32(1.0)), ("bit_split", None),
+                      ("bit_split_joined", m), ("bit_split_joined", None)):
+    nat, ref = (on_cpu(lambda g, r: getattr(mod, fn)(g, seed(9), abs_max=abs_max, row_inv=r),
+                       g, row_inv) for mod in (native, reference))
+    for a, b in zip(nat, ref):
+      assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+  # The joined v = 14 hi + lo of the stacked split of the unit rows; its v^T
+  # and scales those of the split with one scale.
+  v, vt, s_hi, s_lo = on_cpu(lambda g, r: native.bit_split_joined(g, seed(9), m, row_inv=r),
+                             g, row_inv)
+  g2 = np.asarray(on_cpu(lambda g, r: native.bit_split(g, seed(9), jnp.float32(1.0), row_inv=r),
+                         g, row_inv)[0], np.int32)
+  np.testing.assert_array_equal(np.asarray(v, np.int32), 14 * g2[:shape[0]] + g2[shape[0]:])
+  plain = on_cpu(lambda g: native.bit_split_joined(g, seed(9), m), g)
+  for a, b in zip((vt, s_hi, s_lo), plain[1:]):
+    assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+  # Every unit row keeps its own 98 levels: a row's largest digit is +-98.
+  g32 = np.asarray(g, np.float32)
+  live = np.all(np.isfinite(g32), axis=1) & (np.abs(g32).max(axis=1, initial=0) > 0)
+  top = np.abs(np.asarray(v, np.int32)).max(axis=1, initial=0)
+  assert np.all(top[live] >= 97), top
+
+
 @pytest.mark.parametrize("fn", ["bit_split", "bit_split_joined"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("special", [None, 0.0, np.nan, np.inf])
@@ -712,10 +743,14 @@ cases = {
   "abs_max_shape": lambda: native._call(
       "jint4_bit_split_joined", (S((4, 8), jnp.int8), S((8, 4), jnp.int8),
                                  S((2,), jnp.float32)),
-      jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32))[0],
+      jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32), jnp.ones((0,), jnp.float32))[0],
   "split_abs_max_shape": lambda: native._call(
       "jint4_bit_split", (S((8, 8), jnp.int8), S((2,), jnp.float32), S((8,), jnp.float32)),
-      jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32))[0],
+      jnp.ones((4, 8)), seed, jnp.ones((2,), jnp.float32), jnp.ones((0,), jnp.float32))[0],
+  "row_inv_shape": lambda: native._call(
+      "jint4_bit_split_joined", (S((4, 8), jnp.int8), S((8, 4), jnp.int8),
+                                 S((2,), jnp.float32)),
+      jnp.ones((4, 8)), seed, jnp.float32(1), jnp.ones((3,), jnp.float32))[0],
   "int4_attr": lambda: native._call(
       "jint4_int_gemm", S((2, 3), jnp.float32), jnp.ones((2, 4), jnp.int8),
       jnp.ones((3, 4), jnp.int8), jnp.float32(1), jnp.ones((2,), jnp.float32),
@@ -802,6 +837,7 @@ def test_bad_native_input_raises_clear_errors():
       "abs_max_shape": ["jint4_bit_split_joined", "'abs_max'", "got [2]"],
       "split_abs_max_shape": ["jint4_bit_split:", "'abs_max'", "f32[] (max|g|) or empty",
                               "got [2]"],
+      "row_inv_shape": ["jint4_bit_split_joined", "'row_inv'", "f32[4]", "got [3]"],
       "int4_attr": ["'int4'", "0 or 1"],
       "col_bias": ["jint4_int_gemm", "'col_bias'", "[3]", "got [2]"],
       "weight_log2_block": ["jint4_lsq_weight_backward", "does not divide",

@@ -17,9 +17,8 @@ from jint4.quant import bitsplit
 from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         activations, assert_same_floats,
                                         assert_same_ints, bit_split_hi_ties, dtype_id,
-                                        int_operand,
-                                        largest_log2, near_limit_operand, random_rows,
-                                        random_slots, seed)
+                                        int_operand, largest_log2, near_limit_operand,
+                                        random_rows, random_slots, rows_of_many_sizes, seed)
 
 
 def _gpus():
@@ -221,6 +220,26 @@ def test_bit_split_joined(shape, dtype):
   given = on_gpu(lambda g: native.bit_split_joined(g, seed(4), abs_max=bitsplit.abs_max(g)), g)
   for a, b in zip(given, ref):
     assert_same_ints(a, b) if a.dtype == jnp.int8 else assert_same_floats(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", QUANT_SHAPES + [(4096, 1024), (1000, 777), (1000, 776)],
+                         ids=str)
+def test_bit_split_per_row(shape, dtype):
+  """row_inv: the CUDA handlers split the unit rows as they read g (fast and
+  scalar kernels), bit-identical to the twin; NaN and Inf rows included."""
+  g, row_inv = rows_of_many_sizes(shape, dtype, specials=True)
+  m = on_cpu(bitsplit.abs_max, g)
+  for fn, abs_max in ((native.bit_split, jnp.float32(1.0)), (native.bit_split, None),
+                      (native.bit_split_joined, m), (native.bit_split_joined, None)):
+    out, ref, _ = twins(fn, g, seed(6), abs_max, row_inv=row_inv, cpu_handler=False)
+    for i, (a, b) in enumerate(zip(out, ref)):
+      if a.dtype == jnp.int8:
+        assert_same_ints(a, b)
+      elif fn is native.bit_split and i == 3:   # norms: a float sum, any order
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+      else:
+        assert_same_floats(a, b)
 
 
 def test_bit_split_with_constant_abs_max_at_hi_ties():

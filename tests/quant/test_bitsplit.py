@@ -246,3 +246,27 @@ def test_unit_rows_never_exceed_one():
     assert unit.dtype == jnp.float32
     top = np.max(np.abs(np.asarray(unit)), axis=1)
     assert (top > 1 - 1e-6).all() and (top <= 1.0).all()
+
+
+def test_as_float32_is_exact_for_every_narrow_float():
+  """Every float16 (subnormals too: reduce_precision alone flushes them) and
+  a sweep of bfloat16 values widen to their exact value."""
+  f16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+  finite = f16[np.isfinite(f16)].astype(np.float64)
+  bf16 = np.concatenate([finite * 2.0 ** s for s in (-130, -60, 0, 60)] + [[np.inf, np.nan]])
+  for x in (jnp.asarray(f16), jnp.asarray(bf16, jnp.bfloat16)):
+    got = np.asarray(jax.jit(bitsplit.as_float32)(x))
+    want = np.asarray(x).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+
+
+def test_per_row_split_keeps_float16_subnormal_rows():
+  # A float16 row below 2^-14 (all subnormal): its own scale, not zeros.
+  g = jnp.asarray([[3e-5, -1e-6, 5e-7, 6e-5], [1.0, -0.5, 0.25, 0.0]], jnp.float16)
+  hi, lo, s_hi, s_lo = jax.jit(bitsplit.bit_split_rows)(g, noise(27, g.shape))
+  approx = f64(s_hi)[:, None] * f64(hi) + f64(s_lo)[:, None] * f64(lo)
+  exact = f64(g.astype(jnp.float32))
+  assert np.abs(f64(hi[0])).max() == 7
+  np.testing.assert_allclose(approx, exact, atol=f64(s_lo)[:, None].max(axis=1).max())

@@ -37,6 +37,16 @@ FloatType FloatTypeOf(ffi::DataType t) {
   }
 }
 
+// row_inv of the bit splits: f32[R] (the per-row split) or empty.
+ffi::Error CheckRowInv(const ffi::Buffer<ffi::F32>& row_inv, int64_t r, const char* op) {
+  JINT4_CHECK_ARG(row_inv.dimensions().size() == 1 &&
+                      (row_inv.element_count() == 0 ||
+                       static_cast<int64_t>(row_inv.element_count()) == r),
+                  op, ": 'row_inv' must be f32[", r, "] (one factor per row of g) or"
+                  " empty; got ", ShapeString(row_inv.dimensions()));
+  return ffi::Error::Success();
+}
+
 // ---------------------------------------------------------------------------
 // jint4_hadamard_quantize
 //   x (f32|bf16|f16)[R,S], step f32[], seed u32[2], log2_block s32[]
@@ -298,11 +308,14 @@ ffi::Error LsqWeightBackwardImpl(ffi::AnyBuffer grad,
 
 // ---------------------------------------------------------------------------
 // jint4_bit_split: g (f32|bf16|f16)[R,C], seed u32[2], abs_max f32[] or
-//   f32[0] -> g2 s8[2R,C], scales f32[2], norms f32[2R]
+//   f32[0], row_inv f32[R] or f32[0] -> g2 s8[2R,C], scales f32[2],
+//   norms f32[2R]
 //   abs_max: the caller's max|g| (used as given), or empty: computed here.
+//   row_inv: the rows g[i, :] * row_inv[i] are split in g's place.
 // ---------------------------------------------------------------------------
 ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
                         ffi::Buffer<ffi::F32> abs_max,
+                        ffi::Buffer<ffi::F32> row_inv,
                         ffi::ResultBuffer<ffi::S8> g2,
                         ffi::ResultBuffer<ffi::F32> scales,
                         ffi::ResultBuffer<ffi::F32> norms) {
@@ -317,20 +330,24 @@ ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
   JINT4_RETURN_IF_ERROR(CheckShape(*norms, {2 * r}, kOp, "norms"));
   JINT4_CHECK_ARG(abs_max.element_count() <= 1, kOp, ": 'abs_max' must be f32[] (max|g|)"
                   " or empty; got ", ShapeString(abs_max.dimensions()));
+  JINT4_RETURN_IF_ERROR(CheckRowInv(row_inv, r, kOp));
   const uint32_t* sd = seed.typed_data();
   BitSplit(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0], sd[1],
            g2->typed_data(), scales->typed_data(), norms->typed_data(),
-           abs_max.element_count() == 1 ? abs_max.typed_data() : nullptr);
+           abs_max.element_count() == 1 ? abs_max.typed_data() : nullptr,
+           row_inv.element_count() > 0 ? row_inv.typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
 // jint4_bit_split_joined: g (f32|bf16|f16)[R,C], seed u32[2], abs_max f32[]
-//   or f32[0] -> v s8[R,C], vt s8[C,R], scales f32[2]
+//   or f32[0], row_inv f32[R] or f32[0] -> v s8[R,C], vt s8[C,R], scales f32[2]
 //   abs_max: the caller's max|g| (used as given), or empty: computed here.
+//   row_inv: v is the split of the unit rows g[i, :] * row_inv[i] with m = 1.
 // ---------------------------------------------------------------------------
 ffi::Error BitSplitJoinedImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
                               ffi::Buffer<ffi::F32> abs_max,
+                              ffi::Buffer<ffi::F32> row_inv,
                               ffi::ResultBuffer<ffi::S8> v,
                               ffi::ResultBuffer<ffi::S8> vt,
                               ffi::ResultBuffer<ffi::F32> scales) {
@@ -345,10 +362,12 @@ ffi::Error BitSplitJoinedImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
   JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
   JINT4_CHECK_ARG(abs_max.element_count() <= 1, kOp, ": 'abs_max' must be f32[] (max|g|)"
                   " or empty; got ", ShapeString(abs_max.dimensions()));
+  JINT4_RETURN_IF_ERROR(CheckRowInv(row_inv, r, kOp));
   const uint32_t* sd = seed.typed_data();
   BitSplitJoined(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0],
                  sd[1], v->typed_data(), vt->typed_data(), scales->typed_data(),
-                 abs_max.element_count() == 1 ? abs_max.typed_data() : nullptr);
+                 abs_max.element_count() == 1 ? abs_max.typed_data() : nullptr,
+                 row_inv.element_count() > 0 ? row_inv.typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
@@ -509,6 +528,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split, jint4::cpu::BitSplitImpl,
                                   .Arg<ffi::AnyBuffer>()           // g
                                   .Arg<ffi::Buffer<ffi::U32>>()    // seed
                                   .Arg<ffi::Buffer<ffi::F32>>()    // abs_max
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // row_inv
                                   .Ret<ffi::Buffer<ffi::S8>>()     // g2
                                   .Ret<ffi::Buffer<ffi::F32>>()    // scales
                                   .Ret<ffi::Buffer<ffi::F32>>());  // norms
@@ -519,6 +539,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jint4_cpu_bit_split_joined,
                                   .Arg<ffi::AnyBuffer>()           // g
                                   .Arg<ffi::Buffer<ffi::U32>>()    // seed
                                   .Arg<ffi::Buffer<ffi::F32>>()    // abs_max
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // row_inv
                                   .Ret<ffi::Buffer<ffi::S8>>()     // v
                                   .Ret<ffi::Buffer<ffi::S8>>()     // vt
                                   .Ret<ffi::Buffer<ffi::F32>>());  // scales

@@ -99,6 +99,20 @@ void WithLoader(const void* g, FloatType type, int64_t cols, Fn fn) {
   }
 }
 
+// WithLoader, each row i times row_inv[i] when row_inv is given (one float
+// product: bitsplit.unit_rows).
+template <typename Fn>
+void WithRowLoader(const void* g, FloatType type, int64_t cols, const float* row_inv,
+                   Fn fn) {
+  WithLoader(g, type, cols, [&](auto load) {
+    if (row_inv == nullptr) {
+      fn(load);
+    } else {
+      fn([&](int64_t i, int64_t j) { return load(i, j) * row_inv[i]; });
+    }
+  });
+}
+
 // The joined digit 14 hi + lo of SplitBits as int8 (the low byte of JoinedBits).
 int8_t JoinedDigit(const SplitDigits& d) {
   return static_cast<int8_t>(JoinedBits(d) & 0xFFu);
@@ -407,9 +421,9 @@ float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kerne
 
 void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
               uint32_t seed0, uint32_t seed1, int8_t* g2, float* scales,
-              float* norms, const float* abs_max) {
+              float* norms, const float* abs_max, const float* row_inv) {
   const int64_t count = r * c;
-  WithLoader(g, type, c, [&](auto load) {
+  WithRowLoader(g, type, c, row_inv, [&](auto load) {
     SplitCore(
         r, c, load, seed0, seed1, scales,
         [&](int64_t i, int64_t j, const SplitDigits& d) {
@@ -429,16 +443,25 @@ void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
 
 void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
                     uint32_t seed0, uint32_t seed1, int8_t* v, int8_t* vt,
-                    float* scales, const float* abs_max) {
+                    float* scales, const float* abs_max, const float* row_inv) {
   WithLoader(g, type, c, [&](auto load) {
     SplitCore(
         r, c, load, seed0, seed1, scales,
         [&](int64_t i, int64_t j, const SplitDigits& d) {
           const int8_t joined = JoinedDigit(d);
-          if (v != nullptr) v[i * c + j] = joined;
+          if (v != nullptr && row_inv == nullptr) v[i * c + j] = joined;
           if (vt != nullptr) vt[j * r + i] = joined;
         },
         abs_max);
+    if (v == nullptr || row_inv == nullptr) return;
+    // The unit rows with m = 1 and the same noise (index i * c + j).
+    const float unit = 1.0f;
+    float unit_scales[2];
+    SplitCore(
+        r, c, [&](int64_t i, int64_t j) { return load(i, j) * row_inv[i]; }, seed0,
+        seed1, unit_scales,
+        [&](int64_t i, int64_t j, const SplitDigits& d) { v[i * c + j] = JoinedDigit(d); },
+        &unit);
   });
 }
 

@@ -82,18 +82,24 @@ float LsqWeightBackward(const void* grad, FloatType grad_type, const void* kerne
 // jint4_bit_split on g[r, c] (of `type`): g2[2r, c] (hi rows over lo rows),
 // scales[2] = {s_hi, s_lo}, norms[2r] = {s_hi * |hi_i|, then s_lo * |lo_i|}.
 // abs_max: the caller's m = max|g| (NaN if g holds a NaN), used as given;
-// null: computed here.
+// null: computed here. row_inv (float[r], or null): the rows g[i, :] *
+// row_inv[i] (one float product each) are split in g's place, abs_max being
+// their max.
 void BitSplit(const void* g, FloatType type, int64_t r, int64_t c,
               uint32_t seed0, uint32_t seed1, int8_t* g2, float* scales,
-              float* norms, const float* abs_max = nullptr);
+              float* norms, const float* abs_max = nullptr,
+              const float* row_inv = nullptr);
 
 // jint4_bit_split_joined on g[r, c]: v[r, c] = vt[c, r] = 14 hi + lo;
 // scales[2] = {s_hi, s_lo}. Either of v, vt may be null (not written).
 // abs_max: the caller's m = max|g| (NaN if g holds a NaN), used as given;
-// null: computed here.
+// null: computed here. row_inv (float[r], or null): v is instead the split
+// of the unit rows g[i, :] * row_inv[i] with m = 1, with the same noise
+// (vt and the scales stay g's).
 void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
                     uint32_t seed0, uint32_t seed1, int8_t* v, int8_t* vt,
-                    float* scales, const float* abs_max = nullptr);
+                    float* scales, const float* abs_max = nullptr,
+                    const float* row_inv = nullptr);
 
 // jint4_resplit_rows: t[j, :] = float(g2[rows[j], :]) * row_scale[j] for
 // g2[*, c] and j < num_rows; vt[c, num_rows] = the joined bit split of t,

@@ -13,6 +13,11 @@
 //           tile, written as v[R, C] and / or vt[C, R].
 //   pass 3: scales = {m * fl(1/7), m * fl(1/98)}; stacked form: norms =
 //           scale * sqrt(sum).
+// Per-row split (row_inv f32[R] given): bit_split splits the rows
+// g[r, :] * row_inv[r] (one float product, as bitsplit.unit_rows) in g's
+// place; bit_split_joined writes v from the split of those unit rows with
+// m = 1 (f = 98) and vt from g's split with m, both with the same noise, in
+// the one pass that reads g.
 // The passes are memory-bound: the fast kernels (C % 8 == 0, aligned
 // pointers) give every thread several independent vector loads (8 elements
 // each), all issued before any arithmetic or store, so that many DRAM
@@ -63,6 +68,17 @@ struct DenseSource {
   int64_t C;
   __device__ __forceinline__ float operator()(int64_t r, int64_t c) const {
     return ToFloat(g[r * C + c]);
+  }
+};
+
+// Row r of a dense g times row_inv[r] (one float product: bitsplit.unit_rows).
+template <typename T>
+struct RowScaledSource {
+  const T* g;
+  const float* row_inv;
+  int64_t C;
+  __device__ __forceinline__ float operator()(int64_t r, int64_t c) const {
+    return ToFloat(g[r * C + c]) * row_inv[r];
   }
 };
 
@@ -240,9 +256,11 @@ AbsMaxGatherKernel(const int8_t* __restrict__ g2, const int32_t* __restrict__ ro
 // with all vector loads issued first, then splits them and writes hi and lo
 // with 8-byte stores; the warp sums of hi^2 / lo^2 go to sums with one
 // atomicAdd each.
+// With row_inv, the loaded elements are multiplied by row_inv[r] first.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t segs,
+StackedSplitDenseKernel(const T* __restrict__ g, const float* __restrict__ row_inv,
+                        int64_t R, int64_t C, int64_t segs,
                         const unsigned int* __restrict__ max_bits,
                         const uint32_t* __restrict__ seed, int8_t* __restrict__ g2,
                         int* __restrict__ sums /* [2, R] */) {
@@ -256,6 +274,14 @@ StackedSplitDenseKernel(const T* __restrict__ g, int64_t R, int64_t C, int64_t s
 #pragma unroll
   for (int u = 0; u < kStackGroups; ++u) {
     if (cb + 256 * u < C) Load8(row + cb + 256 * u, v[u]);
+  }
+  if (row_inv != nullptr) {
+    const float inv = row_inv[r];
+#pragma unroll
+    for (int u = 0; u < kStackGroups; ++u) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[u][k] *= inv;
+    }
   }
   const float f = kSplitRange / SafeMax(__uint_as_float(*max_bits));
   const uint32_t seed0 = seed[0];
@@ -322,13 +348,14 @@ StackedSplitKernel(Src src, int64_t R, int64_t C, int64_t chunks_per_row,
 
 // Scalar fallback of the joined split (any C, any alignment): v = 14 hi + lo
 // through a 64 x 64 tile, one element per thread step: v[R, C] (optional)
-// and vt[C, R] (optional), each written along its contiguous dim.
+// and vt[C, R] (optional), each written along its contiguous dim. With
+// row_inv, v holds the split of the unit rows src(r, c) * row_inv[r] (m = 1).
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
 JoinedSplitKernel(Src src, int64_t R, int64_t C,
                   const unsigned int* __restrict__ max_bits,
                   const uint32_t* __restrict__ seed, int8_t* __restrict__ v,
-                  int8_t* __restrict__ vt) {
+                  int8_t* __restrict__ vt, const float* __restrict__ row_inv) {
   __shared__ int8_t tile[kTile][kTile + 4];
   const float f = kSplitRange / SafeMax(__uint_as_float(*max_bits));
   const uint32_t seed0 = seed[0];
@@ -349,11 +376,17 @@ JoinedSplitKernel(Src src, int64_t R, int64_t C,
       const int64_t c = c0 + cc;
       int8_t j = 0;
       if (r < R && c < C) {
+        const float x = src(r, c);
+        const float u = Uniform(seed0, seed1, static_cast<uint32_t>(r * C + c));
         int8_t h, l;
-        SplitValue(src(r, c), f, Uniform(seed0, seed1, static_cast<uint32_t>(r * C + c)),
-                   &h, &l);
+        SplitValue(x, f, u, &h, &l);
         j = JoinDigits(h, l);
-        if (v != nullptr) v[r * C + c] = j;
+        if (v != nullptr && row_inv != nullptr) {
+          SplitValue(x * row_inv[r], kSplitRange, u, &h, &l);
+          v[r * C + c] = JoinDigits(h, l);
+        } else if (v != nullptr) {
+          v[r * C + c] = j;
+        }
       }
       tile[rr][cc] = j;
     }
@@ -414,14 +447,17 @@ __device__ __forceinline__ void StoreChunk16(int8_t* __restrict__ p, uint4 w, in
 // to the shared tile sT[column][row / 4]. After the barrier thread t writes
 // two 16-row chunks of vt[c, r0 ..] (16 bytes read from sT, stored with
 // vt_width-byte stores), so a warp writes 4 columns x 128 contiguous bytes.
+// kUnitRows: v is written from a second split of each element, of the unit
+// row x * row_inv[r] with f = 98 and the same noise (vt keeps g's split).
 // The word index of sT is swizzled (q ^ 4 (column / 8)) so both the word
 // writes (8 column groups x 4 row quads per warp) and the 16-byte chunk reads
 // (8 chunks of one column per quarter warp) hit 32 distinct banks.
-template <typename Src>
+template <typename Src, bool kUnitRows = false>
 __global__ void __launch_bounds__(kThreads)
 JoinedTileKernel(Src src, int64_t R, int64_t C, const unsigned int* __restrict__ max_bits,
                  const uint32_t* __restrict__ seed, int8_t* __restrict__ v,
-                 int8_t* __restrict__ vt, int vt_width) {
+                 int8_t* __restrict__ vt, int vt_width,
+                 const float* __restrict__ row_inv = nullptr) {
   __shared__ __align__(16) uint32_t sT[kJCols][kJWords];
   const float f = kSplitRange / SafeMax(__uint_as_float(*max_bits));
   const uint32_t seed0 = seed[0];
@@ -464,6 +500,13 @@ JoinedTileKernel(Src src, int64_t R, int64_t C, const unsigned int* __restrict__
         // Byte i of word[k] from jb[k]'s low byte (selector nibble 4 = b.byte0).
         constexpr uint32_t kInsert[4] = {0x3214u, 0x3240u, 0x3410u, 0x4210u};
         word[k] = i == 0 ? jb[k] : __byte_perm(word[k], jb[k], kInsert[i]);
+      }
+      if constexpr (kUnitRows) {
+        const float inv = ok ? row_inv[r] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          jb[k] = JoinedBits(SplitBits(x[i][k] * inv, kSplitRange, noise[k]));
+        }
       }
       if (ok && v != nullptr) *reinterpret_cast<uint2*>(v + r * C + c) = PackLowBytes8(jb);
     }
@@ -594,11 +637,25 @@ ffi::Error CheckFloatInput(const char* op, ffi::AnyBuffer g, ffi::AnyBuffer seed
 bool IsS8(ffi::Result<ffi::AnyBuffer>& b) { return b->element_type() == ffi::DataType::S8; }
 bool IsF32(ffi::Result<ffi::AnyBuffer>& b) { return b->element_type() == ffi::DataType::F32; }
 
+// row_inv: f32[R] (the per-row split) or f32[0]; *rows: its data, or null.
+ffi::Error CheckRowInv(const char* op, ffi::AnyBuffer row_inv, int64_t R, const float** rows) {
+  const int64_t n = static_cast<int64_t>(row_inv.element_count());
+  if (row_inv.element_type() != ffi::DataType::F32 || row_inv.dimensions().size() != 1 ||
+      (n != 0 && n != R)) {
+    return InvalidArgument(std::string(op) + ": row_inv must be f32[R] (one factor per row"
+                           " of g) or f32[0]");
+  }
+  *rows = n > 0 ? reinterpret_cast<const float*>(row_inv.untyped_data()) : nullptr;
+  return ffi::Error::Success();
+}
+
 // abs_max: f32[] holding the caller's m = max|g| (NaN if g holds a NaN; the
 // passes read it in place of the max pass), or f32[0]: pass 1 runs. Pass 0
-// runs either way (the row sums).
+// runs either way (the row sums). row_inv f32[R]: the rows g[r, :] *
+// row_inv[r] are split in g's place (abs_max: their max), or f32[0].
 ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                         ffi::AnyBuffer g, ffi::AnyBuffer seed, ffi::AnyBuffer abs_max,
+                        ffi::AnyBuffer row_inv,
                         ffi::Result<ffi::AnyBuffer> g2, ffi::Result<ffi::AnyBuffer> scales,
                         ffi::Result<ffi::AnyBuffer> norms) {
   FloatKind kind;
@@ -613,6 +670,9 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   if (abs_max.element_type() != ffi::DataType::F32 || abs_max.element_count() > 1) {
     return InvalidArgument("bit_split: abs_max must be f32[] (max|g|) or f32[0]");
   }
+  const float* inv;
+  err = CheckRowInv("bit_split", row_inv, R, &inv);
+  if (err.failure()) return err;
   const bool given = abs_max.element_count() == 1;
   unsigned int* max_bits;
   int* sums;
@@ -636,19 +696,24 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
       using T = decltype(tag);
       const T* gp = reinterpret_cast<const T*>(g.untyped_data());
       int8_t* out = reinterpret_cast<int8_t*>(g2->untyped_data());
+      if (!given && inv != nullptr) {  // the max of the scaled rows
+        AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(RowScaledSource<T>{gp, inv, C},
+                                                             R, C, max_bits);
+      } else if (!given && vec) {
+        AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(gp, R * C, max_bits);
+      } else if (!given) {
+        AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(DenseSource<T>{gp, C}, R, C,
+                                                             max_bits);
+      }
       if (vec) {
-        if (!given) {
-          AbsMaxDenseKernel<T><<<DenseGrid(R * C), kThreads, 0, stream>>>(gp, R * C, max_bits);
-        }
         StackedSplitDenseKernel<T><<<static_cast<unsigned>(vec_blocks), kThreads, 0, stream>>>(
-            gp, R, C, segs, max_bits, sd, out, sums);
-      } else {
-        DenseSource<T> src{gp, C};
-        if (!given) {
-          AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
-        }
+            gp, inv, R, C, segs, max_bits, sd, out, sums);
+      } else if (inv != nullptr) {
         StackedSplitKernel<<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
-            src, R, C, chunks, max_bits, sd, out, sums);
+            RowScaledSource<T>{gp, inv, C}, R, C, chunks, max_bits, sd, out, sums);
+      } else {
+        StackedSplitKernel<<<static_cast<unsigned>(R * chunks), kThreads, 0, stream>>>(
+            DenseSource<T>{gp, C}, R, C, chunks, max_bits, sd, out, sums);
       }
     });
   }
@@ -660,8 +725,11 @@ ffi::Error BitSplitImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
 
 // abs_max: f32[] holding the caller's m = max|g| (NaN if g holds a NaN; the
 // passes read it in place of the max pass), or f32[0]: pass 0 and pass 1 run.
+// row_inv f32[R]: v is the split of the unit rows g[r, :] * row_inv[r] with
+// m = 1 (vt and the scales stay g's), or f32[0].
 ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                               ffi::AnyBuffer g, ffi::AnyBuffer seed, ffi::AnyBuffer abs_max,
+                              ffi::AnyBuffer row_inv,
                               ffi::Result<ffi::AnyBuffer> v, ffi::Result<ffi::AnyBuffer> vt,
                               ffi::Result<ffi::AnyBuffer> scales) {
   FloatKind kind;
@@ -677,6 +745,9 @@ ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
   if (abs_max.element_type() != ffi::DataType::F32 || abs_max.element_count() > 1) {
     return InvalidArgument("bit_split_joined: abs_max must be f32[] (max|g|) or f32[0]");
   }
+  const float* inv;
+  err = CheckRowInv("bit_split_joined", row_inv, R, &inv);
+  if (err.failure()) return err;
   const bool given = abs_max.element_count() == 1;
   unsigned int* max_bits = nullptr;
   if (given) {  // read only (the max pass is the only writer)
@@ -706,12 +777,15 @@ ffi::Error BitSplitJoinedImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
       } else if (!given) {
         AbsMaxKernel<<<MaxGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits);
       }
-      if (vec) {
+      if (vec && inv != nullptr) {
+        JoinedTileKernel<DenseSource8<T>, true><<<JoinedTileGrid(R, C), kThreads, 0, stream>>>(
+            DenseSource8<T>{src.g, C}, R, C, max_bits, sd, vp, vtp, vt_width, inv);
+      } else if (vec) {
         JoinedTileKernel<<<JoinedTileGrid(R, C), kThreads, 0, stream>>>(
             DenseSource8<T>{src.g, C}, R, C, max_bits, sd, vp, vtp, vt_width);
       } else {
         JoinedSplitKernel<<<TileGrid(R, C), kThreads, 0, stream>>>(src, R, C, max_bits, sd,
-                                                                    vp, vtp);
+                                                                    vp, vtp, inv);
       }
     });
   }
@@ -767,7 +841,7 @@ ffi::Error ResplitRowsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
           VtWidth(J, vtp));
     } else {
       JoinedSplitKernel<<<TileGrid(J, C), kThreads, 0, stream>>>(src, J, C, max_bits, sd,
-                                                                  nullptr, vtp);
+                                                                  nullptr, vtp, nullptr);
     }
   }
   FinalizeKernel<<<1, kThreads, 0, stream>>>(
@@ -787,6 +861,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()     // g f32 | bf16 | f16 [R, C]
         .Arg<xla::ffi::AnyBuffer>()     // seed u32[2]
         .Arg<xla::ffi::AnyBuffer>()     // abs_max f32[] or f32[0]
+        .Arg<xla::ffi::AnyBuffer>()     // row_inv f32[R] or f32[0]
         .Ret<xla::ffi::AnyBuffer>()     // g2 s8[2R, C]
         .Ret<xla::ffi::AnyBuffer>()     // scales f32[2]
         .Ret<xla::ffi::AnyBuffer>()     // norms f32[2R]
@@ -800,6 +875,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<xla::ffi::AnyBuffer>()     // g f32 | bf16 | f16 [R, C]
         .Arg<xla::ffi::AnyBuffer>()     // seed u32[2]
         .Arg<xla::ffi::AnyBuffer>()     // abs_max f32[] or f32[0]
+        .Arg<xla::ffi::AnyBuffer>()     // row_inv f32[R] or f32[0]
         .Ret<xla::ffi::AnyBuffer>()     // v s8[R, C]
         .Ret<xla::ffi::AnyBuffer>()     // vt s8[C, R]
         .Ret<xla::ffi::AnyBuffer>()     // scales f32[2]
