@@ -47,7 +47,8 @@ tracing only).
     PYTHONPATH=. python benchmarks/bench_layer.py
     PYTHONPATH=. python benchmarks/bench_layer.py --hidden 1024 --tokens 512 --repeats 5
 
-Writes ``<out-dir>/bench_layer_<platform>.json`` (rewritten after every shape,
+Writes ``<out-dir>/bench_layer_<platform>.json`` (``--tag T``:
+``bench_layer_T_<platform>.json``; rewritten after every shape,
 so an interrupted run keeps what it measured) and ``.png`` (speed-up per shape
 and backward mode); prints a table. The numbers depend on the machine and are
 never asserted by the tests.
@@ -111,6 +112,9 @@ def parse_args(argv=None):
                       " (the rest are recorded as skipped)")
   p.add_argument("--out-dir", default=os.path.join(os.path.dirname(
       os.path.abspath(__file__)), "results"), help="where the JSON/PNG go")
+  p.add_argument("--tag", default="",
+                 help="output name bench_layer_<tag>_<platform> instead of"
+                      " bench_layer_<platform> (a run kept beside the default one)")
   args = p.parse_args(argv)
   bad = [m for m in args.backward if split_mode(m)[0] not in jint4.config.BACKWARD_MODES
          or split_mode(m)[1] not in ("", *jint4.config.SPLIT_SCALES)]
@@ -255,7 +259,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   start = time.perf_counter()
   env = common.environment(args.engine)
-  name = f"bench_layer_{jax.default_backend()}"
+  backend = jax.default_backend()
+  name = f"bench_layer_{args.tag}_{backend}" if args.tag else f"bench_layer_{backend}"
   print(f"jax {env['jax']}, {env['device']} ({env['backend']}), load avg"
         f" {env['load_average_1m']}; {args.tokens} tokens, D in {args.hidden},"
         f" backward {args.backward}, engine {args.engine!r}", flush=True)

@@ -71,7 +71,8 @@ def test_bench_layer(tmp_path):
 def test_bench_layer_without_fp8(tmp_path):
   report = run_script("bench_layer.py", tmp_path, "--tokens", "64", "--hidden", "64",
                       "--repeats", "1", "--warmup", "0", "--backward",
-                      "bitsplit,bitsplit:tensor", "--no-fp8")
+                      "bitsplit,bitsplit:tensor", "--no-fp8", "--tag", "split")
+  assert glob.glob(os.path.join(str(tmp_path), "bench_layer_split_*.json"))
   assert {r["case"] for r in report["results"]} == {
       "bf16 nn.Dense", "int4 bitsplit", "int4 bitsplit:tensor"}
   assert {r["backward"] for r in report["results"]} == {None, "bitsplit", "bitsplit:tensor"}
