@@ -77,9 +77,10 @@ class Int4Config:
       loss gap that sampling adds at the paper's budget). For ``"bitsplit"``
       the dX GEMM's rows keep 98 levels each, where one M leaves a row far
       below max|G| (a masked-LM loss's unmasked tokens) mostly rounding
-      noise; its dW GEMM reduces over the rows and keeps one M (one more
-      memory-bound pass over G than ``"tensor"``). docs/RESULTS.md has the
-      measurements. Still INT4 halves and unbiased. ``"tensor"``: one
+      noise; its dW GEMM reduces over the rows and keeps one M (the split
+      handler writes both operands in one pass; the rows' maxima cost one
+      more read of G than ``"tensor"``). docs/RESULTS.md and BENCHMARKS.md
+      have the measurements. Still INT4 halves and unbiased. ``"tensor"``: one
       M = max|G| for the whole gradient, as the paper writes it.
     step_init: the rule that sets the step sizes at init (and calibration, and
       warm-up). ``"mse"`` (default): the step with the least quantization
