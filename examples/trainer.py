@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -211,7 +212,19 @@ def build(task: Task, config: Optional[jint4.Int4Config], seed: int, report: boo
   sample = task.batch(0)["inputs"]
   variables = jax.jit(lambda k, x: model.init(k, x, **task.model_kwargs))(
       jax.random.key(seed), jnp.asarray(sample))
+  if config is not None and keep:
+    check_keep(keep, [row.path for row in jint4.int4ify_report(model)])
   return model, dict(variables)
+
+
+def check_keep(keep: str, paths: Sequence[str]) -> None:
+  """A ``--keep`` that matches no layer path is a typo, not a choice: an
+  error that lists the paths (a run would otherwise quantize the layers the
+  user meant to keep float without a word)."""
+  pattern = re.compile(keep)
+  if not any(pattern.search(p) for p in paths):
+    raise SystemExit(f"--keep {keep!r} matches none of the model's layer paths: "
+                     + ", ".join(paths))
 
 
 def make_steps(model, task: Task, tx, state_keys: Sequence[str]):

@@ -8,9 +8,12 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jint4
+from jint4.quant import hadamard
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -146,3 +149,50 @@ def test_keep_flag_leaves_more_layers_float_beside_the_head():
   assert float_layers == {"block_0/mlp/down", "lm_head"}
   task = gpt.task(gpt.parse_args(TINY))
   assert trainer.keep_pattern(task) == "(?:lm_head)"
+  # A --keep that matches no layer stops the run, naming the paths.
+  args = gpt.parse_args(TINY + ["--quant", "hq_only", "--keep", r"attention/out$"])
+  with pytest.raises(SystemExit, match=r"matches none of the model's layer paths: .*mha/out"):
+    trainer.build(gpt.task(args), trainer.quant_config(args), 0, keep=args.keep)
+
+
+def _probe():
+  spec = importlib.util.spec_from_file_location("operand_probe",
+                                                ROOT / "tools" / "operand_probe.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_operand_probe_quantizes_one_operand_of_the_matching_float_layers(tmp_path, capsys):
+  """tools/operand_probe.py: the fake quantizer is 4-bit HQ with a straight-
+  through gradient; a run with it differs from the plain run only through
+  the probed layer; a pattern that matches no float layer is an error."""
+  probe = _probe()
+  t = jax.random.normal(jax.random.key(0), (64, 24))
+  for per_column in (False, True):
+    q = probe.fake_quantize(t, per_column=per_column)
+    levels = np.abs(np.asarray(hadamard.apply_block_hadamard(q, 32, axis=0)))
+    for col in levels.T if per_column else [levels.reshape(-1)]:
+      k = col[col > 1e-6] / col[col > 1e-6].min()   # multiples of the step: 1 .. 7
+      assert np.allclose(k, np.round(k), atol=1e-3) and np.round(k).max() <= 7
+    assert 0.0 < float(jnp.linalg.norm(q - t) / jnp.linalg.norm(t)) < 0.2
+  c = jax.random.normal(jax.random.key(1), t.shape)
+  grad = jax.grad(lambda t: jnp.sum(probe.fake_quantize(t, stochastic=True) * c))(t)
+  np.testing.assert_array_equal(grad, c)
+
+  common = TINY + ["--quant", "hq_only", "--keep", r"mlp/down$", "--no-plot"]
+  runs = {}
+  for name, flags in (("plain", []), ("weight", ["--operand", "weight"]),
+                      ("input", ["--operand", "input"])):
+    out = tmp_path / name
+    if flags:
+      assert probe.main(flags + ["--layers", "mlp/down$", str(EXAMPLES / "train_gpt.py")]
+                        + common + ["--out-dir", str(out)]) == 0
+      assert f"4-bit {flags[1]} of block_0/mlp/down" in capsys.readouterr().out
+    else:
+      assert _load("train_gpt").main(common + ["--out-dir", str(out)]) == 0
+    runs[name] = [h["eval_loss"] for h in _metrics(out)["history"]]
+  assert runs["weight"][0] != runs["plain"][0] != runs["input"][0]
+  with pytest.raises(SystemExit, match="nothing was probed"):
+    probe.main(["--operand", "weight", "--layers", "mlp/up$", str(EXAMPLES / "train_gpt.py")]
+               + common + ["--out-dir", str(tmp_path / "none")])
