@@ -183,7 +183,7 @@ def test_operand_probe_quantizes_one_operand_of_the_matching_float_layers(tmp_pa
   common = TINY + ["--quant", "hq_only", "--keep", r"mlp/down$", "--no-plot"]
   runs = {}
   for name, flags in (("plain", []), ("weight", ["--operand", "weight"]),
-                      ("input", ["--operand", "input"])):
+                      ("input", ["--operand", "input", "--block", "16"])):
     out = tmp_path / name
     if flags:
       assert probe.main(flags + ["--layers", "mlp/down$", str(EXAMPLES / "train_gpt.py")]
@@ -193,6 +193,9 @@ def test_operand_probe_quantizes_one_operand_of_the_matching_float_layers(tmp_pa
       assert _load("train_gpt").main(common + ["--out-dir", str(out)]) == 0
     runs[name] = [h["eval_loss"] for h in _metrics(out)["history"]]
   assert runs["weight"][0] != runs["plain"][0] != runs["input"][0]
+  with pytest.raises(SystemExit):   # argparse: not a power of two
+    probe.main(["--operand", "input", "--block", "24", "--layers", "x",
+                str(EXAMPLES / "train_gpt.py")])
   with pytest.raises(SystemExit, match="nothing was probed"):
     probe.main(["--operand", "weight", "--layers", "mlp/up$", str(EXAMPLES / "train_gpt.py")]
                + common + ["--out-dir", str(tmp_path / "none")])

@@ -16,7 +16,7 @@ quantization brings back the all-INT4 run's loss is the one that costs it.
 
 The fake quantizer is jint4's forward recipe without the learned step: the
 operand times a block Hadamard transform along the contraction (block 32, or
-the largest power of two that divides it), values in [-7, 7] at the step of
+the largest power of two that divides it; ``--block``), values in [-7, 7] at the step of
 least squared error of the whole transformed tensor (``--scale tensor``) or of
 each output column (``--scale channel``, weights only), re-fit on every call,
 rounded to nearest or stochastically (``--rounding stochastic``: noise keyed
@@ -49,13 +49,14 @@ QN = QP = 7
 MAX_BLOCK_LOG2 = 5   # block 32, jint4's default
 
 
-def fake_quantize(t: jax.Array, *, per_column: bool = False,
-                  stochastic: bool = False) -> jax.Array:
+def fake_quantize(t: jax.Array, *, per_column: bool = False, stochastic: bool = False,
+                  block_log2: int = MAX_BLOCK_LOG2) -> jax.Array:
   """4-bit HQ fake quantization of a 2-D ``t`` [K, M] along its axis 0 (the
   contraction), straight-through: the forward value is Hb^T Q(Hb t), the
-  gradient the identity."""
+  gradient the identity. The block is 2^block_log2, or the largest power of
+  two that divides K if that is smaller."""
   k = t.shape[0]
-  block = 2 ** min(MAX_BLOCK_LOG2, hadamard.max_log2_block(k))
+  block = 2 ** min(block_log2, hadamard.max_log2_block(k))
   th = hadamard.apply_block_hadamard(t.astype(jnp.float32), block, axis=0)
   if per_column:
     step = jax.vmap(lambda col: lsq.mse_step_size(col, qn=QN, qp=QP))(th.T)[None, :]
@@ -94,7 +95,7 @@ class Probe:
   of the matching float Dense / DenseGeneral layers."""
 
   def __init__(self, operand: str, layers: str, *, per_column: bool = False,
-               stochastic: bool = False):
+               stochastic: bool = False, block_log2: int = MAX_BLOCK_LOG2):
     if operand not in ("input", "weight"):
       raise ValueError(f"operand must be 'input' or 'weight'; got {operand!r}")
     if per_column and operand != "weight":
@@ -103,6 +104,7 @@ class Probe:
     self.pattern = re.compile(layers)
     self.per_column = per_column
     self.stochastic = stochastic
+    self.block_log2 = block_log2
     self.matched: Set[str] = set()
 
   def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
@@ -124,14 +126,16 @@ class Probe:
     for d in kernel.shape[:n]:
       k *= d
     if self.operand == "input":
-      xq = fake_quantize(x.reshape(-1, k).T, stochastic=self.stochastic).T
+      xq = fake_quantize(x.reshape(-1, k).T, stochastic=self.stochastic,
+                         block_log2=self.block_log2).T
       return next_fun(xq.reshape(x.shape), *rest, **kwargs)
     # The weight: y(Wq) = y(W) + x (Wq - W), the difference without gradient
     # (straight through to W, as jint4's layers).
     y = next_fun(*args, **kwargs)
     w2 = kernel.reshape(k, -1)
     delta = jax.lax.stop_gradient(
-        fake_quantize(w2, per_column=self.per_column, stochastic=self.stochastic) - w2)
+        fake_quantize(w2, per_column=self.per_column, stochastic=self.stochastic,
+                      block_log2=self.block_log2) - w2)
     extra = x.reshape(-1, k) @ delta.astype(x.dtype)
     return y + extra.reshape(y.shape).astype(y.dtype)
 
@@ -161,13 +165,18 @@ def main(argv=None) -> int:
   p.add_argument("--scale", choices=("tensor", "channel"), default="tensor",
                  help="one step per tensor, or per output column (weight only)")
   p.add_argument("--rounding", choices=("nearest", "stochastic"), default="nearest")
+  p.add_argument("--block", type=int, default=2 ** MAX_BLOCK_LOG2,
+                 help="Hadamard block (a power of two; capped by the contraction)")
   p.add_argument("script", help="an example script with main(argv), e.g."
                  " examples/train_bert.py")
   p.add_argument("script_args", nargs=argparse.REMAINDER,
                  help="the script's own arguments")
   args = p.parse_args(argv)
+  if args.block < 1 or args.block & (args.block - 1):
+    p.error(f"--block must be a power of two; got {args.block}")
   probe = Probe(args.operand, args.layers, per_column=args.scale == "channel",
-                stochastic=args.rounding == "stochastic")
+                stochastic=args.rounding == "stochastic",
+                block_log2=args.block.bit_length() - 1)
   module = load_script(args.script)
   with nn.intercept_methods(probe):
     rc = module.main(args.script_args)
