@@ -259,8 +259,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   start = time.perf_counter()
   env = common.environment(args.engine)
-  backend = jax.default_backend()
-  name = f"bench_layer_{args.tag}_{backend}" if args.tag else f"bench_layer_{backend}"
+  name = common.output_name("bench_layer", args.tag, jax.default_backend())
   print(f"jax {env['jax']}, {env['device']} ({env['backend']}), load avg"
         f" {env['load_average_1m']}; {args.tokens} tokens, D in {args.hidden},"
         f" backward {args.backward}, engine {args.engine!r}", flush=True)

@@ -366,11 +366,6 @@ def plot(args, rows, name, device):
       " memory < 1: smaller)", hline=1.0)
 
 
-def output_name(args, backend: str) -> str:
-  """bench_train_<backend>, or bench_train_<tag>_<backend> with --tag."""
-  return f"bench_train_{args.tag}_{backend}" if args.tag else f"bench_train_{backend}"
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args._one:
@@ -411,7 +406,7 @@ def main(argv=None) -> int:
       else:
         env = r.pop("environment")
         report["environment"] = report["environment"] or env
-        name = name or output_name(args, env["backend"])
+        name = name or common.output_name("bench_train", args.tag, env["backend"])
         print(f"  D={width} {variant}: {r['median_ms']:.2f} ms/step,"
               f" {r['tokens_per_s']:.0f} tokens/s, loss {r['loss_first']:.3f}"
               f" -> {r['loss_last']:.3f}", flush=True)
@@ -431,7 +426,7 @@ def main(argv=None) -> int:
   # Every subprocess has ended: this process may now touch the backend.
   if report["environment"] is None:
     report["environment"] = common.environment(args.engine)
-  name = name or output_name(args, jax.default_backend())
+  name = name or common.output_name("bench_train", args.tag, jax.default_backend())
   report["total_s"] = time.perf_counter() - start
   json_path = common.write(args.out_dir, name, report)
   print_table(report["results"], args.variants)

@@ -143,6 +143,11 @@ def time_fn(fn, args, *, repeats: int = 20, warmup: int = 3, calls: int = 5) -> 
           "windows_s": windows}
 
 
+def output_name(stem: str, tag: str, backend: str) -> str:
+  """<stem>_<backend>, or <stem>_<tag>_<backend> with a --tag."""
+  return f"{stem}_{tag}_{backend}" if tag else f"{stem}_{backend}"
+
+
 def write(out_dir: str, name: str, payload: dict) -> str:
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"{name}.json")

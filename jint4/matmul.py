@@ -718,9 +718,10 @@ def _products_bitsplit(ctx, g, qwt):
   seed = ctx.seeds[_SEED_SPLIT]
   if ctx.cfg.split_scale == "row":
     # One pass over G writes both operands: v from the unit rows (M = 1),
-    # v^T with max|G|, the max of the rows' maxima.
+    # v^T with max|G|, taken over the rows' maxima (abs_max of those
+    # non-negative values: the same value, NaN included).
     row_max, row_inv, poison = _row_scales(comm, g)
-    abs_max = comm.pmax(bitsplit.max_of_rows(row_max), "n")
+    abs_max = comm.pmax(bitsplit.abs_max(row_max), "n")
     v, vt, _, s_lo = eng.bit_split_joined(g, seed, abs_max=abs_max, row_inv=row_inv)
     dx_scale, row_scale = bitsplit.INV_RANGE * ctx.sw, row_max * poison
   else:

@@ -62,14 +62,14 @@ def fake_quantize(t: jax.Array, *, per_column: bool = False, stochastic: bool = 
     step = jax.vmap(lambda col: lsq.mse_step_size(col, qn=QN, qp=QP))(th.T)[None, :]
   else:
     step = lsq.mse_step_size(th, qn=QN, qp=QP)
-  v = th / jax.lax.stop_gradient(step)
+  step = jax.lax.stop_gradient(step)
   if stochastic:
     bits = jax.lax.bitcast_convert_type(jnp.sum(th), jnp.uint32)
     u = jax.random.uniform(jax.random.fold_in(jax.random.key(0), bits), th.shape)
-    q = jnp.floor(v + u)
+    q = jnp.clip(jnp.floor(th / step + u), -QN, QP) * step
   else:
-    q = jnp.round(v)
-  back = hadamard.apply_block_hadamard(jnp.clip(q, -QN, QP) * step, block, axis=0)
+    q = lsq.fake_quantize_value(th, step, qn=QN, qp=QP)
+  back = hadamard.apply_block_hadamard(q, block, axis=0)
   return t + jax.lax.stop_gradient(back.astype(t.dtype) - t)
 
 

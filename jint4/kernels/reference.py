@@ -255,11 +255,12 @@ def bit_split_joined(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = 
   """
   u = uniform(seed, g.shape)
   hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(g.astype(jnp.float32), u, abs_max)
-  vt = _join(hi, lo).T
-  if row_inv is None:
-    return vt.T, vt, s_hi, s_lo
-  hi, lo, _, _ = bitsplit_lib.bit_split(bitsplit_lib.unit_rows(g, row_inv), u, 1.0)
-  return _join(hi, lo), vt, s_hi, s_lo
+  v = _join(hi, lo)
+  vt = v.T
+  if row_inv is not None:   # v from the unit rows, the same noise
+    hi, lo, _, _ = bitsplit_lib.bit_split(bitsplit_lib.unit_rows(g, row_inv), u, 1.0)
+    v = _join(hi, lo)
+  return v, vt, s_hi, s_lo
 
 
 def resplit_rows(g2: jax.Array, rows: jax.Array, row_scale: jax.Array,

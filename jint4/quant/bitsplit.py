@@ -63,13 +63,6 @@ def row_abs_max(g: jax.Array) -> jax.Array:
                    jnp.max(jnp.abs(g), axis=-1, initial=0.0))
 
 
-def max_of_rows(m_rows: jax.Array) -> jax.Array:
-  """max|G| from the rows' maxima (`row_abs_max`): the same value as
-  `abs_max(G)`, NaN if any row's is."""
-  m_rows = m_rows.astype(jnp.float32)
-  return jnp.where(jnp.any(jnp.isnan(m_rows)), jnp.nan, jnp.max(m_rows, initial=0.0))
-
-
 def pow2(e: jax.Array) -> jax.Array:
   """2^e as float32 for int32 e in [-126, 127], built from its bits (exact,
   the same on every platform)."""

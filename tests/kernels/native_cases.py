@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jint4.kernels import reference
+from jint4.quant import bitsplit
 from jint4.quant import hadamard
 
 # (M, K) shapes for the quantize ops: ragged sizes included (M*K odd, not a
@@ -139,12 +140,11 @@ def bit_split_hi_ties():
                          np.nextafter(v, np.float32(-np.inf))])
 
 
-def rows_of_many_sizes(shape, dtype, seed=0, specials=False):
+def per_row_split_case(shape, dtype, seed=0, specials=False):
   """(g, row_inv) for the per-row split: rows whose sizes span 1e-4 .. 1e2
   (a zero row among them), row_inv = 1 / max|g_i| as the library computes it
   (`bitsplit.row_reciprocals`). With ``specials`` one row holds a NaN and
   another an Inf (their row_inv is 1)."""
-  from jint4.quant import bitsplit
   r, c = shape
   g = np.asarray(activations(shape, seed=seed)) * np.logspace(-4, 2, r, dtype=np.float32)[:, None]
   if r >= 3:

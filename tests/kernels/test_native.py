@@ -23,7 +23,7 @@ from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         WEIGHT_SHAPES, activations, assert_same_floats,
                                         assert_same_ints, bit_split_hi_ties, dtype_id,
                                         int_operand, largest_log2, near_limit_operand,
-                                        random_rows, random_slots, rows_of_many_sizes, seed,
+                                        random_rows, random_slots, per_row_split_case, seed,
                                         weight_backward_slack)
 
 if not native.available():
@@ -528,7 +528,7 @@ def test_bit_split_per_row(shape, dtype, specials):
   """row_inv: both handlers split the unit rows g_i * row_inv_i as they read
   g, bit-identical to the twin; the joined one writes v from the unit rows
   (M = 1) and v^T from g with max|g|, with the same noise."""
-  g, row_inv = rows_of_many_sizes(shape, dtype, specials=specials)
+  g, row_inv = per_row_split_case(shape, dtype, specials=specials)
   m = on_cpu(bitsplit.abs_max, g)
   for fn, abs_max in (("bit_split", jnp.float32(1.0)), ("bit_split", None),
                       ("bit_split_joined", m), ("bit_split_joined", None)):

@@ -18,7 +18,7 @@ from tests.kernels.native_cases import (FLOAT_DTYPES, GEMM_SHAPES, QUANT_SHAPES,
                                         activations, assert_same_floats,
                                         assert_same_ints, bit_split_hi_ties, dtype_id,
                                         int_operand, largest_log2, near_limit_operand,
-                                        random_rows, random_slots, rows_of_many_sizes, seed)
+                                        random_rows, random_slots, per_row_split_case, seed)
 
 
 def _gpus():
@@ -228,7 +228,7 @@ def test_bit_split_joined(shape, dtype):
 def test_bit_split_per_row(shape, dtype):
   """row_inv: the CUDA handlers split the unit rows as they read g (fast and
   scalar kernels), bit-identical to the twin; NaN and Inf rows included."""
-  g, row_inv = rows_of_many_sizes(shape, dtype, specials=True)
+  g, row_inv = per_row_split_case(shape, dtype, specials=True)
   m = on_cpu(bitsplit.abs_max, g)
   for fn, abs_max in ((native.bit_split, jnp.float32(1.0)), (native.bit_split, None),
                       (native.bit_split_joined, m), (native.bit_split_joined, None)):

@@ -151,6 +151,18 @@ ffi::Error CheckElementCount(const Buf& buf, int64_t count, const char* op,
   return ffi::Error::Success();
 }
 
+// An optional per-row operand (the bit splits' row_inv): rank 1 holding
+// `rows` elements, or empty (absent).
+template <typename Buf>
+ffi::Error CheckOptionalRows(const Buf& buf, int64_t rows, const char* op,
+                             const char* name) {
+  const auto dims = buf.dimensions();
+  JINT4_CHECK_ARG(dims.size() == 1 && (dims[0] == 0 || dims[0] == rows), op, ": '",
+                  name, "' must be f32[", rows, "] (one factor per row of g) or"
+                  " empty; got ", ShapeString(dims));
+  return ffi::Error::Success();
+}
+
 // LSQ range attributes: 1 <= qn <= 8, 1 <= qp <= 7 (4-bit codes).
 inline ffi::Error CheckQuantRange(int32_t qn, int32_t qp, const char* op) {
   JINT4_CHECK_ARG(qn >= 1 && qn <= 8 && qp >= 1 && qp <= 7, op,

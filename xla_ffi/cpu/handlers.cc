@@ -20,6 +20,7 @@ using ffi_util::CheckFlagAttr;
 using ffi_util::CheckFloatType;
 using ffi_util::CheckIndices;
 using ffi_util::CheckLog2Block;
+using ffi_util::CheckOptionalRows;
 using ffi_util::CheckQuantRange;
 using ffi_util::CheckRank;
 using ffi_util::CheckResidual;
@@ -35,16 +36,6 @@ FloatType FloatTypeOf(ffi::DataType t) {
     case ffi::DataType::F16: return FloatType::kF16;
     default: return FloatType::kF32;
   }
-}
-
-// row_inv of the bit splits: f32[R] (the per-row split) or empty.
-ffi::Error CheckRowInv(const ffi::Buffer<ffi::F32>& row_inv, int64_t r, const char* op) {
-  JINT4_CHECK_ARG(row_inv.dimensions().size() == 1 &&
-                      (row_inv.element_count() == 0 ||
-                       static_cast<int64_t>(row_inv.element_count()) == r),
-                  op, ": 'row_inv' must be f32[", r, "] (one factor per row of g) or"
-                  " empty; got ", ShapeString(row_inv.dimensions()));
-  return ffi::Error::Success();
 }
 
 // ---------------------------------------------------------------------------
@@ -330,7 +321,7 @@ ffi::Error BitSplitImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
   JINT4_RETURN_IF_ERROR(CheckShape(*norms, {2 * r}, kOp, "norms"));
   JINT4_CHECK_ARG(abs_max.element_count() <= 1, kOp, ": 'abs_max' must be f32[] (max|g|)"
                   " or empty; got ", ShapeString(abs_max.dimensions()));
-  JINT4_RETURN_IF_ERROR(CheckRowInv(row_inv, r, kOp));
+  JINT4_RETURN_IF_ERROR(CheckOptionalRows(row_inv, r, kOp, "row_inv"));
   const uint32_t* sd = seed.typed_data();
   BitSplit(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0], sd[1],
            g2->typed_data(), scales->typed_data(), norms->typed_data(),
@@ -362,7 +353,7 @@ ffi::Error BitSplitJoinedImpl(ffi::AnyBuffer g, ffi::Buffer<ffi::U32> seed,
   JINT4_RETURN_IF_ERROR(CheckShape(*scales, {2}, kOp, "scales"));
   JINT4_CHECK_ARG(abs_max.element_count() <= 1, kOp, ": 'abs_max' must be f32[] (max|g|)"
                   " or empty; got ", ShapeString(abs_max.dimensions()));
-  JINT4_RETURN_IF_ERROR(CheckRowInv(row_inv, r, kOp));
+  JINT4_RETURN_IF_ERROR(CheckOptionalRows(row_inv, r, kOp, "row_inv"));
   const uint32_t* sd = seed.typed_data();
   BitSplitJoined(g.untyped_data(), FloatTypeOf(g.element_type()), r, c, sd[0],
                  sd[1], v->typed_data(), vt->typed_data(), scales->typed_data(),

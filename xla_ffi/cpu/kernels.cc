@@ -99,8 +99,13 @@ void WithLoader(const void* g, FloatType type, int64_t cols, Fn fn) {
   }
 }
 
-// WithLoader, each row i times row_inv[i] when row_inv is given (one float
-// product: bitsplit.unit_rows).
+// load(i, j) times row_inv[i] (one float product: bitsplit.unit_rows).
+template <typename Load>
+auto RowScaled(Load load, const float* row_inv) {
+  return [load, row_inv](int64_t i, int64_t j) { return load(i, j) * row_inv[i]; };
+}
+
+// WithLoader, through RowScaled when row_inv is given.
 template <typename Fn>
 void WithRowLoader(const void* g, FloatType type, int64_t cols, const float* row_inv,
                    Fn fn) {
@@ -108,7 +113,7 @@ void WithRowLoader(const void* g, FloatType type, int64_t cols, const float* row
     if (row_inv == nullptr) {
       fn(load);
     } else {
-      fn([&](int64_t i, int64_t j) { return load(i, j) * row_inv[i]; });
+      fn(RowScaled(load, row_inv));
     }
   });
 }
@@ -458,8 +463,7 @@ void BitSplitJoined(const void* g, FloatType type, int64_t r, int64_t c,
     const float unit = 1.0f;
     float unit_scales[2];
     SplitCore(
-        r, c, [&](int64_t i, int64_t j) { return load(i, j) * row_inv[i]; }, seed0,
-        seed1, unit_scales,
+        r, c, RowScaled(load, row_inv), seed0, seed1, unit_scales,
         [&](int64_t i, int64_t j, const SplitDigits& d) { v[i * c + j] = JoinedDigit(d); },
         &unit);
   });

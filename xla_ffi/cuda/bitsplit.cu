@@ -639,13 +639,13 @@ bool IsF32(ffi::Result<ffi::AnyBuffer>& b) { return b->element_type() == ffi::Da
 
 // row_inv: f32[R] (the per-row split) or f32[0]; *rows: its data, or null.
 ffi::Error CheckRowInv(const char* op, ffi::AnyBuffer row_inv, int64_t R, const float** rows) {
-  const int64_t n = static_cast<int64_t>(row_inv.element_count());
-  if (row_inv.element_type() != ffi::DataType::F32 || row_inv.dimensions().size() != 1 ||
-      (n != 0 && n != R)) {
-    return InvalidArgument(std::string(op) + ": row_inv must be f32[R] (one factor per row"
-                           " of g) or f32[0]");
+  if (row_inv.element_type() != ffi::DataType::F32) {
+    return InvalidArgument(std::string(op) + ": row_inv must be f32");
   }
-  *rows = n > 0 ? reinterpret_cast<const float*>(row_inv.untyped_data()) : nullptr;
+  ffi::Error err = ffi_util::CheckOptionalRows(row_inv, R, op, "row_inv");
+  if (err.failure()) return err;
+  *rows = row_inv.element_count() > 0 ? reinterpret_cast<const float*>(row_inv.untyped_data())
+                                      : nullptr;
   return ffi::Error::Success();
 }
 
