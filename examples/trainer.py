@@ -42,7 +42,8 @@ import jint4
 QUANT_MODES: Dict[str, Optional[jint4.Int4Config]] = {
     "fp": None,
     # The paper's recipe: HQ + LSQ forward, bit splitting + leverage score
-    # sampling (half of the 2N bit-split rows) backward.
+    # sampling (half of the 2N bit-split rows) backward; the sampling on the
+    # weight gradient, dX keeping every row (jint4's default lss_dx_budget).
     "hq_lss": jint4.Int4Config(forward="hq", backward="lss"),
     # Every bit-split row kept: an INT8-accurate gradient (the Hopper default).
     "hq_bitsplit": jint4.Int4Config(forward="hq", backward="bitsplit"),
@@ -78,7 +79,8 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
   """The flags every example shares (model flags are the example's own)."""
   p.add_argument("--quant", default="hq_bitsplit", choices=tuple(QUANT_MODES),
                  help="fp: float; hq_lss: the paper (HQ forward, bit splitting +"
-                      " LSS backward); hq_bitsplit: every bit-split row kept (both"
+                      " LSS backward; dW sampled, dX every row unless --lss-dx-budget"
+                      " 1); hq_bitsplit: every bit-split row kept (both"
                       " split per row unless --split-scale tensor);"
                       " hq_only: INT4 forward, float backward; lsq_luq: the"
                       " paper's baseline")
@@ -102,6 +104,9 @@ def add_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
                  help="jint4 step-size warm-up (Int4Config.warmup_steps)")
   p.add_argument("--lss-budget", type=float, default=None,
                  help="Int4Config.lss_budget for the lss modes (default: the paper's 1.0)")
+  p.add_argument("--lss-dx-budget", type=float, default=None,
+                 help="Int4Config.lss_dx_budget for the lss modes: 1.0 samples dX as the"
+                      " paper does (default: the config's 2.0, every dX row kept)")
   p.add_argument("--split-scale", default=None, choices=jint4.config.SPLIT_SCALES,
                  help="Int4Config.split_scale for hq_lss and hq_bitsplit: one bit-split"
                       " scale per tensor (the paper's) or per token row (default: the"
@@ -137,7 +142,8 @@ def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
     return None
-  extra = {name: getattr(args, name) for name in ("lss_budget", "split_scale", "step_init",
+  extra = {name: getattr(args, name) for name in ("lss_budget", "lss_dx_budget",
+                                                  "split_scale", "step_init",
                                                   "hadamard_block", "qn")
            if getattr(args, name, None) is not None}
   return dataclasses.replace(base, engine=args.engine, warmup_steps=args.warmup_steps, **extra)

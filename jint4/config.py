@@ -21,6 +21,7 @@ for the Hadamard-transformed tensors (``step_init="lsq"`` restores it).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Literal, Optional, Tuple, Union
 
 ForwardMode = Literal["hq", "lsq", "none"]
@@ -68,7 +69,19 @@ class Int4Config:
       size is stored in the layer's ``quant_state``).
     lss_budget: fraction of the N token rows kept by leverage score sampling;
       the kept-row count is ``ceil(lss_budget * N)`` out of the 2N bit-split rows
-      (paper: 1.0, i.e. N rows). Must be in (0, 2].
+      (paper: 1.0, i.e. N rows). Must be in (0, 2]. It is the weight
+      gradient's budget, and the activation gradient's where
+      ``lss_dx_budget`` says so.
+    lss_dx_budget: the same fraction for the activation gradient dX = G W.
+      ``2.0`` (default) keeps all 2N rows: dX is bit splitting's
+      INT8-accurate product (one GEMM on the joined digits, as with
+      ``"bitsplit"``), and only dW = G^T X is sampled. Sampling dX adds
+      variance that every earlier layer's gradients inherit, while dW's
+      reaches one weight: on a language model's dense gradients, sampling
+      dX at the paper's budget cost most of the loss that sampling adds
+      (docs/RESULTS.md). ``1.0`` samples dX as the paper does (Sec. 5), at
+      half the dX GEMM's work where INT4 tensor cores run the halves. Must
+      be in (0, 2].
     split_scale: the scale of the output gradient's bit split (``"lss"``
       and ``"bitsplit"``). ``"row"`` (default): one M_i = max|G_i| per token
       row (`jint4.quant.bitsplit.bit_split_rows`). For ``"lss"`` each row's
@@ -115,6 +128,7 @@ class Int4Config:
   qp: int = 7
   hadamard_block: Union[int, Literal["auto"]] = 32
   lss_budget: float = 1.0
+  lss_dx_budget: float = 2.0
   split_scale: SplitScale = "row"
   step_init: StepInit = "mse"
   warmup_steps: int = 0
@@ -143,10 +157,14 @@ class Int4Config:
         raise ValueError(
             "Int4Config.hadamard_block must be a power of two in [1,"
             f" {MAX_HADAMARD_BLOCK}] or 'auto'; got {block!r}.")
-    if not 0.0 < float(self.lss_budget) <= 2.0:
-      raise ValueError(
-          "Int4Config.lss_budget is the kept fraction of the N token rows and"
-          f" must be in (0, 2]; got {self.lss_budget!r}.")
+    for name in ("lss_budget", "lss_dx_budget"):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+          or not 0.0 < float(value) <= 2.0):
+        raise ValueError(
+            f"Int4Config.{name} is the kept fraction of the N token rows and"
+            f" must be a number in (0, 2] (2 keeps every bit-split row); got"
+            f" {value!r}.")
     if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
       raise ValueError(
           f"Int4Config.warmup_steps must be an int >= 0; got {self.warmup_steps!r}.")

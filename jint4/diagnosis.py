@@ -636,10 +636,12 @@ def _lss_fractions(x3, step_x, g3, log2, config, key):
   """The expected fractions of the 2N bit-split rows that leverage score
   sampling keeps, sum_i p_i / 2N, and keeps for sure (p_i = 1), for dX
   (scores ||G2_i||) and dW (||G2_i|| ||X_i||, X_i the row's LSQ codes), per
-  batch element as the op samples them, with the layer's budget and split
-  scale; for one draw of the bit split's stochastic rounding."""
+  batch element as the op samples them, with the layer's budgets and split
+  scale (``lss_dx_budget=2`` keeps every nonzero row of dX); for one draw of
+  the bit split's stochastic rounding."""
   n = g3.shape[1]
-  budget = lss.budget_rows(n, config.lss_budget)
+  budgets = (lss.budget_rows(n, config.lss_dx_budget),
+             lss.budget_rows(n, config.lss_budget))
   block = log2 if config.hadamard_block == "auto" else config.hadamard_block
   if not config.uses_hadamard:
     block = 1
@@ -656,7 +658,7 @@ def _lss_fractions(x3, step_x, g3, log2, config, key):
     g2 = jnp.concatenate([s_hi * hi, s_lo * lo]).astype(jnp.float32)
     g2_norm = jnp.linalg.norm(g2, axis=-1)
     out = []
-    for scores in (g2_norm, g2_norm * jnp.concatenate([xn, xn])):
+    for scores, budget in zip((g2_norm, g2_norm * jnp.concatenate([xn, xn])), budgets):
       p = lss.inclusion_probabilities(scores, budget)
       out += [jnp.sum(p) / (2 * n), jnp.mean(p >= 1.0)]
     return jnp.stack(out)

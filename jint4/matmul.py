@@ -742,12 +742,14 @@ def _products_bitsplit(ctx, g, qwt):
 
 
 def _products_lss(ctx, g, qwt):
-  """Bit splitting + leverage score sampling with a static budget."""
+  """Bit splitting + leverage score sampling with static budgets.
+
+  dW = G^T X sums over the 2N bit-split rows and samples ``lss_budget`` N
+  of them; dX = G W samples ``lss_dx_budget`` N, or keeps all 2N (the
+  default), where it is bit splitting's product on the joined digits.
+  """
   eng, cfg, seeds, comm = ctx.eng, ctx.cfg, ctx.seeds, ctx.comm
   n = g.shape[0]
-  # Sharded rows: each shard samples its own rows with its share of the
-  # budget (stratified sampling: still unbiased).
-  budget = lss.budget_rows(n, cfg.lss_budget)
   if cfg.split_scale == "row":
     # The unit rows G_i / M_i, split with M = 1 as the handler reads G.
     row_scale, row_inv, poison = _row_scales(comm, g)
@@ -767,25 +769,38 @@ def _products_lss(ctx, g, qwt):
   def half_scale(index):
     return jnp.where(index >= n, s_lo, s_hi) * rows2[index]
 
-  # dX: kept rows of G2 times W_hat; the factor s_half / p_i of a kept row
-  # scales its output row, so it rides in the GEMM epilogue. The rows go back
-  # to their token inside lsq_backward (slots: where token t's hi and lo rows
-  # landed, -1 if not kept).
-  index, weight = lss.sample_rows(g2_norm, budget, u[0])
-  part = eng.int_gemm(jnp.take(g2, index, axis=0), qwt, scale=ctx.sw,
-                      row_scale=weight * half_scale(index), out_dtype=ctx.dxh_dtype)
-  # Empty slots (weight 0) point nowhere, unless G is non-finite: then every
-  # row is NaN and must reach dX.
-  target = jnp.where((weight > 0) | ~finite, index, 2 * n)
-  slots = jnp.full((2 * n,), -1, jnp.int32).at[target].set(
-      jnp.arange(index.shape[0], dtype=jnp.int32), mode="drop").reshape(2, n)
+  # Sharded rows: each shard samples its own rows with its share of a
+  # budget (stratified sampling: still unbiased).
+  if lss.budget_rows(n, cfg.lss_dx_budget) >= 2 * n:
+    # dX keeps every row: s_hi hi + s_lo lo = s_lo (14 hi + lo), one GEMM on
+    # the joined digits of the split that dW samples, rows in token order.
+    v = bitsplit.join_halves(g2[:n], g2[n:])
+    row_factor = row_scale if cfg.split_scale == "row" else None
+    part = eng.int_gemm(v, qwt, scale=s_lo * ctx.sw, row_scale=row_factor,
+                        int4=False, out_dtype=ctx.dxh_dtype)
+    slots = None
+  else:
+    # dX: kept rows of G2 times W_hat; the factor s_half / p_i of a kept row
+    # scales its output row, so it rides in the GEMM epilogue. The rows go
+    # back to their token inside lsq_backward (slots: where token t's hi and
+    # lo rows landed, -1 if not kept).
+    index, weight = lss.sample_rows(
+        g2_norm, lss.budget_rows(n, cfg.lss_dx_budget), u[0])
+    part = eng.int_gemm(jnp.take(g2, index, axis=0), qwt, scale=ctx.sw,
+                        row_scale=weight * half_scale(index),
+                        out_dtype=ctx.dxh_dtype)
+    # Empty slots (weight 0) point nowhere, unless G is non-finite: then
+    # every row is NaN and must reach dX.
+    target = jnp.where((weight > 0) | ~finite, index, 2 * n)
+    slots = jnp.full((2 * n,), -1, jnp.int32).at[target].set(
+        jnp.arange(index.shape[0], dtype=jnp.int32), mode="drop").reshape(2, n)
 
   # dW: sum over kept rows of G2_i^T X_i / p_i. The per-row factors sit inside
   # the reduction, so the weighted kept rows are bit-split again (unbiased,
   # joined into one GEMM operand) and reduced in one GEMM over the kept rows.
   x_norm = ctx.res_x.norms
   index, weight = lss.sample_rows(g2_norm * jnp.concatenate([x_norm, x_norm]),
-                                  budget, u[1])
+                                  lss.budget_rows(n, cfg.lss_budget), u[1])
   # The kept rows are this GEMM's reduction dim: padded to the engine's K tile.
   index, weight = lss.pad_slots(index, weight, eng.gemm_k_multiple)
   vt, _, s_lo2 = eng.resplit_rows(g2, index, weight * half_scale(index),

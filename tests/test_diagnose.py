@@ -44,7 +44,8 @@ def mlp_rows():
   fc2's step_size_w is doubled after init (its drift is 2), and fc1 gets a
   large bias."""
   x, t = _outlier_batch()
-  model = jint4.int4ify(Mlp(), jint4.Int4Config())
+  # dX sampled too (the paper's LSS), so that both products' sampling shows.
+  model = jint4.int4ify(Mlp(), jint4.Int4Config(lss_dx_budget=1.0))
   initial = jax.jit(model.init)(jax.random.key(1), x)
   params = jax.tree.map(lambda a: a, initial["params"])
   params["fc2"]["step_size_w"] = 2.0 * initial["params"]["fc2"]["step_size_w"]
@@ -103,6 +104,22 @@ def test_estimators_unbiased_lss_noisier_than_bitsplit(mlp_rows):
     assert row.lss_kept_dx == pytest.approx(0.5, abs=1 / 128)
     assert row.lss_kept_dw == pytest.approx(0.5, abs=1 / 128)
     assert 0 <= row.lss_sure_dx <= row.lss_kept_dx
+
+
+def test_lss_keeping_every_dx_row_reports_bitsplits_dx():
+  """The default lss_dx_budget=2: dX keeps every bit-split row, so its
+  estimator is bit splitting's (the same digits for the same keys) and the
+  kept fraction is 1; dW is still sampled at the budget."""
+  x, t = _outlier_batch()
+  model = jint4.int4ify(Mlp(), jint4.Int4Config())
+  variables = jax.jit(model.init)(jax.random.key(1), x)
+  rows = jint4.diagnose(model, variables, x, _mse, t, key=jax.random.key(2),
+                        samples=8, estimators=("lss", "bitsplit"))
+  for row in rows:
+    assert row.dx["lss"].rel_var == pytest.approx(row.dx["bitsplit"].rel_var, rel=1e-6)
+    assert row.dw["lss"].rel_var > row.dw["bitsplit"].rel_var
+    assert row.lss_kept_dx == pytest.approx(1.0) and row.lss_sure_dx == pytest.approx(1.0)
+    assert row.lss_kept_dw == pytest.approx(0.5, abs=1 / 128)
 
 
 def test_a_biased_estimator_is_flagged():
@@ -269,7 +286,7 @@ def test_lss_fractions_follow_the_split_scale():
   g = jnp.asarray(rng.normal(size=(2, 64, D)) * sizes, jnp.float32)
   frac = {}
   for scale in ("tensor", "row"):
-    cfg = jint4.Int4Config(backward="lss", split_scale=scale)
+    cfg = jint4.Int4Config(backward="lss", split_scale=scale, lss_dx_budget=1.0)
     frac[scale] = diagnose_lib._lss_fractions(x, jnp.float32(0.3), g, 5, cfg,
                                               jax.random.key(0))
   for which in ("dx", "dw"):

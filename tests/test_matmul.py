@@ -76,10 +76,10 @@ def test_exact_backward_matches_autodiff_of_fake_quant_twin():
   assert abs(float(jnp.mean(dsx)) - float(r[2])) < 5 * sem + 1e-6
 
 
-@pytest.mark.parametrize("backward,split_scale",
-                         [("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
-                          ("bitsplit", "row")])
-def test_quantized_gradients_are_unbiased(backward, split_scale):
+@pytest.mark.parametrize("backward,split_scale,dx_budget",
+                         [("lss", "tensor", 0.5), ("lss", "row", 0.5), ("lss", "row", 2.0),
+                          ("bitsplit", "tensor", 2.0), ("bitsplit", "row", 2.0)])
+def test_quantized_gradients_are_unbiased(backward, split_scale, dx_budget):
   """Mean over keys -> the exact-mode gradient, at the 1/sqrt(n) rate."""
   x, w, sx, sw = _data(n=32, d=32, c=16, seed=1)
   # Structured gradient: a few large token rows, most small (paper Sec. 5).
@@ -89,7 +89,8 @@ def test_quantized_gradients_are_unbiased(backward, split_scale):
       lambda x, w, sw: jnp.sum(int4_matmul(x, w, sx, sw, k, config=cfg) * ct),
       argnums=(0, 1, 2))(x, w, sw)
   exact = jax.jit(grads, static_argnums=0)(Int4Config(backward="exact"), KEY)
-  cfg = Int4Config(backward=backward, lss_budget=0.5, split_scale=split_scale)
+  cfg = Int4Config(backward=backward, lss_budget=0.5, lss_dx_budget=dx_budget,
+                   split_scale=split_scale)
   keys = jax.random.split(jax.random.key(3), 2000)
   samples = jax.jit(jax.vmap(lambda k: grads(cfg, k)))(keys)
   for est, ref, name in zip(samples, exact, ("dx", "dw", "dsw")):
@@ -121,7 +122,7 @@ def test_lss_variance_shrinks_with_budget():
   assert var[0.25] > var[1.0] > var[2.0]
 
 
-def _samples_by_split_scale(backward, data_seed, ct, key):
+def _samples_by_split_scale(backward, data_seed, ct, key, **config):
   """The exact (dX, dW) of one product and, per split scale, 200 draws."""
   x, w, sx, sw = _data(n=ct.shape[0], d=32, c=ct.shape[1], seed=data_seed)
 
@@ -131,7 +132,7 @@ def _samples_by_split_scale(backward, data_seed, ct, key):
 
   keys = jax.random.split(key, 200)
   draws = {scale: jax.jit(jax.vmap(lambda k: grads(
-      Int4Config(backward=backward, split_scale=scale), k)))(keys)
+      Int4Config(backward=backward, split_scale=scale, **config), k)))(keys)
       for scale in ("tensor", "row")}
   return grads(Int4Config(backward="exact"), KEY), draws
 
@@ -149,10 +150,47 @@ def test_row_split_scale_lowers_lss_variance_on_dense_gradients():
   halves, which lowers the variance of both gradients at the same budget."""
   sizes = 10.0 ** jax.random.uniform(jax.random.key(6), (64,), minval=-2, maxval=0)
   ct = jax.random.normal(jax.random.key(7), (64, 16)) * sizes[:, None]
-  exact, draws = _samples_by_split_scale("lss", 5, ct, jax.random.key(8))
+  exact, draws = _samples_by_split_scale("lss", 5, ct, jax.random.key(8),
+                                         lss_dx_budget=1.0)
   for which in (0, 1):   # dX, dW
     t, r = (_relative_mse(draws[s][which], exact[which]) for s in ("tensor", "row"))
     assert r < 0.4 * t, (which, t, r)
+
+
+@pytest.mark.parametrize("split_scale", ["tensor", "row"])
+def test_lss_keeping_every_dx_row_is_bit_splittings_dx(split_scale):
+  """With lss_dx_budget=2 (the default) only dW is sampled: dX is bit
+  splitting's product of the same digits, equal to "bitsplit"'s dX for the
+  same key, while dW differs (sampled)."""
+  x, w, sx, sw = _data(n=32, d=32, c=16, seed=11)
+  ct = jax.random.normal(jax.random.key(12), (32, 16))
+
+  def grads(backward, **kw):
+    cfg = Int4Config(backward=backward, split_scale=split_scale, **kw)
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(
+        int4_matmul(x, w, sx, sw, KEY, config=cfg) * ct), argnums=(0, 1)))(x, w)
+  kept, split, sampled = grads("lss"), grads("bitsplit"), grads("lss", lss_dx_budget=1.0)
+  np.testing.assert_array_equal(kept[0], split[0])
+  assert not np.array_equal(kept[1], split[1])
+  assert not np.array_equal(sampled[0], split[0])
+  np.testing.assert_array_equal(sampled[1], kept[1])   # dW: the same sample
+
+
+def test_sampling_dx_adds_the_variance_that_keeping_it_saves():
+  """A language model's dense gradient: sampling dX at the paper's budget
+  gives a far noisier dX than keeping every bit-split row, and the dX budget
+  leaves dW's distribution alone."""
+  sizes = 10.0 ** jax.random.uniform(jax.random.key(13), (64,), minval=-1, maxval=0)
+  ct = jax.random.normal(jax.random.key(14), (64, 16)) * sizes[:, None]
+  exact, sampled = _samples_by_split_scale("lss", 7, ct, jax.random.key(15),
+                                           lss_dx_budget=1.0)
+  _, kept = _samples_by_split_scale("lss", 7, ct, jax.random.key(15))
+  dx = {k: _relative_mse(d["row"][0], exact[0]) for k, d in (("sampled", sampled),
+                                                              ("kept", kept))}
+  dw = {k: _relative_mse(d["row"][1], exact[1]) for k, d in (("sampled", sampled),
+                                                              ("kept", kept))}
+  assert dx["kept"] < 0.05 * dx["sampled"], dx
+  assert 0.7 < dw["kept"] / dw["sampled"] < 1.4, dw
 
 
 def test_row_split_scale_keeps_small_rows_of_dx_with_bitsplit():
@@ -298,9 +336,11 @@ def test_nonfinite_values_stay_visible():
   assert bool(jnp.all(jnp.isnan(y[3]))) and bool(jnp.all(jnp.isfinite(jnp.delete(y, 3, 0))))
   y = int4_matmul(x, w.at[2, 7].set(jnp.inf), sx, sw, KEY)
   assert bool(jnp.all(jnp.isnan(y[:, 7])))
-  for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
-                          ("bitsplit", "row"), ("exact", "tensor")):
-    cfg = Int4Config(backward=backward, split_scale=scale)
+  for backward, scale, dx_budget in (("lss", "tensor", 2.0), ("lss", "row", 2.0),
+                                     ("lss", "tensor", 1.0), ("lss", "row", 1.0),
+                                     ("bitsplit", "tensor", 2.0), ("bitsplit", "row", 2.0),
+                                     ("exact", "tensor", 2.0)):
+    cfg = Int4Config(backward=backward, split_scale=scale, lss_dx_budget=dx_budget)
     ct = jnp.zeros((32, 16)).at[0, 0].set(jnp.nan)
     _, vjp = jax.vjp(lambda x, w: int4_matmul(x, w, sx, sw, KEY, config=cfg), x, w)
     gx, gw = vjp(ct)
@@ -352,6 +392,9 @@ def test_config_validation():
     Int4Config(qn=9, qp=7)
   with pytest.raises(ValueError, match="lss_budget"):
     Int4Config(lss_budget=0.0)
+  for bad in (2.5, 0, "2", True):
+    with pytest.raises(ValueError, match=r"lss_dx_budget .* \(0, 2\]"):
+      Int4Config(lss_dx_budget=bad)
   with pytest.raises(ValueError, match="split_scale"):
     Int4Config(split_scale="token")
   with pytest.raises(TypeError):

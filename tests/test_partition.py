@@ -97,7 +97,8 @@ def test_layout_equals_one_device(layout, engine):
   # expectation (test_stochastic_gradients_are_unbiased_when_sharded).
 
 
-@pytest.mark.parametrize("backward", ["bitsplit", "bitsplit_tensor", "lss", "lss_tensor"])
+@pytest.mark.parametrize("backward", ["bitsplit", "bitsplit_tensor", "lss", "lss_tensor",
+                                     "lss_sampled_dx"])
 @pytest.mark.parametrize("layout", ["data", "tensor_row", "fsdp_tensor"])
 def test_stochastic_gradients_are_unbiased_when_sharded(layout, backward):
   """Stratified sampling and per-shard rounding: the mean over keys tends to
@@ -108,8 +109,11 @@ def test_stochastic_gradients_are_unbiased_when_sharded(layout, backward):
   exact = _grads(jint4.Int4Config(backward="exact"), jax.random.key(0))(x, w, SX, SW)[1]
   # Per-row split scales (a row's max over its shards of C); *_tensor: one
   # scale, the max over every shard.
-  cfg = jint4.Int4Config(backward=backward.removesuffix("_tensor"), lss_budget=0.5,
-                         split_scale="tensor" if backward.endswith("_tensor") else "row")
+  # *_sampled_dx: dX sampled too, at lss_budget (the paper's).
+  cfg = jint4.Int4Config(
+      backward=backward.split("_")[0], lss_budget=0.5,
+      lss_dx_budget=0.5 if backward.endswith("_sampled_dx") else 2.0,
+      split_scale="tensor" if backward.endswith("_tensor") else "row")
 
   @jax.jit
   def sample(keys):

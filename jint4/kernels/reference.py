@@ -255,11 +255,11 @@ def bit_split_joined(g: jax.Array, seed: jax.Array, abs_max: jax.Array | None = 
   """
   u = uniform(seed, g.shape)
   hi, lo, s_hi, s_lo = bitsplit_lib.bit_split(g.astype(jnp.float32), u, abs_max)
-  v = _join(hi, lo)
+  v = bitsplit_lib.join_halves(hi, lo)
   vt = v.T
   if row_inv is not None:   # v from the unit rows, the same noise
     hi, lo, _, _ = bitsplit_lib.bit_split(bitsplit_lib.unit_rows(g, row_inv), u, 1.0)
-    v = _join(hi, lo)
+    v = bitsplit_lib.join_halves(hi, lo)
   return v, vt, s_hi, s_lo
 
 
@@ -274,10 +274,6 @@ def resplit_rows(g2: jax.Array, rows: jax.Array, row_scale: jax.Array,
   t = jnp.take(g2, rows, axis=0).astype(jnp.float32) * row_scale[:, None]
   _, vt, s_hi, s_lo = bit_split_joined(t, seed)
   return vt, s_hi, s_lo
-
-
-def _join(hi, lo):
-  return (hi.astype(jnp.int32) * 14 + lo.astype(jnp.int32)).astype(jnp.int8)
 
 
 def row_norms(q: jax.Array) -> jax.Array:

@@ -173,6 +173,16 @@ def bit_split(g: jax.Array, u: jax.Array, m: jax.Array | None = None):
   return (_to_int8(hi), _to_int8(lo), m * INV_SEVEN, m * INV_RANGE)
 
 
+def join_halves(hi: jax.Array, lo: jax.Array) -> jax.Array:
+  """v = 14 hi + lo, int8 in [-105, 105]: the two halves as one integer.
+
+  s_hi hi + s_lo lo = s_lo v (s_hi = 14 s_lo), so one GEMM on v computes the
+  pair of INT4 GEMMs on the halves, exactly in its int32 accumulator (an
+  INT8 tensor core runs it in one pass).
+  """
+  return (hi.astype(jnp.int32) * int(HI_STEP) + lo.astype(jnp.int32)).astype(jnp.int8)
+
+
 def _to_int8(v):
   # NaN would cast to an unspecified integer; the scales already carry it.
   return jnp.where(jnp.isfinite(v), v, 0).astype(jnp.int8)

@@ -665,11 +665,12 @@ def test_native_ops_vmap_and_grad_through_int4_matmul():
   cfg_n = jint4.Int4Config(engine="native")
   cfg_r = jint4.Int4Config(engine="reference")
   key = jax.random.key(0)
-  for backward, scale in (("lss", "tensor"), ("lss", "row"), ("bitsplit", "tensor"),
-                          ("bitsplit", "row")):
+  for backward, scale, dx_budget in (("lss", "tensor", 2.0), ("lss", "row", 2.0),
+                                     ("lss", "row", 1.0), ("bitsplit", "tensor", 2.0),
+                                     ("bitsplit", "row", 2.0)):
     def loss(cfg):
       cfg = jint4.Int4Config(engine=cfg.engine, backward=backward,
-                             split_scale=scale)
+                             split_scale=scale, lss_dx_budget=dx_budget)
       return lambda x, w: jnp.sum(jint4.int4_matmul(x, w, jnp.float32(0.5),
                                                     jnp.float32(0.05), key, config=cfg) ** 2)
     gn = jax.jit(jax.grad(loss(cfg_n), argnums=(0, 1)))(x, w)

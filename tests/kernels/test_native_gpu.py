@@ -402,7 +402,8 @@ def test_every_output_element_is_written():
     assert_same_ints(qt, qt_r)
 
 
-@pytest.mark.parametrize("backward", ["lss", "lss_tensor", "bitsplit", "bitsplit_tensor"])
+@pytest.mark.parametrize("backward", ["lss", "lss_tensor", "lss_sampled_dx", "bitsplit",
+                                     "bitsplit_tensor"])
 def test_int4_matmul_native_gpu_matches_reference_cpu(backward):
   """The whole op (forward + backward) on the CUDA engine vs the pure-JAX twin.
 
@@ -419,9 +420,11 @@ def test_int4_matmul_native_gpu_matches_reference_cpu(backward):
   key = jax.random.key(0)
   grads = {}
   for engine, dev in (("native", _gpus()[0]), ("reference", jax.devices("cpu")[0])):
-    # *_tensor: the paper's one bit-split scale per tensor.
-    cfg = jint4.Int4Config(engine=engine, backward=backward.removesuffix("_tensor"),
-                           split_scale="tensor" if "_tensor" in backward else "row")
+    # *_tensor: the paper's one bit-split scale per tensor; *_sampled_dx: dX
+    # sampled too, as the paper does.
+    cfg = jint4.Int4Config(engine=engine, backward=backward.split("_")[0],
+                           split_scale="tensor" if "_tensor" in backward else "row",
+                           lss_dx_budget=1.0 if "_sampled_dx" in backward else 2.0)
     f = jax.jit(jax.grad(lambda x, w, ct: jnp.sum(jint4.int4_matmul(
         x, w, jnp.float32(0.5), jnp.float32(0.02), key, config=cfg).astype(jnp.float32)
         * ct.astype(jnp.float32)), argnums=(0, 1)))
