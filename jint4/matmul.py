@@ -764,14 +764,14 @@ def _products_lss(ctx, g, qwt):
   rows2 = jnp.concatenate([row_scale, row_scale])                 # [2N]
   g2_norm = comm.row_norms(g2_norm, "c") * rows2 * poison         # [2N]
   u = contract.uniform24(ctx.row_seeds[_SEED_SAMPLE], 2)
-  finite = jnp.isfinite(s_hi)
 
   def half_scale(index):
     return jnp.where(index >= n, s_lo, s_hi) * rows2[index]
 
   # Sharded rows: each shard samples its own rows with its share of a
   # budget (stratified sampling: still unbiased).
-  if lss.budget_rows(n, cfg.lss_dx_budget) >= 2 * n:
+  dx_budget = lss.budget_rows(n, cfg.lss_dx_budget)
+  if dx_budget == 2 * n:
     # dX keeps every row: s_hi hi + s_lo lo = s_lo (14 hi + lo), one GEMM on
     # the joined digits of the split that dW samples, rows in token order.
     v = bitsplit.join_halves(g2[:n], g2[n:])
@@ -784,14 +784,13 @@ def _products_lss(ctx, g, qwt):
     # scales its output row, so it rides in the GEMM epilogue. The rows go
     # back to their token inside lsq_backward (slots: where token t's hi and
     # lo rows landed, -1 if not kept).
-    index, weight = lss.sample_rows(
-        g2_norm, lss.budget_rows(n, cfg.lss_dx_budget), u[0])
+    index, weight = lss.sample_rows(g2_norm, dx_budget, u[0])
     part = eng.int_gemm(jnp.take(g2, index, axis=0), qwt, scale=ctx.sw,
                         row_scale=weight * half_scale(index),
                         out_dtype=ctx.dxh_dtype)
     # Empty slots (weight 0) point nowhere, unless G is non-finite: then
     # every row is NaN and must reach dX.
-    target = jnp.where((weight > 0) | ~finite, index, 2 * n)
+    target = jnp.where((weight > 0) | ~jnp.isfinite(s_hi), index, 2 * n)
     slots = jnp.full((2 * n,), -1, jnp.int32).at[target].set(
         jnp.arange(index.shape[0], dtype=jnp.int32), mode="drop").reshape(2, n)
 
