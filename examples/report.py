@@ -247,6 +247,14 @@ def measured_on(runs) -> str:
   return "; ".join(w if len(where) == 1 else f"{w} ({n} runs)" for w, n in where.most_common())
 
 
+def engines_used(runs) -> str:
+  """The jint4 engine that ran the INT4 runs' ops (`trainer.engine_used`),
+  most runs first; "" where no run recorded one (float runs, older runs)."""
+  used = collections.Counter(m["engine"] for r in runs.values() for m in r.values()
+                             if m.get("engine"))
+  return "; ".join(e if len(used) == 1 else f"{e} ({n} runs)" for e, n in used.most_common())
+
+
 def verdicts(stage: Stage, runs) -> List[str]:
   """The targets, checked: within 2% of fp and ahead of lsq_luq."""
   if "fp" not in runs:
@@ -350,7 +358,9 @@ def summarize(args, stages: Sequence[Stage]) -> str:
     parts += [f"## {stage.title}", "",
               f"`{cmd}`: {any_run['params']:,} parameters,"
               f" {any_run['args']['steps']} steps of batch {any_run['args']['batch']}."
-              f" Measured: {measured_on(runs)}.", "",
+              f" Measured: {measured_on(runs)}."
+              + (f" INT4 ops on jint4's {engines_used(runs)} engine." if engines_used(runs)
+                 else ""), "",
               *stage_table(stage, runs), "", *verdicts(stage, runs), "",
               f"![{stage.name}](results/{os.path.basename(png)})", ""]
   diag_stage = next((s for s in stages if s.name == args.diagnose_stage), None)

@@ -138,6 +138,21 @@ def machine() -> str:
           f" Python {platform.python_version()}")
 
 
+def engine_used(config: Optional[jint4.Int4Config]) -> Optional[str]:
+  """Which jint4 engine runs the INT4 ops on this process's default backend
+  (``jint4.engine_info``): "native", "reference", or "native for k of n ops";
+  None for the float model."""
+  if config is None:
+    return None
+  platforms = jint4.engine_info(config.engine)["platforms"]
+  backend = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+  ops = platforms.get(backend, platforms["default"])["ops"]
+  native = sum(op["runs"] == "native" for op in ops.values())
+  if native in (0, len(ops)):
+    return "native" if native else "reference"
+  return f"native for {native} of {len(ops)} ops"
+
+
 def quant_config(args) -> Optional[jint4.Int4Config]:
   base = QUANT_MODES[args.quant]
   if base is None:
@@ -276,6 +291,7 @@ def evaluate(eval_step, params, state, batches) -> Dict[str, float]:
 def _checkpointer(directory: str):
   import orbax.checkpoint as ocp
   return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")),
+                               item_handlers=ocp.StandardCheckpointHandler(),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
 
@@ -301,7 +317,15 @@ def load_params(directory: str):
   step = manager.latest_step()
   if step is None:
     raise SystemExit(f"no checkpoint under {directory}/checkpoints")
-  got = manager.restore(step, args=ocp.args.StandardRestore())
+  # Restored onto this process's default device, not the devices it was
+  # saved from: a checkpoint written on a GPU (or a mesh) loads on a CPU.
+  device = (jax.sharding.make_single_device_sharding(jax.devices()[0])
+            if hasattr(jax.sharding, "make_single_device_sharding")  # jax >= 0.12
+            else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      manager.item_metadata(step))
+  got = manager.restore(step, args=ocp.args.StandardRestore(target))
   return got["params"]
 
 
@@ -395,6 +419,7 @@ def train(args, task: Task, example: str, *, variables=None) -> Dict[str, Any]:
   result = {"example": example, "quant": args.quant, "seed": args.seed,
             "config": repr(config), "args": vars(args), "params": n_params,
             "tokens_per_s": timer["rate"] or None, "machine": machine(),
+            "engine": engine_used(config),
             "final": {k: v for k, v in history[-1].items() if k.startswith("eval_")},
             "history": history}
   with open(metrics_path, "w") as f:

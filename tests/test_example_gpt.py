@@ -2,6 +2,7 @@
 an INT4 mode that learns, a checkpoint resumed on the very same curve, and a
 RESULTS page with the paired ratio to float."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -93,6 +94,13 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   machine = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["machine"]
   assert f"jax {jax.__version__}" in machine and "CPU" in machine
   assert f"Measured: {machine}." in text
+  # ... and which jint4 engine ran the INT4 run's ops.
+  gpt = _load("train_gpt")
+  engine = _metrics(tmp_path / "runs" / "cpu" / "gpt" / "hq_lss" / "seed0")["engine"]
+  config = gpt.trainer.quant_config(gpt.parse_args(["--quant", "hq_lss"]))
+  assert engine == gpt.trainer.engine_used(config)
+  assert _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["engine"] is None
+  assert f"INT4 ops on jint4's {engine} engine." in text
   assert (tmp_path / "results" / "gpt_cpu.png").stat().st_size > 1000
   # jint4.diagnose on the final hq_lss weights: one row per INT4 product.
   assert "## Diagnostics" in text and "block_0/mlp/down" in text
@@ -125,6 +133,27 @@ def test_measured_on_names_every_machine_of_a_stage():
   runs = {"fp": {0: {"machine": "A"}, 1: {"machine": "A"}}, "hq_lss": {0: {}}}
   assert report.measured_on(runs) == "A (2 runs); not recorded (1 runs)"
   assert report.measured_on({"fp": {0: {"machine": "A"}}}) == "A"
+
+
+def test_engines_used_names_the_engine_of_every_int4_run():
+  report = _load("report")
+  runs = {"fp": {0: {"engine": None}}, "hq_lss": {0: {"engine": "native"}, 1: {}},
+          "hq_bitsplit": {0: {"engine": "native"}, 1: {"engine": "reference"}}}
+  assert report.engines_used(runs) == "native (2 runs); reference (1 runs)"
+  assert report.engines_used({"hq_lss": {0: {"engine": "native"}}}) == "native"
+  assert report.engines_used({"fp": {0: {"engine": None}}}) == ""
+
+
+def test_engine_used_says_which_engine_runs_the_int4_ops():
+  trainer = _load("train_gpt").trainer
+  assert trainer.engine_used(None) is None
+  config = trainer.quant_config(_load("train_gpt").parse_args(["--quant", "hq_lss"]))
+  assert trainer.engine_used(dataclasses.replace(config, engine="reference")) == "reference"
+  ops = jint4.engine_info(config.engine)["platforms"][jax.default_backend()]["ops"]
+  native = sum(op["runs"] == "native" for op in ops.values())
+  assert trainer.engine_used(config) == (
+      "reference" if native == 0 else "native" if native == len(ops)
+      else f"native for {native} of {len(ops)} ops")
 
 
 def test_recipe_flags_reach_the_int4_config():
