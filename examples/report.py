@@ -359,7 +359,7 @@ def summarize(args, stages: Sequence[Stage]) -> str:
               f"`{cmd}`: {any_run['params']:,} parameters,"
               f" {any_run['args']['steps']} steps of batch {any_run['args']['batch']}."
               f" Measured: {measured_on(runs)}."
-              + (f" INT4 ops on jint4's {engines_used(runs)} engine." if engines_used(runs)
+              + (f" jint4 engine of the INT4 runs: {engines_used(runs)}." if engines_used(runs)
                  else ""), "",
               *stage_table(stage, runs), "", *verdicts(stage, runs), "",
               f"![{stage.name}](results/{os.path.basename(png)})", ""]

@@ -100,7 +100,7 @@ def test_report_runs_a_grid_and_writes_the_results_page(tmp_path):
   config = gpt.trainer.quant_config(gpt.parse_args(["--quant", "hq_lss"]))
   assert engine == gpt.trainer.engine_used(config)
   assert _metrics(tmp_path / "runs" / "cpu" / "gpt" / "fp" / "seed0")["engine"] is None
-  assert f"INT4 ops on jint4's {engine} engine." in text
+  assert f"jint4 engine of the INT4 runs: {engine}." in text
   assert (tmp_path / "results" / "gpt_cpu.png").stat().st_size > 1000
   # jint4.diagnose on the final hq_lss weights: one row per INT4 product.
   assert "## Diagnostics" in text and "block_0/mlp/down" in text
