@@ -8,6 +8,7 @@ over seeds, the ratio to float (paired by seed), and the mean curves as PNGs.
     python examples/report.py                       # the whole grid, CPU size
     python examples/report.py --examples gpt --seeds 3 --jobs 2
     python examples/report.py --size gpu           # bigger models, more steps
+    python examples/report.py --jobs 10            # on a GPU: cells share it
     python examples/report.py --examples width     # the pre-training gap against width
     python examples/report.py --summarize-only     # rebuild RESULTS.md
 
@@ -166,14 +167,25 @@ def command(args, stage: Stage, mode: str, seed: int) -> List[str]:
   return cmd
 
 
+def cell_env(args, environ) -> Dict[str, str]:
+  """A cell's environment: ``environ`` with one CPU thread per cell on
+  request, and, when cells run at once, each allocating GPU memory as it
+  needs it (JAX's default takes most of the GPU for the first process,
+  leaving the others out of memory); a value the caller set is kept."""
+  env = dict(environ)
+  if args.single_thread:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+  if args.jobs > 1:
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  return env
+
+
 def run_cell(args, stage: Stage, mode: str, seed: int) -> Tuple[str, float, int]:
   path = cell_dir(args, stage, mode, seed)
   if _done(path):
     return path, 0.0, 0
   os.makedirs(path, exist_ok=True)
-  env = dict(os.environ)
-  if args.single_thread:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+  env = cell_env(args, os.environ)
   tic = time.time()
   with open(os.path.join(path, "log.txt"), "a") as log:
     rc = subprocess.call(command(args, stage, mode, seed), stdout=log,

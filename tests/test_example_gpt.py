@@ -128,6 +128,18 @@ def test_width_stages_run_the_examples_at_other_widths_on_request():
   assert bert.parse_args(list(wide_bert.argv)).d_model == 2 * bert.parse_args([]).d_model
 
 
+def test_cells_run_at_once_share_the_gpu_memory():
+  report = _load("report")
+  one = report.cell_env(report.parse_args([]), {"PATH": "/bin"})
+  assert one == {"PATH": "/bin"}
+  many = report.cell_env(report.parse_args(["--jobs", "4", "--single-thread"]), {})
+  assert many["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert "--xla_cpu_multi_thread_eigen=false" in many["XLA_FLAGS"]
+  kept = report.cell_env(report.parse_args(["--jobs", "4"]),
+                         {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})
+  assert kept["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+
+
 def test_measured_on_names_every_machine_of_a_stage():
   report = _load("report")
   runs = {"fp": {0: {"machine": "A"}, 1: {"machine": "A"}}, "hq_lss": {0: {}}}
