@@ -254,17 +254,19 @@ def stage_table(stage: Stage, runs) -> List[str]:
 def measured_on(runs) -> str:
   """The machines (and dates, versions) the runs of a stage recorded, most
   runs first; "not recorded" for runs that predate the record."""
-  where = collections.Counter(m.get("machine", "not recorded")
-                              for r in runs.values() for m in r.values())
-  return "; ".join(w if len(where) == 1 else f"{w} ({n} runs)" for w, n in where.most_common())
+  return _tally(m.get("machine", "not recorded") for r in runs.values() for m in r.values())
 
 
 def engines_used(runs) -> str:
   """The jint4 engine that ran the INT4 runs' ops (`trainer.engine_used`),
   most runs first; "" where no run recorded one (float runs, older runs)."""
-  used = collections.Counter(m["engine"] for r in runs.values() for m in r.values()
-                             if m.get("engine"))
-  return "; ".join(e if len(used) == 1 else f"{e} ({n} runs)" for e, n in used.most_common())
+  return _tally(m["engine"] for r in runs.values() for m in r.values() if m.get("engine"))
+
+
+def _tally(values) -> str:
+  """"a" where every value is a, else "a (3 runs); b (1 runs)", most first."""
+  counts = collections.Counter(values)
+  return "; ".join(v if len(counts) == 1 else f"{v} ({n} runs)" for v, n in counts.most_common())
 
 
 def verdicts(stage: Stage, runs) -> List[str]:
@@ -363,6 +365,7 @@ def summarize(args, stages: Sequence[Stage]) -> str:
     if not runs:
       continue
     any_run = next(iter(next(iter(runs.values())).values()))
+    engines = engines_used(runs)
     png = os.path.join(figs, f"{stage.name}_{args.size}.png")
     plot_stage(stage, runs, png)
     cmd = " ".join(["python", f"examples/{stage.script}", *stage.argv,
@@ -371,8 +374,7 @@ def summarize(args, stages: Sequence[Stage]) -> str:
               f"`{cmd}`: {any_run['params']:,} parameters,"
               f" {any_run['args']['steps']} steps of batch {any_run['args']['batch']}."
               f" Measured: {measured_on(runs)}."
-              + (f" jint4 engine of the INT4 runs: {engines_used(runs)}." if engines_used(runs)
-                 else ""), "",
+              + (f" jint4 engine of the INT4 runs: {engines}." if engines else ""), "",
               *stage_table(stage, runs), "", *verdicts(stage, runs), "",
               f"![{stage.name}](results/{os.path.basename(png)})", ""]
   diag_stage = next((s for s in stages if s.name == args.diagnose_stage), None)

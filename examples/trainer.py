@@ -144,9 +144,8 @@ def engine_used(config: Optional[jint4.Int4Config]) -> Optional[str]:
   None for the float model."""
   if config is None:
     return None
-  platforms = jint4.engine_info(config.engine)["platforms"]
-  backend = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
-  ops = platforms.get(backend, platforms["default"])["ops"]
+  info = jint4.engine_info(config.engine)
+  ops = info["platforms"][info["default_platform"]]["ops"]
   native = sum(op["runs"] == "native" for op in ops.values())
   if native in (0, len(ops)):
     return "native" if native else "reference"

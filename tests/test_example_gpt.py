@@ -161,7 +161,8 @@ def test_engine_used_says_which_engine_runs_the_int4_ops():
   assert trainer.engine_used(None) is None
   config = trainer.quant_config(_load("train_gpt").parse_args(["--quant", "hq_lss"]))
   assert trainer.engine_used(dataclasses.replace(config, engine="reference")) == "reference"
-  ops = jint4.engine_info(config.engine)["platforms"][jax.default_backend()]["ops"]
+  info = jint4.engine_info(config.engine)
+  ops = info["platforms"][info["default_platform"]]["ops"]
   native = sum(op["runs"] == "native" for op in ops.values())
   assert trainer.engine_used(config) == (
       "reference" if native == 0 else "native" if native == len(ops)

@@ -287,12 +287,14 @@ def _same(a: Engine, b: Engine) -> bool:
 def engine_info(choice: str = "auto") -> dict:
   """What ``Int4Config(engine=choice)`` runs on each platform, and why.
 
-  Returns a dict: the native build, and per platform (``cpu``, ``cuda``,
-  ``default`` for any other) its devices in this process, whether the native
+  Returns a dict: the native build, ``default_platform`` (the key of
+  ``platforms`` that the default backend uses), and per platform (``cpu``,
+  ``cuda``, ``default`` for any other) its devices in this process, whether the native
   handlers can run there (and why not), per op the engine and the reason,
   the engine's tuning and what ``backward="auto"`` resolves to.
   """
   info: dict = {"requested": choice, "default_backend": jax.default_backend(),
+                "default_platform": _platform(None),
                 "native_build": native.build_info(), "platforms": {}}
   for platform in PLATFORMS + ("default",):
     usable, reason = native_status(platform)

@@ -862,6 +862,8 @@ def test_bad_native_input_raises_clear_errors():
 def test_engine_info_and_auto_policy():
   info = jint4.engine_info()
   assert info["native_build"]["built"]
+  assert info["default_platform"] == {"gpu": "cuda"}.get(jax.default_backend(),
+                                                         jax.default_backend())
   cpu = info["platforms"]["cpu"]
   assert cpu["native_usable"]
   assert set(cpu["ops"]) == set(engine_lib.OPS)
