@@ -218,23 +218,44 @@ def test_operand_probe_quantizes_one_operand_of_the_matching_float_layers(tmp_pa
       k = col[col > 1e-6] / col[col > 1e-6].min()   # multiples of the step: 1 .. 7
       assert np.allclose(k, np.round(k), atol=1e-3) and np.round(k).max() <= 7
     assert 0.0 < float(jnp.linalg.norm(q - t) / jnp.linalg.norm(t)) < 0.2
+  # --bits 5: levels up to 15 steps, half the 4-bit error (a Gaussian's
+  # least-error steps: relative error 0.11 at 4 bits, 0.06 at 5).
+  q5 = probe.fake_quantize(t, bits=5)
+  levels = np.abs(np.asarray(hadamard.apply_block_hadamard(q5, 32, axis=0))).reshape(-1)
+  k = levels[levels > 1e-6] / levels[levels > 1e-6].min()
+  assert np.allclose(k, np.round(k), atol=1e-3) and 7 < np.round(k).max() <= 15
+  err = lambda q: float(jnp.linalg.norm(q - t) / jnp.linalg.norm(t))
+  assert 0.4 < err(q5) / err(probe.fake_quantize(t)) < 0.7
+  # --rounding noise: the nearest rounding's error size, off its grid.
+  noisy = probe.fake_quantize(t, rounding="noise")
+  assert abs(err(noisy) / err(probe.fake_quantize(t)) - 1) < 0.1
+  levels = np.abs(np.asarray(hadamard.apply_block_hadamard(noisy, 32, axis=0))).reshape(-1)
+  assert not np.allclose(levels / levels.min(), np.round(levels / levels.min()), atol=1e-3)
+  with pytest.raises(ValueError, match="rounding"):
+    probe.fake_quantize(t, rounding="up")
   c = jax.random.normal(jax.random.key(1), t.shape)
-  grad = jax.grad(lambda t: jnp.sum(probe.fake_quantize(t, stochastic=True) * c))(t)
-  np.testing.assert_array_equal(grad, c)
+  for rounding in probe.ROUNDINGS:
+    grad = jax.grad(lambda t: jnp.sum(probe.fake_quantize(t, rounding=rounding) * c))(t)
+    np.testing.assert_array_equal(grad, c)
 
   common = TINY + ["--quant", "hq_only", "--keep", r"mlp/down$", "--no-plot"]
   runs = {}
   for name, flags in (("plain", []), ("weight", ["--operand", "weight"]),
-                      ("input", ["--operand", "input", "--block", "16"])):
+                      ("input", ["--operand", "input", "--block", "16"]),
+                      ("both", ["--operand", "both", "--bits", "5"])):
     out = tmp_path / name
     if flags:
       assert probe.main(flags + ["--layers", "mlp/down$", str(EXAMPLES / "train_gpt.py")]
                         + common + ["--out-dir", str(out)]) == 0
-      assert f"4-bit {flags[1]} of block_0/mlp/down" in capsys.readouterr().out
+      bits = flags[flags.index("--bits") + 1] if "--bits" in flags else "4"
+      assert f"{bits}-bit {flags[1]} of block_0/mlp/down" in capsys.readouterr().out
     else:
       assert _load("train_gpt").main(common + ["--out-dir", str(out)]) == 0
     runs[name] = [h["eval_loss"] for h in _metrics(out)["history"]]
-  assert runs["weight"][0] != runs["plain"][0] != runs["input"][0]
+  assert len({runs[name][0] for name in runs}) == 4
+  with pytest.raises(SystemExit):   # argparse: out of range
+    probe.main(["--operand", "both", "--bits", "9", "--layers", "x",
+                str(EXAMPLES / "train_gpt.py")])
   with pytest.raises(SystemExit):   # argparse: not a power of two
     probe.main(["--operand", "input", "--block", "24", "--layers", "x",
                 str(EXAMPLES / "train_gpt.py")])
