@@ -242,13 +242,14 @@ def test_operand_probe_quantizes_one_operand_of_the_matching_float_layers(tmp_pa
   runs = {}
   for name, flags in (("plain", []), ("weight", ["--operand", "weight"]),
                       ("input", ["--operand", "input", "--block", "16"]),
-                      ("both", ["--operand", "both", "--bits", "5"])):
+                      ("both", ["--operand", "both", "--bits", "5", "--weight-bits", "6"])):
     out = tmp_path / name
     if flags:
       assert probe.main(flags + ["--layers", "mlp/down$", str(EXAMPLES / "train_gpt.py")]
                         + common + ["--out-dir", str(out)]) == 0
-      bits = flags[flags.index("--bits") + 1] if "--bits" in flags else "4"
-      assert f"{bits}-bit {flags[1]} of block_0/mlp/down" in capsys.readouterr().out
+      said = {"weight": "4-bit weight", "input": "4-bit input",
+              "both": "5-bit input and 6-bit weight both"}[name]
+      assert f"{said} of block_0/mlp/down" in capsys.readouterr().out
     else:
       assert _load("train_gpt").main(common + ["--out-dir", str(out)]) == 0
     runs[name] = [h["eval_loss"] for h in _metrics(out)["history"]]

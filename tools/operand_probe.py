@@ -39,7 +39,7 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Callable, Set
+from typing import Any, Callable, Optional, Set
 
 import flax.linen as nn
 import jax
@@ -119,19 +119,21 @@ class Probe:
 
   def __init__(self, operand: str, layers: str, *, per_column: bool = False,
                rounding: str = "nearest", block_log2: int = MAX_BLOCK_LOG2,
-               bits: int = 4):
+               bits: int = 4, weight_bits: Optional[int] = None):
     if operand not in OPERANDS:
       raise ValueError(f"operand must be one of {OPERANDS}; got {operand!r}")
     if per_column and operand == "input":
       raise ValueError("a step per output column is for the weight operand only")
-    if not 2 <= bits <= 8:
-      raise ValueError(f"bits must be in 2..8; got {bits}")
+    weight_bits = bits if weight_bits is None else weight_bits
+    for name, b in (("bits", bits), ("weight_bits", weight_bits)):
+      if not 2 <= b <= 8:
+        raise ValueError(f"{name} must be in 2..8; got {b}")
     self.operand = operand
     self.pattern = re.compile(layers)
     self.per_column = per_column
     self.quantize = functools.partial(fake_quantize, rounding=rounding,
-                                      block_log2=block_log2, bits=bits)
-    self.bits = bits
+                                      block_log2=block_log2)
+    self.bits, self.weight_bits = bits, weight_bits
     self.matched: Set[str] = set()
 
   def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
@@ -145,7 +147,9 @@ class Probe:
     path = _path(module)
     if path not in self.matched:
       self.matched.add(path)
-      print(f"operand_probe: {self.bits}-bit {self.operand} of {path}", flush=True)
+      bits = {"input": f"{self.bits}-bit", "weight": f"{self.weight_bits}-bit",
+              "both": f"{self.bits}-bit input and {self.weight_bits}-bit weight"}
+      print(f"operand_probe: {bits[self.operand]} {self.operand} of {path}", flush=True)
     x, rest = args[0], args[1:]
     n = _contraction(module, x.ndim)
     kernel = module.get_variable("params", "kernel")
@@ -153,14 +157,15 @@ class Probe:
     for d in kernel.shape[:n]:
       k *= d
     if self.operand != "weight":
-      x = self.quantize(x.reshape(-1, k).T).T.reshape(x.shape)
+      x = self.quantize(x.reshape(-1, k).T, bits=self.bits).T.reshape(x.shape)
     y = next_fun(x, *rest, **kwargs)
     if self.operand == "input":
       return y
     # The weight: y(Wq) = y(W) + x (Wq - W), the difference without gradient
     # (straight through to W, as jint4's layers).
     w2 = kernel.reshape(k, -1)
-    delta = jax.lax.stop_gradient(self.quantize(w2, per_column=self.per_column) - w2)
+    delta = jax.lax.stop_gradient(
+        self.quantize(w2, per_column=self.per_column, bits=self.weight_bits) - w2)
     extra = x.reshape(-1, k) @ delta.astype(x.dtype)
     return y + extra.reshape(y.shape).astype(y.dtype)
 
@@ -193,6 +198,8 @@ def main(argv=None) -> int:
                  help="noise: Gaussian noise of the nearest rounding's squared error")
   p.add_argument("--bits", type=int, default=4,
                  help="levels -(2^(bits-1) - 1) .. 2^(bits-1) - 1 (2..8)")
+  p.add_argument("--weight-bits", type=int, default=None,
+                 help="the weight's bits, where they differ from --bits")
   p.add_argument("--block", type=int, default=2 ** MAX_BLOCK_LOG2,
                  help="Hadamard block (a power of two; capped by the contraction)")
   p.add_argument("script", help="an example script with main(argv), e.g."
@@ -202,11 +209,12 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.block < 1 or args.block & (args.block - 1):
     p.error(f"--block must be a power of two; got {args.block}")
-  if not 2 <= args.bits <= 8:
-    p.error(f"--bits must be in 2..8; got {args.bits}")
+  for name, b in (("--bits", args.bits), ("--weight-bits", args.weight_bits)):
+    if b is not None and not 2 <= b <= 8:
+      p.error(f"{name} must be in 2..8; got {b}")
   probe = Probe(args.operand, args.layers, per_column=args.scale == "channel",
                 rounding=args.rounding, block_log2=args.block.bit_length() - 1,
-                bits=args.bits)
+                bits=args.bits, weight_bits=args.weight_bits)
   module = load_script(args.script)
   with nn.intercept_methods(probe):
     rc = module.main(args.script_args)
