@@ -248,7 +248,7 @@ def test_operand_probe_quantizes_one_operand_of_the_matching_float_layers(tmp_pa
       assert probe.main(flags + ["--layers", "mlp/down$", str(EXAMPLES / "train_gpt.py")]
                         + common + ["--out-dir", str(out)]) == 0
       said = {"weight": "4-bit weight", "input": "4-bit input",
-              "both": "5-bit input and 6-bit weight both"}[name]
+              "both": "5-bit input and 6-bit weight"}[name]
       assert f"{said} of block_0/mlp/down" in capsys.readouterr().out
     else:
       assert _load("train_gpt").main(common + ["--out-dir", str(out)]) == 0

@@ -147,9 +147,9 @@ class Probe:
     path = _path(module)
     if path not in self.matched:
       self.matched.add(path)
-      bits = {"input": f"{self.bits}-bit", "weight": f"{self.weight_bits}-bit",
+      what = {"input": f"{self.bits}-bit input", "weight": f"{self.weight_bits}-bit weight",
               "both": f"{self.bits}-bit input and {self.weight_bits}-bit weight"}
-      print(f"operand_probe: {bits[self.operand]} {self.operand} of {path}", flush=True)
+      print(f"operand_probe: {what[self.operand]} of {path}", flush=True)
     x, rest = args[0], args[1:]
     n = _contraction(module, x.ndim)
     kernel = module.get_variable("params", "kernel")
@@ -209,12 +209,12 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.block < 1 or args.block & (args.block - 1):
     p.error(f"--block must be a power of two; got {args.block}")
-  for name, b in (("--bits", args.bits), ("--weight-bits", args.weight_bits)):
-    if b is not None and not 2 <= b <= 8:
-      p.error(f"{name} must be in 2..8; got {b}")
-  probe = Probe(args.operand, args.layers, per_column=args.scale == "channel",
-                rounding=args.rounding, block_log2=args.block.bit_length() - 1,
-                bits=args.bits, weight_bits=args.weight_bits)
+  try:
+    probe = Probe(args.operand, args.layers, per_column=args.scale == "channel",
+                  rounding=args.rounding, block_log2=args.block.bit_length() - 1,
+                  bits=args.bits, weight_bits=args.weight_bits)
+  except ValueError as e:   # Probe checks its arguments; say so as argparse would
+    p.error(str(e))
   module = load_script(args.script)
   with nn.intercept_methods(probe):
     rc = module.main(args.script_args)
